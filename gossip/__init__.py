@@ -1,0 +1,1 @@
+"""Learning and averaging over an abstract network: matchmaking, secure all-reduce, baselines."""

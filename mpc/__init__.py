@@ -1,0 +1,1 @@
+"""Secure aggregation (pairwise masks, Shamir dropout recovery, SecAgg+), sans-IO."""

@@ -1,0 +1,1 @@
+"""The real network: identity, wire format, aiohttp transport, membership, the daemon."""

@@ -1,0 +1,1 @@
+"""In-process, virtual-time network simulator running the daemon's own protocol code."""
