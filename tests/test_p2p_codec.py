@@ -1,0 +1,250 @@
+"""The strict msgpack body codec: round trips for every message type and for tensors."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from murmur.errors import MalformedMessage, UnknownMessageType
+from p2p import codec
+from p2p.codec import decode_body, decode_body_as, encode_body
+from p2p.identity import Identity, PeerId
+from p2p.messages import (
+    MESSAGE_TYPES,
+    Exchange,
+    ExchangeReply,
+    Join,
+    JoinReply,
+    PeerRecord,
+    Ping,
+    Pong,
+    Refusal,
+    build_registry,
+)
+
+SETTINGS = settings(max_examples=60, deadline=None)
+peer_ids = st.binary(min_size=32, max_size=32).map(PeerId)
+finite = st.floats(allow_nan=False)
+records = st.builds(
+    PeerRecord,
+    peer_id=peer_ids,
+    addresses=st.lists(st.text(max_size=30), max_size=4).map(tuple),
+    timestamp=finite,
+    signature=st.binary(min_size=0, max_size=64),
+)
+record_tuples = st.lists(records, max_size=4).map(tuple)
+int64 = st.integers(min_value=-(2**63), max_value=2**64 - 1)
+
+MESSAGE_STRATEGIES: dict[type, st.SearchStrategy[Any]] = {
+    PeerRecord: records,
+    Join: st.builds(Join, record=records),
+    JoinReply: st.builds(JoinReply, records=record_tuples),
+    Exchange: st.builds(Exchange, records=record_tuples),
+    ExchangeReply: st.builds(ExchangeReply, records=record_tuples),
+    Ping: st.builds(Ping, seq=int64),
+    Pong: st.builds(Pong, seq=int64),
+    Refusal: st.builds(Refusal, code=int64, reason=st.text(max_size=100)),
+}
+
+
+def test_every_message_type_has_a_strategy() -> None:
+    assert set(MESSAGE_STRATEGIES) == set(MESSAGE_TYPES.values())
+
+
+@SETTINGS
+@given(st.one_of(*MESSAGE_STRATEGIES.values()))
+def test_every_message_type_round_trips(message: Any) -> None:
+    data = encode_body(message)
+    assert decode_body(type(message).TYPE, data) == message
+    assert decode_body(type(message).TYPE, bytearray(data)) == message
+
+
+def test_unknown_type_tag() -> None:
+    with pytest.raises(UnknownMessageType):
+        decode_body("no_such_type", encode_body(Ping(1)))
+
+
+def test_peer_record_signature() -> None:
+    ident = Identity.from_seed(b"r" * 32)
+    record = PeerRecord.create(ident, ("127.0.0.1:7070", "[::1]:7070"), 1234.5)
+    record.verify()
+    decoded = decode_body(PeerRecord.TYPE, encode_body(record))
+    decoded.verify()
+    from murmur.errors import BadSignature
+
+    for changed in (
+        dataclasses.replace(record, addresses=("10.0.0.1:7070",)),
+        dataclasses.replace(record, timestamp=1234.6),
+        dataclasses.replace(record, peer_id=Identity.generate().peer_id),
+        dataclasses.replace(record, signature=bytes(64)),
+        dataclasses.replace(record, timestamp=math.nan),
+    ):
+        with pytest.raises(BadSignature):
+            changed.verify()
+
+
+# ------------------------------------------------------------------ tensors and generic fields
+
+
+@dataclass(frozen=True, slots=True)
+class Inner:
+    TYPE: ClassVar[str] = "test_inner"
+    t: torch.Tensor
+    label: str
+
+
+@dataclass(frozen=True, slots=True)
+class Everything:
+    TYPE: ClassVar[str] = "test_everything"
+    i: int
+    f: float
+    b: bool
+    s: str
+    raw: bytes
+    peer: PeerId
+    tensors: tuple[torch.Tensor, ...]
+    fixed: tuple[int, str]
+    table: dict[PeerId, torch.Tensor]
+    counts: dict[int, float]
+    maybe: torch.Tensor | None
+    inner: Inner | None
+
+
+TEST_TYPES = build_registry([Inner, Everything])
+DTYPES = [torch.float32, torch.float64, torch.int32, torch.int64, torch.uint8, torch.bool]
+shapes = st.lists(st.integers(min_value=0, max_value=5), min_size=0, max_size=4)
+
+
+@st.composite
+def tensors(draw: st.DrawFn) -> torch.Tensor:
+    dtype = draw(st.sampled_from(DTYPES))
+    shape = draw(shapes)
+    n = math.prod(shape)
+    if dtype.is_floating_point:
+        width = 32 if dtype == torch.float32 else 64
+        values: list[Any] = draw(st.lists(st.floats(width=width), min_size=n, max_size=n))
+    elif dtype == torch.bool:
+        values = draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    else:
+        info = torch.iinfo(dtype)
+        ints = st.integers(min_value=info.min, max_value=info.max)
+        values = draw(st.lists(ints, min_size=n, max_size=n))
+    return torch.tensor(values, dtype=dtype).reshape(shape)
+
+
+def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-exact equality (NaN payloads and signed zeros included)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return bytes(a.contiguous().reshape(-1).view(torch.uint8).numpy()) == bytes(
+        b.contiguous().reshape(-1).view(torch.uint8).numpy()
+    )
+
+
+@SETTINGS
+@given(tensors(), st.booleans())
+def test_tensor_round_trip_exact(tensor: torch.Tensor, writable: bool) -> None:
+    message = Inner(tensor, "x")
+    data = encode_body(message)
+    out = decode_body_as(Inner, bytearray(data) if writable else data)
+    assert same_tensor(out.t, tensor)
+
+
+@SETTINGS
+@given(
+    st.builds(
+        Everything,
+        st.integers(min_value=-(2**63), max_value=2**63 - 1),
+        finite,
+        st.booleans(),
+        st.text(max_size=20),
+        st.binary(max_size=40),
+        peer_ids,
+        st.lists(tensors(), max_size=3).map(tuple),
+        st.tuples(st.integers(min_value=0, max_value=9), st.text(max_size=3)),
+        st.dictionaries(peer_ids, tensors(), max_size=3),
+        st.dictionaries(st.integers(min_value=-5, max_value=5), finite, max_size=3),
+        st.none() | tensors(),
+        st.none() | st.builds(Inner, t=tensors(), label=st.text(max_size=5)),
+    )
+)
+def test_everything_round_trips(message: Everything) -> None:
+    data = encode_body(message)
+    out = decode_body_as(Everything, bytearray(data))
+    for name in ("i", "f", "b", "s", "raw", "peer", "fixed", "counts"):
+        assert getattr(out, name) == getattr(message, name)
+    assert len(out.tensors) == len(message.tensors)
+    assert all(same_tensor(x, y) for x, y in zip(out.tensors, message.tensors, strict=True))
+    assert out.table.keys() == message.table.keys()
+    assert all(same_tensor(out.table[k], v) for k, v in message.table.items())
+    assert (out.maybe is None) == (message.maybe is None)
+    if message.maybe is not None:
+        assert same_tensor(out.maybe, message.maybe)
+    assert (out.inner is None) == (message.inner is None)
+    if message.inner is not None:
+        assert out.inner.label == message.inner.label
+        assert same_tensor(out.inner.t, message.inner.t)
+
+
+def test_noncontiguous_and_grad_tensors_encode() -> None:
+    base = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    for tensor in (base.t(), base[:, ::2], base.clone().requires_grad_(), torch.tensor(3.0)):
+        out = decode_body_as(Inner, encode_body(Inner(tensor, "")))
+        assert torch.equal(out.t, tensor.detach())
+
+
+def test_large_tensor_aliases_writable_buffer() -> None:
+    tensor = torch.arange(10_000, dtype=torch.float64)
+    buffer = bytearray(encode_body(Inner(tensor, "big")))
+    out = decode_body_as(Inner, buffer)
+    assert torch.equal(out.t, tensor)
+    # No copy: the tensor's memory lies inside the buffer we handed over.
+    start = torch.frombuffer(buffer, dtype=torch.uint8).data_ptr()
+    assert start <= out.t.data_ptr() < start + len(buffer)
+    # From immutable bytes the tensor is a private copy, writable without harm.
+    data = bytes(buffer)
+    copied = decode_body_as(Inner, data)
+    copied.t.add_(1)
+    assert torch.equal(decode_body_as(Inner, data).t, tensor)
+
+
+def test_wrong_field_types_refused_on_encode() -> None:
+    with pytest.raises(MalformedMessage):
+        encode_body(Ping("1"))  # type: ignore[arg-type]
+    with pytest.raises(MalformedMessage):
+        encode_body(Ping(True))
+    with pytest.raises(MalformedMessage):
+        encode_body(Ping(2**70))
+    with pytest.raises(MalformedMessage):
+        encode_body(JoinReply([]))  # type: ignore[arg-type]
+    with pytest.raises(MalformedMessage):
+        encode_body(Inner(torch.zeros(2, dtype=torch.complex64), ""))
+    with pytest.raises(MalformedMessage):
+        encode_body(Refusal(1, "\ud800"))
+
+
+def test_unsupported_field_type_rejected_at_registration() -> None:
+    @dataclass(frozen=True, slots=True)
+    class Bad:
+        TYPE: ClassVar[str] = "test_bad"
+        x: list[int]
+
+    with pytest.raises(TypeError):
+        codec.schema_check(Bad)
+
+    @dataclass(frozen=True)
+    class NoSlots:
+        TYPE: ClassVar[str] = "test_noslots"
+        x: int
+
+    with pytest.raises(TypeError):
+        codec.schema_check(NoSlots)
+    with pytest.raises(TypeError):
+        build_registry([Ping, Ping])
