@@ -1,0 +1,177 @@
+"""Daemon configuration: frozen dataclasses filled from a TOML file, the environment, then flags.
+
+Later sources win: file < environment (``MURMUR_*``) < flags. Top-level fields are set as
+``listen = "..."`` in the file and ``MURMUR_LISTEN`` in the environment; section fields as
+``[membership] ping_interval_s = 1.0`` and ``MURMUR_MEMBERSHIP_PING_INTERVAL_S``. List values in
+the environment are comma-separated. Unknown keys and bad values raise ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from murmur.errors import ConfigError
+from p2p.membership import MembershipConfig
+from p2p.transport.http import HttpTransportConfig, parse_address
+
+__all__ = ["DaemonConfig", "load_config"]
+
+ENV_PREFIX = "MURMUR_"
+_SECTIONS = {"transport": HttpTransportConfig, "membership": MembershipConfig}
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    """Everything ``murmur start`` needs. Timeouts live in ``transport`` and ``membership``."""
+
+    listen: str = "127.0.0.1:7070"
+    """HOST:PORT to listen on (port 0 picks a free port)."""
+    data_dir: Path = Path("murmur-data")
+    """Holds identity.key (mode 0600) and peers.json."""
+    bootstrap: tuple[str, ...] = ()
+    """HOST:PORT addresses to join through."""
+    advertise: tuple[str, ...] = ()
+    """Addresses put in our peer record (default: the bound listen address)."""
+    network_key_file: Path | None = None
+    """Pre-shared network key (64 hex characters, or 32 raw bytes); strangers are refused."""
+    allow: tuple[str, ...] = ()
+    """If non-empty, only these peer ids may talk to us or enter our view."""
+    replay_window_s: float = 120.0
+    """Accepted envelope timestamp skew; nonces are remembered this long."""
+    log_format: str = "kv"
+    """``kv`` (key=value lines) or ``json``."""
+    log_level: str = "info"
+    """``debug``, ``info``, ``warning`` or ``error``."""
+    tune_malloc: bool = True
+    """Raise glibc's mmap/trim thresholds so large bodies reuse memory (3x faster 40 MB)."""
+    transport: HttpTransportConfig = field(default_factory=HttpTransportConfig)
+    membership: MembershipConfig = field(default_factory=MembershipConfig)
+
+    def __post_init__(self) -> None:
+        parse_address(self.listen)
+        for address in (*self.bootstrap, *self.advertise):
+            parse_address(address)
+        if self.log_format not in ("kv", "json"):
+            raise ConfigError(f"log_format must be 'kv' or 'json', got {self.log_format!r}")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"log_level must be debug/info/warning/error, got {self.log_level!r}")
+        if self.replay_window_s <= 0:
+            raise ConfigError("replay_window_s must be > 0")
+
+
+def _convert(value: object, type_text: str, name: str) -> object:
+    """Turn a TOML/env/flag value into the field's type (types are annotation strings)."""
+    try:
+        if type_text == "Path | None":
+            return None if value in (None, "") else Path(str(value))
+        if type_text == "Path":
+            return Path(str(value))
+        if type_text == "tuple[str, ...]":
+            if isinstance(value, str):
+                return tuple(v.strip() for v in value.split(",") if v.strip())
+            if isinstance(value, (list, tuple)):
+                return tuple(str(v) for v in value)
+            raise TypeError("expected a list")
+        if type_text == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"not a boolean: {value!r}")
+        if type_text == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(f"not an integer: {value!r}")
+            return int(str(value)) if isinstance(value, str) else int(value)  # type: ignore[call-overload]
+        if type_text == "float":
+            if isinstance(value, bool):
+                raise ValueError(f"not a number: {value!r}")
+            return float(value)  # type: ignore[arg-type]
+        if type_text == "str":
+            if not isinstance(value, str):
+                raise TypeError("expected a string")
+            return value
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+    raise ConfigError(f"{name}: unsupported field type {type_text}")  # pragma: no cover
+
+
+def _build(cls: type[Any], values: Mapping[str, object], prefix: str) -> Any:
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, object] = {}
+    for key, value in values.items():
+        f = known.get(key)
+        if f is None:
+            raise ConfigError(f"unknown configuration key: {prefix}{key}")
+        section = _SECTIONS.get(key) if not prefix else None
+        if section is not None:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"[{key}] must be a table")
+            kwargs[key] = _build(section, value, f"{key}.")
+        else:
+            kwargs[key] = _convert(value, str(f.type), prefix + key)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - keys are checked above
+        raise ConfigError(str(exc)) from None
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> None:
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = dict(value) if isinstance(value, Mapping) else value
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    top = {f.name for f in dataclasses.fields(DaemonConfig)} - set(_SECTIONS)
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        if key in top:
+            out[key] = value
+            continue
+        for section, cls in _SECTIONS.items():
+            if key.startswith(section + "_"):
+                sub = key[len(section) + 1 :]
+                if sub in {f.name for f in dataclasses.fields(cls)}:
+                    out.setdefault(section, {})[sub] = value
+                    break
+        # Other MURMUR_* variables (e.g. for other tools) are not ours: ignore them.
+    return out
+
+
+def load_config(
+    file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> DaemonConfig:
+    """Build the config from ``file`` (TOML), then ``env``, then ``flags`` (None values skipped).
+
+    ``flags`` may hold top-level keys and section tables (``{"membership": {...}}``).
+    """
+    values: dict[str, Any] = {}
+    if file is not None:
+        try:
+            with open(file, "rb") as fh:
+                _merge(values, tomllib.load(fh))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {file}: {exc.strerror or exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {file} is not valid TOML: {exc}") from None
+    if env is not None:
+        _merge(values, _from_env(env))
+    if flags:
+        _merge(values, {k: v for k, v in flags.items() if v is not None})
+    config: DaemonConfig = _build(DaemonConfig, values, "")
+    return config

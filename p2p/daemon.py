@@ -1,0 +1,267 @@
+"""The peer daemon: identity, envelope codec, aiohttp transport, membership, admin endpoints.
+
+``Daemon`` is reusable: other services (the gossip learner) use its ``transport`` and
+``membership`` and run their loops in the daemon's task group through ``spawn()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import logging
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from murmur import __version__
+from murmur.errors import ConfigError, KeyFileError, TransportClosed
+from p2p.admin import admin_routes
+from p2p.config import DaemonConfig
+from p2p.envelope import EnvelopeCodec
+from p2p.identity import Identity, PeerId
+from p2p.membership import Membership
+from p2p.transport.http import HttpTransport
+
+__all__ = ["Daemon", "load_network_key", "tune_malloc"]
+
+log = logging.getLogger("murmur.daemon")
+
+NETWORK_KEY_SIZE = 32
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def tune_malloc(threshold: int = 1 << 30) -> bool:
+    """Keep large buffers on the heap and freed memory mapped (glibc only; else a no-op).
+
+    By default glibc serves each large allocation with a fresh mmap, so every 40 MB body is
+    page-faulted in again: aiohttp moved 0.44 GB/s that way and 1.4 GB/s with this (same
+    process, one core; see bench/results/transport.md). Returns whether it applied.
+    """
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    ok_trim = mallopt(_M_TRIM_THRESHOLD, threshold)
+    ok_mmap = mallopt(_M_MMAP_THRESHOLD, threshold)
+    return bool(ok_trim and ok_mmap)
+
+
+def load_network_key(path: Path) -> bytes:
+    """Read a pre-shared network key: 64 hex characters (whitespace ignored) or 32 raw bytes."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise KeyFileError(f"cannot read network key file {path}: {exc.strerror or exc}") from None
+    text = data.strip()
+    if len(text) == 2 * NETWORK_KEY_SIZE:
+        try:
+            return bytes.fromhex(text.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            pass
+    if len(data) == NETWORK_KEY_SIZE:
+        return data
+    raise KeyFileError(f"network key file {path} must hold 64 hex characters or 32 raw bytes")
+
+
+class Daemon:
+    """One peer: ``await start()`` (or ``async with``), then ``aclose()``.
+
+    ``start()`` loads or creates the identity, listens, joins through the bootstrap addresses
+    and starts membership. Errors a person can fix (port in use, bad key file, unreachable
+    bootstrap) are ``MurmurError`` s with a one-line message.
+    """
+
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self._identity: Identity | None = None
+        self._transport: HttpTransport | None = None
+        self._membership: Membership | None = None
+        self._group: asyncio.TaskGroup | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+        self._started_at = 0.0
+        self._closed = False
+
+    # -- what other services use -----------------------------------------------------------
+    @property
+    def identity(self) -> Identity:
+        """This peer's identity (after ``start()``)."""
+        if self._identity is None:
+            raise TransportClosed("the daemon is not started")
+        return self._identity
+
+    @property
+    def transport(self) -> HttpTransport:
+        """The transport (after ``start()``); services register their handlers on it."""
+        if self._transport is None:
+            raise TransportClosed("the daemon is not started")
+        return self._transport
+
+    @property
+    def membership(self) -> Membership:
+        """The membership view (after ``start()``)."""
+        if self._membership is None:
+            raise TransportClosed("the daemon is not started")
+        return self._membership
+
+    @property
+    def uptime_s(self) -> float:
+        """Seconds since ``start()`` completed."""
+        return time.monotonic() - self._started_at if self._started_at else 0.0
+
+    def spawn(self, coro: Coroutine[Any, Any, None], *, name: str | None = None) -> None:
+        """Run ``coro`` in the daemon's task group: cancelled and awaited by ``aclose()``.
+
+        If it raises, the daemon stops (``wait()`` returns and re-raises).
+        """
+        if self._group is None or self._closed:
+            coro.close()
+            raise TransportClosed("the daemon is not running")
+        self._group.create_task(coro, name=name)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load identity, listen, join, start membership. Cleans up if any step fails."""
+        cfg = self.config
+        try:
+            await self._start(cfg)
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def _start(self, cfg: DaemonConfig) -> None:
+        if cfg.tune_malloc:
+            tune_malloc()
+        try:
+            cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise ConfigError(f"cannot create data dir {cfg.data_dir}: {exc.strerror}") from None
+        identity, created = Identity.load_or_create(cfg.data_dir)
+        self._identity = identity
+        network_key = (
+            load_network_key(cfg.network_key_file) if cfg.network_key_file is not None else None
+        )
+        allowed = frozenset(PeerId.parse(text) for text in cfg.allow)
+        admit = (lambda peer: peer in allowed) if allowed else None
+        codec = EnvelopeCodec(
+            identity,
+            network_key=network_key,
+            max_message_size=cfg.transport.max_message_size,
+            window_s=cfg.replay_window_s,
+        )
+        self._transport = HttpTransport(
+            codec,
+            listen=cfg.listen,
+            config=cfg.transport,
+            admit=admit,
+            routes=admin_routes(self),
+            advertise=cfg.advertise,
+        )
+        self._membership = Membership(
+            identity, self._transport, cfg.membership, data_dir=cfg.data_dir, admit=admit
+        )
+        await self._transport.start()
+        log.info(
+            "event=listening peer_id=%s listen=%s new_identity=%s private=%s allowlist=%d",
+            identity.peer_id,
+            ",".join(self._transport.addresses),
+            created,
+            network_key is not None,
+            len(allowed),
+        )
+        await self._membership.join(cfg.bootstrap)
+        self._supervisor = asyncio.create_task(self._supervise(), name="murmur-daemon")
+        await self._ready.wait()
+        self._started_at = time.monotonic()
+
+    async def _supervise(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            self._group = group
+            group.create_task(self.membership.run(), name="membership")
+            self._ready.set()
+        self._group = None
+
+    async def wait(self) -> None:
+        """Return when the daemon's services stopped; re-raise a service's failure."""
+        if self._supervisor is not None:
+            await asyncio.shield(self._supervisor)
+
+    async def aclose(self) -> None:
+        """Stop services, save the view, close the transport. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            try:
+                await self._supervisor
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                log.exception("event=service_failed")
+        if self._membership is not None:
+            try:
+                self._membership.save()
+            except OSError as exc:
+                log.warning("event=save_failed error=%s", exc.strerror)
+        if self._transport is not None:
+            await self._transport.aclose()
+        log.info("event=stopped")
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- admin views -------------------------------------------------------------------------
+    def status(self) -> dict[str, object]:
+        """The ``GET /v1/status`` document."""
+        transport = self.transport
+        view = self.membership.view
+        return {
+            "peer_id": str(self.identity.peer_id),
+            "version": __version__,
+            "listen": transport.addresses[0] if transport.addresses else self.config.listen,
+            "peers": len(view.live()),
+            "view": len(view.active),
+            "reserve": len(view.passive),
+            "uptime_s": round(self.uptime_s, 3),
+            "private": self.config.network_key_file is not None,
+            "accepted": transport.accepted,
+            "refused": transport.refused,
+        }
+
+    def peers(self) -> list[dict[str, object]]:
+        """The ``GET /v1/peers`` document: the active view, with wall-clock ``last_seen``."""
+        now = asyncio.get_running_loop().time()
+        wall = time.time()
+        out: list[dict[str, object]] = []
+        for entry in self.membership.view.active.values():
+            state = "suspect" if entry.suspect else "alive" if entry.confirmed else "unconfirmed"
+            out.append(
+                {
+                    "peer_id": str(entry.record.peer_id),
+                    "addresses": list(entry.record.addresses),
+                    "last_seen": round(wall - (now - entry.last_seen), 3),
+                    "state": state,
+                }
+            )
+        return out

@@ -1,0 +1,300 @@
+"""The small transport interface the protocols need, and the logic both implementations share.
+
+A transport carries encoded, authenticated envelopes (``p2p.envelope``) between peers. It can
+send a message to a peer id (delivered and accepted by the peer's handler, or an error),
+send a request and wait for the reply, contact an address whose peer id is not known yet
+(bootstrap), and dispatch incoming envelopes to one handler per message type. Subclasses only
+move bytes: ``_post(address, data, timeout) -> reply bytes``. Nothing here imports aiohttp.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from types import TracebackType
+from typing import Self
+
+from murmur.errors import (
+    ConfigError,
+    MalformedMessage,
+    NetworkError,
+    PeerUnreachable,
+    ProtocolError,
+    RefusalCode,
+    TransportClosed,
+    Unauthorized,
+    UnknownMessageType,
+    WrongRecipient,
+)
+from p2p.envelope import Auth, EnvelopeCodec, Received
+from p2p.identity import PeerId
+from p2p.messages import Message
+
+__all__ = ["ContactListener", "Handler", "Transport", "reply_auth"]
+
+log = logging.getLogger("murmur.transport")
+
+Handler = Callable[[Received], Awaitable[Message | None]]
+"""Handles one received message; returns the reply (for requests) or None."""
+
+ContactListener = Callable[[PeerId], None]
+"""Called with the sender of every envelope that passed all checks (inbound or a reply)."""
+
+DEFAULT_TIMEOUT_S = 10.0
+MAX_ADDRESSES_PER_PEER = 8
+
+
+def reply_auth(request_auth: Auth) -> Auth:
+    """The authentication mode of a reply: the same as the request's.
+
+    A SIGNED request gets a SIGNED reply, now addressed to the requester (whose id the
+    request carried); SEALED and MAC requests get SEALED and MAC replies.
+    """
+    return request_auth
+
+
+class Transport(abc.ABC):
+    """Sends and receives envelopes for one local identity. Close with ``aclose()``.
+
+    Every wait has a timeout (``timeout`` argument, or the transport's default). Failures are
+    ``murmur.errors`` types: ``PeerUnreachable``, ``Timeout``, ``TransportClosed``,
+    ``RemoteRefused`` (the peer refused with a ``RefusalCode``), or a ``ProtocolError`` when a
+    reply fails our own checks.
+    """
+
+    def __init__(
+        self,
+        codec: EnvelopeCodec,
+        *,
+        default_timeout_s: float = DEFAULT_TIMEOUT_S,
+        admit: Callable[[PeerId], bool] | None = None,
+    ) -> None:
+        if default_timeout_s <= 0:
+            raise ConfigError(f"default_timeout_s must be > 0, got {default_timeout_s}")
+        self._codec = codec
+        self._local_id: PeerId = codec.identity.peer_id
+        self._default_timeout = default_timeout_s
+        self._admit = admit
+        self._handlers: dict[type, Handler] = {}
+        self._addresses: dict[PeerId, tuple[str, ...]] = {}
+        self._listeners: list[ContactListener] = []
+        self._waiters: set[asyncio.Task[object]] = set()
+        self._closed_waiters: set[asyncio.Task[object]] = set()
+        self._closed = False
+        self.accepted = 0
+        """Inbound envelopes that passed every check and were handled."""
+        self.refused = 0
+        """Inbound envelopes refused (any refusal code)."""
+
+    # -- identity and addresses ------------------------------------------------------------
+    @property
+    def local_id(self) -> PeerId:
+        """The peer id this transport sends as."""
+        return self._local_id
+
+    @property
+    @abc.abstractmethod
+    def addresses(self) -> tuple[str, ...]:
+        """The addresses where this transport can be reached (empty before it listens)."""
+
+    @abc.abstractmethod
+    def is_valid_address(self, address: str) -> bool:
+        """Whether ``address`` has the form this transport can contact (no I/O)."""
+
+    def set_addresses(self, peer: PeerId, addresses: Sequence[str]) -> None:
+        """Learn where ``peer`` can be reached (replaces the old list); drops invalid ones."""
+        valid = tuple(a for a in addresses if self.is_valid_address(a))[:MAX_ADDRESSES_PER_PEER]
+        if valid:
+            self._addresses[peer] = valid
+        else:
+            self._addresses.pop(peer, None)
+
+    def forget(self, peer: PeerId) -> None:
+        """Forget the addresses of ``peer``."""
+        self._addresses.pop(peer, None)
+
+    def addresses_of(self, peer: PeerId) -> tuple[str, ...]:
+        """The known addresses of ``peer`` (empty if unknown)."""
+        return self._addresses.get(peer, ())
+
+    # -- handlers --------------------------------------------------------------------------
+    def register(self, message_type: type, handler: Handler) -> None:
+        """Handle incoming messages of ``message_type`` with ``handler`` (one per type)."""
+        if message_type in self._handlers:
+            raise ConfigError(f"a handler for {message_type.__name__} is already registered")
+        self._handlers[message_type] = handler
+
+    def unregister(self, message_type: type) -> None:
+        """Stop handling ``message_type`` (later messages of that type are refused)."""
+        self._handlers.pop(message_type, None)
+
+    def add_contact_listener(self, listener: ContactListener) -> None:
+        """Call ``listener(peer)`` whenever an authenticated envelope arrives from ``peer``."""
+        self._listeners.append(listener)
+
+    # -- sending ---------------------------------------------------------------------------
+    async def send(
+        self,
+        peer: PeerId,
+        message: Message,
+        *,
+        auth: Auth = Auth.SEALED,
+        timeout: float | None = None,
+    ) -> None:
+        """Deliver ``message`` to ``peer`` and wait until its handler accepted it."""
+        await self._to_peer(peer, message, auth, timeout)
+
+    async def request(
+        self,
+        peer: PeerId,
+        message: Message,
+        *,
+        auth: Auth = Auth.SEALED,
+        timeout: float | None = None,
+    ) -> Received:
+        """Send ``message`` to ``peer`` and return its authenticated reply."""
+        reply = await self._to_peer(peer, message, auth, timeout)
+        return self._check_reply(reply, expected=peer)
+
+    async def request_address(
+        self, address: str, message: Message, *, timeout: float | None = None
+    ) -> Received:
+        """Send a SIGNED ``message`` with no recipient to ``address`` (a peer not known yet).
+
+        Used for bootstrap joins. Returns the reply, whose sender is whoever answered.
+        """
+        self._check_open()
+        if not self.is_valid_address(address):
+            raise ConfigError(f"not a valid address: {address!r}")
+        data = self._codec.encode(message, recipient=None, auth=Auth.SIGNED)
+        reply = await self._exchange(address, data, timeout)
+        return self._check_reply(reply, expected=None)
+
+    async def _to_peer(
+        self, peer: PeerId, message: Message, auth: Auth, timeout: float | None
+    ) -> bytes | bytearray:
+        self._check_open()
+        addresses = self._addresses.get(peer)
+        if not addresses:
+            raise PeerUnreachable(f"no known address for peer {peer.short()}")
+        data = self._codec.encode(message, recipient=peer, auth=auth)
+        last: NetworkError | None = None
+        for address in addresses:
+            try:
+                return await self._exchange(address, data, timeout)
+            except PeerUnreachable as exc:
+                last = exc
+        assert last is not None  # the loop ran at least once
+        raise last
+
+    def _check_reply(self, reply: bytes | bytearray, expected: PeerId | None) -> Received:
+        if not reply:
+            raise MalformedMessage("the peer sent no reply to a request")
+        received = self._codec.decode(reply)
+        if expected is not None and received.sender != expected:
+            raise WrongRecipient(
+                f"reply came from {received.sender.short()}, not {expected.short()}"
+            )
+        self._notify(received.sender)
+        return received
+
+    async def _exchange(
+        self, address: str, data: bytes, timeout: float | None
+    ) -> bytes | bytearray:
+        """Run ``_post`` with a deadline; a close while waiting raises ``TransportClosed``."""
+        task = asyncio.current_task()
+        if task is None:  # pragma: no cover - always inside a task under asyncio
+            raise RuntimeError("transport calls must run inside an asyncio task")
+        wait = self._default_timeout if timeout is None else timeout
+        self._waiters.add(task)
+        try:
+            return await self._post(address, data, wait)
+        except asyncio.CancelledError:
+            if task in self._closed_waiters:
+                self._closed_waiters.discard(task)
+                task.uncancel()
+                raise TransportClosed("transport closed while waiting") from None
+            raise
+        except NetworkError:
+            if self._closed:
+                raise TransportClosed("transport closed while waiting") from None
+            raise
+        finally:
+            self._waiters.discard(task)
+
+    @abc.abstractmethod
+    async def _post(self, address: str, data: bytes, timeout: float) -> bytes | bytearray:
+        """Deliver ``data`` to ``address``; return the reply bytes (empty when none).
+
+        Raises ``PeerUnreachable``, ``Timeout`` or ``RemoteRefused``; never a library error.
+        """
+
+    # -- receiving -------------------------------------------------------------------------
+    async def _serve_envelope(self, data: bytes | bytearray | memoryview) -> bytes:
+        """Check and handle one inbound envelope; return the encoded reply (b"" for none).
+
+        Raises ``ProtocolError`` (with its refusal code) when the envelope is refused.
+        """
+        try:
+            received = self._codec.decode(data)
+            if self._admit is not None and not self._admit(received.sender):
+                raise Unauthorized("the sender is not on the allowlist")
+            handler = self._handlers.get(type(received.message))
+            if handler is None:
+                raise UnknownMessageType(f"no handler for {type(received.message).__name__}")
+            self._notify(received.sender)
+            try:
+                reply = await handler(received)
+            except ProtocolError:
+                raise
+            except Exception as exc:
+                log.exception("event=handler_failed type=%s", type(received.message).__name__)
+                raise ProtocolError("the handler failed", code=RefusalCode.INTERNAL) from exc
+        except ProtocolError:
+            self.refused += 1
+            raise
+        self.accepted += 1
+        if reply is None:
+            return b""
+        return self._codec.encode(reply, recipient=received.sender, auth=reply_auth(received.auth))
+
+    def _notify(self, peer: PeerId) -> None:
+        for listener in self._listeners:
+            listener(peer)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        """Whether ``aclose()`` was called."""
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransportClosed("the transport is closed")
+
+    async def aclose(self) -> None:
+        """Close the transport: pending waits raise ``TransportClosed``. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in list(self._waiters):
+            self._closed_waiters.add(task)
+            task.cancel()
+        await self._close_io()
+
+    @abc.abstractmethod
+    async def _close_io(self) -> None:
+        """Release sockets, sessions and tasks (called once)."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

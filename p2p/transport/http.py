@@ -1,0 +1,289 @@
+"""The real transport: envelopes over HTTP/1.1 with aiohttp, one endpoint, ``POST /v1/envelope``.
+
+The request body is the encoded envelope; the response is ``200`` with the reply envelope,
+``204`` when there is no reply, or a refusal: an HTTP error status with the ``RefusalCode`` in
+the ``Murmur-Refusal`` header. One ``ClientSession`` (connection reuse) serves all sends.
+aiohttp errors become ``murmur.errors`` types here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from murmur.errors import (
+    ConfigError,
+    MessageTooLarge,
+    NetworkError,
+    PeerUnreachable,
+    ProtocolError,
+    RefusalCode,
+    RemoteRefused,
+    Timeout,
+)
+from p2p.envelope import EnvelopeCodec
+from p2p.identity import PeerId
+from p2p.transport.base import Transport
+
+__all__ = [
+    "ENVELOPE_PATH",
+    "REFUSAL_HEADER",
+    "HttpTransport",
+    "HttpTransportConfig",
+    "format_address",
+    "parse_address",
+]
+
+log = logging.getLogger("murmur.transport")
+
+ENVELOPE_PATH = "/v1/envelope"
+REFUSAL_HEADER = "Murmur-Refusal"
+CONTENT_TYPE = "application/vnd.murmur.envelope"
+
+# HTTP status for each refusal; the header carries the exact code.
+_STATUS: dict[RefusalCode, int] = {
+    RefusalCode.TOO_LARGE: 413,
+    RefusalCode.UNAUTHORIZED: 403,
+    RefusalCode.INTERNAL: 500,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class HttpTransportConfig:
+    """Sizes and timeouts of the aiohttp transport. Every wait is bounded by one of these."""
+
+    request_timeout_s: float = 10.0
+    """Default deadline for a whole send or request (connect, upload, handler, reply)."""
+    connect_timeout_s: float = 3.0
+    """Deadline for opening a TCP connection."""
+    shutdown_timeout_s: float = 2.0
+    """How long ``aclose()`` lets in-flight inbound requests finish."""
+    max_message_size: int = 64 * 2**20
+    """Largest envelope accepted (bytes), inbound and as a reply."""
+    max_connections: int = 100
+    """Client connection pool size (all peers)."""
+    max_connections_per_peer: int = 4
+    """Client connections kept per peer address."""
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[v6]:PORT`` for IPv6) into host and port; ConfigError if bad."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or len(text) > 262:
+        raise ConfigError(f"not a HOST:PORT address: {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(f"not a HOST:PORT address: {text!r}") from None
+    elif not all(c.isalnum() or c in "-." for c in host):
+        raise ConfigError(f"not a HOST:PORT address: {text!r}")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"port out of range in {text!r}")
+    return host, port
+
+
+def format_address(host: str, port: int) -> str:
+    """The ``HOST:PORT`` text for a host and port (brackets around IPv6 hosts)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def is_loopback(remote: str | None) -> bool:
+    """Whether the remote address of a request is a loopback address."""
+    if remote is None:
+        return False
+    try:
+        return ipaddress.ip_address(remote).is_loopback
+    except ValueError:
+        return False
+
+
+async def read_body(content: aiohttp.StreamReader, length: int | None, cap: int) -> bytearray:
+    """Read a whole body into one buffer, refusing more than ``cap`` bytes.
+
+    With a known length the buffer is allocated once and filled in place (no growth, no final
+    copy); decoded tensors can then point into it.
+    """
+    if length is not None:
+        if length > cap:
+            raise MessageTooLarge(f"body of {length} bytes exceeds the cap of {cap}")
+        buf = bytearray(length)
+        view = memoryview(buf)
+        pos = 0
+        while pos < length:
+            chunk = await content.readany()
+            if not chunk:
+                raise PeerUnreachable("the body ended early")
+            end = pos + len(chunk)
+            if end > length:
+                raise MessageTooLarge("the body is longer than its Content-Length")
+            view[pos:end] = chunk
+            pos = end
+        view.release()
+        return buf
+    buf = bytearray()
+    while chunk := await content.readany():
+        buf += chunk
+        if len(buf) > cap:
+            raise MessageTooLarge(f"body exceeds the cap of {cap} bytes")
+    return buf
+
+
+class HttpTransport(Transport):
+    """A ``Transport`` over aiohttp. ``await start()`` to listen, ``aclose()`` to stop.
+
+    ``routes`` adds more endpoints on the same port (the daemon's ``/v1/status``).
+    """
+
+    def __init__(
+        self,
+        codec: EnvelopeCodec,
+        *,
+        listen: str = "127.0.0.1:0",
+        config: HttpTransportConfig | None = None,
+        admit: Callable[[PeerId], bool] | None = None,
+        routes: Iterable[web.AbstractRouteDef] = (),
+        advertise: Iterable[str] = (),
+    ) -> None:
+        self.config = config or HttpTransportConfig()
+        super().__init__(codec, default_timeout_s=self.config.request_timeout_s, admit=admit)
+        self._listen = parse_address(listen)
+        self._advertise = tuple(advertise)
+        for address in self._advertise:
+            parse_address(address)
+        self._app = web.Application(client_max_size=self.config.max_message_size)
+        self._app.router.add_post(ENVELOPE_PATH, self._on_envelope)
+        self._app.router.add_routes(list(routes))
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._bound: tuple[str, ...] = ()
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """Advertised addresses if given, else the bound ``HOST:PORT`` (after ``start()``)."""
+        return self._advertise or self._bound
+
+    def is_valid_address(self, address: str) -> bool:
+        """Whether ``address`` is a well-formed ``HOST:PORT`` with a non-zero port."""
+        try:
+            return parse_address(address)[1] != 0
+        except ConfigError:
+            return False
+
+    async def start(self) -> None:
+        """Listen on the configured address; ConfigError if it cannot (e.g. port in use)."""
+        self._check_open()
+        host, port = self._listen
+        runner = web.AppRunner(
+            self._app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=self.config.shutdown_timeout_s,
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, backlog=256)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise ConfigError(
+                f"cannot listen on {format_address(host, port)}: {exc.strerror or exc}"
+            ) from None
+        self._runner = runner
+        bound: list[str] = []
+        server = site._server
+        for sock in getattr(server, "sockets", None) or ():
+            name = sock.getsockname()
+            # Listening on all interfaces binds 0.0.0.0: peers then need --advertise.
+            bound.append(format_address(name[0], name[1]))
+        self._bound = tuple(bound)
+        self._client()
+
+    # -- client side -----------------------------------------------------------------------
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            # Sending before start() (or without listening) still works: open a session lazily.
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit=self.config.max_connections,
+                    limit_per_host=self.config.max_connections_per_peer,
+                ),
+                timeout=aiohttp.ClientTimeout(total=None, connect=self.config.connect_timeout_s),
+                auto_decompress=False,
+                skip_auto_headers=("User-Agent", "Accept-Encoding"),
+            )
+        return self._session
+
+    async def _post(self, address: str, data: bytes, timeout: float) -> bytes | bytearray:
+        url = f"http://{address}{ENVELOPE_PATH}"
+        session = self._client()
+        try:
+            async with (
+                asyncio.timeout(timeout),
+                session.post(url, data=data, headers={"Content-Type": CONTENT_TYPE}) as resp,
+            ):
+                if resp.status == 204:
+                    return b""
+                if resp.status == 200:
+                    return await read_body(
+                        resp.content, resp.content_length, self.config.max_message_size
+                    )
+                raise _refusal(address, resp.status, resp.headers.get(REFUSAL_HEADER))
+        except TimeoutError:
+            raise Timeout(f"no answer from {address} within {timeout:g} s") from None
+        except (NetworkError, ProtocolError):
+            raise
+        except (aiohttp.ClientError, OSError) as exc:
+            raise PeerUnreachable(f"cannot reach {address}: {type(exc).__name__}: {exc}") from None
+
+    # -- server side -----------------------------------------------------------------------
+    async def _on_envelope(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await read_body(
+                request.content, request.content_length, self.config.max_message_size
+            )
+            reply = await self._serve_envelope(body)
+        except ProtocolError as exc:
+            log.debug("event=refused code=%d reason=%s", int(exc.code), exc)
+            return web.Response(
+                status=_STATUS.get(exc.code, 400),
+                headers={REFUSAL_HEADER: str(int(exc.code))},
+                text=f"{exc.code.name}: {exc}",
+            )
+        except PeerUnreachable:
+            return web.Response(status=400, headers={REFUSAL_HEADER: "2"})
+        if not reply:
+            return web.Response(status=204)
+        return web.Response(status=200, body=reply, content_type=CONTENT_TYPE)
+
+    async def _close_io(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+def _refusal(address: str, status: int, header: str | None) -> NetworkError:
+    """The error for a non-2xx answer: RemoteRefused with the peer's code, if it sent one."""
+    try:
+        code = RefusalCode(int(header)) if header is not None else None
+    except ValueError:
+        code = None
+    if code is None:
+        if status == 413:
+            code = RefusalCode.TOO_LARGE
+        elif status == 404 or status == 405:
+            return PeerUnreachable(f"{address} is not a Murmur peer (HTTP {status})")
+        else:
+            code = RefusalCode.INTERNAL
+    return RemoteRefused(f"{address} refused ({code.name}, HTTP {status})", code=code)
