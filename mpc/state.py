@@ -1,0 +1,359 @@
+"""State and message handling of one secure-aggregation member (the machine is ``mpc.protocol``).
+
+``MemberState`` holds a member's configuration, its per-round secrets and what it received, and
+validates and stores incoming messages; ``mpc.protocol.Member`` adds the stage transitions.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Sequence
+
+import nacl.signing
+import torch
+from torch import Tensor
+
+from mpc import keys as mkeys
+from mpc.graph import mask_graph
+from mpc.kdf import pair_seed
+from mpc.messages import (
+    AdvertiseKeys,
+    ChunkSum,
+    MaskedChunk,
+    Message,
+    ReassignedChunk,
+    Receipt,
+    Reveal,
+    ShareKeys,
+)
+from mpc.shamir import SHARE_BYTES, Share, combine
+from mpc.survivors import ReceiptView, chunk_bounds, counted_set, dropped_set, fallback_reducer
+from murmur.errors import (
+    AggregationAborted,
+    BadSignature,
+    ConfigError,
+    InconsistentMessage,
+    MalformedMessage,
+    OutOfStage,
+    ProtocolError,
+)
+
+__all__ = ["STAGE_OF", "MemberState", "Outgoing", "Stage", "default_threshold"]
+
+Outgoing = list[tuple[bytes, Message]]
+"""Messages to send: ``(recipient member id, message)`` pairs."""
+
+
+class Stage(enum.IntEnum):
+    """Protocol stages in order; DONE and ABORTED are terminal."""
+
+    ADVERTISE_KEYS = 1
+    SHARE_KEYS = 2
+    MASKED_INPUT = 3
+    CONSISTENCY = 4
+    UNMASKING = 5
+    AGGREGATE = 6
+    DONE = 7
+    ABORTED = 8
+
+
+STAGE_OF: dict[type, Stage] = {
+    AdvertiseKeys: Stage.ADVERTISE_KEYS,
+    ShareKeys: Stage.SHARE_KEYS,
+    MaskedChunk: Stage.MASKED_INPUT,
+    Receipt: Stage.CONSISTENCY,
+    Reveal: Stage.UNMASKING,
+    ReassignedChunk: Stage.UNMASKING,
+    ChunkSum: Stage.AGGREGATE,
+}
+
+_BITS: dict[torch.dtype, int] = {torch.int32: 32, torch.int64: 64}
+
+
+def default_threshold(k: int) -> int:
+    """The default threshold for ``k`` members: ceil(2k/3), always more than k/2."""
+    return -(-2 * k // 3)
+
+
+def _check_threshold(name: str, t: int, n: int) -> None:
+    if isinstance(t, bool) or not isinstance(t, int) or not n / 2 < t <= n:
+        raise ConfigError(f"{name} must be an integer in (n/2, n] = ({n / 2}, {n}], got {t!r}")
+
+
+class MemberState:
+    """One member's configuration, secrets and received messages (see ``mpc.protocol.Member``).
+
+    ``signing_key`` is the member's Ed25519 identity (32-byte seed or ``SigningKey``); its verify
+    key is the member id and must be in ``members``. ``vector`` is the member's input, a 1-D
+    int32 (Z_2^32) or int64 (Z_2^64) ring tensor of the same length for every member.
+    ``threshold`` is the least number of counted inputs (default ceil(2k/3), must exceed k/2).
+    ``degree`` selects SecAgg+ (masks and shares only among mask-graph neighbours drawn from
+    ``graph_seed``, default derived from group and round); ``neighbourhood_threshold`` is then the
+    Shamir threshold within each neighbourhood of size degree + 1 (default ceil(2(degree+1)/3)).
+    """
+
+    def __init__(
+        self,
+        signing_key: bytes | nacl.signing.SigningKey,
+        members: Sequence[bytes],
+        *,
+        group: bytes,
+        round: int,
+        vector: Tensor,
+        threshold: int | None = None,
+        degree: int | None = None,
+        graph_seed: bytes | None = None,
+        neighbourhood_threshold: int | None = None,
+    ) -> None:
+        if not isinstance(signing_key, nacl.signing.SigningKey):
+            if not isinstance(signing_key, bytes) or len(signing_key) != 32:
+                raise ConfigError("signing_key must be a 32-byte Ed25519 seed or a SigningKey")
+            signing_key = nacl.signing.SigningKey(signing_key)
+        self._signing_key = signing_key
+        self.id: bytes = bytes(signing_key.verify_key)
+        self.members: tuple[bytes, ...] = tuple(sorted(bytes(m) for m in members))
+        k = len(self.members)
+        if len(set(self.members)) != k or any(len(m) != 32 for m in self.members):
+            raise ConfigError("members must be distinct 32-byte ids")
+        if k < 2 or self.id not in self.members:
+            raise ConfigError("a group needs at least 2 members, including this one")
+        if isinstance(round, bool) or not isinstance(round, int) or not 0 <= round < 1 << 64:
+            raise ConfigError(f"round must be an integer in [0, 2^64), got {round!r}")
+        if vector.dtype not in _BITS or vector.dim() != 1:
+            raise ConfigError("vector must be a 1-D int32 or int64 ring tensor")
+        self.group, self.round, self.k = bytes(group), round, k
+        self.threshold = default_threshold(k) if threshold is None else threshold
+        _check_threshold("threshold", self.threshold, k)
+        self._x = vector.detach().contiguous()
+        self._dtype = vector.dtype
+        self._index = {m: i for i, m in enumerate(self.members)}
+        self._me = self._index[self.id]
+        self._bounds = chunk_bounds(vector.numel(), k)
+        if graph_seed is None:
+            graph_seed = hashlib.blake2b(
+                b"murmur.secagg.graph-seed" + round.to_bytes(8, "big") + self.group,
+                digest_size=32,
+            ).digest()
+        self._graph = mask_graph(self.members, degree=degree, seed=graph_seed)
+        size = len(self._graph[self.id]) + 1
+        if size == k:
+            self.local_threshold = self.threshold
+        else:
+            self.local_threshold = (
+                default_threshold(size)
+                if neighbourhood_threshold is None
+                else neighbourhood_threshold
+            )
+            _check_threshold("neighbourhood_threshold", self.local_threshold, size)
+        self._keys = mkeys.new_round_keys()
+        self._stage = Stage.ADVERTISE_KEYS
+        self._started = False
+        self._seen: set[tuple[str, bytes, int]] = set()
+        self._pending: dict[Stage, list[tuple[bytes, Message]]] = {}
+        self.refused: list[tuple[bytes, ProtocolError]] = []
+        """Refusals of buffered messages, found when their stage began: (sender, error)."""
+        self._adverts: dict[bytes, AdvertiseKeys] = {}
+        self._held: dict[bytes, tuple[bytes, bytes]] = {}  # owner -> (b-share y, s-share y)
+        self._self_seed = b""
+        self._mine: frozenset[bytes] = frozenset()  # whom I masked with
+        self._masked_input: Tensor | None = None
+        self._chunks: dict[bytes, Tensor] = {}  # sender -> its slice of my own chunk
+        self._neighbours_of: dict[bytes, frozenset[bytes]] = {}
+        self._backup: Tensor | None = None
+        self._receipts: dict[bytes, ReceiptView] = {}
+        self._live: frozenset[bytes] = frozenset()
+        self._counted: frozenset[bytes] | None = None
+        self._dropped: frozenset[bytes] = frozenset()
+        self._revealed: dict[bytes, str] = {}  # peer -> "b" or "s": the ledger
+        self._reveals: dict[bytes, Reveal] = {}
+        self._assigned: dict[int, dict[bytes, Tensor]] = {}  # chunk I reduce -> sender -> slice
+        self._sums: dict[int, Tensor] = {}
+        self._result: Tensor | None = None
+        self._abort_reason: str | None = None
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def stage(self) -> Stage:
+        """The current stage."""
+        return self._stage
+
+    @property
+    def finished(self) -> bool:
+        """True once DONE or ABORTED."""
+        return self._stage in (Stage.DONE, Stage.ABORTED)
+
+    @property
+    def result(self) -> Tensor | None:
+        """The ring sum over the counted members (1-D), once DONE; else None."""
+        return self._result
+
+    @property
+    def abort_reason(self) -> str | None:
+        """Why the member aborted, if it did."""
+        return self._abort_reason
+
+    @property
+    def counted(self) -> frozenset[bytes] | None:
+        """The members whose inputs are counted, once the agreement step is over."""
+        return self._counted
+
+    @property
+    def revealed(self) -> dict[bytes, str]:
+        """The ledger: for each peer, the kind of share this member revealed ("b" or "s")."""
+        return dict(self._revealed)
+
+    def output(self) -> Tensor:
+        """The ring sum; ``AggregationAborted`` if the round aborted, ``OutOfStage`` if running."""
+        if self._stage is Stage.ABORTED:
+            raise AggregationAborted(self._abort_reason or "aborted")
+        if self._result is None:
+            raise OutOfStage(f"the round is not finished (stage {self._stage.name})")
+        return self._result
+
+    # ------------------------------------------------------------------ helpers
+
+    def _pair_seed(self, private: bytes, peer: bytes, owner: bytes) -> bytes:
+        """Seed of the pair (owner, peer), from owner's private key and peer's public key."""
+        secret = mkeys.agree(private, self._adverts[peer].agreement_public)
+        return pair_seed(secret, round=self.round, group=self.group, a=owner, b=peer)
+
+    def _combine(self, owner: bytes, kind: int) -> bytes:
+        shares = []
+        for holder, reveal in self._reveals.items():
+            got = (reveal.self_mask_shares, reveal.key_shares)[kind].get(owner)
+            if got is not None:
+                shares.append(Share(self._index[holder] + 1, got))
+        return combine(shares, threshold=self.local_threshold)
+
+    def _check_ledger(self, kinds: dict[bytes, str]) -> None:
+        for peer, kind in kinds.items():
+            before = self._revealed.get(peer)
+            if before is not None and before != kind:
+                raise InconsistentMessage(
+                    "refused: this would reveal both the self-mask and the key share of a peer"
+                )
+
+    def _check_late_receipt(self, sender: bytes, msg: Receipt) -> None:
+        """A receipt after the agreement step: refuse it outright if it asks for the other kind."""
+        if self._counted is None:
+            return
+        receipts = dict(self._receipts)
+        receipts[sender] = ReceiptView(frozenset(msg.received), bool(msg.backup))
+        counted = counted_set(self.members, receipts, self._neighbours_of)
+        kinds = {u: "b" for u in counted} | {
+            v: "s" for v in dropped_set(counted, self._neighbours_of)
+        }
+        self._check_ledger(kinds)
+
+    def _check_slice(self, chunk: int, data: Tensor) -> None:
+        if not isinstance(data, Tensor) or data.dtype != self._dtype or data.dim() != 1:
+            raise MalformedMessage(f"masked data must be a 1-D {self._dtype} tensor")
+        lo, hi = self._bounds[chunk]
+        if data.numel() != hi - lo:
+            raise InconsistentMessage(f"chunk {chunk} must hold {hi - lo} elements")
+
+    # ------------------------------------------------------------------ message handlers
+
+    def _handle(self, sender: bytes, msg: Message) -> None:
+        if isinstance(msg, AdvertiseKeys):
+            self._on_advertise(sender, msg)
+        elif isinstance(msg, ShareKeys):
+            self._on_shares(sender, msg)
+        elif isinstance(msg, MaskedChunk):
+            self._on_masked(sender, msg)
+        elif isinstance(msg, Receipt):
+            self._on_receipt(sender, msg)
+        elif isinstance(msg, Reveal):
+            self._on_reveal(sender, msg)
+        elif isinstance(msg, ReassignedChunk):
+            self._on_reassigned(sender, msg)
+        else:
+            self._on_chunk_sum(sender, msg)
+
+    def _on_advertise(self, sender: bytes, msg: AdvertiseKeys) -> None:
+        try:
+            mkeys.verify_advertisement(
+                sender,
+                round=msg.round,
+                group=msg.group,
+                agreement_public=msg.agreement_public,
+                box_public=msg.box_public,
+                signature=msg.signature,
+            )
+        except MalformedMessage as exc:
+            raise BadSignature(f"advertisement does not verify: {exc}") from exc
+        self._adverts[sender] = msg
+
+    def _on_shares(self, sender: bytes, msg: ShareKeys) -> None:
+        advert = self._adverts.get(sender)
+        if advert is None or sender not in self._graph[self.id]:
+            raise InconsistentMessage("shares from a member that is not an advertised neighbour")
+        plain = mkeys.open_from(
+            self._keys.box_private,
+            advert.box_public,
+            msg.sealed,
+            round=self.round,
+            group=self.group,
+            sender=sender,
+            recipient=self.id,
+        )
+        if len(plain) != 2 * SHARE_BYTES:
+            raise InconsistentMessage(f"sealed shares must hold {2 * SHARE_BYTES} bytes")
+        self._held[sender] = (plain[:SHARE_BYTES], plain[SHARE_BYTES:])
+
+    def _on_masked(self, sender: bytes, msg: MaskedChunk) -> None:
+        pos = self._index[sender]
+        backup = msg.chunk == pos and (pos + 1) % self.k == self._me
+        if msg.chunk != self._me and not backup:
+            raise InconsistentMessage(f"chunk {msg.chunk} is not reduced by this member")
+        if sender not in self._adverts:
+            raise InconsistentMessage("masked input from a member that did not advertise keys")
+        neighbours = frozenset(msg.neighbours)
+        if len(neighbours) != len(msg.neighbours) or not neighbours <= self._graph[sender]:
+            raise InconsistentMessage("the sender claims to mask with non-neighbours")
+        self._check_slice(msg.chunk, msg.data)
+        known = self._neighbours_of.get(sender)
+        if known is not None and known != neighbours:
+            raise InconsistentMessage("the sender's two chunks name different neighbours")
+        self._neighbours_of[sender] = neighbours
+        if msg.chunk == self._me:
+            self._chunks[sender] = msg.data
+        else:
+            self._backup = msg.data
+
+    def _on_receipt(self, sender: bytes, msg: Receipt) -> None:
+        received = frozenset(msg.received)
+        if len(received) != len(msg.received) or not received <= set(self._index):
+            raise InconsistentMessage("a receipt must list distinct group members")
+        self._receipts[sender] = ReceiptView(received, bool(msg.backup))
+
+    def _on_reveal(self, sender: bytes, msg: Reveal) -> None:
+        if sender not in self._live:
+            raise InconsistentMessage("shares revealed by a member that sent no receipt")
+        if set(msg.self_mask_shares) & set(msg.key_shares):
+            raise InconsistentMessage("the sender revealed both kinds of share of one peer")
+        for owner, y in (*msg.self_mask_shares.items(), *msg.key_shares.items()):
+            if owner not in self._index or sender not in self._graph[owner] | {owner}:
+                raise InconsistentMessage("a revealed share its sender cannot hold")
+            if not isinstance(y, bytes) or len(y) != SHARE_BYTES:
+                raise MalformedMessage(f"a share value must be {SHARE_BYTES} bytes")
+        self._reveals[sender] = msg
+
+    def _on_reassigned(self, sender: bytes, msg: ReassignedChunk) -> None:
+        got = self._assigned.get(msg.chunk)
+        if got is None or msg.chunk == self._me:
+            raise InconsistentMessage(f"chunk {msg.chunk} was not reassigned to this member")
+        if sender not in (self._counted or ()):
+            raise InconsistentMessage("a reassigned slice from a member that is not counted")
+        self._check_slice(msg.chunk, msg.data)
+        got[sender] = msg.data
+
+    def _on_chunk_sum(self, sender: bytes, msg: ChunkSum) -> None:
+        if not 0 <= msg.chunk < self.k:
+            raise InconsistentMessage(f"no chunk {msg.chunk}")
+        if fallback_reducer(msg.chunk, self.members, self._live) != sender:
+            raise InconsistentMessage(f"chunk {msg.chunk} is not reduced by this sender")
+        self._check_slice(msg.chunk, msg.data)
+        self._sums[msg.chunk] = msg.data
