@@ -76,6 +76,9 @@ class GroupRun:
     """The member objects (sorted like the inputs), for inspection."""
     messages: int
     """Messages delivered."""
+    self_aborted: tuple[int, ...] = ()
+    """Live members that aborted on their own while others finished (SecAgg+: a neighbourhood
+    too small to share in); their inputs are not counted."""
 
 
 def _signing_keys(k: int, seed: bytes | None) -> list[nacl.signing.SigningKey]:
@@ -150,8 +153,8 @@ def run_group(
     while True:
         while queue:
             sender, recipient, msg = queue.popleft()
-            if recipient in dead:
-                continue
+            if recipient in dead or members[recipient].finished:
+                continue  # a finished member refuses everything (OutOfStage); skip the work
             delivered += 1
             post(recipient, members[recipient].receive(ids[sender], msg))
         waiting = [i for i in range(k) if i not in dead and not members[i].finished]
@@ -174,15 +177,16 @@ def _outcome(
         return GroupRun(
             None, (), "; ".join(reasons) or "every member dropped", tuple(members), delivered
         )
-    if len(done) != len(live):
-        raise AggregationError("some live members finished and others aborted")
     first = done[0]
     result = first.output()
     for other in done[1:]:
         if first.counted != other.counted or not torch.equal(other.output(), result):
             raise AggregationError("live members disagree on the sum")
     counted = tuple(i for i, m in enumerate(ids) if m in (first.counted or ()))
-    return GroupRun(result.reshape(shape), counted, None, tuple(members), delivered)
+    self_aborted = tuple(
+        i for i, m in enumerate(members) if i not in dead and m.stage is Stage.ABORTED
+    )
+    return GroupRun(result.reshape(shape), counted, None, tuple(members), delivered, self_aborted)
 
 
 def secure_sum_ring(

@@ -135,6 +135,7 @@ class MemberState:
                 b"murmur.secagg.graph-seed" + round.to_bytes(8, "big") + self.group,
                 digest_size=32,
             ).digest()
+        self._graph_seed = graph_seed
         self._graph = mask_graph(self.members, degree=degree, seed=graph_seed)
         size = len(self._graph[self.id]) + 1
         if size == k:

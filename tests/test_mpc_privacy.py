@@ -1,0 +1,237 @@
+"""Privacy and refusals of the secure-aggregation protocol.
+
+Masked inputs look uniform; a member never reveals both shares of one peer; forged, duplicate,
+out-of-stage and inconsistent messages are refused with typed errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import nacl.signing
+import pytest
+import torch
+from scipy.stats import chisquare
+
+import mpc
+from mpc.driver import run_group
+from murmur.errors import (
+    BadSignature,
+    DuplicateMessage,
+    InconsistentMessage,
+    MalformedMessage,
+    OutOfStage,
+    UnknownMessageType,
+)
+
+Held = list[tuple[bytes, bytes, mpc.Message]]
+
+
+def make_group(
+    k: int, *, d: int = 12, bits: int = 64, threshold: int | None = None, seed: int = 0
+) -> tuple[list[mpc.Member], list[nacl.signing.SigningKey], list[torch.Tensor]]:
+    keys = [nacl.signing.SigningKey(bytes([seed, i + 1]) * 16) for i in range(k)]
+    ids = [bytes(s.verify_key) for s in keys]
+    dtype = torch.int32 if bits == 32 else torch.int64
+    vectors = [torch.full((d,), 1000 * (i + 1), dtype=dtype) for i in range(k)]
+    members = [
+        mpc.Member(keys[i], ids, group=b"group", round=5, vector=vectors[i], threshold=threshold)
+        for i in range(k)
+    ]
+    return sorted_by_id(members, keys, vectors)
+
+
+def sorted_by_id(
+    members: list[mpc.Member], keys: list[nacl.signing.SigningKey], vectors: list[torch.Tensor]
+) -> tuple[list[mpc.Member], list[nacl.signing.SigningKey], list[torch.Tensor]]:
+    order = sorted(range(len(members)), key=lambda i: members[i].id)
+    return [members[i] for i in order], [keys[i] for i in order], [vectors[i] for i in order]
+
+
+def pump(
+    members: list[mpc.Member],
+    *,
+    hold: Callable[[bytes, bytes, mpc.Message], bool] = lambda s, r, m: False,
+    start: bool = True,
+    queue: Held | None = None,
+) -> Held:
+    """Deliver messages FIFO; messages for which ``hold`` is true are returned instead."""
+    by_id = {m.id: m for m in members}
+    queue = list(queue or [])
+    if start:
+        queue += [(m.id, r, msg) for m in members for r, msg in m.start()]
+    held: Held = []
+    while queue:
+        sender, recipient, msg = queue.pop(0)
+        if hold(sender, recipient, msg):
+            held.append((sender, recipient, msg))
+            continue
+        out = by_id[recipient].receive(sender, msg)
+        queue += [(recipient, r, o) for r, o in out]
+    return held
+
+
+# ---------------------------------------------------------------- masked inputs look uniform
+
+
+def masked_chunks_of_member0(runs: int, *, d: int, k: int = 3) -> torch.Tensor:
+    """What reducer 1 sees of member 0's input (a constant vector), over ``runs`` fresh rounds."""
+    seen = []
+    for r in range(runs):
+        members, _, _ = make_group(k, d=d, bits=32, seed=r % 250)
+        zero, one = members[0].id, members[1].id
+        log: Held = []
+
+        def spy(s: bytes, rcp: bytes, m: mpc.Message, log: Held = log) -> bool:
+            if isinstance(m, mpc.MaskedChunk) and s == zero and rcp == one and m.chunk == 1:
+                log.append((s, rcp, m))
+            return False
+
+        pump(members, hold=spy)
+        (_, _, msg) = log[0]
+        assert isinstance(msg, mpc.MaskedChunk)
+        seen.append(msg.data)
+    return torch.cat(seen)
+
+
+def uniformity_pvalues(values: torch.Tensor) -> tuple[float, float]:
+    """Chi-square p-values of the top 4 bits (16 bins) and the low byte (256 bins) of int32s."""
+    v = values.to(torch.int64) & 0xFFFFFFFF
+    top = torch.bincount(v >> 28, minlength=16).double().numpy()
+    low = torch.bincount(v & 0xFF, minlength=256).double().numpy()
+    return float(chisquare(top).pvalue), float(chisquare(low).pvalue)
+
+
+def test_a_masked_input_is_indistinguishable_from_uniform() -> None:
+    values = masked_chunks_of_member0(64, d=96)  # 64 rounds x 32 elements
+    assert values.numel() == 64 * 32
+    p_top, p_low = uniformity_pvalues(values)
+    assert p_top > 1e-6 and p_low > 1e-6
+    # the same test rejects the unmasked input (a constant), so it can fail
+    p_top, p_low = uniformity_pvalues(torch.full((2048,), 1000, dtype=torch.int32))
+    assert p_top < 1e-6 and p_low < 1e-6
+
+
+# ---------------------------------------------------------------- never both shares of a peer
+
+
+def test_a_receipt_asking_for_the_other_share_kind_is_refused_and_never_answered() -> None:
+    vectors = [torch.arange(10, dtype=torch.int64) * (i + 1) for i in range(5)]
+    run = run_group(vectors, threshold=3, dropped={4: "unmasking"}, seed=b"both")
+    assert run.counted == (0, 1, 2, 3, 4)  # member 4 was counted through its backup
+    member, late = run.members[0], run.members[4]
+    ids = [m.id for m in run.members]
+    assert member.revealed[ids[2]] == "b"
+    # A late receipt from member 4 that lacks member 2 would make member 2 "dropped" (key share)
+    forged = mpc.Receipt(member.group, member.round, tuple(sorted(set(ids) - {ids[2]})), False)
+    with pytest.raises(InconsistentMessage, match="both"):
+        member.receive(late.id, forged)
+    assert member.revealed[ids[2]] == "b"
+    # a late receipt that asks for nothing new is merely too late
+    harmless = mpc.Receipt(member.group, member.round, tuple(sorted(ids)), False)
+    with pytest.raises(OutOfStage):
+        member.receive(late.id, harmless)
+
+
+def test_a_reveal_with_both_kinds_for_one_peer_is_refused() -> None:
+    members, _, vectors = make_group(4, threshold=3)
+    a, b = members[0], members[1]
+    # hold b's reveal to a, so that a waits in UNMASKING
+    held = pump(members, hold=lambda s, r, m: isinstance(m, mpc.Reveal) and s == b.id and r == a.id)
+    assert a.stage is mpc.Stage.UNMASKING and len(held) == 1
+    real = held[0][2]
+    assert isinstance(real, mpc.Reveal)
+    peer, share = next(iter(real.self_mask_shares.items()))
+    both = mpc.Reveal(a.group, a.round, {peer: share}, {peer: share})
+    with pytest.raises(InconsistentMessage):
+        a.receive(b.id, both)
+    pump(members, start=False, queue=held)  # the real reveal is still accepted
+    expected = sum(vectors, torch.zeros_like(vectors[0]))
+    assert a.stage is mpc.Stage.DONE and torch.equal(a.output(), expected)
+    # and every member revealed exactly one kind per peer
+    assert all(set(m.revealed.values()) == {"b"} for m in members)
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def test_forged_advertisements_are_refused() -> None:
+    members, _, _ = make_group(3)
+    a, b = members[0], members[1]
+    a.start()
+    real = b.start()[0][1]
+    assert isinstance(real, mpc.AdvertiseKeys)
+    # signed by someone else
+    stranger = nacl.signing.SigningKey(b"\x07" * 32)
+    sig = mpc.sign_advertisement(
+        stranger,
+        round=real.round,
+        group=real.group,
+        agreement_public=real.agreement_public,
+        box_public=real.box_public,
+    )
+    forged = mpc.AdvertiseKeys(real.group, real.round, real.agreement_public, real.box_public, sig)
+    with pytest.raises(BadSignature):
+        a.receive(b.id, forged)
+    # a key swapped under a valid signature
+    swapped = mpc.AdvertiseKeys(
+        real.group, real.round, bytes(32 * [9]), real.box_public, real.signature
+    )
+    with pytest.raises(BadSignature):
+        a.receive(b.id, swapped)
+    # for another round
+    with pytest.raises(InconsistentMessage):
+        a.receive(
+            b.id, mpc.AdvertiseKeys(real.group, 6, real.agreement_public, real.box_public, sig)
+        )
+    # refusals change nothing: the real one is still accepted, a second copy is a duplicate
+    assert a.receive(b.id, real) == []
+    with pytest.raises(DuplicateMessage):
+        a.receive(b.id, real)
+
+
+def test_out_of_stage_duplicate_and_inconsistent_messages_are_refused() -> None:
+    members, _, _ = make_group(4, threshold=3)
+    a, late = members[0], members[3]
+    # a never hears late's advertisement in time: its deadline passes
+    held = pump(members, hold=lambda s, r, m: s == late.id and r == a.id)
+    assert a.stage is mpc.Stage.ADVERTISE_KEYS
+    a.advance()
+    assert a.stage > mpc.Stage.ADVERTISE_KEYS  # buffered shares may carry it further
+    advert = next(m for s, r, m in held if isinstance(m, mpc.AdvertiseKeys))
+    with pytest.raises(OutOfStage):
+        a.receive(late.id, advert)
+    # not a member; a member posing as itself; a foreign object
+    outsider = bytes(nacl.signing.SigningKey(b"\x05" * 32).verify_key)
+    with pytest.raises(InconsistentMessage):
+        a.receive(outsider, advert)
+    with pytest.raises(InconsistentMessage):
+        a.receive(a.id, advert)
+    with pytest.raises(UnknownMessageType):
+        a.receive(late.id, object())  # type: ignore[arg-type]
+
+
+def test_bad_chunks_are_refused() -> None:
+    members, _, _ = make_group(3, d=9)
+    a, b = members[0], members[1]
+    # stop b's masked chunk to a, so that a waits in MASKED_INPUT
+    held = pump(
+        members, hold=lambda s, r, m: isinstance(m, mpc.MaskedChunk) and s == b.id and r == a.id
+    )
+    assert a.stage is mpc.Stage.MASKED_INPUT
+    real = next(m for s, r, m in held if isinstance(m, mpc.MaskedChunk) and m.chunk == 0)
+    assert isinstance(real, mpc.MaskedChunk)
+    g, rd = a.group, a.round
+    with pytest.raises(InconsistentMessage):  # too short
+        a.receive(b.id, mpc.MaskedChunk(g, rd, 0, real.data[:-1], real.neighbours))
+    with pytest.raises(MalformedMessage):  # wrong ring
+        a.receive(b.id, mpc.MaskedChunk(g, rd, 0, real.data.to(torch.int32), real.neighbours))
+    with pytest.raises(InconsistentMessage):  # a chunk a does not reduce
+        a.receive(b.id, mpc.MaskedChunk(g, rd, 2, real.data, real.neighbours))
+    with pytest.raises(InconsistentMessage):  # claims to mask with a non-member
+        a.receive(b.id, mpc.MaskedChunk(g, rd, 0, real.data, (b"\x01" * 32,)))
+    queue = [(a.id, r, m) for r, m in a.receive(b.id, real)]  # accepted
+    with pytest.raises(DuplicateMessage):
+        a.receive(b.id, real)
+    pump(members, start=False, queue=queue + [h for h in held if h[2] is not real])
+    assert all(m.stage is mpc.Stage.DONE for m in members)

@@ -1,0 +1,240 @@
+"""The secure-aggregation protocol end to end: exact ring sums under dropouts, SecAgg+, aborts."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import nacl.signing
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mpc
+from mpc.driver import run_group
+from mpc.messages import MESSAGE_TYPES
+from mpc.survivors import ReceiptView, chunk_bounds, counted_set, fallback_reducer
+
+STAGES = ("share_keys", "masked_input", "unmasking")
+
+
+def ring_vectors(k: int, d: int, bits: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    dtype = torch.int32 if bits == 32 else torch.int64
+    info = torch.iinfo(dtype)
+    return [torch.randint(info.min, info.max, (d,), generator=g, dtype=dtype) for _ in range(k)]
+
+
+def ring_sum(vectors: list[torch.Tensor], idx: Iterable[int]) -> torch.Tensor:
+    total = torch.zeros_like(vectors[0])
+    for i in idx:
+        total += vectors[i]  # torch integer addition wraps: the ring sum
+    return total
+
+
+def expected_outcome(k: int, t: int, dropped: dict[int, str]) -> tuple[int, ...] | None:
+    """The counted members of classic SecAgg per the documented rules, or None for an abort."""
+    order = {s: n for n, s in enumerate(STAGES)}
+    shared = [i for i in range(k) if i not in dropped or order[dropped[i]] > 0]
+    sent_input = [i for i in range(k) if i not in dropped or order[dropped[i]] > 1]
+    live = [i for i in range(k) if i not in dropped]
+    counted = set(live)
+    if len(live) == k - 1 and len(sent_input) == k:  # the one unmasking-dropper has its backup
+        counted = set(range(k))
+    if len(shared) < t or len(live) < t or len(counted) < t:
+        return None
+    return tuple(sorted(counted))
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> tuple[int, int, int, int, dict[int, str]]:
+    k = draw(st.integers(2, 16))
+    t = draw(st.integers(k // 2 + 1, k))
+    d = draw(st.sampled_from([0, 1, 3, k - 1, k, 2 * k + 1, 37]))
+    bits = draw(st.sampled_from([32, 64]))
+    dropped = draw(st.dictionaries(st.integers(0, k - 1), st.sampled_from(STAGES), max_size=k))
+    return k, t, d, bits, dropped
+
+
+@settings(max_examples=60, deadline=None)
+@given(scenarios(), st.integers(0, 2**16))
+def test_ring_sum_is_exact_under_dropouts(
+    scenario: tuple[int, int, int, int, dict[int, str]], seed: int
+) -> None:
+    k, t, d, bits, dropped = scenario
+    vectors = ring_vectors(k, d, bits, seed)
+    expected = expected_outcome(k, t, dropped)
+    run = run_group(vectors, threshold=t, dropped=dropped)
+    if expected is None:
+        assert run.ring_sum is None and run.aborted
+        with pytest.raises(mpc.AggregationAborted):
+            mpc.secure_sum_ring(vectors, threshold=t, dropped=dropped)
+        return
+    assert run.counted == expected
+    assert run.ring_sum is not None
+    assert torch.equal(run.ring_sum, ring_sum(vectors, expected))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.integers(2, 12),
+    st.integers(1, 40),
+    st.dictionaries(st.integers(0, 11), st.sampled_from(STAGES), max_size=3),
+    st.integers(0, 2**16),
+)
+def test_float_sum_within_the_scale(k: int, d: int, dropped: dict[int, str], seed: int) -> None:
+    dropped = {i: s for i, s in dropped.items() if i < k}
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(d, generator=g, dtype=torch.float64) * 100 for _ in range(k)]
+    t = k // 2 + 1
+    scale = 2.0**16
+    expected = expected_outcome(k, t, dropped)
+    if expected is None:
+        with pytest.raises(mpc.AggregationAborted):
+            mpc.secure_sum(xs, threshold=t, dropped=dropped, scale=scale)
+        return
+    got = mpc.secure_sum(xs, threshold=t, dropped=dropped, scale=scale)
+    true = sum((xs[i] for i in expected), torch.zeros(d, dtype=torch.float64))
+    assert float((got - true).abs().max()) <= len(expected) * 0.5 / scale
+
+
+def test_k8_d1e6_decodes_to_the_true_mean() -> None:
+    g = torch.Generator().manual_seed(7)
+    xs = [torch.randn(1_000_000, generator=g) for _ in range(8)]
+    scale = 2.0**20
+    total = mpc.secure_sum(xs, threshold=6, scale=scale)
+    true_mean = torch.stack([x.double() for x in xs]).mean(0)
+    assert float((total / 8 - true_mean).abs().max()) <= 0.5 / scale
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.integers(6, 20),
+    st.integers(2, 6),
+    st.dictionaries(st.integers(0, 19), st.sampled_from(STAGES), max_size=3),
+    st.integers(0, 2**16),
+)
+def test_secagg_plus_sum_is_exact(k: int, degree: int, dropped: dict[int, str], seed: int) -> None:
+    dropped = {i: s for i, s in dropped.items() if i < k}
+    t = k // 2 + 1
+    vectors = ring_vectors(k, 23, 64, seed)
+    run = run_group(vectors, threshold=t, dropped=dropped, degree=degree)
+    live = [i for i in range(k) if i not in dropped]
+    if not dropped:
+        assert run.counted == tuple(range(k))
+    if len(live) < t:
+        assert run.ring_sum is None
+    if run.ring_sum is None:
+        assert run.aborted
+        return
+    assert set(live) - set(run.self_aborted) <= set(run.counted)
+    assert torch.equal(run.ring_sum, ring_sum(vectors, run.counted))
+
+
+def pump(members: list[mpc.Member]) -> list[tuple[bytes, bytes, mpc.Message]]:
+    """Deliver every message in FIFO order (no dropouts); return what was delivered."""
+    by_id = {m.id: m for m in members}
+    queue = [(m.id, r, msg) for m in members for r, msg in m.start()]
+    log = []
+    while queue:
+        sender, recipient, msg = queue.pop(0)
+        log.append((sender, recipient, msg))
+        queue += [(recipient, r, out) for r, out in by_id[recipient].receive(sender, msg)]
+    return log
+
+
+def test_secagg_plus_masks_and_shares_only_with_neighbours() -> None:
+    k = 16
+    keys = [bytes([i + 1]) * 32 for i in range(k)]
+    ids = [bytes(nacl.signing.SigningKey(s).verify_key) for s in keys]
+    vectors = ring_vectors(k, 10, 64, 1)
+    members = [
+        mpc.Member(keys[i], ids, group=b"g", round=3, vector=vectors[i], threshold=9, degree=4)
+        for i in range(k)
+    ]
+    log = pump(members)
+    graph = mpc.mask_graph(ids, degree=4, seed=members[0]._graph_seed)
+    assert all(len(n) == 4 for n in graph.values())
+    for sender, recipient, msg in log:
+        if isinstance(msg, mpc.ShareKeys):
+            assert recipient in graph[sender]
+        if isinstance(msg, mpc.MaskedChunk):
+            assert set(msg.neighbours) == graph[sender]
+    assert all(m.local_threshold == math.ceil(2 * 5 / 3) for m in members)
+    assert all(torch.equal(m.output(), ring_sum(vectors, range(k))) for m in members)
+
+
+@pytest.mark.parametrize("stage", ["reveal", "aggregate"])
+def test_a_drop_after_the_agreement_step_aborts(stage: str) -> None:
+    vectors = ring_vectors(6, 12, 64, 3)
+    with pytest.raises(mpc.AggregationAborted):
+        mpc.secure_sum_ring(vectors, threshold=4, dropped={2: stage})
+
+
+def test_below_threshold_aborts_with_nothing_revealed() -> None:
+    vectors = ring_vectors(7, 12, 64, 4)
+    run = run_group(
+        vectors, threshold=5, dropped={0: "unmasking", 3: "masked_input", 4: "unmasking"}
+    )
+    assert run.ring_sum is None and run.aborted and "threshold" in run.aborted
+    for m in run.members:
+        assert m.revealed == {}
+        assert not m._reveals
+    with pytest.raises(mpc.AggregationAborted):
+        run.members[1].output()
+
+
+def test_survivor_rules() -> None:
+    ids = [bytes([i]) * 32 for i in range(5)]
+    everyone = frozenset(ids)
+    nbrs = {m: everyone - {m} for m in ids}
+    # ids[1] dropped after masked input and ids[2] holds its backup: counted.
+    receipts = {m: ReceiptView(everyone, m == ids[2]) for m in ids if m != ids[1]}
+    assert counted_set(ids, receipts, nbrs) == everyone
+    # without the backup it is not
+    receipts[ids[2]] = ReceiptView(everyone, False)
+    assert counted_set(ids, receipts, nbrs) == everyone - {ids[1]}
+    # one live reducer missed ids[3]'s chunk: ids[3] is not counted
+    receipts = {m: ReceiptView(everyone - ({ids[3]} if m == ids[0] else set()), False) for m in ids}
+    assert counted_set(ids, receipts, nbrs) == everyone - {ids[3]}
+    # an unmatched mask: ids[0] says it masked with ids[4], ids[4] says it did not
+    lopsided = dict(nbrs)
+    lopsided[ids[4]] = everyone - {ids[4], ids[0]}
+    receipts = {m: ReceiptView(everyone, False) for m in ids}
+    assert counted_set(ids, receipts, lopsided) == everyone - {ids[0]}
+    assert fallback_reducer(1, ids, {ids[0], ids[3]}) == ids[3]
+    assert fallback_reducer(4, ids, {ids[0], ids[3]}) == ids[0]
+    assert chunk_bounds(7, 3) == [(0, 3), (3, 5), (5, 7)]
+    assert chunk_bounds(2, 3) == [(0, 1), (1, 2), (2, 2)]
+
+
+def test_messages_are_tagged_frozen_and_marked() -> None:
+    assert all(tag.startswith("secagg.") for tag in MESSAGE_TYPES)
+    secret = {tag for tag, cls in MESSAGE_TYPES.items() if cls.SECRET}
+    assert secret == {"secagg.reveal"}
+    msg = mpc.Receipt(b"g", 1, (), False)
+    with pytest.raises(AttributeError):
+        msg.round = 2  # type: ignore[misc]
+
+
+def test_messages_cross_the_p2p_codec() -> None:
+    codec = pytest.importorskip("p2p.codec")
+    for cls in MESSAGE_TYPES.values():
+        codec.schema_check(cls)
+    msg = mpc.MaskedChunk(b"g", 1, 2, torch.arange(5, dtype=torch.int64), (b"a" * 32,))
+    back = codec.decode_body_as(mpc.MaskedChunk, codec.encode_body(msg))
+    assert back.neighbours == msg.neighbours and torch.equal(back.data, msg.data)
+    reveal = mpc.Reveal(b"g", 1, {b"a" * 32: b"y" * 66}, {})
+    assert codec.decode_body_as(mpc.Reveal, codec.encode_body(reveal)) == reveal
+
+
+def test_exported_members() -> None:
+    for name in mpc.__all__:
+        assert hasattr(mpc, name), name
+    assert {"Member", "Stage", "secure_sum", "secure_sum_ring", "AggregationAborted"} <= set(
+        mpc.__all__
+    )
+    from murmur.errors import AggregationAborted
+
+    assert mpc.AggregationAborted is AggregationAborted
