@@ -63,6 +63,7 @@ DTYPE_CODES: Final[dict[torch.dtype, int]] = {
     torch.bfloat16: 10,
 }
 _CODE_DTYPES: Final = {code: dtype for dtype, code in DTYPE_CODES.items()}
+_ITEMSIZE: Final = {dtype: torch.empty((), dtype=dtype).element_size() for dtype in DTYPE_CODES}
 #: Alignment of each non-empty tensor inside the tensor region.
 TENSOR_ALIGN: Final = 64
 _PREFIX = struct.Struct("<II")
@@ -196,7 +197,7 @@ def _tensor_codec() -> tuple[Encoder, Decoder]:
             raise MalformedMessage("tensor sizes must be non-negative integers")
         if type(offset) is not int or type(nbytes) is not int or offset < 0 or nbytes < 0:
             raise MalformedMessage("tensor offset and size must be non-negative integers")
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = _ITEMSIZE[dtype]
         numel = math.prod(shape)
         if numel * itemsize != nbytes:
             raise MalformedMessage("tensor size does not match its shape and dtype")

@@ -55,6 +55,7 @@ import hmac
 import math
 import os
 import struct
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -93,6 +94,7 @@ _NONCE_BYTES: Final = 24
 _MAX_HEADER: Final = 512
 _SIG_DOMAIN: Final = b"murmur-sig-v1\x00"
 _OPEN_NETWORK: Final = b"murmur-open-network-v1"
+_LINK_CACHE_SIZE: Final = 4096
 
 
 class Auth(enum.IntEnum):
@@ -153,6 +155,8 @@ class EnvelopeCodec:
         self._replay = ReplayCache(self.window_s, replay_capacity)
         secret = _OPEN_NETWORK if network_key is None else bytes(network_key)
         self._door_key = _blake(secret, size=32, person=b"murmur-psk-door")
+        self._link_keys: dict[PeerId, bytes] = {}
+        self._lock = threading.Lock()  # decode may run in executor threads
         self._psk_mix = (
             b"" if network_key is None else _blake(secret, size=32, person=b"murmur-psk-mix")
         )
@@ -163,8 +167,15 @@ class EnvelopeCodec:
         return self.identity.peer_id
 
     def _link_key(self, other: PeerId) -> bytes:
-        pair = self.identity.pair_key(other)
-        return _blake(self._psk_mix, size=32, key=pair, person=b"murmur-link-v1")
+        key = self._link_keys.get(other)
+        if key is None:
+            pair = self.identity.pair_key(other)
+            key = _blake(self._psk_mix, size=32, key=pair, person=b"murmur-link-v1")
+            with self._lock:
+                if len(self._link_keys) >= _LINK_CACHE_SIZE:
+                    self._link_keys.pop(next(iter(self._link_keys)))
+                self._link_keys[other] = key
+        return key
 
     def _door(self, data: bytes | memoryview) -> bytes:
         return _blake(bytes(data), size=_DOOR_BYTES, key=self._door_key, person=b"murmur-door-v1")
@@ -355,7 +366,7 @@ class EnvelopeCodec:
             return body
         try:
             plain: bytes = nacl.bindings.crypto_secretbox_open_easy(
-                auth_tag + bytes(body), _blake(bytes(view[:head_end]), size=24), link
+                b"".join((auth_tag, body)), _blake(bytes(view[:head_end]), size=24), link
             )
         except (nacl.exceptions.CryptoError, ValueError, TypeError) as exc:
             raise BadSeal("seal does not verify") from exc

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Final
@@ -114,7 +115,7 @@ def verify_signature(peer: PeerId, data: bytes, signature: bytes) -> None:
 class Identity:
     """A peer's secret key pair. Its ``repr`` never shows key bytes; nothing here logs them."""
 
-    __slots__ = ("_curve_secret", "_pair_keys", "_signing_key", "peer_id")
+    __slots__ = ("_curve_secret", "_lock", "_pair_keys", "_signing_key", "peer_id")
 
     def __init__(self, signing_key: nacl.signing.SigningKey) -> None:
         self._signing_key = signing_key
@@ -123,6 +124,7 @@ class Identity:
             bytes(signing_key) + self.peer_id.raw
         )
         self._pair_keys: OrderedDict[PeerId, bytes] = OrderedDict()
+        self._lock = threading.Lock()  # decoding may run in executor threads
 
     def __repr__(self) -> str:
         return f"Identity({self.peer_id.short()})"
@@ -177,15 +179,17 @@ class Identity:
 
         ``MalformedMessage`` if ``other`` is not a usable public key (invalid or low-order point).
         """
-        key = self._pair_keys.get(other)
-        if key is not None:
-            self._pair_keys.move_to_end(other)
-            return key
+        with self._lock:
+            key = self._pair_keys.get(other)
+            if key is not None:
+                self._pair_keys.move_to_end(other)
+                return key
         try:
             key = nacl.bindings.crypto_box_beforenm(other.x25519_public(), self._curve_secret)
         except (nacl.exceptions.CryptoError, RuntimeError, ValueError) as exc:
             raise MalformedMessage(f"peer id {other.short()} gives no usable pair key") from exc
-        self._pair_keys[other] = key
-        if len(self._pair_keys) > _PAIR_CACHE_SIZE:
-            self._pair_keys.popitem(last=False)
+        with self._lock:
+            self._pair_keys[other] = key
+            if len(self._pair_keys) > _PAIR_CACHE_SIZE:
+                self._pair_keys.popitem(last=False)
         return key
