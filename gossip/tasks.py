@@ -1,0 +1,374 @@
+"""Learning tasks that work offline: a model factory, train and held-out tensors, a loss, a metric.
+
+Built in: ``digits`` (scikit-learn ``load_digits``, MLP or logistic regression), ``breast_cancer``
+(``load_breast_cancer``, logistic regression) and ``credit`` (a synthetic, imbalanced
+credit-scoring table generated from a seed, see :func:`credit_task`). A user plugs in their own
+model and data with :meth:`Task.from_tensors`.
+
+Features are standardized with the mean and standard deviation of the training split. In a real
+deployment these would be public preprocessing constants the peers agree on; here they are fixed
+once per task and shared by every peer, so they are not a per-round release.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from murmur.errors import ConfigError
+
+__all__ = [
+    "CREDIT_FEATURES",
+    "TASK_NAMES",
+    "Evaluation",
+    "Task",
+    "accuracy",
+    "breast_cancer_task",
+    "credit_task",
+    "digits_task",
+    "make_task",
+    "mlp",
+    "roc_auc",
+    "softmax_regression",
+]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+"""``loss(outputs, targets)`` reduced by the mean over the batch."""
+
+MetricFn = Callable[[Tensor, Tensor], float]
+"""``metric(outputs, targets)``: a score where higher is better."""
+
+
+def accuracy(outputs: Tensor, targets: Tensor) -> float:
+    """The fraction of rows whose arg-max class equals the target."""
+    if outputs.shape[0] == 0:
+        return math.nan
+    return float((outputs.argmax(dim=1) == targets).float().mean())
+
+
+def roc_auc(outputs: Tensor, targets: Tensor) -> float:
+    """Area under the ROC curve of class 1 (binary tasks), by the rank-sum formula, ties halved."""
+    score = outputs[:, 1] - outputs[:, 0] if outputs.dim() == 2 else outputs
+    pos = targets == 1
+    n_pos = int(pos.sum())
+    n_neg = int(targets.numel()) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    s = score.detach().double()
+    less = (s[pos].unsqueeze(1) > s[~pos].unsqueeze(0)).double().sum()
+    ties = (s[pos].unsqueeze(1) == s[~pos].unsqueeze(0)).double().sum()
+    return float((less + 0.5 * ties) / (n_pos * n_neg))
+
+
+def softmax_regression(n_features: int, n_classes: int) -> Callable[[], nn.Module]:
+    """A factory for (multinomial) logistic regression: one linear layer over the classes."""
+    return lambda: nn.Linear(n_features, n_classes)
+
+
+def mlp(n_features: int, n_classes: int, hidden: int = 64) -> Callable[[], nn.Module]:
+    """A factory for a one-hidden-layer MLP with ReLU."""
+    return lambda: nn.Sequential(
+        nn.Linear(n_features, hidden), nn.ReLU(), nn.Linear(hidden, n_classes)
+    )
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Loss and metric of a model on a split."""
+
+    loss: float
+    metric: float
+    metric_name: str
+
+
+@dataclass(frozen=True, eq=False)
+class Task:
+    """A model factory, training tensors, a held-out test split, a loss and a metric.
+
+    ``model_factory`` must build the same architecture every call; :meth:`build_model` seeds it
+    so that every peer starts from the same public initial model.
+    """
+
+    name: str
+    model_factory: Callable[[], nn.Module]
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    num_classes: int
+    loss_fn: LossFn = F.cross_entropy
+    metric: MetricFn = accuracy
+    metric_name: str = "accuracy"
+
+    def __post_init__(self) -> None:
+        for split, x, y in (
+            ("train", self.x_train, self.y_train),
+            ("test", self.x_test, self.y_test),
+        ):
+            if x.dim() < 1 or y.dim() != 1 or x.shape[0] != y.shape[0]:
+                raise ConfigError(
+                    f"task {self.name!r}: {split} inputs and labels must have the same number of "
+                    f"rows (x {tuple(x.shape)}, y {tuple(y.shape)})"
+                )
+        if self.x_train.shape[0] == 0:
+            raise ConfigError(f"task {self.name!r}: the training split is empty")
+        if self.x_train.shape[1:] != self.x_test.shape[1:]:
+            raise ConfigError(f"task {self.name!r}: train and test inputs differ in shape")
+        if self.num_classes < 2:
+            raise ConfigError(f"task {self.name!r}: num_classes must be at least 2")
+
+    @property
+    def n_train(self) -> int:
+        """Number of training rows."""
+        return int(self.x_train.shape[0])
+
+    def build_model(self, seed: int = 0) -> nn.Module:
+        """Build the model with torch's default initialization, seeded (global RNG untouched)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.model_factory()
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, *, split: Literal["test", "train"] = "test") -> Evaluation:
+        """Loss and metric of ``model`` on the test (default) or training split."""
+        x, y = (self.x_test, self.y_test) if split == "test" else (self.x_train, self.y_train)
+        was_training = model.training
+        model.eval()
+        try:
+            out = model(x)
+        finally:
+            model.train(was_training)
+        return Evaluation(float(self.loss_fn(out, y)), self.metric(out, y), self.metric_name)
+
+    @classmethod
+    def from_tensors(
+        cls,
+        name: str,
+        model_factory: Callable[[], nn.Module],
+        x: Tensor,
+        y: Tensor,
+        *,
+        x_test: Tensor | None = None,
+        y_test: Tensor | None = None,
+        test_fraction: float = 0.2,
+        seed: int = 0,
+        num_classes: int | None = None,
+        loss_fn: LossFn = F.cross_entropy,
+        metric: MetricFn = accuracy,
+        metric_name: str = "accuracy",
+    ) -> Task:
+        """A task from a user's model factory and tensors.
+
+        Give ``x_test``/``y_test``, or a ``test_fraction`` of ``(x, y)`` is held out (stratified
+        by label, seeded). Labels must be class indices (int64) for the default loss.
+        """
+        if (x_test is None) != (y_test is None):
+            raise ConfigError("give both x_test and y_test, or neither")
+        if x_test is None or y_test is None:
+            x, y, x_test, y_test = _split(x, y, test_fraction, seed)
+        if num_classes is None:
+            num_classes = max(2, int(torch.cat([y, y_test]).max()) + 1)
+        return cls(
+            name, model_factory, x, y, x_test, y_test, num_classes, loss_fn, metric, metric_name
+        )
+
+
+def _split(x: Tensor, y: Tensor, test_fraction: float, seed: int) -> tuple[Tensor, ...]:
+    from sklearn.model_selection import train_test_split
+
+    if not 0.0 < test_fraction < 1.0:
+        raise ConfigError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if x.shape[0] != y.shape[0]:
+        raise ConfigError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
+    idx = np.arange(int(x.shape[0]))
+    labels = y.numpy()
+    _, counts = np.unique(labels, return_counts=True)
+    stratify = labels if counts.min() >= 2 else None
+    tr, te = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=stratify)
+    tr_t, te_t = torch.as_tensor(np.sort(tr)), torch.as_tensor(np.sort(te))
+    return x[tr_t], y[tr_t], x[te_t], y[te_t]
+
+
+def _standardized(
+    name: str,
+    x: np.ndarray[Any, Any],
+    y: np.ndarray[Any, Any],
+    factory: Callable[[], nn.Module],
+    n_classes: int,
+    test_fraction: float,
+    seed: int,
+    metric: MetricFn = accuracy,
+    metric_name: str = "accuracy",
+) -> Task:
+    xt = torch.as_tensor(x, dtype=torch.float32)
+    yt = torch.as_tensor(y, dtype=torch.int64)
+    x_tr, y_tr, x_te, y_te = _split(xt, yt, test_fraction, seed)
+    mean = x_tr.mean(dim=0)
+    std = x_tr.std(dim=0).clamp_min(1e-6)  # constant pixels of digits have std 0
+    return Task(
+        name,
+        factory,
+        (x_tr - mean) / std,
+        y_tr,
+        (x_te - mean) / std,
+        y_te,
+        n_classes,
+        metric=metric,
+        metric_name=metric_name,
+    )
+
+
+def digits_task(
+    *,
+    model: Literal["mlp", "logreg"] = "mlp",
+    hidden: int = 64,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> Task:
+    """scikit-learn's 8x8 digits (1,797 images, 10 classes, 64 features), standardized."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    if model == "mlp":
+        factory = mlp(64, 10, hidden)
+    elif model == "logreg":
+        factory = softmax_regression(64, 10)
+    else:
+        raise ConfigError(f"digits model must be 'mlp' or 'logreg', got {model!r}")
+    return _standardized(
+        f"digits-{model}", data.data, data.target, factory, 10, test_fraction, seed
+    )
+
+
+def breast_cancer_task(*, test_fraction: float = 0.2, seed: int = 0) -> Task:
+    """scikit-learn's Wisconsin breast cancer (569 rows, 30 features, 2 classes), logistic
+    regression, standardized."""
+    from sklearn.datasets import load_breast_cancer
+
+    data = load_breast_cancer()
+    return _standardized(
+        "breast_cancer",
+        data.data,
+        data.target,
+        softmax_regression(30, 2),
+        2,
+        test_fraction,
+        seed,
+    )
+
+
+CREDIT_FEATURES = (
+    "age",
+    "log_income",
+    "debt_to_income",
+    "credit_lines",
+    "late_payments_2y",
+    "years_employed",
+    "utilization",
+    "home_owner",
+    "region_0",
+    "region_1",
+    "region_2",
+    "region_3",
+)
+
+
+def _credit_table(n: int, default_rate: float, seed: int) -> tuple[np.ndarray[Any, Any], ...]:
+    """Generate the synthetic credit table; see :func:`credit_task` for the model."""
+    rng = np.random.default_rng(seed)
+    age = rng.uniform(21.0, 70.0, n)
+    log_income = rng.normal(10.6, 0.5, n) + 0.006 * (age - 45.0)
+    dti = rng.beta(2.0, 5.0, n)
+    lines = rng.poisson(4.0, n).astype(np.float64)
+    utilization = rng.beta(2.0, 3.0, n)
+    late = rng.poisson(0.3 + 1.2 * utilization, n).astype(np.float64)
+    employed = np.minimum(age - 18.0, rng.exponential(6.0, n))
+    home = (rng.random(n) < 1.0 / (1.0 + np.exp(-(age - 40.0) / 8.0))).astype(np.float64)
+    region = rng.integers(0, 4, n)
+    onehot = np.eye(4)[region]
+    logit = (
+        2.2 * dti
+        + 0.55 * late
+        + 1.6 * utilization**2
+        - 0.9 * (log_income - 10.6)
+        - 0.03 * employed
+        - 0.35 * home
+        + 0.04 * np.maximum(0.0, 30.0 - age)
+        + np.array([0.0, 0.25, -0.2, 0.4])[region]
+        + 0.3 * rng.standard_normal(n)  # what the features do not explain
+    )
+    # Pick the intercept so that the expected default rate hits default_rate.
+    lo, hi = -20.0, 20.0
+    for _ in range(60):
+        mid = (lo + hi) / 2.0
+        rate = float(np.mean(1.0 / (1.0 + np.exp(-(logit + mid)))))
+        lo, hi = (mid, hi) if rate < default_rate else (lo, mid)
+    p = 1.0 / (1.0 + np.exp(-(logit + lo)))
+    y = (rng.random(n) < p).astype(np.int64)
+    x = np.column_stack([age, log_income, dti, lines, late, employed, utilization, home, onehot])
+    return x, y
+
+
+def credit_task(
+    *,
+    n_samples: int = 6000,
+    default_rate: float = 0.08,
+    model: Literal["logreg", "mlp"] = "logreg",
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> Task:
+    """A synthetic credit-scoring table: predict default (class 1, rare) from 12 features.
+
+    The generator (numpy ``default_rng(seed)``, so the table is a pure function of the
+    arguments): age ~ U(21, 70); log income ~ N(10.6, 0.5) rising slightly with age;
+    debt-to-income ~ Beta(2, 5); credit lines ~ Poisson(4); card utilization ~ Beta(2, 3);
+    late payments ~ Poisson(0.3 + 1.2 utilization); years employed ~ min(age - 18, Exp(6));
+    home owner more likely with age; one of four regions (one-hot). The default log-odds are a
+    fixed, partly non-linear function of these (debt, late payments, utilization squared, income,
+    employment, home, youth, region) plus N(0, 0.3^2) noise; the intercept is solved so the
+    expected default rate is ``default_rate`` (8% by default: imbalanced). The metric is ROC AUC,
+    since accuracy is ~92% for a model that never predicts a default.
+    """
+    if n_samples < 50:
+        raise ConfigError(f"credit n_samples must be at least 50, got {n_samples}")
+    if not 0.0 < default_rate < 0.5:
+        raise ConfigError(f"credit default_rate must be in (0, 0.5), got {default_rate}")
+    x, y = _credit_table(n_samples, default_rate, seed)
+    d = len(CREDIT_FEATURES)
+    if model == "logreg":
+        factory = softmax_regression(d, 2)
+    elif model == "mlp":
+        factory = mlp(d, 2, 32)
+    else:
+        raise ConfigError(f"credit model must be 'logreg' or 'mlp', got {model!r}")
+    return _standardized(
+        f"credit-{model}", x, y, factory, 2, test_fraction, seed, roc_auc, "roc_auc"
+    )
+
+
+_TASKS: dict[str, Callable[..., Task]] = {
+    "digits": digits_task,
+    "breast_cancer": breast_cancer_task,
+    "credit": credit_task,
+}
+TASK_NAMES = tuple(sorted(_TASKS))
+"""Names accepted by :func:`make_task`."""
+
+
+def make_task(name: str, **options: Any) -> Task:
+    """Build a built-in task by name (``digits``, ``breast_cancer``, ``credit``)."""
+    try:
+        factory = _TASKS[name]
+    except KeyError:
+        raise ConfigError(f"unknown task {name!r}; choose one of {', '.join(TASK_NAMES)}") from None
+    try:
+        return factory(**options)
+    except TypeError as exc:
+        raise ConfigError(f"task {name!r}: {exc}") from exc
