@@ -123,6 +123,12 @@ def _blake(data: bytes, *, size: int, key: bytes = b"", person: bytes = b"") -> 
     return hashlib.blake2b(data, digest_size=size, key=key, person=person).digest()
 
 
+def _required(recipient: PeerId | None) -> PeerId:
+    if recipient is None:
+        raise ConfigError("a sealed or MACed envelope needs a recipient")
+    return recipient
+
+
 class EnvelopeCodec:
     """Encodes messages into authenticated envelopes from one identity, and checks incoming ones.
 
@@ -230,17 +236,17 @@ class EnvelopeCodec:
                 digest.update(part)
             auth_tag = self.identity.sign(_SIG_DOMAIN + prefix + header + digest.digest())
         elif auth == Auth.MAC:
-            assert recipient is not None
-            mac = Poly1305(self._mac_key(recipient, nonce))
+            mac = Poly1305(self._mac_key(_required(recipient), nonce))
             mac.update(prefix)
             mac.update(header)
             for part in parts:
                 mac.update(part)
             auth_tag = mac.finalize()
         else:
-            assert recipient is not None
             boxed = nacl.bindings.crypto_secretbox_easy(
-                b"".join(parts), _blake(prefix + header, size=24), self._link_key(recipient)
+                b"".join(parts),
+                _blake(prefix + header, size=24),
+                self._link_key(_required(recipient)),
             )
             auth_tag, body = boxed[:16], [memoryview(boxed)[16:]]
         door = self._door(prefix + header + auth_tag)
