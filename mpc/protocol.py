@@ -160,8 +160,8 @@ class Member(MemberState):
         }[stage]
         try:
             out = enter()
-        except AggregationAborted as exc:
-            self._abort(str(exc))
+        except (AggregationAborted, InconsistentMessage) as exc:
+            self._abort(str(exc))  # before anything of this stage was sent
             return []
         if self._stage is stage:  # the entry function did not abort or finish
             self._stage = Stage(stage + 1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import hashlib
 from collections.abc import Sequence
+from functools import lru_cache
 
 import nacl.signing
 import torch
@@ -69,6 +70,14 @@ STAGE_OF: dict[type, Stage] = {
 }
 
 _BITS: dict[torch.dtype, int] = {torch.int32: 32, torch.int64: 64}
+
+
+@lru_cache(maxsize=64)
+def _graph(
+    members: tuple[bytes, ...], degree: int | None, seed: bytes
+) -> dict[bytes, frozenset[bytes]]:
+    """``mask_graph``, computed once per group in a process (the members of an in-memory run)."""
+    return mask_graph(members, degree=degree, seed=seed)
 
 
 def default_threshold(k: int) -> int:
@@ -136,7 +145,7 @@ class MemberState:
                 digest_size=32,
             ).digest()
         self._graph_seed = graph_seed
-        self._graph = mask_graph(self.members, degree=degree, seed=graph_seed)
+        self._graph = _graph(self.members, degree, graph_seed)
         size = len(self._graph[self.id]) + 1
         if size == k:
             self.local_threshold = self.threshold
