@@ -16,10 +16,12 @@ from typing import Any
 import aiohttp
 
 from murmur.errors import ConfigError, NetworkError, PeerUnreachable, Timeout
-from p2p.admin import PEERS_PATH, STATUS_PATH
-from p2p.config import DaemonConfig, load_config
-from p2p.daemon import Daemon
-from p2p.transport.http import parse_address
+from p2p.config import DaemonConfig, load_config, parse_address
+
+# The same paths as p2p.admin; not imported from there so that `murmur status` and config
+# errors answer without importing torch (p2p.admin -> transport -> codec -> torch).
+STATUS_PATH = "/v1/status"
+PEERS_PATH = "/v1/peers"
 
 __all__ = ["register"]
 
@@ -104,6 +106,8 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 async def _run(config: DaemonConfig) -> int:
+    from p2p.daemon import Daemon  # heavy (torch): only when a daemon really starts
+
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -9,6 +9,7 @@ the environment are comma-separated. Unknown keys and bad values raise ``ConfigE
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,10 +17,118 @@ from pathlib import Path
 from typing import Any
 
 from murmur.errors import ConfigError
-from p2p.membership import MembershipConfig
-from p2p.transport.http import HttpTransportConfig, parse_address
+from p2p.identity import PeerId
 
-__all__ = ["DaemonConfig", "load_config"]
+__all__ = [
+    "DaemonConfig",
+    "HttpTransportConfig",
+    "MembershipConfig",
+    "format_address",
+    "load_config",
+    "parse_address",
+]
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[v6]:PORT`` for IPv6) into host and port; ConfigError if bad."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or len(text) > 262:
+        raise ConfigError(f"not a HOST:PORT address: {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(f"not a HOST:PORT address: {text!r}") from None
+    elif not all(c.isalnum() or c in "-." for c in host):
+        raise ConfigError(f"not a HOST:PORT address: {text!r}")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"port out of range in {text!r}")
+    return host, port
+
+
+def format_address(host: str, port: int) -> str:
+    """The ``HOST:PORT`` text for a host and port (brackets around IPv6 hosts)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class HttpTransportConfig:
+    """Sizes and timeouts of the aiohttp transport. Every wait is bounded by one of these."""
+
+    request_timeout_s: float = 10.0
+    """Default deadline for a whole send or request (connect, upload, handler, reply)."""
+    connect_timeout_s: float = 3.0
+    """Deadline for opening a TCP connection."""
+    shutdown_timeout_s: float = 2.0
+    """How long ``aclose()`` lets in-flight inbound requests finish."""
+    max_message_size: int = 64 * 2**20
+    """Largest envelope accepted (bytes), inbound and as a reply."""
+    max_connections: int = 100
+    """Client connection pool size (all peers)."""
+    max_connections_per_peer: int = 4
+    """Client connections kept per peer address."""
+
+    def __post_init__(self) -> None:
+        for name in ("request_timeout_s", "connect_timeout_s", "shutdown_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"transport.{name} must be > 0")
+        if not 256 <= self.max_message_size < 2**32:
+            raise ConfigError("transport.max_message_size must be in [256, 2**32)")
+        if self.max_connections < 1 or self.max_connections_per_peer < 1:
+            raise ConfigError("transport connection limits must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipConfig:
+    """Sizes, intervals and timeouts of membership. Every wait is named here."""
+
+    max_view: int = 64
+    """Active view cap: peers pinged and offered to protocols."""
+    max_passive: int = 256
+    """Reserve of known records used to refill the active view."""
+    exchange_interval_s: float = 5.0
+    """Time between peer exchanges."""
+    exchange_fanout: int = 2
+    """Peers contacted per exchange round."""
+    exchange_size: int = 8
+    """Records sent per exchange (plus our own)."""
+    ping_interval_s: float = 2.0
+    """A peer not heard from for this long is pinged."""
+    ping_timeout_s: float = 2.0
+    """Deadline for one ping."""
+    suspect_after_s: float = 6.0
+    """Silence after which a peer is suspected (not listed as live)."""
+    dead_after_s: float = 15.0
+    """Silence after which a peer is removed from the view."""
+    join_timeout_s: float = 5.0
+    """Deadline for one join request to a bootstrap address."""
+    join_attempts: int = 3
+    """Rounds over the bootstrap addresses before giving up."""
+    join_retry_delay_s: float = 1.0
+    """Pause between join rounds."""
+    max_clock_skew_s: float = 300.0
+    """Records stamped further in the future than this are dropped."""
+    tombstone_s: float = 120.0
+    """How long a removed peer's last record stays refused (stops zombie records)."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_view",
+            "max_passive",
+            "exchange_fanout",
+            "exchange_size",
+            "join_attempts",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"membership.{name} must be >= 1")
+        if not 0 < self.suspect_after_s <= self.dead_after_s:
+            raise ConfigError("membership: need 0 < suspect_after_s <= dead_after_s")
+        for name in ("exchange_interval_s", "ping_interval_s", "ping_timeout_s", "join_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"membership.{name} must be > 0")
+
 
 ENV_PREFIX = "MURMUR_"
 _SECTIONS = {"transport": HttpTransportConfig, "membership": MembershipConfig}
@@ -56,6 +165,8 @@ class DaemonConfig:
         parse_address(self.listen)
         for address in (*self.bootstrap, *self.advertise):
             parse_address(address)
+        for text in self.allow:
+            PeerId.parse(text)  # ConfigError on a bad id
         if self.log_format not in ("kv", "json"):
             raise ConfigError(f"log_format must be 'kv' or 'json', got {self.log_format!r}")
         if self.log_level not in ("debug", "info", "warning", "error"):

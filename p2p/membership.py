@@ -30,6 +30,7 @@ from murmur.errors import (
     RefusalCode,
     RemoteRefused,
 )
+from p2p.config import MembershipConfig
 from p2p.envelope import Received
 from p2p.identity import Identity, PeerId
 from p2p.messages import Exchange, ExchangeReply, Join, JoinReply, PeerRecord, Ping, Pong
@@ -42,56 +43,6 @@ log = logging.getLogger("murmur.membership")
 PEERS_FILE = "peers.json"
 MAX_ADDRESSES = 8
 MAX_RECORDS_PER_MESSAGE = 64
-
-
-@dataclass(frozen=True, slots=True)
-class MembershipConfig:
-    """Sizes, intervals and timeouts of membership. Every wait is named here."""
-
-    max_view: int = 64
-    """Active view cap: peers pinged and offered to protocols."""
-    max_passive: int = 256
-    """Reserve of known records used to refill the active view."""
-    exchange_interval_s: float = 5.0
-    """Time between peer exchanges."""
-    exchange_fanout: int = 2
-    """Peers contacted per exchange round."""
-    exchange_size: int = 8
-    """Records sent per exchange (plus our own)."""
-    ping_interval_s: float = 2.0
-    """A peer not heard from for this long is pinged."""
-    ping_timeout_s: float = 2.0
-    """Deadline for one ping."""
-    suspect_after_s: float = 6.0
-    """Silence after which a peer is suspected (not listed as live)."""
-    dead_after_s: float = 15.0
-    """Silence after which a peer is removed from the view."""
-    join_timeout_s: float = 5.0
-    """Deadline for one join request to a bootstrap address."""
-    join_attempts: int = 3
-    """Rounds over the bootstrap addresses before giving up."""
-    join_retry_delay_s: float = 1.0
-    """Pause between join rounds."""
-    max_clock_skew_s: float = 300.0
-    """Records stamped further in the future than this are dropped."""
-    tombstone_s: float = 120.0
-    """How long a removed peer's last record stays refused (stops zombie records)."""
-
-    def __post_init__(self) -> None:
-        for name in (
-            "max_view",
-            "max_passive",
-            "exchange_fanout",
-            "exchange_size",
-            "join_attempts",
-        ):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"membership.{name} must be >= 1")
-        if not 0 < self.suspect_after_s <= self.dead_after_s:
-            raise ConfigError("membership: need 0 < suspect_after_s <= dead_after_s")
-        for name in ("exchange_interval_s", "ping_interval_s", "ping_timeout_s", "join_timeout_s"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"membership.{name} must be > 0")
 
 
 @dataclass(slots=True)

@@ -12,7 +12,6 @@ import asyncio
 import ipaddress
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
@@ -29,6 +28,7 @@ from murmur.errors import (
     RemoteRefused,
     Timeout,
 )
+from p2p.config import HttpTransportConfig, format_address, parse_address
 from p2p.envelope import EnvelopeCodec
 from p2p.identity import PeerId
 from p2p.transport.base import Transport
@@ -56,24 +56,6 @@ _STATUS: dict[RefusalCode, int] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class HttpTransportConfig:
-    """Sizes and timeouts of the aiohttp transport. Every wait is bounded by one of these."""
-
-    request_timeout_s: float = 10.0
-    """Default deadline for a whole send or request (connect, upload, handler, reply)."""
-    connect_timeout_s: float = 3.0
-    """Deadline for opening a TCP connection."""
-    shutdown_timeout_s: float = 2.0
-    """How long ``aclose()`` lets in-flight inbound requests finish."""
-    max_message_size: int = 64 * 2**20
-    """Largest envelope accepted (bytes), inbound and as a reply."""
-    max_connections: int = 100
-    """Client connection pool size (all peers)."""
-    max_connections_per_peer: int = 4
-    """Client connections kept per peer address."""
-
-
 _WRITE_CHUNK = 1 << 20
 
 
@@ -99,30 +81,6 @@ class EnvelopePayload(Payload):
         view = memoryview(self._value)
         for start in range(0, len(view), _WRITE_CHUNK):
             await writer.write(view[start : start + _WRITE_CHUNK])
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    """Split ``HOST:PORT`` (``[v6]:PORT`` for IPv6) into host and port; ConfigError if bad."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not host or not port_text.isdigit() or len(text) > 262:
-        raise ConfigError(f"not a HOST:PORT address: {text!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ConfigError(f"not a HOST:PORT address: {text!r}") from None
-    elif not all(c.isalnum() or c in "-." for c in host):
-        raise ConfigError(f"not a HOST:PORT address: {text!r}")
-    port = int(port_text)
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"port out of range in {text!r}")
-    return host, port
-
-
-def format_address(host: str, port: int) -> str:
-    """The ``HOST:PORT`` text for a host and port (brackets around IPv6 hosts)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def is_loopback(remote: str | None) -> bool:
