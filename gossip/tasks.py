@@ -211,7 +211,9 @@ def _standardized(
     yt = torch.as_tensor(y, dtype=torch.int64)
     x_tr, y_tr, x_te, y_te = _split(xt, yt, test_fraction, seed)
     mean = x_tr.mean(dim=0)
-    std = x_tr.std(dim=0).clamp_min(1e-6)  # constant pixels of digits have std 0
+    std = x_tr.std(dim=0)
+    # Constant features (corner pixels of digits) keep their scale rather than blow up.
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))
     return Task(
         name,
         factory,
