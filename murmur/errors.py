@@ -33,6 +33,7 @@ cross the wire as a number with a fixed meaning.
     │   └── BudgetStateError (OSError)        persisted budget state missing or corrupt
     ├── AggregationError
     │   ├── AggregationAborted                fewer than the threshold of members survived
+    │   ├── GroupFormationFailed              no group of the minimum size formed in time
     │   └── RingOverflow (OverflowError)      values could overflow the fixed-point ring
     └── TrainingError (RuntimeError)          model/data/optimizer misuse in the learner
 """
@@ -51,6 +52,7 @@ __all__ = [
     "BudgetStateError",
     "ConfigError",
     "DuplicateMessage",
+    "GroupFormationFailed",
     "InconsistentMessage",
     "KeyFileError",
     "MalformedMessage",
@@ -242,6 +244,10 @@ class AggregationError(MurmurError):
 
 class AggregationAborted(AggregationError):
     """Fewer than the threshold of members survived a stage; nothing was revealed."""
+
+
+class GroupFormationFailed(AggregationError):
+    """No group of at least the minimum size formed by the deadline; the peer keeps its model."""
 
 
 class RingOverflow(AggregationError, OverflowError):

@@ -15,6 +15,27 @@ from typing import ClassVar, Union
 
 import msgpack
 
+from gossip.messages import (
+    DpsgdParams,
+    GroupCancelled,
+    GroupFormed,
+    Invite,
+    InviteReply,
+    PairwiseOffer,
+    PairwiseReply,
+    PlainChunk,
+    PlainChunkSum,
+    PushSumShare,
+)
+from mpc.messages import (
+    AdvertiseKeys,
+    ChunkSum,
+    MaskedChunk,
+    ReassignedChunk,
+    Receipt,
+    Reveal,
+    ShareKeys,
+)
 from p2p.codec import schema_check
 from p2p.identity import Identity, PeerId, verify_signature
 
@@ -127,7 +148,33 @@ class Refusal:
 
 
 Message = Union[  # noqa: UP007 - a named alias that other packages extend
-    PeerRecord, Join, JoinReply, Exchange, ExchangeReply, Ping, Pong, Refusal
+    PeerRecord,
+    Join,
+    JoinReply,
+    Exchange,
+    ExchangeReply,
+    Ping,
+    Pong,
+    Refusal,
+    # secure aggregation (mpc.messages)
+    AdvertiseKeys,
+    ShareKeys,
+    MaskedChunk,
+    Receipt,
+    Reveal,
+    ReassignedChunk,
+    ChunkSum,
+    # matchmaking, plaintext all-reduce and baselines (gossip.messages)
+    Invite,
+    InviteReply,
+    GroupFormed,
+    GroupCancelled,
+    PlainChunk,
+    PlainChunkSum,
+    PairwiseOffer,
+    PairwiseReply,
+    PushSumShare,
+    DpsgdParams,
 ]
 
 

@@ -1,0 +1,154 @@
+"""The network interface gossip needs, and its adapter over p2p's ``Transport``.
+
+gossip's algorithms talk to a ``Network``: the local peer id, ``send`` (one-way, returns once
+the peer's handler accepted the message) and ``request`` (returns the reply) to a peer id, one
+handler per message type, the current membership view, and the event loop's clock. The daemon
+uses ``TransportNetwork`` over its aiohttp transport and membership; tests use it over p2p's
+in-memory transport; the simulator provides its own implementation. Time is always the running
+loop's (``loop.time()``, ``asyncio.sleep``, timeouts), never the wall clock, so a virtual-clock
+loop runs gossip unchanged.
+
+How a message is authenticated is the adapter's choice, from the class's ``SECRET`` flag
+(``mpc.messages``, ``gossip.messages``): secret -> ``Auth.SEALED``, else ``Auth.MAC``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from p2p.envelope import Auth, Received
+from p2p.identity import PeerId
+from p2p.transport.base import Transport
+
+__all__ = [
+    "GossipHandler",
+    "Network",
+    "StaticView",
+    "TransportNetwork",
+    "auth_for",
+]
+
+GossipHandler = Callable[[PeerId, Any], Awaitable[Any | None]]
+"""Handles one message from a peer: ``handler(sender, message)`` -> reply (for requests) or None.
+
+A handler should return quickly (queue the work): the sender may be waiting for it. Raising a
+``murmur.errors.ProtocolError`` refuses the message (the sender sees ``RemoteRefused``).
+"""
+
+
+@runtime_checkable
+class Network(Protocol):
+    """What gossip needs from a network. Every wait is bounded by ``timeout`` (seconds).
+
+    Failures are ``murmur.errors`` types: ``PeerUnreachable``, ``Timeout``, ``TransportClosed``,
+    ``RemoteRefused``, or a ``ProtocolError`` for a reply that fails the checks.
+    """
+
+    @property
+    def local_id(self) -> PeerId:
+        """This peer's id."""
+        ...
+
+    async def send(self, peer: PeerId, message: Any, *, timeout: float | None = None) -> None:
+        """Deliver ``message`` to ``peer``; return once its handler accepted it."""
+        ...
+
+    async def request(self, peer: PeerId, message: Any, *, timeout: float | None = None) -> Any:
+        """Send ``message`` to ``peer`` and return the reply message."""
+        ...
+
+    def register(self, message_type: type, handler: GossipHandler) -> None:
+        """Handle incoming messages of ``message_type`` with ``handler`` (one per type)."""
+        ...
+
+    def unregister(self, message_type: type) -> None:
+        """Stop handling ``message_type``."""
+        ...
+
+    def view(self) -> Sequence[PeerId]:
+        """The peers this peer currently knows to be alive (never includes itself)."""
+        ...
+
+    def time(self) -> float:
+        """The event loop's clock, in seconds (virtual under the simulator)."""
+        ...
+
+
+def auth_for(message: object) -> Auth:
+    """How to authenticate ``message``: sealed if its class says ``SECRET`` (default), else MAC."""
+    return Auth.SEALED if getattr(type(message), "SECRET", True) else Auth.MAC
+
+
+class StaticView:
+    """A fixed membership view (tests, hash-based grouping); ``remove`` models departures."""
+
+    def __init__(self, peers: Sequence[PeerId], *, exclude: PeerId | None = None) -> None:
+        self._peers = [p for p in peers if p != exclude]
+
+    def __call__(self) -> list[PeerId]:
+        return list(self._peers)
+
+    def remove(self, peer: PeerId) -> None:
+        """Forget ``peer``."""
+        self._peers = [p for p in self._peers if p != peer]
+
+
+class TransportNetwork:
+    """A ``Network`` over a p2p ``Transport`` plus a view provider.
+
+    ``view`` is a callable returning the live peers, e.g. ``lambda: [e.record.peer_id for e in
+    membership.view.live()]`` in the daemon, or a ``StaticView``. The adapter never owns the
+    transport: closing it is the caller's job.
+    """
+
+    def __init__(self, transport: Transport, view: Callable[[], Sequence[PeerId]]) -> None:
+        self._transport = transport
+        self._view = view
+        self.sent = 0
+        """Messages this peer sent (send and request)."""
+
+    @property
+    def local_id(self) -> PeerId:
+        """This peer's id (the transport's)."""
+        return self._transport.local_id
+
+    @property
+    def transport(self) -> Transport:
+        """The underlying transport."""
+        return self._transport
+
+    async def send(self, peer: PeerId, message: Any, *, timeout: float | None = None) -> None:
+        """Deliver ``message`` (sealed or MACed by ``auth_for``) and wait for its acceptance."""
+        self.sent += 1
+        await self._transport.send(peer, message, auth=auth_for(message), timeout=timeout)
+
+    async def request(self, peer: PeerId, message: Any, *, timeout: float | None = None) -> Any:
+        """Send ``message`` and return the reply message (authenticated as the request was)."""
+        self.sent += 1
+        received = await self._transport.request(
+            peer, message, auth=auth_for(message), timeout=timeout
+        )
+        return received.message
+
+    def register(self, message_type: type, handler: GossipHandler) -> None:
+        """Register ``handler`` for ``message_type`` on the transport."""
+
+        async def adapter(received: Received) -> Any:
+            return await handler(received.sender, received.message)
+
+        self._transport.register(message_type, adapter)
+
+    def unregister(self, message_type: type) -> None:
+        """Remove the handler of ``message_type``."""
+        self._transport.unregister(message_type)
+
+    def view(self) -> list[PeerId]:
+        """The provider's live peers, without this peer."""
+        me = self.local_id
+        return [p for p in self._view() if p != me]
+
+    def time(self) -> float:
+        """The running loop's clock."""
+        return asyncio.get_running_loop().time()

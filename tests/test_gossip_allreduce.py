@@ -1,0 +1,272 @@
+"""Secure and plaintext group all-reduce over p2p's in-memory transport, on a virtual clock.
+
+Covers: exact weighted means (secure == plaintext, bit for bit), consensus of 32 peers under
+changing groups, 20% of peers crashing mid-round every round (every round ends by its deadline),
+and no silent partial results: a lost or late chunk makes the round fail loudly, never fall
+back to local values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+import pytest
+import torch
+
+from gossip.allreduce import AllReduceConfig, AverageResult, GroupAllReduce, GroupAverager
+from gossip.matchmaking import Group, HashMatchmaker, MatchConfig, Matchmaker
+from gossip.messages import PlainChunk, PlainChunkSum
+from gossip.network import GossipHandler, StaticView, TransportNetwork
+from mpc.fixedpoint import decode, encode, max_scale
+from mpc.messages import ChunkSum
+from murmur.errors import AggregationAborted, AggregationError, PeerUnreachable, RingOverflow
+from p2p.envelope import EnvelopeCodec
+from p2p.identity import Identity, PeerId
+from p2p.transport.memory import MemoryNetwork, MemoryTransport
+from simulator.clock import new_virtual_loop
+
+STAGE = 1.0
+
+
+def run(coro_fn: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+    """Run on the virtual clock: deadlines cost no wall time."""
+    with asyncio.Runner(loop_factory=new_virtual_loop) as runner:
+        return runner.run(coro_fn())
+
+
+class FaultyNet:
+    """Wraps a Network: can crash (everything fails both ways), drop or delay chosen sends."""
+
+    def __init__(self, inner: TransportNetwork) -> None:
+        self.inner = inner
+        self.down = False
+        self.drop: Callable[[PeerId, Any], bool] = lambda peer, msg: False
+        self.delay: Callable[[PeerId, Any], float] = lambda peer, msg: 0.0
+
+    @property
+    def local_id(self) -> PeerId:
+        return self.inner.local_id
+
+    async def send(self, peer: PeerId, message: Any, *, timeout: float | None = None) -> None:
+        if self.down or self.drop(peer, message):
+            raise PeerUnreachable("injected")
+        wait = self.delay(peer, message)
+        if wait:
+            await asyncio.sleep(wait)
+        await self.inner.send(peer, message, timeout=timeout)
+
+    async def request(self, peer: PeerId, message: Any, *, timeout: float | None = None) -> Any:
+        if self.down:
+            raise PeerUnreachable("injected")
+        return await self.inner.request(peer, message, timeout=timeout)
+
+    def register(self, message_type: type, handler: GossipHandler) -> None:
+        async def guarded(sender: PeerId, msg: Any) -> Any:
+            if self.down:
+                raise AggregationAborted("crashed")  # surfaces at the sender as a failure
+            return await handler(sender, msg)
+
+        self.inner.register(message_type, guarded)
+
+    def unregister(self, message_type: type) -> None:
+        self.inner.unregister(message_type)
+
+    def view(self) -> Sequence[PeerId]:
+        return self.inner.view()
+
+    def time(self) -> float:
+        return self.inner.time()
+
+
+class Peers:
+    """n peers on one MemoryNetwork, each with a GroupAllReduce over a FaultyNet."""
+
+    def __init__(self, n: int, *, seed: int = 0, config: AllReduceConfig | None = None) -> None:
+        self.memory = MemoryNetwork()
+        self.identities = [
+            Identity.from_seed(hashlib.sha256(f"ar{seed}-{i}".encode()).digest()) for i in range(n)
+        ]
+        self.transports = [
+            MemoryTransport(EnvelopeCodec(ident), self.memory, default_timeout_s=STAGE)
+            for ident in self.identities
+        ]
+        for t in self.transports:
+            for u in self.transports:
+                t.set_addresses(u.local_id, u.addresses)
+        self.ids = [i.peer_id for i in self.identities]
+        self.view = StaticView(self.ids)
+        self.nets = [FaultyNet(TransportNetwork(t, self.view)) for t in self.transports]
+        cfg = config or AllReduceConfig(stage_timeout_s=STAGE)
+        self.reducers = [
+            GroupAllReduce(net, ident, cfg)
+            for net, ident in zip(self.nets, self.identities, strict=True)
+        ]
+
+    def group(self, indices: Sequence[int], round: int = 0, gid: bytes = b"g" * 16) -> Group:
+        return Group(round, gid, tuple(sorted((self.ids[i] for i in indices), key=lambda p: p.raw)))
+
+    async def aclose(self) -> None:
+        for t in self.transports:
+            await t.aclose()
+
+
+def scale_for(k: int) -> float:
+    return max_scale(bound=AllReduceConfig().bound, members=k, bits=64)
+
+
+def exact_total(xs: Sequence[torch.Tensor], ws: Sequence[float], k: int) -> torch.Tensor:
+    """The group totals [sum w x, sum w] as the fixed-point ring computes them (exact)."""
+    scale = scale_for(k)
+    ring = sum(
+        encode(
+            torch.cat([x.double() * w, torch.tensor([w], dtype=torch.float64)]),
+            scale=scale,
+            bits=64,
+        )
+        for x, w in zip(xs, ws, strict=True)
+    )
+    assert isinstance(ring, torch.Tensor)
+    return decode(ring, scale=scale, bits=64)
+
+
+def consensus_distance(vectors: Sequence[torch.Tensor]) -> float:
+    stacked = torch.stack([v.double() for v in vectors])
+    return float((stacked - stacked.mean(dim=0)).norm(dim=1).pow(2).mean().sqrt())
+
+
+@pytest.mark.parametrize("mode", ["secure", "plain"])
+def test_group_gets_the_exact_weighted_mean(mode: str) -> None:
+    gen = torch.Generator().manual_seed(1)
+    xs = [torch.randn(37, generator=gen, dtype=torch.float64) for _ in range(8)]
+    ws = [float(w) for w in torch.randint(1, 50, (8,), generator=gen)]
+
+    async def main() -> list[AverageResult]:
+        peers = Peers(8)
+        group = peers.group(range(8))
+        fns = [getattr(r, mode) for r in peers.reducers]
+        out = await asyncio.gather(*(f(group, x, w) for f, x, w in zip(fns, xs, ws, strict=True)))
+        await peers.aclose()
+        return list(out)
+
+    results = run(main)
+    total = exact_total(xs, ws, 8)
+    true_mean = sum(x * w for x, w in zip(xs, ws, strict=True)) / sum(ws)
+    for r in results:
+        assert r.group_size == 8
+        assert r.total is not None and torch.equal(r.total, total)
+        assert torch.equal(r.vector, results[0].vector)
+        assert torch.allclose(r.vector, true_mean, atol=1e-9)
+        assert r.weight == pytest.approx(sum(ws) / 8)
+
+
+def test_secure_and_plain_agree_bit_for_bit() -> None:
+    gen = torch.Generator().manual_seed(2)
+    xs = [torch.randn(20, generator=gen, dtype=torch.float64) for _ in range(5)]
+
+    async def main() -> tuple[list[AverageResult], list[AverageResult]]:
+        peers = Peers(5, seed=2)
+        out = []
+        for mode, gid in (("secure", b"s" * 16), ("plain", b"p" * 16)):
+            group = peers.group(range(5), gid=gid)
+            out.append(
+                await asyncio.gather(
+                    *(getattr(r, mode)(group, x, 2.0) for r, x in zip(peers.reducers, xs, strict=True))
+                )
+            )
+        await peers.aclose()
+        return out[0], out[1]
+
+    secure, plain = run(main)
+    for s, p in zip(secure, plain, strict=True):
+        assert torch.equal(s.vector, p.vector)
+
+
+def test_values_beyond_the_public_bound_are_refused_before_sending() -> None:
+    async def main() -> None:
+        peers = Peers(3, config=AllReduceConfig(bound=10.0, stage_timeout_s=STAGE))
+        with pytest.raises(RingOverflow):
+            await peers.reducers[0].secure(peers.group(range(3)), torch.full((4,), 3.0), 5.0)
+        assert peers.nets[0].inner.sent == 0
+        await peers.aclose()
+
+    run(main)
+
+
+def _rounds_until_consensus(mode: str, n: int, rounds: int, seed: int) -> list[float]:
+    gen = torch.Generator().manual_seed(seed)
+
+    async def main() -> list[float]:
+        peers = Peers(n, seed=seed)
+        match = MatchConfig(target_size=8, min_size=3)
+        averagers = [
+            GroupAverager(
+                Matchmaker(net, match, rng=random.Random(seed * 1000 + i)), red, secure=mode == "secure"
+            )
+            for i, (net, red) in enumerate(zip(peers.nets, peers.reducers, strict=True))
+        ]
+        xs = [torch.randn(16, generator=gen, dtype=torch.float64) for _ in range(n)]
+        distances = [consensus_distance(xs)]
+        for rnd in range(rounds):
+            results = await asyncio.gather(
+                *(a.average(x, 1.0, rnd) for a, x in zip(averagers, xs, strict=True)),
+                return_exceptions=True,
+            )
+            xs = [r.vector if isinstance(r, AverageResult) else x for r, x in zip(results, xs, strict=True)]
+            distances.append(consensus_distance(xs))
+            if distances[-1] < 1e-6 * distances[0]:
+                break
+        await peers.aclose()
+        return distances
+
+    return run(main)
+
+
+def test_32_peers_reach_consensus_by_secure_group_averaging() -> None:
+    distances = _rounds_until_consensus("secure", 32, rounds=20, seed=3)
+    assert distances[-1] < 1e-6 * distances[0], distances
+    assert len(distances) - 1 <= 20
+
+
+def test_plain_group_rounds_conserve_the_weighted_total_exactly() -> None:
+    gen = torch.Generator().manual_seed(4)
+    n = 32
+    xs = [torch.randn(10, generator=gen, dtype=torch.float64) for _ in range(n)]
+    ws = [float(w) for w in torch.randint(1, 20, (n,), generator=gen)]
+
+    async def main() -> tuple[list[AverageResult], list[PeerId]]:
+        peers = Peers(n, seed=4)
+        formers = [HashMatchmaker(net, size=8) for net in peers.nets]
+        groups = await asyncio.gather(*(f.form_group(7) for f in formers))
+        out = await asyncio.gather(
+            *(
+                r.plain(g, x, w)
+                for r, g, x, w in zip(peers.reducers, groups, xs, ws, strict=True)
+            )
+        )
+        await peers.aclose()
+        return list(out), peers.ids
+
+    results, ids = run(main)
+    scale = scale_for(8)
+    index = {p: i for i, p in enumerate(ids)}
+    seen: dict[bytes, torch.Tensor] = {}
+    ring_total = torch.zeros(11, dtype=torch.int64)
+    for r in results:
+        assert r.total is not None and r.group is not None
+        members = [index[p] for p in r.contributors]
+        expected = exact_total([xs[i] for i in members], [ws[i] for i in members], 8)
+        assert torch.equal(r.total, expected)  # exactly the ring sum of the members' inputs
+        if r.group not in seen:
+            seen[r.group] = r.total
+            ring_total += torch.round(r.total * scale).to(torch.int64)
+    everyone = sum(
+        encode(torch.cat([x * w, torch.tensor([w], dtype=torch.float64)]), scale=scale, bits=64)
+        for x, w in zip(xs, ws, strict=True)
+    )
+    assert len(seen) == n // 8 and all(r.group_size == 8 for r in results)
+    assert torch.equal(ring_total, everyone)  # the network's weighted total, conserved exactly
