@@ -20,7 +20,7 @@ from typing import Any
 
 from dp._checks import check_delta, check_positive
 from dp.accounting import EventLike, PrivacyEvent, compose_epsilon, group_events
-from murmur.errors import BudgetExhausted, BudgetStateError
+from murmur.errors import AccountingError, BudgetExhausted, BudgetStateError
 
 __all__ = ["Budget"]
 
@@ -28,8 +28,20 @@ _FORMAT = "murmur-dp-budget"
 _VERSION = 1
 
 
-def _events_of(events: PrivacyEvent | Iterable[EventLike]) -> list[EventLike]:
-    return [events] if isinstance(events, PrivacyEvent) else list(events)
+Events = PrivacyEvent | Iterable[EventLike]
+
+
+def _events_of(
+    events: Events | None, noise_multiplier: float | None, sample_rate: float, count: int
+) -> list[EventLike]:
+    """The events given either positionally or as one event's keywords (not both)."""
+    if events is None and noise_multiplier is not None:
+        return [PrivacyEvent(noise_multiplier, sample_rate, count)]
+    if events is not None and noise_multiplier is None:
+        return [events] if isinstance(events, PrivacyEvent) else list(events)
+    raise AccountingError(
+        "give either events or noise_multiplier= (with sample_rate= and count=), not both"
+    )
 
 
 class Budget:
@@ -90,6 +102,11 @@ class Budget:
         return self._spent
 
     @property
+    def epsilon_spent(self) -> float:
+        """Alias of ``spent_epsilon``."""
+        return self._spent
+
+    @property
     def remaining_epsilon(self) -> float:
         """``eps_max - spent_epsilon`` (not additive: use ``check`` to test a contribution)."""
         return max(0.0, self._eps_max - self._spent)
@@ -99,34 +116,62 @@ class Budget:
         """The spent events, grouped: one ``PrivacyEvent`` per (noise, rate) with its count."""
         return tuple(PrivacyEvent(z, q, n) for z, q, n in self._grouped())
 
-    def epsilon_after(self, next_events: PrivacyEvent | Iterable[EventLike]) -> float:
-        """Epsilon if ``next_events`` were spent now (nothing is spent)."""
-        extra = _events_of(next_events)
-        return compose_epsilon([*self.events, *extra], delta=self._delta)
+    def epsilon_after(
+        self,
+        next_events: Events | None = None,
+        *,
+        noise_multiplier: float | None = None,
+        sample_rate: float = 1.0,
+        count: int = 1,
+    ) -> float:
+        """Epsilon if the given events were spent now (nothing is spent).
 
-    def can_spend(self, next_events: PrivacyEvent | Iterable[EventLike]) -> bool:
-        """Whether spending ``next_events`` keeps epsilon <= eps_max."""
-        return self.epsilon_after(next_events) <= self._eps_max
+        Events are given positionally (a ``PrivacyEvent`` or an iterable of events) or as the
+        keywords of one event: ``noise_multiplier=``, ``sample_rate=``, ``count=``.
+        """
+        extra = _events_of(next_events, noise_multiplier, sample_rate, count)
+        return self._after(extra)
 
-    def check(self, next_events: PrivacyEvent | Iterable[EventLike]) -> float:
-        """Return the epsilon after ``next_events``; raise ``BudgetExhausted`` if > eps_max."""
-        after = self.epsilon_after(next_events)
-        if after > self._eps_max:
-            raise BudgetExhausted(
-                f"contributing would raise epsilon from {self._spent:.6g} to {after:.6g}, "
-                f"above eps_max={self._eps_max:g} at delta={self._delta:g}; not contributing"
-            )
-        return after
+    def can_spend(
+        self,
+        next_events: Events | None = None,
+        *,
+        noise_multiplier: float | None = None,
+        sample_rate: float = 1.0,
+        count: int = 1,
+    ) -> bool:
+        """Whether spending the given events keeps epsilon <= eps_max."""
+        extra = _events_of(next_events, noise_multiplier, sample_rate, count)
+        return self._after(extra) <= self._eps_max
 
-    def spend(self, events: PrivacyEvent | Iterable[EventLike]) -> float:
-        """Check, record and persist ``events``; return the new spent epsilon.
+    def check(
+        self,
+        next_events: Events | None = None,
+        *,
+        noise_multiplier: float | None = None,
+        sample_rate: float = 1.0,
+        count: int = 1,
+    ) -> float:
+        """Return the epsilon after the given events; raise ``BudgetExhausted`` if > eps_max."""
+        extra = _events_of(next_events, noise_multiplier, sample_rate, count)
+        return self._checked(extra)
+
+    def spend(
+        self,
+        events: Events | None = None,
+        *,
+        noise_multiplier: float | None = None,
+        sample_rate: float = 1.0,
+        count: int = 1,
+    ) -> float:
+        """Check, record and persist the given events; return the new spent epsilon.
 
         Raises ``BudgetExhausted`` (nothing recorded) if the budget would be exceeded, and
         ``BudgetStateError`` (nothing recorded) if the state cannot be written.
         """
-        extra = _events_of(events)
+        extra = _events_of(events, noise_multiplier, sample_rate, count)
         with self._lock:
-            after = self.check(extra)
+            after = self._checked(extra)
             counts = dict(self._counts)
             for z, q, n in group_events(extra):
                 counts[(z, q)] = counts.get((z, q), 0) + n
@@ -135,6 +180,18 @@ class Budget:
             self._counts = counts
             self._spent = after
             return after
+
+    def _after(self, extra: list[EventLike]) -> float:
+        return compose_epsilon([*self.events, *extra], delta=self._delta)
+
+    def _checked(self, extra: list[EventLike]) -> float:
+        after = self._after(extra)
+        if after > self._eps_max:
+            raise BudgetExhausted(
+                f"contributing would raise epsilon from {self._spent:.6g} to {after:.6g}, "
+                f"above eps_max={self._eps_max:g} at delta={self._delta:g}; not contributing"
+            )
+        return after
 
     def _grouped(self) -> tuple[tuple[float, float, int], ...]:
         return tuple(sorted((z, q, n) for (z, q), n in self._counts.items()))
@@ -156,7 +213,8 @@ class Budget:
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def _save(self, counts: dict[tuple[float, float], int]) -> None:
-        assert self._path is not None
+        if self._path is None:
+            return
         payload = self._payload(counts)
         document = {**payload, "sha256": self._checksum(payload)}
         data = json.dumps(document, sort_keys=True, indent=1).encode()
