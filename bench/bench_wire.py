@@ -43,32 +43,37 @@ TYPES = build_registry([*MESSAGE_TYPES.values(), TensorMessage])
 SIZES = {"100 B": 100, "4 MB": 4 * 2**20, "40 MB": 40 * 2**20}
 
 
-def _median_time(
-    fn: Callable[[], object], reps: int, setup: Callable[[], None] | None = None
-) -> float:
-    times = []
+@dataclass
+class _Op:
+    """One timed operation: ``run`` does ``batch`` calls; ``setup`` runs untimed before it."""
+
+    run: Callable[[], object]
+    batch: int
+    setup: Callable[[], None] | None = None
+
+
+def _interleaved(ops: dict[str, _Op], reps: int) -> dict[str, float]:
+    """Median seconds per call. Ops take turns within each repetition, so that the load of
+    this shared machine hits the raw baseline and the envelope codec alike."""
+    times: dict[str, list[float]] = {name: [] for name in ops}
     for _ in range(reps):
-        if setup is not None:
-            setup()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, op in ops.items():
+            if op.setup is not None:
+                op.setup()
+            start = time.perf_counter()
+            op.run()
+            times[name].append((time.perf_counter() - start) / op.batch)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _batched(fn: Callable[[], object], size: int, reps: int) -> float:
-    """Median seconds per call, timing batches of calls so small ops are measurable."""
-    batch = max(1, min(2000, int(4e6 // max(size, 1))))
-    return _median_time(lambda: [fn() for _ in range(batch)], reps) / batch
+def _repeat(fn: Callable[[], object], batch: int) -> _Op:
+    return _Op(lambda: [fn() for _ in range(batch)], batch)
 
 
-def _time_decode(
-    receiver: EnvelopeCodec,
-    envelopes: list[bytes],
-    convert: Callable[[bytes], bytes | bytearray],
-    reps: int,
-) -> float:
-    """Median seconds per decode; the replay cache is reset (untimed) between batches."""
+def _decode_op(
+    receiver: EnvelopeCodec, envelopes: list[bytes], convert: Callable[[bytes], bytes | bytearray]
+) -> _Op:
+    """Decode a batch of distinct envelopes; the replay cache is reset (untimed) before."""
     inputs: list[bytes | bytearray] = []
 
     def setup() -> None:
@@ -78,8 +83,9 @@ def _time_decode(
     def run() -> None:
         for data in inputs:
             receiver.decode(data)
+        inputs.clear()
 
-    return _median_time(run, reps, setup) / len(envelopes)
+    return _Op(run, len(envelopes), setup)
 
 
 def bench_size(nbytes: int, reps: int) -> dict[str, float]:
@@ -91,24 +97,25 @@ def bench_size(nbytes: int, reps: int) -> dict[str, float]:
     message: Any = TensorMessage(1, tensor)  # outside the closed union's static type
     raw = bytes(tensor.numpy())
     packed = msgpack.packb(raw, use_bin_type=True)
-    r: dict[str, float] = {}
-    r["raw pack"] = _batched(lambda: msgpack.packb(raw, use_bin_type=True), nbytes, reps)
-    r["raw unpack"] = _batched(lambda: msgpack.unpackb(packed), nbytes, reps)
-    r["digest"] = _batched(lambda: hashlib.blake2b(raw, digest_size=32).digest(), nbytes, reps)
+    batch = max(1, min(1000, int(4e6 // nbytes)))
+    ops = {
+        "raw pack": _repeat(lambda: msgpack.packb(raw, use_bin_type=True), batch),
+        "raw unpack": _repeat(lambda: msgpack.unpackb(packed), batch),
+        "digest": _repeat(lambda: hashlib.blake2b(raw, digest_size=32).digest(), batch),
+    }
     for auth in Auth:
         name = auth.name.lower()
 
         def encode(auth: Auth = auth) -> bytes:
             return sender.encode(message, recipient=bob.peer_id, auth=auth)
 
-        r[f"encode {name}"] = _batched(encode, nbytes, reps)
-        # Decoding needs fresh nonces: pre-encode a batch (small) or reset the replay cache (large).
-        batch = max(1, min(1000, int(4e6 // nbytes)))
-        envelopes = [sender.encode(message, recipient=bob.peer_id, auth=auth) for _ in range(batch)]
+        ops[f"encode {name}"] = _repeat(encode, batch)
+        # Decoding needs fresh nonces: a batch of distinct envelopes, replay cache reset.
+        envelopes = [encode() for _ in range(batch)]
         receiver.decode(envelopes[0])  # warm the pair-key cache
         for kind, convert in (("bytes", bytes), ("bytearray", bytearray)):
-            r[f"decode {name} ({kind})"] = _time_decode(receiver, envelopes, convert, reps)
-    return r
+            ops[f"decode {name} ({kind})"] = _decode_op(receiver, envelopes, convert)
+    return _interleaved(ops, reps)
 
 
 def bench_primitives(reps: int) -> dict[str, float]:
@@ -123,14 +130,15 @@ def bench_primitives(reps: int) -> dict[str, float]:
     sig = ident.sign(msg)
     verify_key = nacl.signing.VerifyKey(ident.peer_id.raw)
     key, nonce = ident.pair_key(other), os.urandom(24)
-    return {
-        "Ed25519 sign": _batched(lambda: ident.sign(msg), 100, reps),
-        "Ed25519 verify": _batched(lambda: verify_key.verify(msg, sig), 100, reps),
-        "SecretBox seal": _batched(
-            lambda: nacl.bindings.crypto_secretbox_easy(msg, nonce, key), 100, reps
+    ops = {
+        "Ed25519 sign": _repeat(lambda: ident.sign(msg), 1000),
+        "Ed25519 verify": _repeat(lambda: verify_key.verify(msg, sig), 1000),
+        "SecretBox seal": _repeat(
+            lambda: nacl.bindings.crypto_secretbox_easy(msg, nonce, key), 1000
         ),
-        "Poly1305 tag": _batched(lambda: Poly1305.generate_tag(key, msg), 100, reps),
+        "Poly1305 tag": _repeat(lambda: Poly1305.generate_tag(key, msg), 1000),
     }
+    return _interleaved(ops, reps)
 
 
 def _fmt(seconds: float) -> str:
@@ -142,6 +150,7 @@ def _fmt(seconds: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--reps", type=int, default=11, help="repetitions (median reported)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/wire.md"))
     parser.add_argument(
         "--tune-malloc",
@@ -155,7 +164,7 @@ def main() -> None:
         from p2p.daemon import tune_malloc
 
         tune_malloc()
-    reps = 3 if args.quick else 7
+    reps = 3 if args.quick else args.reps
     results = {label: bench_size(n, reps) for label, n in SIZES.items()}
     primitives = bench_primitives(reps)
     malloc = (
@@ -165,11 +174,13 @@ def main() -> None:
     )
 
     flags = (" --quick" if args.quick else "") + (" --tune-malloc" if args.tune_malloc else "")
+    flags += " --append" if args.append else ""
     lines = [
         f"### Run: {malloc}",
         "",
         f"Command: `python -m bench.bench_wire{flags}` "
-        f"(median of {reps} runs; small sizes timed in batches). Machine: {platform.machine()}, "
+        f"(median of {reps} repetitions, operations interleaved, 100 B timed in batches "
+        f"of 1000). Machine: {platform.machine()}, "
         f"{os.cpu_count()} cores shared with other jobs, Python {platform.python_version()}, "
         f"torch {torch.__version__}, one torch thread.",
         "",
