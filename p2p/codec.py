@@ -134,6 +134,22 @@ def _exact(kind: type, name: str) -> tuple[Encoder, Decoder]:
     return encode, decode
 
 
+def _int_codec() -> tuple[Encoder, Decoder]:
+    def encode(value: Any, _: _Writer) -> Any:
+        if type(value) is int:
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return int(value)  # IntEnum members such as RefusalCode travel as plain ints
+        raise _bad("expected int", value)
+
+    def decode(value: Any, _: _Reader) -> Any:
+        if type(value) is not int:
+            raise _bad("expected int", value)
+        return value
+
+    return encode, decode
+
+
 def _float_codec() -> tuple[Encoder, Decoder]:
     def encode(value: Any, _: _Writer) -> Any:
         if type(value) is float:
@@ -317,7 +333,7 @@ def _compile(tp: Any) -> tuple[Encoder, Decoder]:
     if tp is bool:
         result = _exact(bool, "bool")
     elif tp is int:
-        result = _exact(int, "int")
+        result = _int_codec()
     elif tp is float:
         result = _float_codec()
     elif tp is str:
