@@ -82,6 +82,8 @@ class AverageResult:
     """Whose inputs are in the mean (group averaging; empty for the baselines)."""
     total: Tensor | None = None
     """Group averaging: the exact group totals ``[sum w x, sum w]`` (decoded, float64)."""
+    scale: float | None = None
+    """Group averaging: the fixed-point scale the group encoded with."""
 
 
 class Averager(Protocol):
@@ -257,6 +259,7 @@ class GroupAllReduce:
             group.id,
             contributors,
             total,
+            scale,
         )
 
     def _fail(self, group: Group, reason: str) -> AggregationAborted:
@@ -323,8 +326,10 @@ class GroupAllReduce:
                     self.stats.refused += 1
                     log.debug("event=refused type=%s error=%s", msg.TYPE, exc)
             if member.stage != stage:
+                # a member that finished a stage early still waits for one that waited the
+                # whole stage: the next deadline counts from the later of now and the old one
                 stage = member.stage
-                deadline = self._net.time() + timeout
+                deadline = max(self._net.time(), deadline) + timeout
         # let the last messages (chunk sums) leave before the session's sends are cancelled
         if session.tasks:
             await asyncio.wait(set(session.tasks), timeout=timeout)
@@ -384,7 +389,7 @@ class GroupAllReduce:
         own = PlainChunkSum(group.id, rnd, me, mine_sum, contributors)
         sums[me] = own
         self._dispatch(session, [(m, own) for j, m in enumerate(members) if j != me])
-        deadline = self._net.time() + timeout
+        deadline += timeout  # a slower reducer may send its sum at the end of the first stage
         while len(sums) < k:  # all-gather: collect every chunk sum
             item = await self._next(session, deadline)
             if item is None:

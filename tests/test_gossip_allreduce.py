@@ -23,8 +23,14 @@ from gossip.matchmaking import Group, HashMatchmaker, MatchConfig, Matchmaker
 from gossip.messages import PlainChunk, PlainChunkSum
 from gossip.network import GossipHandler, StaticView, TransportNetwork
 from mpc.fixedpoint import decode, encode, max_scale
-from mpc.messages import ChunkSum
-from murmur.errors import AggregationAborted, AggregationError, PeerUnreachable, RingOverflow
+from mpc.messages import AdvertiseKeys, ChunkSum, MaskedChunk, Receipt, Reveal, ShareKeys
+from murmur.errors import (
+    AggregationAborted,
+    AggregationError,
+    OutOfStage,
+    PeerUnreachable,
+    RingOverflow,
+)
 from p2p.envelope import EnvelopeCodec
 from p2p.identity import Identity, PeerId
 from p2p.transport.memory import MemoryNetwork, MemoryTransport
@@ -45,6 +51,7 @@ class FaultyNet:
     def __init__(self, inner: TransportNetwork) -> None:
         self.inner = inner
         self.down = False
+        self.crash_before: type | None = None
         self.drop: Callable[[PeerId, Any], bool] = lambda peer, msg: False
         self.delay: Callable[[PeerId, Any], float] = lambda peer, msg: 0.0
 
@@ -53,6 +60,8 @@ class FaultyNet:
         return self.inner.local_id
 
     async def send(self, peer: PeerId, message: Any, *, timeout: float | None = None) -> None:
+        if self.crash_before is not None and isinstance(message, self.crash_before):
+            self.down = True  # crashes just before sending its first message of this kind
         if self.down or self.drop(peer, message):
             raise PeerUnreachable("injected")
         wait = self.delay(peer, message)
@@ -68,7 +77,7 @@ class FaultyNet:
     def register(self, message_type: type, handler: GossipHandler) -> None:
         async def guarded(sender: PeerId, msg: Any) -> Any:
             if self.down:
-                raise AggregationAborted("crashed")  # surfaces at the sender as a failure
+                raise OutOfStage("crashed")  # the sender sees a failed send
             return await handler(sender, msg)
 
         self.inner.register(message_type, guarded)
@@ -175,7 +184,10 @@ def test_secure_and_plain_agree_bit_for_bit() -> None:
             group = peers.group(range(5), gid=gid)
             out.append(
                 await asyncio.gather(
-                    *(getattr(r, mode)(group, x, 2.0) for r, x in zip(peers.reducers, xs, strict=True))
+                    *(
+                        getattr(r, mode)(group, x, 2.0)
+                        for r, x in zip(peers.reducers, xs, strict=True)
+                    )
                 )
             )
         await peers.aclose()
@@ -205,7 +217,9 @@ def _rounds_until_consensus(mode: str, n: int, rounds: int, seed: int) -> list[f
         match = MatchConfig(target_size=8, min_size=3)
         averagers = [
             GroupAverager(
-                Matchmaker(net, match, rng=random.Random(seed * 1000 + i)), red, secure=mode == "secure"
+                Matchmaker(net, match, rng=random.Random(seed * 1000 + i)),
+                red,
+                secure=mode == "secure",
             )
             for i, (net, red) in enumerate(zip(peers.nets, peers.reducers, strict=True))
         ]
@@ -216,7 +230,10 @@ def _rounds_until_consensus(mode: str, n: int, rounds: int, seed: int) -> list[f
                 *(a.average(x, 1.0, rnd) for a, x in zip(averagers, xs, strict=True)),
                 return_exceptions=True,
             )
-            xs = [r.vector if isinstance(r, AverageResult) else x for r, x in zip(results, xs, strict=True)]
+            xs = [
+                r.vector if isinstance(r, AverageResult) else x
+                for r, x in zip(results, xs, strict=True)
+            ]
             distances.append(consensus_distance(xs))
             if distances[-1] < 1e-6 * distances[0]:
                 break
@@ -243,10 +260,7 @@ def test_plain_group_rounds_conserve_the_weighted_total_exactly() -> None:
         formers = [HashMatchmaker(net, size=8) for net in peers.nets]
         groups = await asyncio.gather(*(f.form_group(7) for f in formers))
         out = await asyncio.gather(
-            *(
-                r.plain(g, x, w)
-                for r, g, x, w in zip(peers.reducers, groups, xs, ws, strict=True)
-            )
+            *(r.plain(g, x, w) for r, g, x, w in zip(peers.reducers, groups, xs, ws, strict=True))
         )
         await peers.aclose()
         return list(out), peers.ids
@@ -270,3 +284,190 @@ def test_plain_group_rounds_conserve_the_weighted_total_exactly() -> None:
     )
     assert len(seen) == n // 8 and all(r.group_size == 8 for r in results)
     assert torch.equal(ring_total, everyone)  # the network's weighted total, conserved exactly
+
+
+CRASH_POINTS: list[type | None] = [
+    None,
+    AdvertiseKeys,
+    ShareKeys,
+    MaskedChunk,
+    Receipt,
+    Reveal,
+    ChunkSum,
+]
+
+
+def test_20_percent_crash_mid_round_every_round_ends_by_its_deadline() -> None:
+    n, rounds, crash = 32, 4, 6
+    match = MatchConfig(target_size=8, min_size=3, round_timeout_s=2.0)
+    # matchmaking deadline + 6 stages + the last sends, each bounded by STAGE
+    bound = match.round_timeout_s + 8 * STAGE
+    rng = random.Random(5)
+    gen = torch.Generator().manual_seed(5)
+
+    async def main() -> tuple[int, int]:
+        loop = asyncio.get_running_loop()
+        peers = Peers(n, seed=5)
+        averagers = [
+            GroupAverager(Matchmaker(net, match, rng=random.Random(50 + i)), red)
+            for i, (net, red) in enumerate(zip(peers.nets, peers.reducers, strict=True))
+        ]
+        ok = failed = 0
+        for rnd in range(rounds):
+            xs = [torch.randn(12, generator=gen, dtype=torch.float64) for _ in range(n)]
+            for victim in rng.sample(range(n), crash):
+                net = peers.nets[victim]
+                when = rng.choice(CRASH_POINTS)
+                if when is None:  # during matchmaking
+                    loop.call_later(rng.uniform(0.0, match.backoff_s), setattr, net, "down", True)
+                else:
+                    net.crash_before = when
+            start = loop.time()
+            async with asyncio.timeout(bound):  # no peer hangs
+                results = await asyncio.gather(
+                    *(a.average(x, 1.0, rnd) for a, x in zip(averagers, xs, strict=True)),
+                    return_exceptions=True,
+                )
+            assert loop.time() - start <= bound
+            by_group: dict[bytes, AverageResult] = {}
+            for r in results:
+                if isinstance(r, BaseException):
+                    assert isinstance(r, AggregationError), repr(r)  # typed, loud
+                    failed += 1
+                    continue
+                ok += 1
+                assert r.group is not None and r.total is not None and r.scale is not None
+                members = [peers.ids.index(p) for p in r.contributors]
+                ring = sum(
+                    encode(
+                        torch.cat([xs[i], torch.ones(1, dtype=torch.float64)]),
+                        scale=r.scale,
+                        bits=64,
+                    )
+                    for i in members
+                )
+                assert isinstance(ring, torch.Tensor)
+                assert torch.equal(r.total, decode(ring, scale=r.scale, bits=64))  # exact
+                first = by_group.setdefault(r.group, r)
+                assert torch.equal(first.vector, r.vector)
+            for net in peers.nets:
+                net.down, net.crash_before = False, None
+            await asyncio.sleep(STAGE)  # stray messages of the round die out
+        await peers.aclose()
+        return ok, failed
+
+    ok, failed = run(main)
+    assert ok > 0 and failed > 0
+
+
+def _run_group(
+    mode: str, k: int, setup: Callable[[Peers], None], seed: int = 6
+) -> tuple[list[AverageResult | BaseException], list[torch.Tensor], Peers]:
+    gen = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(30, generator=gen, dtype=torch.float64) for _ in range(k)]
+    holder: list[Peers] = []
+
+    async def main() -> list[AverageResult | BaseException]:
+        peers = Peers(k, seed=seed)
+        holder.append(peers)
+        setup(peers)
+        group = peers.group(range(k))
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        async with asyncio.timeout(10 * STAGE):
+            out = await asyncio.gather(
+                *(getattr(r, mode)(group, x, 1.0) for r, x in zip(peers.reducers, xs, strict=True)),
+                return_exceptions=True,
+            )
+        assert loop.time() - start <= 8 * STAGE
+        await asyncio.sleep(3 * STAGE)  # let delayed messages land: they must change nothing
+        await peers.aclose()
+        return list(out)
+
+    return run(main), xs, holder[0]
+
+
+@pytest.mark.parametrize("fault", ["lost", "late"])
+def test_secure_a_lost_or_late_chunk_sum_fails_loudly_never_local(
+    fault: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    victim = 3
+
+    def setup(peers: Peers) -> None:
+        target = peers.group(range(6)).members[victim]
+        hit = lambda peer, msg: isinstance(msg, ChunkSum) and peer == target  # noqa: E731
+        if fault == "lost":
+            peers.nets[0].drop = hit
+        else:
+            peers.nets[0].delay = lambda peer, msg: 3 * STAGE if hit(peer, msg) else 0.0
+
+    caplog.set_level(logging.WARNING, logger="murmur.gossip.allreduce")
+    results, xs, peers = _run_group("secure", 6, setup)
+    order = [peers.ids.index(m) for m in peers.group(range(6)).members]
+    exact = exact_total(xs, [1.0] * 6, 6)
+    for pos, i in enumerate(order):
+        r = results[i]
+        if pos == victim:
+            assert isinstance(r, AggregationAborted)  # a typed error, not a partial vector
+            assert peers.reducers[i].stats.aborted == 1
+        else:
+            assert isinstance(r, AverageResult) and r.total is not None
+            assert torch.equal(r.total, exact)
+    assert any("group_round_aborted" in rec.message for rec in caplog.records)
+
+
+def test_plain_a_late_chunk_makes_everyone_fail_loudly(caplog: pytest.LogCaptureFixture) -> None:
+    """Reducer 2 closes without member 0's chunk; its sum names other contributors than the
+    rest, so nobody may use it, and nobody substitutes its own values for the missing part."""
+
+    def setup(peers: Peers) -> None:
+        members = peers.group(range(5)).members
+        sender = peers.ids.index(members[0])
+        late = lambda peer, msg: (  # noqa: E731
+            3 * STAGE if isinstance(msg, PlainChunk) and peer == members[2] else 0.0
+        )
+        peers.nets[sender].delay = late
+
+    caplog.set_level(logging.WARNING, logger="murmur.gossip.allreduce")
+    results, _, peers = _run_group("plain", 5, setup)
+    assert all(isinstance(r, AggregationAborted) for r in results), results
+    assert sum(r.stats.aborted for r in peers.reducers) == 5
+    assert sum("reducers disagree" in rec.message for rec in caplog.records) == 5
+
+
+def test_plain_a_lost_chunk_sum_fails_for_its_member_only() -> None:
+    def setup(peers: Peers) -> None:
+        target = peers.group(range(5)).members[4]
+        peers.nets[1].drop = lambda peer, msg: isinstance(msg, PlainChunkSum) and peer == target
+
+    results, xs, peers = _run_group("plain", 5, setup)
+    target = peers.group(range(5)).members[4]
+    exact = exact_total(xs, [1.0] * 5, 5)
+    for i, r in enumerate(results):
+        if peers.ids[i] == target:
+            assert isinstance(r, AggregationAborted)
+        else:
+            assert isinstance(r, AverageResult) and r.total is not None
+            assert torch.equal(r.total, exact)
+
+
+def test_plain_a_crashed_member_fails_the_round_loudly_for_everyone() -> None:
+    """Plaintext butterfly has no fallback reducer: the crashed member's chunk sum is missing."""
+
+    def setup(peers: Peers) -> None:
+        peers.nets[2].down = True
+
+    results, _, peers = _run_group("plain", 5, setup)
+    assert all(isinstance(r, AggregationAborted) for r in results), results
+    assert all(r.stats.completed == 0 for r in peers.reducers)
+
+
+def test_a_group_below_threshold_aborts_and_members_keep_their_models() -> None:
+    def setup(peers: Peers) -> None:
+        for i in (0, 1, 2):
+            peers.nets[i].down = True
+
+    results, _, peers = _run_group("secure", 6, setup)
+    for i in (3, 4, 5):
+        assert isinstance(results[i], AggregationAborted)
+        assert peers.reducers[i].stats.completed == 0
