@@ -38,6 +38,10 @@ network talking to a private one) is refused with ``Unauthorized``. The door tag
 the body only through the auth tag, which the full check verifies later. The network key is
 also mixed into the link keys, so seals and MACs fail without it even if the door were skipped.
 
+A message class with ``SECRET = True`` (e.g. revealed Shamir shares) may only travel sealed:
+``encode`` refuses any other mode (``ConfigError``) and ``decode`` refuses it unsealed
+(``MalformedMessage``).
+
 Static identity keys give no forward secrecy: a stolen key file decrypts every recorded
 message sealed to or by that peer. Ephemeral session keys are planned.
 
@@ -204,6 +208,8 @@ class EnvelopeCodec:
             raise UnknownMessageType(f"{cls.__name__} is not in the message union")
         if recipient is None and auth != Auth.SIGNED:
             raise ConfigError("a sealed or MACed envelope needs a recipient")
+        if getattr(cls, "SECRET", False) and auth != Auth.SEALED:
+            raise ConfigError(f"{cls.__name__} carries secrets: it may only travel sealed")
         parts, body_len = encode_body_parts(message)
         tag_len = _TAG_BYTES[auth]
         nonce = os.urandom(_NONCE_BYTES)
@@ -273,6 +279,8 @@ class EnvelopeCodec:
         if not hmac.compare_digest(self._door(view[:tag_end]), view[tag_end : tag_end + 16]):
             raise Unauthorized("wrong or missing network key")
         cls, sender, recipient, timestamp, nonce = self._header(view[_PREFIX.size : head_end])
+        if getattr(cls, "SECRET", False) and auth != Auth.SEALED:
+            raise MalformedMessage(f"{cls.__name__} carries secrets and must arrive sealed")
         if recipient is None:
             if auth != Auth.SIGNED:
                 raise MalformedMessage("only a signed envelope may omit the recipient")

@@ -124,6 +124,8 @@ def test_every_message_type_round_trips_in_envelopes(
     cls: type, data: st.DataObject, auth: Auth, writable: bool
 ) -> None:
     message = data.draw(message_strategy(cls))
+    if getattr(cls, "SECRET", False):
+        auth = Auth.SEALED
     encoded = ENC.encode(message, recipient=BOB.peer_id, auth=auth)
     got = DEC.decode(bytearray(encoded) if writable else encoded)
     assert same(got.message, message)
@@ -416,3 +418,29 @@ def test_envelope_replay_never_accepted_with_tiny_cache() -> None:
     for data in sent:
         with pytest.raises((ReplayedMessage, StaleMessage)):
             b.decode(data)
+
+
+@dataclass(frozen=True, slots=True)
+class Secret:
+    TYPE: ClassVar[str] = "test_secret"
+    SECRET: ClassVar[bool] = True
+    share: bytes
+
+
+@pytest.mark.parametrize("auth", [Auth.SIGNED, Auth.MAC])
+def test_secret_messages_travel_sealed_only(auth: Auth) -> None:
+    types = build_registry([*EXTENDED.values(), Secret])
+    a, b = make(ALICE, message_types=types), make(BOB, message_types=types)
+    assert b.decode(a.encode(Secret(b"s"), recipient=BOB.peer_id)).message == Secret(b"s")
+    with pytest.raises(ConfigError):
+        a.encode(Secret(b"s"), recipient=BOB.peer_id, auth=auth)
+    # A careless peer whose registry lacks the flag sends it in the clear: refused on arrival.
+    careless = make(ALICE, message_types=build_registry([SecretLookalike]))
+    data = careless.encode(SecretLookalike(b"s"), recipient=BOB.peer_id, auth=auth)
+    refused(MalformedMessage, RefusalCode.MALFORMED, lambda: b.decode(data))
+
+
+@dataclass(frozen=True, slots=True)
+class SecretLookalike:
+    TYPE: ClassVar[str] = "test_secret"
+    share: bytes
