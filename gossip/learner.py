@@ -165,7 +165,7 @@ class Learner:
         if budget is None and self.privacy.epsilon is not None and unit is not PrivacyUnit.NONE:
             budget = Budget(self.privacy.epsilon, self.privacy.delta)
         self.budget = budget
-        self._theta = flatten(model, self.layout) if theta is None else self._checked(theta)
+        self._theta = flatten(model, self.layout) if theta is None else self._checked(theta).clone()
         self._c = _Counters()
 
     # -- public state -------------------------------------------------------------------------
@@ -174,6 +174,12 @@ class Learner:
     def theta(self) -> Tensor:
         """A copy of the public reference model as a flat vector."""
         return self._theta.clone()
+
+    @property
+    def theta_view(self) -> Tensor:
+        """The public reference model itself, without a copy (for metrics over many peers).
+        Do not modify it: :meth:`apply_result` replaces it rather than writing into it."""
+        return self._theta
 
     @property
     def num_samples(self) -> int:

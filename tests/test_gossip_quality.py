@@ -66,3 +66,30 @@ def test_centralized_reference_is_at_least_as_good(task: Task) -> None:
     acc, _ = _run(task, PrivacyConfig.none(), rounds=10)
     assert central.metric >= 0.95
     assert central.metric >= acc - 0.01
+
+
+class _UserNet(torch.nn.Module):
+    """A user's own module, with a layer norm and a non-trainable buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(6)
+        self.head = torch.nn.Linear(6, 3)
+        self.register_buffer("scale", torch.tensor(2.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(x) * self.scale)
+
+
+@pytest.mark.parametrize("unit", [PrivacyUnit.NONE, PrivacyUnit.RECORD])
+def test_a_users_model_and_tensors_learn_through_the_whole_loop(unit: PrivacyUnit) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 6, generator=gen)
+    y = (x[:, :3] * torch.tensor([1.0, 2.0, 3.0])).argmax(dim=1)
+    task = Task.from_tensors("user", _UserNet, x, y)
+    privacy = PrivacyConfig.none() if unit is PrivacyUnit.NONE else PrivacyConfig(epsilon=8.0)
+    learners = build_learners(task, 4, scheme="label", train=TRAIN, privacy=privacy, seed=2)
+    before = task.evaluate(task.build_model(2)).metric
+    result = run_ideal(task, learners, 8, eval_every=8)
+    assert result.final.metric > max(0.8, before + 0.3)
+    assert torch.equal(learners[3].theta_view, result.theta)
