@@ -1,0 +1,302 @@
+"""Scenarios: one frozen dataclass of every simulator setting, loaded from TOML or flags.
+
+A scenario file groups fields in tables (``[network]``, ``[privacy]``, ...) for readability;
+each field has exactly one table (see ``SECTIONS``), and the same field is the CLI flag
+``--field-name``. Unknown tables or keys, wrong types and out-of-range values raise one
+``ConfigError`` that names the field. A top-level ``[sweep]`` table (``field``, ``values``) asks
+for several runs that differ in one field (see ``load_sweep``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from murmur.errors import ConfigError
+
+__all__ = [
+    "ALGORITHMS",
+    "SECTIONS",
+    "Scenario",
+    "Sweep",
+    "load_scenario",
+    "load_sweep",
+    "parse_value",
+]
+
+ALGORITHMS = ("secure-group", "group", "push-sum", "pairwise", "dpsgd")
+"""Averaging algorithms the simulator runs."""
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "algorithm": ALGORITHMS,
+    "fidelity": ("object", "wire"),
+    "task": ("digits", "breast_cancer", "credit"),
+    "model": ("logreg", "mlp"),
+    "partition": ("iid", "dirichlet", "label"),
+    "privacy": ("record", "peer", "none"),
+    "latency_dist": ("constant", "uniform", "normal", "lognormal", "exponential"),
+    "topology": ("ring", "regular", "complete"),
+    "training": ("auto", "per-peer", "stacked"),
+}
+
+
+def _f(section: str, default: Any, help: str) -> Any:
+    return field(default=default, metadata={"section": section, "help": help})
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Every setting of one simulation run. Defaults serve a first run (about a minute)."""
+
+    # [run]
+    name: str = _f("run", "default", "a label for plots and summaries")
+    peers: int = _f("run", 100, "number of peers")
+    rounds: int = _f("run", 25, "number of rounds")
+    algorithm: str = _f("run", "secure-group", "averaging algorithm: " + ", ".join(ALGORITHMS))
+    seed: int = _f("run", 0, "seed of data split, models, network and churn")
+    fidelity: str = _f("run", "object", "object (message objects) or wire (encoded envelopes)")
+    eval_peers: int = _f("run", 32, "peers whose models are evaluated each round (0 = all)")
+    training: str = _f("run", "auto", "auto, per-peer (Learner) or stacked (one batched step)")
+    # [task]
+    task: str = _f("task", "digits", "digits, breast_cancer or credit")
+    model: str = _f("task", "logreg", "logreg or mlp")
+    partition: str = _f("task", "iid", "iid, dirichlet or label")
+    alpha: float = _f("task", 0.5, "Dirichlet concentration (partition = dirichlet)")
+    labels_per_peer: int = _f("task", 2, "classes per peer (partition = label)")
+    # [train]
+    local_steps: int = _f("train", 5, "local SGD steps per round")
+    lr: float = _f("train", 0.3, "learning rate")
+    sample_rate: float = _f("train", 0.2, "fraction of local rows per step")
+    # [privacy]
+    privacy: str = _f("privacy", "record", "record, peer or none")
+    epsilon: float = _f("privacy", 8.0, "target epsilon over all rounds")
+    delta: float = _f("privacy", 1e-5, "delta")
+    clip: float = _f("privacy", 1.0, "clipping norm C")
+    noise_multiplier: float = _f("privacy", 0.0, "fixed noise multiplier (0 = calibrate)")
+    # [group]
+    group_size: int = _f("group", 8, "target group size (secure-group, group)")
+    threshold: int = _f("group", 0, "secure aggregation threshold (0 = ceil(2k/3))")
+    degree: int = _f("group", 0, "SecAgg+ mask-graph degree (0 = complete graph)")
+    stage_timeout_s: float = _f("group", 2.0, "deadline of one protocol stage, seconds")
+    topology: str = _f("group", "regular", "dpsgd topology: ring, regular or complete")
+    topology_degree: int = _f("group", 4, "dpsgd neighbours per peer (regular)")
+    # [network]
+    latency_ms: float = _f("network", 50.0, "mean one-way latency per message, ms")
+    latency_jitter_ms: float = _f("network", 10.0, "latency spread per message, ms")
+    latency_dist: str = _f("network", "lognormal", "per-message latency distribution")
+    link_spread: float = _f("network", 0.3, "per-peer access-latency spread (lognormal sigma)")
+    bandwidth_mbps: float = _f("network", 100.0, "mean uplink bandwidth per peer, Mbit/s")
+    bandwidth_spread: float = _f("network", 0.0, "per-peer bandwidth spread (lognormal sigma)")
+    loss: float = _f("network", 0.0, "probability that a message is lost")
+    partition_start_s: float = _f("network", 0.0, "start of a network partition, virtual s")
+    partition_end_s: float = _f("network", 0.0, "end of the partition (<= start: none)")
+    partition_fraction: float = _f("network", 0.5, "fraction of peers cut off by the partition")
+    tick_ms: float = _f("network", 1.0, "delivery tick: arrivals are grouped per tick")
+    # [population]
+    churn: float = _f("population", 0.0, "probability that an online peer leaves in a round")
+    rejoin: float = _f("population", 0.5, "probability that an offline peer rejoins a round")
+    churn_window_s: float = _f("population", 1.0, "a leaving peer leaves within this window")
+    compute_s: float = _f("population", 0.2, "local training time per round, virtual s")
+    stragglers: float = _f("population", 0.0, "fraction of peers that compute slowly")
+    straggler_slowdown: float = _f("population", 10.0, "compute-time factor of stragglers")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "float" and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, f.name, float(value))
+                value = float(value)
+            _check_type(f.name, f.type, value)
+            if f.name in _CHOICES and value not in _CHOICES[f.name]:
+                raise ConfigError(
+                    f"{f.name} must be one of {', '.join(_CHOICES[f.name])}; got {value!r}"
+                )
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        def need(ok: bool, name: str, what: str) -> None:
+            if not ok:
+                raise ConfigError(f"{name} {what}; got {getattr(self, name)!r}")
+
+        need(self.peers >= 2, "peers", "must be at least 2")
+        need(self.rounds >= 1, "rounds", "must be at least 1")
+        need(self.seed >= 0, "seed", "must be >= 0")
+        need(self.eval_peers >= 0, "eval_peers", "must be >= 0")
+        need(self.alpha > 0, "alpha", "must be > 0")
+        need(self.labels_per_peer >= 1, "labels_per_peer", "must be at least 1")
+        need(self.local_steps >= 1, "local_steps", "must be at least 1")
+        need(self.lr > 0, "lr", "must be > 0")
+        need(0 < self.sample_rate <= 1, "sample_rate", "must be in (0, 1]")
+        need(self.epsilon > 0, "epsilon", "must be > 0")
+        need(0 < self.delta < 1, "delta", "must be in (0, 1)")
+        need(self.clip > 0, "clip", "must be > 0")
+        need(self.noise_multiplier >= 0, "noise_multiplier", "must be >= 0")
+        need(self.group_size >= 2, "group_size", "must be at least 2")
+        need(self.threshold >= 0, "threshold", "must be >= 0")
+        need(self.degree >= 0, "degree", "must be >= 0")
+        need(self.stage_timeout_s > 0, "stage_timeout_s", "must be > 0")
+        need(self.topology_degree >= 1, "topology_degree", "must be at least 1")
+        need(self.latency_ms >= 0, "latency_ms", "must be >= 0")
+        need(self.latency_jitter_ms >= 0, "latency_jitter_ms", "must be >= 0")
+        need(self.link_spread >= 0, "link_spread", "must be >= 0")
+        need(self.bandwidth_mbps > 0, "bandwidth_mbps", "must be > 0")
+        need(self.bandwidth_spread >= 0, "bandwidth_spread", "must be >= 0")
+        need(0 <= self.loss < 1, "loss", "must be in [0, 1)")
+        need(0 <= self.partition_fraction <= 1, "partition_fraction", "must be in [0, 1]")
+        need(self.tick_ms > 0, "tick_ms", "must be > 0")
+        need(0 <= self.churn < 1, "churn", "must be in [0, 1)")
+        need(0 <= self.rejoin <= 1, "rejoin", "must be in [0, 1]")
+        need(self.churn_window_s >= 0, "churn_window_s", "must be >= 0")
+        need(self.compute_s >= 0, "compute_s", "must be >= 0")
+        need(0 <= self.stragglers <= 1, "stragglers", "must be in [0, 1]")
+        need(self.straggler_slowdown >= 1, "straggler_slowdown", "must be >= 1")
+
+    def replace(self, **changes: Any) -> Scenario:
+        """A copy with ``changes`` applied (checked like a new scenario)."""
+        unknown = sorted(set(changes) - FIELD_NAMES)
+        if unknown:
+            raise ConfigError(f"unknown scenario field {unknown[0]!r}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field by name (JSON-friendly)."""
+        return dataclasses.asdict(self)
+
+
+FIELD_NAMES: frozenset[str] = frozenset(f.name for f in fields(Scenario))
+SECTIONS: dict[str, tuple[str, ...]] = {}
+"""Table name -> the fields it holds, in declaration order."""
+for _f_ in fields(Scenario):
+    SECTIONS.setdefault(_f_.metadata["section"], ())
+    SECTIONS[_f_.metadata["section"]] += (_f_.name,)
+_TYPES: dict[str, str] = {f.name: str(f.type) for f in fields(Scenario)}
+
+
+def _check_type(name: str, type_name: object, value: object) -> None:
+    kind = {"int": int, "float": float, "str": str, "bool": bool}[str(type_name)]
+    ok = type(value) is kind
+    if ok and kind is float and not math.isfinite(value):  # type: ignore[arg-type]
+        ok = False
+    if not ok:
+        raise ConfigError(f"{name} must be a finite {kind.__name__}, got {value!r}")
+
+
+def parse_value(name: str, text: str) -> Any:
+    """Parse the flag text ``text`` for field ``name`` into the field's type."""
+    if name not in FIELD_NAMES:
+        raise ConfigError(f"unknown scenario field {name!r}")
+    kind = _TYPES[name]
+    try:
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+    except ValueError:
+        raise ConfigError(
+            f"{name} must be {'an integer' if kind == 'int' else 'a number'}, got {text!r}"
+        ) from None
+    return text
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """Several runs that differ in one field: ``field`` takes each of ``values`` in turn."""
+
+    field: str
+    values: tuple[Any, ...]
+
+    def scenarios(self, base: Scenario) -> list[Scenario]:
+        """The scenarios of the sweep, each named ``<field>=<value>``."""
+        return [base.replace(**{self.field: v, "name": f"{self.field}={v}"}) for v in self.values]
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"scenario file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read scenario file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"scenario file {path} is not valid TOML: {exc}") from None
+
+
+def _flatten(data: Mapping[str, Any], where: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "sweep":
+            continue
+        if isinstance(value, dict):
+            if key not in SECTIONS:
+                raise ConfigError(
+                    f"{where}: unknown table [{key}]; tables: {', '.join(SECTIONS)}, sweep"
+                )
+            for sub, v in value.items():
+                if sub not in SECTIONS[key]:
+                    hint = next((s for s, names in SECTIONS.items() if sub in names), None)
+                    extra = f" (it belongs in [{hint}])" if hint else ""
+                    raise ConfigError(f"{where}: unknown field {key}.{sub}{extra}")
+                flat[sub] = v
+        elif key in FIELD_NAMES:
+            flat[key] = value
+        else:
+            raise ConfigError(f"{where}: unknown field {key!r}")
+    return flat
+
+
+def load_scenario(
+    path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
+) -> Scenario:
+    """The scenario in the TOML file ``path`` (or the defaults), with ``overrides`` applied."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        values.update(_flatten(_read(Path(path)), str(path)))
+    for key, value in (overrides or {}).items():
+        if key not in FIELD_NAMES:
+            raise ConfigError(f"unknown scenario field {key!r}")
+        values[key] = value
+    try:
+        return Scenario(**values)
+    except TypeError as exc:  # pragma: no cover - names are checked above
+        raise ConfigError(str(exc)) from None
+
+
+def load_sweep(path: str | Path | None, cli: str | None = None) -> Sweep | None:
+    """The sweep asked for by ``--sweep FIELD=V1,V2`` or the file's ``[sweep]`` table, if any."""
+    if cli is not None:
+        name, sep, rest = cli.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not rest.strip():
+            raise ConfigError(f"--sweep must look like FIELD=V1,V2,...; got {cli!r}")
+        return _sweep(name, [parse_value(name, v.strip()) for v in rest.split(",")], "--sweep")
+    if path is None:
+        return None
+    table = _read(Path(path)).get("sweep")
+    if table is None:
+        return None
+    if not isinstance(table, dict) or set(table) != {"field", "values"}:
+        raise ConfigError(f"{path}: [sweep] needs exactly 'field' and 'values'")
+    values = table["values"]
+    if not isinstance(values, list):
+        raise ConfigError(f"{path}: sweep.values must be a list")
+    return _sweep(str(table["field"]), values, f"{path}: sweep")
+
+
+def _sweep(name: str, values: Sequence[Any], where: str) -> Sweep:
+    if name not in FIELD_NAMES or name == "name":
+        raise ConfigError(f"{where}: unknown scenario field {name!r}")
+    if not 1 <= len(values) <= 32:
+        raise ConfigError(f"{where}: give 1 to 32 values for {name}")
+    checked = []
+    for v in values:
+        if _TYPES[name] == "float" and type(v) is int:
+            v = float(v)
+        _check_type(name, _TYPES[name], v)
+        checked.append(v)
+    return Sweep(name, tuple(checked))

@@ -1,0 +1,349 @@
+"""Runs one scenario: N learners, the simulated network, rounds on the virtual clock, metrics.
+
+Each round, on one ``simulator.clock.VirtualClockLoop``:
+
+1. churn: offline peers may rejoin, online peers may be picked to leave at a time within the
+   round (``simulator.netmodel.Population``);
+2. every online peer trains locally and privatizes its update (``gossip.learner.Learner``, the
+   daemon's learner) and becomes ready after its virtual compute time (stragglers are slower);
+3. the averaging algorithm runs over ``simulator.network.SimNetwork`` (``simulator.groups`` or
+   ``simulator.neighbours``) until every peer has its result or gave up at a deadline;
+4. peers apply their results; a metrics row is recorded.
+
+A round that has not ended ``round_limit`` virtual seconds after it began is ended by force
+(no round can hang). Nothing in a metrics row depends on wall-clock time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gossip.data import partition, peer_shards
+from gossip.learner import Learner, TrainConfig
+from gossip.privacy import PrivacyConfig, PrivacyUnit, plan_privacy
+from gossip.tasks import Task, make_task
+from murmur.errors import BudgetExhausted, ConfigError
+from simulator.budget import SharedAccountant, SimBudget
+from simulator.clock import new_virtual_loop
+from simulator.config import Scenario
+from simulator.groups import GroupRound, hash_groups
+from simulator.neighbours import NeighbourRound, topology
+from simulator.netmodel import Population
+from simulator.network import SimNetwork
+
+__all__ = ["COLUMNS", "RoundRecord", "RunResult", "Simulation", "build_task", "run_scenario"]
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One metrics row. Row 0 is the initial model, before any training.
+
+    ``accuracy`` and ``loss`` are the mean over the evaluated peers' own models on the held-out
+    split (``accuracy`` holds the task's metric, e.g. ROC AUC for ``credit``);
+    ``consensus_distance`` is the RMS L2 distance of the online peers' models to their mean;
+    ``epsilon`` the largest epsilon any peer spent; ``bytes_*`` and ``messages_*`` are totals
+    since the start; ``active_peers`` were online when the round began, ``dropped`` of them did
+    not have their contribution counted (left, straggled, lost messages, aborted group).
+    """
+
+    round: int
+    virtual_time_s: float
+    accuracy: float
+    loss: float
+    consensus_distance: float
+    epsilon: float
+    bytes_sent: int
+    bytes_received: int
+    active_peers: int
+    dropped: int
+    messages_sent: int
+    messages_lost: int
+
+
+COLUMNS: tuple[str, ...] = tuple(RoundRecord.__dataclass_fields__)
+"""Column names of the metrics files, in order."""
+
+
+@dataclass
+class RunResult:
+    """The records of one run and what it cost (wall time and memory are not in the records)."""
+
+    scenario: Scenario
+    records: list[RoundRecord]
+    wall_time_s: float
+    peak_rss_mib: float
+    metric_name: str
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def final(self) -> RoundRecord:
+        """The last round's record."""
+        return self.records[-1]
+
+    def summary(self) -> dict[str, Any]:
+        """Everything about the run that is not a per-round metric (JSON-friendly)."""
+        last = self.final()
+        return {
+            "scenario": self.scenario.to_dict(),
+            "metric_name": self.metric_name,
+            "wall_time_s": round(self.wall_time_s, 3),
+            "peak_rss_mib": round(self.peak_rss_mib, 1),
+            "virtual_time_s": last.virtual_time_s,
+            "final": asdict(last),
+            "stats": self.stats,
+        }
+
+
+def build_task(s: Scenario) -> Task:
+    """The scenario's learning task."""
+    options: dict[str, Any] = {"seed": s.seed}
+    if s.task in ("digits", "credit"):
+        options["model"] = s.model
+    elif s.model != "logreg":
+        raise ConfigError(f"model must be logreg for task {s.task}; got {s.model!r}")
+    return make_task(s.task, **options)
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class Simulation:
+    """One scenario's peers, network and learners; ``run()`` plays the rounds."""
+
+    def __init__(self, scenario: Scenario, task: Task | None = None) -> None:
+        self.scenario = scenario
+        self.task = task if task is not None else build_task(scenario)
+        self.learners = self._learners()
+        n = scenario.peers
+        self.population = Population(scenario, n, scenario.seed)
+        perm = np.random.default_rng([scenario.seed, 0x4556]).permutation(n)
+        self._eval_order: list[int] = perm.tolist()
+        self._eval_model = self.task.build_model(scenario.seed)
+
+    def _learners(self) -> list[Learner]:
+        s, task = self.scenario, self.task
+        n = s.peers
+        # More peers than rows/2: peers share shards (a systems experiment, not a privacy one).
+        parts_n = min(n, max(1, task.n_train // 2))
+        parts = partition(
+            task.y_train,
+            parts_n,
+            scheme=s.partition,  # type: ignore[arg-type]
+            alpha=s.alpha,
+            labels_per_peer=s.labels_per_peer,
+            min_samples=2 if parts_n * 2 <= task.n_train else 1,
+            seed=s.seed,
+        )
+        shards = peer_shards(task.x_train, task.y_train, parts)
+        train = TrainConfig(local_steps=s.local_steps, lr=s.lr, sample_rate=s.sample_rate)
+        unit = PrivacyUnit(s.privacy)
+        privacy = (
+            PrivacyConfig.none()
+            if unit is PrivacyUnit.NONE
+            else PrivacyConfig(
+                unit=unit,
+                epsilon=s.epsilon,
+                delta=s.delta,
+                clip=s.clip,
+                noise_multiplier=s.noise_multiplier or None,
+                rounds=s.rounds,
+            )
+        )
+        accountant = None
+        if unit is not PrivacyUnit.NONE:
+            plan = plan_privacy(privacy, local_steps=s.local_steps, sample_rate=s.sample_rate)
+            accountant = SharedAccountant(
+                plan,
+                delta=s.delta,
+                epsilon=s.epsilon,
+                max_count=None if s.noise_multiplier else s.rounds,
+            )
+        model = task.build_model(s.seed)
+        learners = []
+        for i in range(n):
+            x, y = shards[i % parts_n]
+            gen = torch.Generator().manual_seed(s.seed * 1_000_003 + i)
+            learners.append(
+                Learner(
+                    task.build_model(s.seed) if i == 0 else _clone(model),
+                    x,
+                    y,
+                    train=train,
+                    privacy=privacy,
+                    loss_fn=task.loss_fn,
+                    generator=gen,
+                    budget=None if accountant is None else SimBudget(accountant),
+                )
+            )
+        return learners
+
+    # ------------------------------------------------------------------ running
+
+    def run(self, on_round: Callable[[RoundRecord], None] | None = None) -> RunResult:
+        """Play every round on a virtual-clock loop; ``on_round`` sees each record as it lands."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # DESIGN.md: two threads made small steps 5-25x slower
+        start = time.perf_counter()
+        try:
+            with asyncio.Runner(loop_factory=new_virtual_loop) as runner:
+                records, stats = runner.run(self._main(on_round))
+        finally:
+            torch.set_num_threads(threads)
+        wall = time.perf_counter() - start
+        return RunResult(
+            self.scenario, records, wall, _peak_rss_mib(), self.task.metric_name, stats
+        )
+
+    async def _main(
+        self, on_round: Callable[[RoundRecord], None] | None
+    ) -> tuple[list[RoundRecord], dict[str, Any]]:
+        s = self.scenario
+        loop = asyncio.get_running_loop()
+        n = s.peers
+        online = self.population.online
+        net = SimNetwork(loop, s, n, online)
+        protocol: GroupRound | NeighbourRound
+        if s.algorithm in ("secure-group", "group"):
+            protocol = GroupRound(
+                net,
+                secure=s.algorithm == "secure-group",
+                timeout=s.stage_timeout_s,
+                threshold=s.threshold,
+                degree=s.degree,
+            )
+        else:
+            graph = (
+                topology(s.topology, n, s.topology_degree, s.seed) if s.algorithm == "dpsgd" else []
+            )
+            protocol = NeighbourRound(
+                net, s.algorithm, timeout=s.stage_timeout_s, seed=s.seed, graph=graph
+            )
+        records = [self._record(0, 0.0, net, n, 0)]
+        if on_round is not None:
+            on_round(records[0])
+        aborted = forced = 0
+        limit = s.compute_s * s.straggler_slowdown + 12 * s.stage_timeout_s + 60.0
+
+        def leave(p: int) -> None:
+            if online[p]:
+                online[p] = False
+                protocol.peer_left(p)
+
+        for rnd in range(1, s.rounds + 1):
+            t0 = loop.time()
+            leaving = self.population.round_start(t0)
+            active = [p for p in range(n) if online[p]]
+            contributions = {p: self._contribute(p) for p in active}
+            ready = {p: t0 + self.population.compute_time(p) for p in active}
+            finished = loop.create_future()
+
+            def done(fut: asyncio.Future[None] = finished) -> None:
+                if not fut.done():
+                    fut.set_result(None)
+
+            if isinstance(protocol, GroupRound):
+                groups = hash_groups(active, net.raw_ids, s.group_size, s.seed, rnd)
+                protocol.begin(rnd, groups, contributions, ready, done)
+            else:
+                protocol.begin(rnd, active, contributions, ready, done)
+            for p, when in leaving:
+                net.call_at(when, leave, p)
+            cap = loop.call_at(t0 + limit, protocol.force_finish)
+            await finished
+            if not cap.cancelled() and loop.time() >= t0 + limit:
+                forced += 1
+            cap.cancel()
+            for p, theta in protocol.results.items():
+                self.learners[p].apply_result(theta)
+            if isinstance(protocol, GroupRound):
+                aborted += protocol.aborted_groups
+            dropped = len(active) - len(protocol.counted & set(active))
+            record = self._record(rnd, loop.time(), net, len(active), dropped)
+            records.append(record)
+            if on_round is not None:
+                on_round(record)
+        stats = {
+            "timers": net.timers,
+            "refused": net.refused,
+            "messages_delivered": net.messages_delivered,
+            "aborted_groups": aborted,
+            "forced_rounds": forced,
+        }
+        return records, stats
+
+    def _contribute(self, p: int) -> tuple[Tensor, float]:
+        learner = self.learners[p]
+        try:
+            c = learner.local_update()
+        except BudgetExhausted:
+            return learner.theta, 0.0  # keeps taking part, contributes nothing
+        return c.vector, c.weight
+
+    # ------------------------------------------------------------------ metrics
+
+    def _record(
+        self, rnd: int, now: float, net: SimNetwork, active: int, dropped: int
+    ) -> RoundRecord:
+        s = self.scenario
+        online = [p for p in range(s.peers) if self.population.online[p]]
+        if not online:
+            online = list(range(s.peers))
+        up = set(online)
+        chosen = [p for p in self._eval_order if p in up]
+        if s.eval_peers:
+            chosen = chosen[: s.eval_peers]
+        losses, metrics = [], []
+        layout = self.learners[0].layout
+        from gossip.model import restore
+
+        for p in chosen:
+            restore(self._eval_model, self.learners[p]._theta, layout)
+            ev = self.task.evaluate(self._eval_model)
+            losses.append(ev.loss)
+            metrics.append(ev.metric)
+        thetas = torch.stack([self.learners[p]._theta for p in online]).double()
+        spread = thetas - thetas.mean(dim=0, keepdim=True)
+        consensus = float(spread.pow(2).sum(dim=1).mean().sqrt())
+        most = max(online, key=lambda p: (self.learners[p].rounds_contributed, -p))
+        eps = self.learners[most].epsilon_spent
+        return RoundRecord(
+            round=rnd,
+            virtual_time_s=round(now, 6),
+            accuracy=_r(float(np.mean(metrics))),
+            loss=_r(float(np.mean(losses))),
+            consensus_distance=_r(consensus),
+            epsilon=_r(eps),
+            bytes_sent=net.bytes_sent,
+            bytes_received=net.bytes_received,
+            active_peers=active if rnd else len(online),
+            dropped=dropped,
+            messages_sent=net.messages_sent,
+            messages_lost=net.messages_lost,
+        )
+
+
+def _r(x: float) -> float:
+    return x if not math.isfinite(x) else round(x, 6)
+
+
+def _clone(model: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def run_scenario(
+    scenario: Scenario, *, on_round: Callable[[RoundRecord], None] | None = None
+) -> RunResult:
+    """Build and run ``scenario``; the one-call API."""
+    return Simulation(scenario).run(on_round)

@@ -1,0 +1,112 @@
+"""Messages of the simulator's plaintext baselines, the wire registry, and message sizes.
+
+The secure group uses ``mpc``'s own messages; the plaintext group all-reduce and the
+neighbour-averaging baselines (pairwise, push-sum, D-PSGD) use the small dataclasses here, in
+the same codec-checked form as every wire message, so ``wire`` fidelity encodes them for real.
+
+``wire_size`` is the exact size in bytes of a message's authenticated envelope, computed without
+copying a tensor or running any cryptography: the body length from ``p2p.codec``'s own
+``encode_body_parts`` (msgpack of the small fields; tensors are only measured) plus the
+envelope framing, header and tags as ``p2p.envelope`` lays them out. Both fidelity levels count
+bytes with it (``wire`` also checks it against the real encoding in the tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import msgpack
+from torch import Tensor
+
+from mpc.messages import MESSAGE_TYPES as MPC_MESSAGE_TYPES
+from p2p.codec import TENSOR_ALIGN, encode_body_parts
+from p2p.envelope import Auth
+from p2p.messages import MESSAGE_TYPES as P2P_MESSAGE_TYPES
+from p2p.messages import build_registry
+
+__all__ = [
+    "SIM_MESSAGE_TYPES",
+    "ModelShare",
+    "PlainChunk",
+    "PlainSum",
+    "auth_for",
+    "registry",
+    "wire_size",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class PlainChunk:
+    """Plaintext group all-reduce: chunk ``chunk`` of the sender's weighted model, and weight."""
+
+    TYPE: ClassVar[str] = "sim.plain_chunk"
+    group: bytes
+    round: int
+    chunk: int
+    data: Tensor
+    weight: float
+
+
+@dataclass(frozen=True, slots=True)
+class PlainSum:
+    """Plaintext group all-reduce: the reducer's sum of chunk ``chunk`` and of the weights."""
+
+    TYPE: ClassVar[str] = "sim.plain_sum"
+    group: bytes
+    round: int
+    chunk: int
+    data: Tensor
+    weight: float
+
+
+@dataclass(frozen=True, slots=True)
+class ModelShare:
+    """Neighbour averaging (pairwise, push-sum, D-PSGD): a model vector and a weight."""
+
+    TYPE: ClassVar[str] = "sim.model_share"
+    round: int
+    data: Tensor
+    weight: float
+
+
+SIM_MESSAGE_TYPES: tuple[type, ...] = (PlainChunk, PlainSum, ModelShare)
+
+
+def registry() -> Mapping[str, type]:
+    """Tag -> class for every message a simulated peer may receive (p2p, mpc, simulator)."""
+    classes = [*P2P_MESSAGE_TYPES.values()]
+    classes += [c for c in MPC_MESSAGE_TYPES.values() if c not in classes]
+    classes += [c for c in SIM_MESSAGE_TYPES if c not in classes]
+    return build_registry(classes)
+
+
+def auth_for(message: object) -> Auth:
+    """How the daemon authenticates ``message``: sealed if it carries secrets, else a MAC."""
+    return Auth.SEALED if getattr(message, "SECRET", False) else Auth.MAC
+
+
+_PREFIX_BYTES = 12
+_DOOR_BYTES = 16
+_TAG_BYTES = {Auth.SIGNED: 64, Auth.SEALED: 16, Auth.MAC: 16}
+_HEADERS: dict[tuple[str, bool], int] = {}
+
+
+def _header_bytes(tag: str, recipient: bool) -> int:
+    key = (tag, recipient)
+    size = _HEADERS.get(key)
+    if size is None:
+        fields: list[Any] = [tag, bytes(32), bytes(32) if recipient else None, 0.0, bytes(24), b""]
+        size = _HEADERS[key] = len(msgpack.packb(fields, use_bin_type=True))
+    return size
+
+
+def wire_size(message: object, auth: Auth = Auth.MAC, *, recipient: bool = True) -> int:
+    """The exact length of ``message``'s envelope as ``p2p.envelope.EnvelopeCodec`` encodes it."""
+    parts, body = encode_body_parts(message)
+    tag_len = _TAG_BYTES[Auth(auth)]
+    header = _header_bytes(type(message).TYPE, recipient)  # type: ignore[attr-defined]
+    if len(parts) > 2:  # tensors: the codec pads the header so the body is aligned
+        header += (-(_PREFIX_BYTES + header + tag_len + _DOOR_BYTES)) % TENSOR_ALIGN
+    return _PREFIX_BYTES + header + tag_len + _DOOR_BYTES + body

@@ -1,0 +1,112 @@
+"""Network and population models: latency, bandwidth, loss, partitions, churn, stragglers.
+
+Everything random here is drawn from ``random.Random`` / numpy generators seeded from the
+scenario's seed, in an order fixed by the (deterministic) order of events, so a run replays
+exactly. Models:
+
+* latency of one message from ``s`` to ``r``: the link's mean ``(a_s + a_r) / 2`` where each
+  peer's access latency ``a`` is ``latency_ms`` times a lognormal factor (``link_spread``), then
+  per message a draw from ``latency_dist`` around that mean with spread ``latency_jitter_ms``;
+* bandwidth: each peer's uplink is ``bandwidth_mbps`` times a lognormal factor; a message
+  occupies the sender's uplink for ``size / bandwidth`` (messages queue behind each other);
+* loss: each message is lost with probability ``loss``;
+* partition: during ``[partition_start_s, partition_end_s)`` a fixed ``partition_fraction`` of
+  the peers cannot exchange messages with the rest;
+* churn: at each round start every online peer leaves with probability ``churn`` (at a uniform
+  time within ``churn_window_s``) and every offline peer rejoins with probability ``rejoin``;
+* stragglers: a fixed ``stragglers`` fraction of peers takes ``straggler_slowdown`` times the
+  ``compute_s`` of local training.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+
+from simulator.config import Scenario
+
+__all__ = ["NetModel", "Population"]
+
+
+class NetModel:
+    """Per-message latency, per-peer bandwidth, loss and partitions for ``n`` peers."""
+
+    def __init__(self, scenario: Scenario, n: int, seed: int) -> None:
+        s = scenario
+        gen = np.random.default_rng([seed, 0x4E4554])
+        spread = s.link_spread
+        # A mean-preserving lognormal factor per peer.
+        access = s.latency_ms / 1000.0 * np.exp(spread * gen.standard_normal(n) - spread**2 / 2)
+        self.access: list[float] = access.tolist()
+        bw = s.bandwidth_mbps * 1e6 / 8.0 * np.exp(s.bandwidth_spread * gen.standard_normal(n))
+        self.seconds_per_byte: list[float] = (1.0 / bw).tolist()
+        self.loss = s.loss
+        self.jitter = s.latency_jitter_ms / 1000.0
+        self.dist = s.latency_dist
+        self.partition = (s.partition_start_s, s.partition_end_s)
+        cut = gen.permutation(n)[: round(s.partition_fraction * n)]
+        self.side = np.zeros(n, dtype=bool)
+        self.side[cut] = True
+        self.rng = random.Random(seed * 7919 + 17)
+
+    def latency(self, sender: int, recipient: int) -> float:
+        """One message's latency in seconds, drawn from the link's distribution."""
+        mean = 0.5 * (self.access[sender] + self.access[recipient])
+        j, dist = self.jitter, self.dist
+        if dist == "constant" or j == 0.0:
+            return mean
+        rng = self.rng
+        if dist == "uniform":
+            value = mean + (rng.random() * 2.0 - 1.0) * j
+        elif dist == "normal":
+            value = rng.gauss(mean, j)
+        elif dist == "exponential":
+            value = mean - j + rng.expovariate(1.0 / j) if mean > j else rng.expovariate(1 / mean)
+        else:  # lognormal with this mean and standard deviation
+            if mean <= 0.0:
+                return 0.0
+            sigma2 = math.log1p((j / mean) ** 2)
+            value = rng.lognormvariate(math.log(mean) - sigma2 / 2.0, math.sqrt(sigma2))
+        return value if value > 0.0 else 0.0
+
+    def lost(self) -> bool:
+        """Whether the next message is lost."""
+        return self.loss > 0.0 and self.rng.random() < self.loss
+
+    def partitioned(self, sender: int, recipient: int, now: float) -> bool:
+        """Whether a partition separates the two peers at virtual time ``now``."""
+        start, end = self.partition
+        return start <= now < end and bool(self.side[sender] != self.side[recipient])
+
+
+class Population:
+    """Who is online, who leaves when, and how long each peer computes."""
+
+    def __init__(self, scenario: Scenario, n: int, seed: int) -> None:
+        self.scenario = scenario
+        gen = np.random.default_rng([seed, 0x504F50])
+        self.online = [True] * n
+        slow = np.zeros(n, dtype=bool)
+        slow[gen.permutation(n)[: round(scenario.stragglers * n)]] = True
+        self.straggler: list[bool] = slow.tolist()
+        self.rng = random.Random(seed * 104729 + 3)
+
+    def round_start(self, now: float) -> list[tuple[int, float]]:
+        """Apply rejoins and pick this round's leavers; returns ``[(peer, leave_time), ...]``."""
+        s, rng = self.scenario, self.rng
+        leaving: list[tuple[int, float]] = []
+        for i, up in enumerate(self.online):
+            if not up:
+                if rng.random() < s.rejoin:
+                    self.online[i] = True
+            elif s.churn > 0.0 and rng.random() < s.churn:
+                leaving.append((i, now + rng.random() * s.churn_window_s))
+        return leaving
+
+    def compute_time(self, peer: int) -> float:
+        """Virtual seconds of local training for ``peer`` this round (with 10% jitter)."""
+        s = self.scenario
+        base = s.compute_s * (s.straggler_slowdown if self.straggler[peer] else 1.0)
+        return base * (0.9 + 0.2 * self.rng.random())
