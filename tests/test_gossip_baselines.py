@@ -1,0 +1,232 @@
+"""Baselines over p2p's in-memory transport on a virtual clock: push-sum, pairwise, D-PSGD."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+import networkx as nx
+import pytest
+import torch
+
+from gossip.allreduce import Averager, AverageResult, GroupAverager
+from gossip.baselines import (
+    AVERAGERS,
+    Dpsgd,
+    PairwiseGossip,
+    PushSum,
+    build_averager,
+    metropolis_weights,
+    topology,
+)
+from gossip.network import StaticView, TransportNetwork
+from murmur.errors import ConfigError
+from p2p.envelope import EnvelopeCodec
+from p2p.identity import Identity
+from p2p.transport.memory import MemoryNetwork, MemoryTransport
+from simulator.clock import new_virtual_loop
+
+
+def run(coro_fn: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+    with asyncio.Runner(loop_factory=new_virtual_loop) as runner:
+        return runner.run(coro_fn())
+
+
+def make(
+    n: int, seed: int = 0
+) -> tuple[list[TransportNetwork], list[MemoryTransport], list[Identity]]:
+    memory = MemoryNetwork()
+    idents = [
+        Identity.from_seed(hashlib.sha256(f"bl{seed}-{i}".encode()).digest()) for i in range(n)
+    ]
+    transports = [MemoryTransport(EnvelopeCodec(i), memory) for i in idents]
+    for t in transports:
+        for u in transports:
+            t.set_addresses(u.local_id, u.addresses)
+    view = StaticView([i.peer_id for i in idents])
+    return [TransportNetwork(t, view) for t in transports], transports, idents
+
+
+def distance(vectors: Sequence[torch.Tensor]) -> float:
+    stacked = torch.stack([v.double() for v in vectors])
+    return float((stacked - stacked.mean(dim=0)).norm(dim=1).pow(2).mean().sqrt())
+
+
+async def rounds(
+    averagers: Sequence[Averager],
+    xs: list[torch.Tensor],
+    ws: list[float],
+    count: int,
+    stop: float | None = None,
+) -> tuple[list[torch.Tensor], list[float], list[float]]:
+    d = [distance(xs)]
+    for rnd in range(count):
+        out = await asyncio.gather(
+            *(a.average(x, w, rnd) for a, x, w in zip(averagers, xs, ws, strict=True))
+        )
+        xs = [r.vector for r in out]
+        ws = [r.weight for r in out]
+        d.append(distance(xs))
+        if stop is not None and d[-1] < stop * d[0]:
+            break
+    return xs, ws, d
+
+
+def test_push_sum_32_peers_reach_the_weighted_mean() -> None:
+    gen = torch.Generator().manual_seed(1)
+    n = 32
+    xs = [torch.randn(8, generator=gen, dtype=torch.float64) for _ in range(n)]
+    ws = [float(w) for w in torch.randint(1, 10, (n,), generator=gen)]
+    target = sum(x * w for x, w in zip(xs, ws, strict=True)) / sum(ws)
+
+    async def main() -> tuple[list[torch.Tensor], list[float], list[float]]:
+        nets, transports, _ = make(n, 1)
+        avg = [PushSum(net, rng=random.Random(i)) for i, net in enumerate(nets)]
+        out = await rounds(avg, xs, ws, 200, stop=1e-6)
+        for t in transports:
+            await t.aclose()
+        return out
+
+    final, _, d = run(main)
+    assert d[-1] < 1e-6 * d[0]
+    assert len(d) - 1 <= 200
+    for x in final:  # mass conservation: the consensus is the weighted mean
+        assert torch.allclose(x, target, atol=1e-5)
+
+
+def test_push_sum_on_a_directed_ring_converges() -> None:
+    """Links only go one way (i -> i+1): push-sum needs no reply and no symmetric link."""
+    n = 6
+    xs = [torch.full((3,), float(i)) for i in range(n)]
+
+    async def main() -> list[float]:
+        nets, transports, idents = make(n, 2)
+        ids = [i.peer_id for i in idents]
+        graph = nx.DiGraph([(i, (i + 1) % n) for i in range(n)])
+        avg = [
+            PushSum(net, out_neighbours=lambda i=i: [ids[j] for j in graph.successors(i)])
+            for i, net in enumerate(nets)
+        ]
+        _, _, d = await rounds(avg, xs, [1.0] * n, 80)
+        for t in transports:
+            await t.aclose()
+        return d
+
+    d = run(main)
+    assert d[-1] < 1e-3 * d[0]
+
+
+def test_push_sum_keeps_the_share_it_could_not_deliver() -> None:
+    async def main() -> AverageResult:
+        nets, transports, _ = make(2, 3)
+        await transports[1].aclose()  # the only out-neighbour is gone
+        result = await PushSum(nets[0]).average(torch.tensor([2.0, 4.0]), 3.0, 0)
+        await transports[0].aclose()
+        return result
+
+    r = run(main)
+    assert torch.equal(r.vector, torch.tensor([2.0, 4.0])) and r.weight == 3.0
+
+
+def test_pairwise_gossip_conserves_the_total_and_contracts() -> None:
+    gen = torch.Generator().manual_seed(4)
+    n = 16
+    xs = [torch.randn(5, generator=gen, dtype=torch.float64) for _ in range(n)]
+    ws = [1.0 + i for i in range(n)]
+    total = sum(x * w for x, w in zip(xs, ws, strict=True))
+
+    async def main() -> tuple[list[torch.Tensor], list[float], list[float]]:
+        nets, transports, _ = make(n, 4)
+        avg = [PairwiseGossip(net, rng=random.Random(i)) for i, net in enumerate(nets)]
+        out = await rounds(avg, xs, ws, 25)
+        assert sum(a.exchanges for a in avg) > 0
+        for t in transports:
+            await t.aclose()
+        return out
+
+    final, weights, d = run(main)
+    assert d[-1] < 0.05 * d[0]
+    after = sum(x * w for x, w in zip(final, weights, strict=True))
+    assert torch.allclose(after, total, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["ring", "random_regular", "erdos_renyi"])
+def test_dpsgd_on_a_fixed_topology_keeps_the_mean(kind: str) -> None:
+    n = 12
+    gen = torch.Generator().manual_seed(5)
+    xs = [torch.randn(4, generator=gen, dtype=torch.float64) for _ in range(n)]
+    mean = torch.stack(xs).mean(dim=0)
+    graph = topology(kind, n, degree=3 + 1, p=0.4, seed=3)
+
+    async def main() -> tuple[list[torch.Tensor], list[float]]:
+        nets, transports, idents = make(n, 5)
+        ids = sorted((i.peer_id for i in idents), key=lambda p: p.raw)
+        avg = [Dpsgd(net, metropolis_weights(graph, ids, net.local_id)) for net in nets]
+        final, _, d = await rounds(avg, xs, [1.0] * n, 30)
+        assert all(a.missed == 0 for a in avg)
+        for t in transports:
+            await t.aclose()
+        return final, d
+
+    final, d = run(main)
+    assert d[-1] < 0.5 * d[0]
+    assert torch.allclose(torch.stack(final).mean(dim=0), mean, atol=1e-12)
+
+
+def test_dpsgd_skips_a_silent_neighbour_by_its_deadline() -> None:
+    async def main() -> tuple[AverageResult, int, float]:
+        nets, transports, idents = make(3, 6)
+        ids = [i.peer_id for i in idents]
+        graph = topology("ring", 3)
+        avg = Dpsgd(nets[0], metropolis_weights(graph, ids, ids[0]), timeout_s=0.5)
+        Dpsgd(nets[1], metropolis_weights(graph, ids, ids[1]))  # registered, never averages
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        result = await avg.average(torch.ones(2), 1.0, 0)
+        elapsed = loop.time() - start
+        for t in transports:
+            await t.aclose()
+        return result, avg.missed, elapsed
+
+    result, missed, elapsed = run(main)
+    assert missed == 2 and result.group_size == 1 and elapsed == pytest.approx(0.5)
+    assert torch.equal(result.vector, torch.ones(2))
+
+
+def test_topologies_are_checked() -> None:
+    with pytest.raises(ConfigError):
+        topology("torus", 5)
+    with pytest.raises(ConfigError):
+        topology("random_regular", 5, degree=3)  # odd degree x odd n
+    with pytest.raises(ConfigError):
+        topology("erdos_renyi", 30, p=0.01, seed=1)  # disconnected
+    g = topology("ring", 5)
+    assert nx.is_connected(g) and all(d == 2 for _, d in g.degree)
+
+
+def test_build_averager_by_name() -> None:
+    async def main() -> list[str]:
+        names = []
+        for k, name in enumerate(AVERAGERS):
+            nets, transports, idents = make(3, 100 + k)  # each averager registers handlers
+            avg = build_averager(
+                name,
+                nets[0],
+                identity=idents[0],
+                graph=topology("ring", 3),
+                peers=[i.peer_id for i in idents],
+            )
+            names.append(avg.name)
+            assert isinstance(avg, GroupAverager) == (name in ("secure", "plain"))
+            with pytest.raises(ConfigError):
+                build_averager("best", nets[1])
+            with pytest.raises(ConfigError):
+                build_averager("secure", nets[1])  # needs the identity
+            for t in transports:
+                await t.aclose()
+        return names
+
+    assert run(main) == list(AVERAGERS)
