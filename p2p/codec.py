@@ -405,7 +405,10 @@ def encode_body(message: object) -> bytes:
 
 def decode_body_as(cls: type, data: Buffer) -> Any:
     """Decode body bytes as an instance of ``cls``. Raises only ``MalformedMessage``."""
-    view = memoryview(data).cast("B")
+    try:
+        view = memoryview(data).cast("B")
+    except (TypeError, ValueError) as exc:
+        raise MalformedMessage("body is not a contiguous byte buffer") from exc
     if view.nbytes < _PREFIX.size:
         raise MalformedMessage("body is truncated")
     size, pad = _PREFIX.unpack_from(view, 0)

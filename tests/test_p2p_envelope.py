@@ -444,3 +444,23 @@ def test_secret_messages_travel_sealed_only(auth: Auth) -> None:
 class SecretLookalike:
     TYPE: ClassVar[str] = "test_secret"
     share: bytes
+
+
+@pytest.mark.parametrize("auth", list(Auth))
+def test_door_refuses_before_any_expensive_work(
+    auth: Auth, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import p2p.envelope as envelope
+
+    member = make(BOB, network_key=b"k" * 32)
+    data = make(ALICE).encode(Blob(torch.zeros(10_000), "big"), recipient=BOB.peer_id, auth=auth)
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("expensive work before the door check")
+
+    for name in ("verify_signature", "decode_body_as", "Poly1305"):
+        monkeypatch.setattr(envelope, name, forbidden)
+    monkeypatch.setattr(envelope.msgpack, "unpackb", forbidden)
+    monkeypatch.setattr(envelope.nacl.bindings, "crypto_secretbox_open_easy", forbidden)
+    monkeypatch.setattr(Identity, "pair_key", forbidden)
+    refused(Unauthorized, RefusalCode.UNAUTHORIZED, lambda: member.decode(data))
