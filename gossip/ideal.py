@@ -165,7 +165,8 @@ def train_centralized(
         raise ConfigError("steps and batch_size must be at least 1")
     model = task.build_model(seed)
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    params = [p for p in model.parameters() if p.requires_grad]
+    velocity = [torch.zeros_like(p) for p in params]
     n = task.n_train
     per_epoch = max(1, math.ceil(n / batch_size))
     model.train()
@@ -174,7 +175,10 @@ def train_centralized(
         if s % per_epoch == 0 and s > 0:
             order = torch.randperm(n, generator=gen)
         idx = order[(s % per_epoch) * batch_size : (s % per_epoch + 1) * batch_size]
-        opt.zero_grad()
+        model.zero_grad(set_to_none=True)
         torch.autograd.backward(task.loss_fn(model(task.x_train[idx]), task.y_train[idx]))
-        opt.step()
+        with torch.no_grad():  # plain SGD by hand: torch.optim's first step imports seconds of code
+            for p, v in zip(params, velocity, strict=True):
+                if p.grad is not None:
+                    p.sub_(v.mul_(momentum).add_(p.grad), alpha=lr)
     return task.evaluate(model)
