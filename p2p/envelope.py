@@ -2,7 +2,7 @@
 
 Layout (integers little-endian)::
 
-    prefix (12) | header (H) | auth tag (T) | door tag (16) | body (B)
+    prefix (12) | header (H) | door tag (16) | auth tag (T) | body (B)
     prefix = b"MRM" | version u8 | auth u8 | 0 u8 | H u16 | B u32
     header = msgpack [type, sender (32), recipient (32) | nil, timestamp, nonce (24), pad]
 
@@ -17,7 +17,10 @@ Authentication, by ``Auth``:
 * ``SEALED``: T = 16, NaCl ``SecretBox`` (XSalsa20-Poly1305) of the body under the link key,
   whose 24-byte nonce is ``BLAKE2b-192(prefix | header)``: any change to the prefix or header
   changes the nonce and the seal fails, so the header is authenticated as associated data.
-  Authenticated encryption: for secrets (shares) and small messages.
+  Authenticated encryption: for secrets (shares) and small messages. The SecretBox output
+  (MAC, then ciphertext) is exactly ``auth tag | body``, so sealing and opening run in place
+  through libsodium (PyNaCl's ``nacl._sodium``): no copies beyond the one into the envelope,
+  and opened tensors alias the fresh plaintext buffer.
 * ``MAC``: T = 16, Poly1305 over ``prefix | header | body`` with a one-time key
   ``BLAKE2b-256(key=link key, person="murmur-mac-v1", data=nonce)``. Integrity without secrecy
   at near memcpy speed, for large bodies (masked vectors). The random nonce makes every
@@ -30,7 +33,7 @@ directions use it, and the sender and recipient fields in the authenticated head
 message from being reflected back.
 
 Network key (optional pre-shared key, like libp2p's PSK). The door tag is
-``BLAKE2b-128(key=door_key, person="murmur-door-v1", data=prefix | header | auth tag)``,
+``BLAKE2b-128(key=door_key, person="murmur-door-v1", data=prefix | header | auth tag)``
 with ``door_key`` derived from the network key, or a fixed public constant on an open network.
 It is checked right after the cheap framing checks, before any msgpack decoding, public-key
 operation or pass over the body; a peer without the key (or with another key, or on an open
@@ -66,10 +69,10 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import msgpack
-import nacl.bindings
-import nacl.exceptions
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.poly1305 import Poly1305
+from nacl._sodium import ffi as _ffi  # in-place SecretBox: PyNaCl's public API copies twice
+from nacl._sodium import lib as _lib
 
 from murmur.errors import (
     BadSeal,
@@ -125,6 +128,23 @@ class Received:
 
 def _blake(data: bytes, *, size: int, key: bytes = b"", person: bytes = b"") -> bytes:
     return hashlib.blake2b(data, digest_size=size, key=key, person=person).digest()
+
+
+def _seal_in_place(out: bytearray, start: int, length: int, nonce: bytes, key: bytes) -> None:
+    """Encrypt ``out[start + 16 : start + 16 + length]`` in place; the MAC goes before it."""
+    buf = _ffi.from_buffer("unsigned char[]", out)
+    if _lib.crypto_secretbox_easy(buf + start, buf + start + 16, length, nonce, key) != 0:
+        raise RuntimeError("crypto_secretbox_easy failed")
+
+
+def _open(boxed: memoryview, nonce: bytes, key: bytes) -> bytearray:
+    """Open ``MAC | ciphertext`` into a fresh writable buffer; ``BadSeal`` if it fails."""
+    plain = bytearray(boxed.nbytes - 16)
+    out = _ffi.from_buffer("unsigned char[]", plain)
+    src = _ffi.from_buffer("unsigned char[]", boxed)
+    if _lib.crypto_secretbox_open_easy(out, src, boxed.nbytes, nonce, key) != 0:
+        raise BadSeal("seal does not verify")
+    return plain
 
 
 def _required(recipient: PeerId | None) -> PeerId:
@@ -187,8 +207,14 @@ class EnvelopeCodec:
                 self._link_keys[other] = key
         return key
 
-    def _door(self, data: bytes | memoryview) -> bytes:
-        return _blake(bytes(data), size=_DOOR_BYTES, key=self._door_key, person=b"murmur-door-v1")
+    def _door(self, head: bytes | memoryview, auth_tag: bytes | memoryview) -> bytes:
+        """The door tag over ``prefix | header`` (``head``) and the auth tag."""
+        door = hashlib.blake2b(
+            digest_size=_DOOR_BYTES, key=self._door_key, person=b"murmur-door-v1"
+        )
+        door.update(head)
+        door.update(auth_tag)
+        return door.digest()
 
     # ------------------------------------------------------------------ encode
 
@@ -235,28 +261,38 @@ class EnvelopeCodec:
         if len(header) > _MAX_HEADER:
             raise MalformedMessage("envelope header too long (type tag?)")
         prefix = _PREFIX.pack(_MAGIC, VERSION, auth, 0, len(header), body_len)
-        body: list[bytes | memoryview] = parts
+        if auth == Auth.SEALED:
+            return self._encode_sealed(prefix + header, parts, total, _required(recipient))
         if auth == Auth.SIGNED:
             digest = hashlib.blake2b(digest_size=32)
             for part in parts:
                 digest.update(part)
             auth_tag = self.identity.sign(_SIG_DOMAIN + prefix + header + digest.digest())
-        elif auth == Auth.MAC:
+        else:
             mac = Poly1305(self._mac_key(_required(recipient), nonce))
             mac.update(prefix)
             mac.update(header)
             for part in parts:
                 mac.update(part)
             auth_tag = mac.finalize()
-        else:
-            boxed = nacl.bindings.crypto_secretbox_easy(
-                b"".join(parts),
-                _blake(prefix + header, size=24),
-                self._link_key(_required(recipient)),
-            )
-            auth_tag, body = boxed[:16], [memoryview(boxed)[16:]]
-        door = self._door(prefix + header + auth_tag)
-        return b"".join([prefix, header, auth_tag, door, *body])
+        head = prefix + header
+        return b"".join([head, self._door(head, auth_tag), auth_tag, *parts])
+
+    def _encode_sealed(
+        self, head: bytes, parts: list[bytes | memoryview], total: int, recipient: PeerId
+    ) -> bytes:
+        out = bytearray(total)
+        out[: len(head)] = head
+        tag_start = len(head) + _DOOR_BYTES
+        pos = tag_start + 16
+        for part in parts:
+            size = memoryview(part).nbytes
+            out[pos : pos + size] = part
+            pos += size
+        body_len = pos - tag_start - 16
+        _seal_in_place(out, tag_start, body_len, _blake(head, size=24), self._link_key(recipient))
+        out[len(head) : tag_start] = self._door(head, memoryview(out)[tag_start : tag_start + 16])
+        return bytes(out)
 
     def _mac_key(self, other: PeerId, nonce: bytes) -> bytes:
         return _blake(nonce, size=32, key=self._link_key(other), person=b"murmur-mac-v1")
@@ -273,10 +309,11 @@ class EnvelopeCodec:
         if size > self.max_message_size:
             raise MessageTooLarge(f"envelope is {size} bytes, cap {self.max_message_size}")
         auth, header_len, _ = self._framing(view)
-        tag_len = _TAG_BYTES[auth]
         head_end = _PREFIX.size + header_len
-        tag_end = head_end + tag_len
-        if not hmac.compare_digest(self._door(view[:tag_end]), view[tag_end : tag_end + 16]):
+        door_end = head_end + _DOOR_BYTES
+        tag_end = door_end + _TAG_BYTES[auth]
+        door = self._door(view[:head_end], view[door_end:tag_end])
+        if not hmac.compare_digest(door, view[head_end:door_end]):
             raise Unauthorized("wrong or missing network key")
         cls, sender, recipient, timestamp, nonce = self._header(view[_PREFIX.size : head_end])
         if getattr(cls, "SECRET", False) and auth != Auth.SEALED:
@@ -355,8 +392,9 @@ class EnvelopeCodec:
         tag_end: int,
     ) -> memoryview:
         """Verify the auth tag; return the (plaintext) body."""
-        auth_tag = bytes(view[head_end:tag_end])
-        body = view[tag_end + _DOOR_BYTES :]
+        tag_start = tag_end - _TAG_BYTES[auth]
+        auth_tag = bytes(view[tag_start:tag_end])
+        body = view[tag_end:]
         if auth == Auth.SIGNED:
             signed = (
                 _SIG_DOMAIN
@@ -378,10 +416,4 @@ class EnvelopeCodec:
             except InvalidSignature as exc:
                 raise BadSeal("MAC does not verify") from exc
             return body
-        try:
-            plain: bytes = nacl.bindings.crypto_secretbox_open_easy(
-                b"".join((auth_tag, body)), _blake(bytes(view[:head_end]), size=24), link
-            )
-        except (nacl.exceptions.CryptoError, ValueError, TypeError) as exc:
-            raise BadSeal("seal does not verify") from exc
-        return memoryview(plain)
+        return memoryview(_open(view[tag_start:], _blake(bytes(view[:head_end]), size=24), link))

@@ -69,14 +69,17 @@ def _redoor(codec: EnvelopeCodec, data: bytes) -> bytes:
     if len(data) < PREFIX.size:
         return data
     magic, version, auth, flags, header_len, _ = PREFIX.unpack_from(data, 0)
-    tag_end = PREFIX.size + header_len + TAGS.get(auth, 16)
-    if tag_end + 16 > len(data):
+    head_end = PREFIX.size + header_len
+    tag_end = head_end + 16 + TAGS.get(auth, 16)
+    if tag_end > len(data):
         return data
-    body_len = len(data) - tag_end - 16
+    body_len = len(data) - tag_end
     head = (
-        PREFIX.pack(magic, version, auth, flags, header_len, body_len) + data[PREFIX.size : tag_end]
+        PREFIX.pack(magic, version, auth, flags, header_len, body_len)
+        + data[PREFIX.size : head_end]
     )
-    return head + codec._door(head) + data[tag_end + 16 :]
+    tag = data[head_end + 16 : tag_end]
+    return head + codec._door(head, tag) + tag + data[tag_end:]
 
 
 def test_fuzz_mutated_envelopes() -> None:
