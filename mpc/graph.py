@@ -61,6 +61,17 @@ def mask_graph(
     if degree is None or degree >= n - 1:
         everyone = frozenset(ids)
         return {m: everyone - {m} for m in ids}
-    graph_seed = derive(seed, GRAPH_LABEL, u64(n), u64(degree), *ids)
-    graph = nx.random_regular_graph(degree, n, seed=int.from_bytes(graph_seed[:16], "big"))
-    return {ids[i]: frozenset(ids[j] for j in graph.neighbors(i)) for i in range(n)}
+    graph_seed = int.from_bytes(derive(seed, GRAPH_LABEL, u64(n), u64(degree), *ids)[:16], "big")
+    # networkx's pairing method stalls on dense graphs (d > n/2 took minutes at n = 60):
+    # draw the sparse complement instead; the complement of a random (n-1-d)-regular graph
+    # is a random d-regular graph. n * (n-1-d) is even whenever n * d is.
+    dense = 2 * degree > n - 1
+    graph = nx.random_regular_graph(n - 1 - degree if dense else degree, n, seed=graph_seed)
+    indices = frozenset(range(n))
+    result: dict[bytes, frozenset[bytes]] = {}
+    for i in range(n):
+        near = frozenset(graph.neighbors(i))
+        if dense:
+            near = indices - near - {i}
+        result[ids[i]] = frozenset(ids[j] for j in near)
+    return result

@@ -76,6 +76,14 @@ def test_odd_n_times_degree_raises_the_degree() -> None:
     assert {len(v) for v in g.values()} == {4}
 
 
+@pytest.mark.parametrize(("n", "degree"), [(60, 57), (60, 50), (61, 40), (120, 100)])
+def test_dense_graphs_are_drawn_quickly_and_regular(n: int, degree: int) -> None:
+    """networkx's pairing method stalls on dense graphs; mask_graph draws the complement."""
+    g = graph.mask_graph(_members(n), degree=degree, seed=SEED)
+    assert {len(v) for v in g.values()} == {degree}
+    assert all(m in g[v] for m, vs in g.items() for v in vs)
+
+
 def test_complete_graph_cases() -> None:
     members = _members(6)
     everyone = set(members)
