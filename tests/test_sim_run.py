@@ -1,0 +1,168 @@
+"""Whole simulated runs: determinism, virtual time, churn, and the files a run writes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from simulator import Scenario, run_scenario, write_run
+from simulator.cli import main
+from simulator.engine import COLUMNS
+
+SMALL = dict(peers=12, rounds=6, privacy="none", group_size=4, lr=0.3)
+REQUIRED = (
+    "round",
+    "virtual_time_s",
+    "accuracy",
+    "loss",
+    "consensus_distance",
+    "epsilon",
+    "bytes_sent",
+    "bytes_received",
+    "active_peers",
+    "dropped",
+)
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:
+    s = Scenario(**SMALL, churn=0.1, loss=0.01)  # type: ignore[arg-type]
+    a = write_run(run_scenario(s), tmp_path / "a", plots=False)
+    b = write_run(run_scenario(s), tmp_path / "b", plots=False)
+    c = write_run(run_scenario(s.replace(seed=1)), tmp_path / "c", plots=False)
+    first = (a / "metrics.jsonl").read_bytes()
+    assert first == (b / "metrics.jsonl").read_bytes()
+    assert first != (c / "metrics.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize("algorithm", ["secure-group", "group", "push-sum", "pairwise", "dpsgd"])
+def test_every_algorithm_learns(algorithm: str) -> None:
+    result = run_scenario(Scenario(**SMALL, algorithm=algorithm))  # type: ignore[arg-type]
+    acc = [r.accuracy for r in result.records]
+    assert acc[-1] > acc[0] + 0.2, acc
+    assert result.records[-1].bytes_sent > 0
+
+
+def test_virtual_time_runs_far_faster_than_it_simulates() -> None:
+    s = Scenario(
+        peers=8,
+        rounds=50,
+        privacy="none",
+        group_size=8,
+        latency_ms=1000.0,
+        latency_jitter_ms=0.0,
+        link_spread=0.0,
+        stage_timeout_s=5.0,
+    )
+    result = run_scenario(s)
+    virtual = result.records[-1].virtual_time_s
+    # Six protocol stages with 1 s per message: at least 6 s per round.
+    assert virtual >= 50 * 6.0
+    print(f"simulated {virtual:.0f} s in {result.wall_time_s:.1f} s of wall time")
+    assert result.wall_time_s < virtual / 10
+
+
+def test_churn_never_hangs_and_accuracy_rises() -> None:
+    s = Scenario(
+        peers=24,
+        rounds=60,
+        privacy="none",
+        group_size=6,
+        churn=0.2,
+        rejoin=0.6,
+        churn_window_s=1.0,
+        stragglers=0.1,
+        straggler_slowdown=20.0,
+        stage_timeout_s=1.0,
+    )
+    result = run_scenario(s)
+    records = result.records
+    assert len(records) == 61 and result.stats["forced_rounds"] == 0
+    assert sum(r.dropped for r in records) > 0
+    assert min(r.active_peers for r in records[1:]) < 24
+    early = sum(r.accuracy for r in records[:3]) / 3
+    late = sum(r.accuracy for r in records[-5:]) / 5
+    assert late > early + 0.2, (early, late)
+
+
+def test_files_columns_and_values_are_sane(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    code = main(
+        [
+            "--peers",
+            "10",
+            "--rounds",
+            "3",
+            "--group-size",
+            "5",
+            "--epsilon",
+            "4",
+            "--noise-multiplier",
+            "1.2",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    for r in rows:
+        assert set(REQUIRED) <= set(r) and set(r) == set(COLUMNS)
+        assert 0.0 <= r["accuracy"] <= 1.0 and math.isfinite(r["loss"])
+        assert r["bytes_received"] <= r["bytes_sent"]
+        assert 0 <= r["dropped"] <= r["active_peers"] <= 10
+    assert (
+        rows[0]["epsilon"] == 0
+        and rows[0]["bytes_sent"] == 0
+        and rows[0]["consensus_distance"] == 0
+    )
+    assert all(b["virtual_time_s"] > a["virtual_time_s"] for a, b in zip(rows, rows[1:]))
+    # A fixed noise multiplier with a cap of 4: the third contribution would exceed it.
+    assert rows[1]["epsilon"] > 0 and all(
+        b["epsilon"] >= a["epsilon"] for a, b in zip(rows, rows[1:])
+    )
+    assert max(r["epsilon"] for r in rows) <= 4.0 and rows[3]["epsilon"] == rows[2]["epsilon"]
+    assert all(b["bytes_sent"] > a["bytes_sent"] for a, b in zip(rows, rows[1:]))
+    with open(out / "metrics.csv") as fh:
+        table = list(csv.DictReader(fh))
+    assert len(table) == 4 and float(table[3]["epsilon"]) == rows[3]["epsilon"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["scenario"]["peers"] == 10 and summary["wall_time_s"] > 0
+    assert summary["peak_rss_mib"] > 0
+    assert "wall" not in (out / "metrics.jsonl").read_text()
+    for name in (
+        "accuracy_vs_rounds",
+        "accuracy_vs_bytes",
+        "consensus_vs_rounds",
+        "consensus_vs_bytes",
+        "epsilon_vs_rounds",
+    ):
+        assert (out / f"{name}.png").stat().st_size > 1000
+
+
+def test_a_sweep_writes_one_folder_per_run_and_a_combined_plot(tmp_path: Path) -> None:
+    code = main(
+        [
+            "--peers",
+            "8",
+            "--rounds",
+            "2",
+            "--privacy",
+            "none",
+            "--group-size",
+            "4",
+            "--sweep",
+            "algorithm=group,pairwise",
+            "--out",
+            str(tmp_path),
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    assert (tmp_path / "sweep.png").exists()
+    for label in ("algorithm=group", "algorithm=pairwise"):
+        assert (tmp_path / label / "metrics.jsonl").exists()
