@@ -24,7 +24,7 @@ import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from gossip.messages import GroupCancelled, GroupFormed, Invite, InviteReply
 from gossip.network import Network
@@ -122,6 +122,9 @@ class Matchmaker:
         self._rng = rng or random.Random(os.urandom(16))
         self._ready: int | None = None  # the round we are forming a group for
         self._waiting = False  # in back-off: may accept an invitation
+        self._inviting: bytes | None = None  # our own invitation id while we invite
+        self._yield: asyncio.Future[None] | None = None  # set when we yield to another inviter
+        self._gathered = False  # someone accepted our current invitation
         self._wake: asyncio.Future[None] | None = None
         self._commit: tuple[PeerId, bytes] | None = None  # (inviter, invite id) accepted
         self._commit_expiry = 0.0
@@ -147,13 +150,24 @@ class Matchmaker:
     # ------------------------------------------------------------------ handlers
 
     async def _on_invite(self, sender: PeerId, msg: Invite) -> InviteReply:
+        # An inviter whose own invitation has no acceptance yet yields to an invitation with a
+        # smaller id (a strict order, so two inviters never yield to each other).
+        yielding = (
+            self._inviting is not None
+            and self._yield is not None
+            and not self._yield.done()
+            and not self._gathered
+            and msg.invite < self._inviting
+        )
         ok = (
             self._ready == msg.round
-            and self._waiting
+            and (self._waiting or yielding)
             and self._commit is None
             and 0 < msg.expires_in <= self.config.form_timeout_s + self.config.invite_timeout_s
         )
         if ok:
+            if yielding and self._yield is not None:
+                self._yield.set_result(None)
             loop = asyncio.get_running_loop()
             self._commit = (sender, msg.invite)
             self._commit_expiry = self._net.time() + msg.expires_in + self.config.invite_timeout_s
@@ -220,7 +234,10 @@ class Matchmaker:
             return await self._await_verdict()
         if self._net.time() >= deadline:
             return None
-        return await self._invite(round, deadline)
+        group = await self._invite(round, deadline)
+        if group is None and self._accepted():  # we yielded to another inviter
+            return await self._await_verdict()
+        return group
 
     def _accepted(self) -> bool:
         return self._commit is not None
@@ -238,8 +255,18 @@ class Matchmaker:
         return group
 
     async def _invite(self, round: int, deadline: float) -> Group | None:
-        cfg = self.config
         invite_id = os.urandom(16)
+        self._inviting, self._gathered = invite_id, False
+        self._yield = asyncio.get_running_loop().create_future()
+        try:
+            return await self._invite_from(round, deadline, invite_id, self._yield)
+        finally:
+            self._inviting, self._yield = None, None
+
+    async def _invite_from(
+        self, round: int, deadline: float, invite_id: bytes, yielded: asyncio.Future[None]
+    ) -> Group | None:
+        cfg = self.config
         close_at = min(self._net.time() + cfg.form_timeout_s, deadline)
         candidates = list(self._net.view())
         self._rng.shuffle(candidates)
@@ -256,23 +283,36 @@ class Matchmaker:
                 return False
             return isinstance(reply, InviteReply) and reply.invite == invite_id and reply.accept
 
-        while len(accepted) < need and self._net.time() < close_at:
+        declined: list[PeerId] = []
+        second_pass = False
+        while len(accepted) < need and self._net.time() < close_at and not yielded.done():
             while candidates and len(asked) + len(accepted) < need:
                 peer = candidates.pop()
                 asked[asyncio.ensure_future(ask(peer))] = peer
             if not asked:
-                break
+                if second_pass or not declined:
+                    break
+                # once, a moment later: peers that were busy inviting may have yielded or failed
+                second_pass, candidates, declined = True, declined, []
+                with contextlib.suppress(TimeoutError):
+                    pause = min(cfg.backoff_s, close_at - self._net.time())
+                    await asyncio.wait_for(asyncio.shield(yielded), max(pause, 0.0))
+                continue
+            waiting: set[asyncio.Future[Any]] = {*asked, yielded}
             done, _ = await asyncio.wait(
-                asked, timeout=close_at - self._net.time(), return_when=asyncio.FIRST_COMPLETED
+                waiting, timeout=close_at - self._net.time(), return_when=asyncio.FIRST_COMPLETED
             )
-            for task in done:
+            for task in asked.keys() & done:
                 peer = asked.pop(task)
                 if task.result():
                     accepted.append(peer)
+                    self._gathered = True
+                else:
+                    declined.append(peer)
         for task, peer in asked.items():  # unanswered: they may have accepted; release them
             task.cancel()
             self._notify(peer, GroupCancelled(round, invite_id))
-        if len(accepted) + 1 < cfg.min_size:
+        if len(accepted) + 1 < cfg.min_size or yielded.done():
             for peer in accepted:
                 self._notify(peer, GroupCancelled(round, invite_id))
             if accepted:
