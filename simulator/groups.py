@@ -31,7 +31,7 @@ from torch import Tensor
 
 from mpc import MESSAGE_TYPES as MPC_TYPES
 from mpc import Member, Stage
-from mpc.fixedpoint import decode, encode
+from mpc.fixedpoint import Bits, decode, encode
 from murmur.errors import ProtocolError
 from simulator.messages import PlainChunk, PlainSum
 from simulator.network import SimNetwork
@@ -39,7 +39,7 @@ from simulator.network import SimNetwork
 __all__ = ["GroupRound", "PlainMember", "hash_groups"]
 
 _SCALE = 2.0**20
-_BITS = 64
+_BITS: Bits = 64
 Outgoing = list[tuple[bytes, Any]]
 
 

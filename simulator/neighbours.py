@@ -15,6 +15,7 @@ A peer waits for its expected messages until ``stage_timeout_s`` after its own t
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable
 
@@ -128,7 +129,7 @@ class NeighbourRound:
                 self._finalize(p)
                 return
             msg = ModelShare(self._rnd, own * half, half)
-            self.net.post(p, targets[0], msg, lambda ok, p=p: self._finalize(p))
+            self.net.post(p, targets[0], msg, functools.partial(self._sent, p))
             return
         msg = ModelShare(self._rnd, own, 1.0)
         for q in targets:
@@ -137,6 +138,9 @@ class NeighbourRound:
             self._finalize(p)
         else:
             self.net.call_at(self.net.loop.time() + self.timeout, self._finalize, p)
+
+    def _sent(self, p: int, delivered: bool) -> None:
+        self._finalize(p)
 
     def peer_left(self, p: int) -> None:
         """``p`` went offline: it takes no further part this round."""

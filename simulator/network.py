@@ -26,7 +26,7 @@ import asyncio
 import hashlib
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from murmur.errors import ConfigError, ProtocolError
 from p2p.envelope import Auth, EnvelopeCodec
@@ -163,8 +163,10 @@ class SimNetwork:
         auth = auth_for(message)
         payload: object = message
         if self.wire:
-            payload = self.codec(sender).encode(message, recipient=self.ids[recipient], auth=auth)
-            size = len(payload)  # type: ignore[arg-type]
+            payload = self.codec(sender).encode(
+                cast(Any, message), recipient=self.ids[recipient], auth=auth
+            )
+            size = len(payload)
         else:
             size = self.size_of(message, auth)
         now = self.loop.time()
@@ -191,6 +193,7 @@ class SimNetwork:
         on_result: Callable[[bool], None] | None,
     ) -> None:
         ok = False
+        message: Any
         if self.online[recipient]:
             self.bytes_received += size
             try:

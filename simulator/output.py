@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -58,7 +58,7 @@ def write_run(result: RunResult, out: str | Path, *, plots: bool = True) -> Path
 
 
 def plot_metrics(
-    runs: dict[str, Sequence[RoundRecord]], out: str | Path, *, metric: str = "accuracy"
+    runs: Mapping[str, Sequence[RoundRecord]], out: str | Path, *, metric: str = "accuracy"
 ) -> list[Path]:
     """Plot accuracy and consensus distance against rounds and bytes, epsilon against rounds.
 
@@ -104,7 +104,7 @@ def plot_metrics(
     return written
 
 
-def plot_sweep(runs: dict[str, Sequence[RoundRecord]], out: str | Path, *, metric: str) -> Path:
+def plot_sweep(runs: Mapping[str, Sequence[RoundRecord]], out: str | Path, *, metric: str) -> Path:
     """One combined figure of a sweep: accuracy, consensus and epsilon against rounds."""
     import matplotlib
 

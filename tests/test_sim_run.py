@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 from pathlib import Path
@@ -120,13 +121,13 @@ def test_files_columns_and_values_are_sane(tmp_path: Path) -> None:
         and rows[0]["bytes_sent"] == 0
         and rows[0]["consensus_distance"] == 0
     )
-    assert all(b["virtual_time_s"] > a["virtual_time_s"] for a, b in zip(rows, rows[1:]))
+    assert all(b["virtual_time_s"] > a["virtual_time_s"] for a, b in itertools.pairwise(rows))
     # A fixed noise multiplier with a cap of 4: the third contribution would exceed it.
     assert rows[1]["epsilon"] > 0 and all(
-        b["epsilon"] >= a["epsilon"] for a, b in zip(rows, rows[1:])
+        b["epsilon"] >= a["epsilon"] for a, b in itertools.pairwise(rows)
     )
     assert max(r["epsilon"] for r in rows) <= 4.0 and rows[3]["epsilon"] == rows[2]["epsilon"]
-    assert all(b["bytes_sent"] > a["bytes_sent"] for a, b in zip(rows, rows[1:]))
+    assert all(b["bytes_sent"] > a["bytes_sent"] for a, b in itertools.pairwise(rows))
     with open(out / "metrics.csv") as fh:
         table = list(csv.DictReader(fh))
     assert len(table) == 4 and float(table[3]["epsilon"]) == rows[3]["epsilon"]
