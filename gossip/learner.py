@@ -248,15 +248,27 @@ class Learner:
         Raises :class:`~murmur.errors.BudgetExhausted` (and sets :attr:`budget_spent`) if the
         contribution would exceed the privacy budget; the check happens before any training.
         """
+        self.check_budget()
+        return self.release(self._train())
+
+    def check_budget(self) -> None:
+        """Raise :class:`~murmur.errors.BudgetExhausted` (and set :attr:`budget_spent`) if the
+        next contribution would exceed the budget. First half of :meth:`local_update`, public
+        so that a trainer of many peers at once (:mod:`gossip.batched`) can split it."""
         event = self.plan.event
         if self.budget is not None and event is not None:
             try:
                 self.budget.check(event)
             except BudgetExhausted:
-                if not self._c.budget_spent:
-                    self._c.budget_spent = True
+                self._c.budget_spent = True
                 raise
-        theta_prime = self._train()
+
+    def release(self, theta_prime: Tensor) -> Contribution:
+        """Second half of :meth:`local_update`: privatize ``theta_prime - theta`` (peer unit),
+        spend the round's privacy events and return the contribution. ``theta_prime`` must
+        come from this round's training of this learner (DP-SGD for the record unit)."""
+        theta_prime = self._checked(theta_prime)
+        event = self.plan.event
         delta = privatize_delta(theta_prime - self._theta, self.plan, self.generator)
         if self.budget is not None and event is not None:
             self.budget.spend(event)

@@ -250,3 +250,72 @@ async def test_local_update_async_runs_off_the_event_loop() -> None:
     c = await learner.local_update_async()
     assert seen and seen[0] != threading.main_thread().name
     assert torch.equal(c.vector, _learner(local_steps=3).local_update().vector)
+
+
+# -- many learners at once ---------------------------------------------------------------------
+
+
+def _peers(privacy: PrivacyConfig, **train: float) -> list[Learner]:
+    from gossip.ideal import build_learners
+    from gossip.tasks import make_task
+
+    task = make_task("digits", model="mlp")
+    cfg = TrainConfig(**train)  # type: ignore[arg-type]
+    return build_learners(
+        task, 6, scheme="dirichlet", alpha=0.3, train=cfg, privacy=privacy, seed=4
+    )
+
+
+@pytest.mark.parametrize(
+    ("privacy", "train"),
+    [
+        (NO_DP, {"momentum": 0.5, "local_steps": 3}),
+        (PrivacyConfig(unit=PrivacyUnit.PEER, noise_multiplier=0.5, epsilon=None), {}),
+        (PrivacyConfig(unit=PrivacyUnit.RECORD, noise_multiplier=0.8, epsilon=None), {}),
+    ],
+    ids=["none", "peer", "record"],
+)
+def test_local_update_many_equals_one_by_one(
+    privacy: PrivacyConfig, train: dict[str, float]
+) -> None:
+    from gossip.batched import local_update_many
+
+    one_by_one, stacked = _peers(privacy, **train), _peers(privacy, **train)
+    assert len({p.num_samples for p in one_by_one}) > 1  # ragged local data
+    for _ in range(2):
+        want = [p.local_update() for p in one_by_one]
+        got = local_update_many(stacked)
+        for w, g, p, q in zip(want, got, one_by_one, stacked, strict=True):
+            assert g is not None
+            assert torch.allclose(w.vector, g.vector, atol=1e-5)
+            assert (w.weight, w.round) == (g.weight, g.round)
+            p.apply_result(w.vector)
+            q.apply_result(g.vector)
+
+
+def test_local_update_many_falls_back_for_buffers_and_skips_spent_budgets() -> None:
+    from gossip.batched import local_update_many
+
+    x, y = _data()
+    bn = Learner(
+        nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)),
+        x,
+        y,
+        privacy=NO_DP,
+        generator=torch.Generator().manual_seed(0),
+    )
+    twin = Learner(
+        nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)),
+        x,
+        y,
+        privacy=NO_DP,
+        generator=torch.Generator().manual_seed(0),
+        theta=bn.theta,
+    )
+    spent = _learner(PrivacyConfig(unit=PrivacyUnit.PEER, epsilon=1.0, rounds=1))
+    spent.local_update()
+    plain = _learner(seed=7)
+    out = local_update_many([bn, spent, plain])
+    assert out[1] is None and spent.budget_spent
+    assert out[0] is not None and out[2] is not None
+    assert torch.equal(out[0].vector, twin.local_update().vector)
