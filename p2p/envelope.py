@@ -40,6 +40,8 @@ operation or pass over the body; a peer without the key (or with another key, or
 network talking to a private one) is refused with ``Unauthorized``. The door tag commits to
 the body only through the auth tag, which the full check verifies later. The network key is
 also mixed into the link keys, so seals and MACs fail without it even if the door were skipped.
+On an open network the door key is public: the door then only filters noise, and the
+signature, seal or MAC is the real check.
 
 A message class with ``SECRET = True`` (e.g. revealed Shamir shares) may only travel sealed:
 ``encode`` refuses any other mode (``ConfigError``) and ``decode`` refuses it unsealed
@@ -48,10 +50,11 @@ A message class with ``SECRET = True`` (e.g. revealed Shamir shares) may only tr
 Static identity keys give no forward secrecy: a stolen key file decrypts every recorded
 message sealed to or by that peer. Ephemeral session keys are planned.
 
-The receiver's checks, cheapest first: size cap; framing (magic, version, auth mode, lengths);
-door (network key); header decode; known type; recipient; timestamp window; replay (nonce
-not seen; see ``p2p.replay``); signature/seal/MAC; body schema. Only ``ProtocolError``
-subclasses escape ``decode``; the nonce is remembered only once authentication succeeded.
+The receiver's checks, cheapest first: size cap; framing (magic, version, auth mode, lengths;
+the version comes before the door because it decides how the rest is read); door (network
+key); header decode; known type; recipient; timestamp window; replay (nonce not seen; see
+``p2p.replay``); signature/seal/MAC; body schema. Only ``ProtocolError`` subclasses escape
+``decode``; the nonce is remembered only once authentication succeeded.
 """
 
 from __future__ import annotations
