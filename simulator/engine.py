@@ -26,13 +26,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from gossip.data import partition, peer_shards
 from gossip.learner import Learner, TrainConfig
+from gossip.model import Layout, restore
 from gossip.privacy import PrivacyConfig, PrivacyUnit, plan_privacy
 from gossip.tasks import Task, make_task
-from murmur.errors import BudgetExhausted, ConfigError
+from murmur.errors import ConfigError
 from simulator.budget import SharedAccountant, SimBudget
 from simulator.clock import new_virtual_loop
 from simulator.config import Scenario
@@ -40,6 +40,7 @@ from simulator.groups import GroupRound, hash_groups
 from simulator.neighbours import NeighbourRound, topology
 from simulator.netmodel import Population
 from simulator.network import SimNetwork
+from simulator.training import PerPeerTrainer, StackedTrainer, Trainer, stackable
 
 __all__ = ["COLUMNS", "RoundRecord", "RunResult", "Simulation", "build_task", "run_scenario"]
 
@@ -123,14 +124,15 @@ class Simulation:
     def __init__(self, scenario: Scenario, task: Task | None = None) -> None:
         self.scenario = scenario
         self.task = task if task is not None else build_task(scenario)
-        self.learners = self._learners()
+        self.trainer = self._trainer()
         n = scenario.peers
         self.population = Population(scenario, n, scenario.seed)
         perm = np.random.default_rng([scenario.seed, 0x4556]).permutation(n)
         self._eval_order: list[int] = perm.tolist()
         self._eval_model = self.task.build_model(scenario.seed)
+        self._layout = Layout.of(self._eval_model)
 
-    def _learners(self) -> list[Learner]:
+    def _trainer(self) -> Trainer:
         s, task = self.scenario, self.task
         n = s.peers
         # More peers than rows/2: peers share shards (a systems experiment, not a privacy one).
@@ -169,6 +171,22 @@ class Simulation:
                 max_count=None if s.noise_multiplier else s.rounds,
             )
         model = task.build_model(s.seed)
+        use_stacked = s.training == "stacked" or (s.training == "auto" and stackable(model))
+        if use_stacked:
+            if not isinstance(model, torch.nn.Linear) or not stackable(model):
+                raise ConfigError("training = stacked needs a linear model (model = logreg)")
+            return StackedTrainer(
+                model,
+                shards,
+                n,
+                plan=plan_privacy(privacy, local_steps=s.local_steps, sample_rate=s.sample_rate),
+                accountant=accountant,
+                local_steps=s.local_steps,
+                lr=s.lr,
+                sample_rate=s.sample_rate,
+                weighting_by_samples=train.weighting == "samples",
+                seed=s.seed,
+            )
         learners = []
         for i in range(n):
             x, y = shards[i % parts_n]
@@ -185,7 +203,7 @@ class Simulation:
                     budget=None if accountant is None else SimBudget(accountant),
                 )
             )
-        return learners
+        return PerPeerTrainer(learners)
 
     # ------------------------------------------------------------------ running
 
@@ -243,7 +261,7 @@ class Simulation:
             t0 = loop.time()
             leaving = self.population.round_start(t0)
             active = [p for p in range(n) if online[p]]
-            contributions = {p: self._contribute(p) for p in active}
+            contributions = self.trainer.contribute(active)
             ready = {p: t0 + self.population.compute_time(p) for p in active}
             finished = loop.create_future()
 
@@ -264,7 +282,7 @@ class Simulation:
                 forced += 1
             cap.cancel()
             for p, theta in protocol.results.items():
-                self.learners[p].apply_result(theta)
+                self.trainer.apply(p, theta)
             if isinstance(protocol, GroupRound):
                 aborted += protocol.aborted_groups
             dropped = len(active) - len(protocol.counted & set(active))
@@ -281,14 +299,6 @@ class Simulation:
         }
         return records, stats
 
-    def _contribute(self, p: int) -> tuple[Tensor, float]:
-        learner = self.learners[p]
-        try:
-            c = learner.local_update()
-        except BudgetExhausted:
-            return learner.theta, 0.0  # keeps taking part, contributes nothing
-        return c.vector, c.weight
-
     # ------------------------------------------------------------------ metrics
 
     def _record(
@@ -303,19 +313,15 @@ class Simulation:
         if s.eval_peers:
             chosen = chosen[: s.eval_peers]
         losses, metrics = [], []
-        layout = self.learners[0].layout
-        from gossip.model import restore
-
-        for p in chosen:
-            restore(self._eval_model, self.learners[p]._theta, layout)
+        for theta in self.trainer.thetas(chosen):
+            restore(self._eval_model, theta, self._layout)
             ev = self.task.evaluate(self._eval_model)
             losses.append(ev.loss)
             metrics.append(ev.metric)
-        thetas = torch.stack([self.learners[p]._theta for p in online]).double()
+        thetas = self.trainer.thetas(online).double()
         spread = thetas - thetas.mean(dim=0, keepdim=True)
         consensus = float(spread.pow(2).sum(dim=1).mean().sqrt())
-        most = max(online, key=lambda p: (self.learners[p].rounds_contributed, -p))
-        eps = self.learners[most].epsilon_spent
+        eps = self.trainer.epsilon(online)
         return RoundRecord(
             round=rnd,
             virtual_time_s=round(now, 6),

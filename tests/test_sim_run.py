@@ -167,3 +167,13 @@ def test_a_sweep_writes_one_folder_per_run_and_a_combined_plot(tmp_path: Path) -
     assert (tmp_path / "sweep.png").exists()
     for label in ("algorithm=group", "algorithm=pairwise"):
         assert (tmp_path / label / "metrics.jsonl").exists()
+
+
+def test_per_peer_learners_and_stacked_training_both_learn() -> None:
+    base = Scenario(**SMALL, rounds=4)  # type: ignore[arg-type]
+    for training in ("per-peer", "stacked"):
+        result = run_scenario(base.replace(training=training))
+        acc = [r.accuracy for r in result.records]
+        assert acc[-1] > acc[0] + 0.2, (training, acc)
+    dp = run_scenario(base.replace(training="per-peer", privacy="record", noise_multiplier=1.0))
+    assert 0 < dp.records[1].epsilon < dp.records[-1].epsilon
