@@ -170,7 +170,7 @@ def test_a_sweep_writes_one_folder_per_run_and_a_combined_plot(tmp_path: Path) -
 
 
 def test_per_peer_learners_and_stacked_training_both_learn() -> None:
-    base = Scenario(**SMALL, rounds=4)  # type: ignore[arg-type]
+    base = Scenario(**SMALL).replace(rounds=4)  # type: ignore[arg-type]
     for training in ("per-peer", "stacked"):
         result = run_scenario(base.replace(training=training))
         acc = [r.accuracy for r in result.records]
