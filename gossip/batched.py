@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.utils.rnn import pad_sequence
 
 from gossip.learner import Contribution, Learner
 from gossip.privacy import PrivacyUnit
@@ -99,15 +100,19 @@ def _train_stacked(learners: list[Learner]) -> list[Tensor]:
         )
     }
     velocity = {k: torch.zeros_like(v) for k, v in params.items()}
+    data = (
+        pad_sequence([lr.x for lr in learners], batch_first=True),
+        pad_sequence([lr.y for lr in learners], batch_first=True),
+    )
     was_training = model.training
     model.train()
     try:
         for _ in range(cfg.local_steps):
             try:
                 if plan.unit is PrivacyUnit.RECORD:
-                    grads = _dp_sgd_grads(learners, model, params)
+                    grads = _dp_sgd_grads(learners, data, model, params)
                 else:
-                    grads = _sgd_grads(learners, model, params)
+                    grads = _sgd_grads(learners, data, model, params)
             except RuntimeError as exc:
                 raise TrainingError(
                     f"this model cannot be trained stacked under torch.func.vmap ({exc}); "
@@ -123,17 +128,15 @@ def _train_stacked(learners: list[Learner]) -> list[Tensor]:
     return [row.to(layout.dtype) for row in flat.unbind(0)]
 
 
-def _padded(learners: list[Learner], rows: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """Stack each learner's chosen rows, padded with row 0 and weight 0."""
-    width = max(1, max(int(r.numel()) for r in rows))
-    index = torch.zeros(len(learners), width, dtype=torch.int64)
-    valid = torch.zeros(len(learners), width)
-    for i, r in enumerate(rows):
-        index[i, : r.numel()] = r
-        valid[i, : r.numel()] = 1.0
-    xs = torch.stack([lr.x[idx] for lr, idx in zip(learners, index, strict=True)])
-    ys = torch.stack([lr.y[idx] for lr, idx in zip(learners, index, strict=True)])
-    return xs, ys, valid
+def _padded(data: tuple[Tensor, Tensor], rows: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Each learner's chosen rows of the stacked ``data``, padded with row 0 and weight 0."""
+    lengths = torch.tensor([int(r.numel()) for r in rows])
+    index = pad_sequence(rows, batch_first=True) if int(lengths.max()) > 0 else None
+    if index is None:
+        index = torch.zeros(len(rows), 1, dtype=torch.int64)
+    valid = (torch.arange(index.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)).float()
+    who = torch.arange(len(rows)).unsqueeze(1)
+    return data[0][who, index], data[1][who, index], valid
 
 
 def _per_example_loss(
@@ -146,7 +149,9 @@ def _per_example_loss(
     return one
 
 
-def _sgd_grads(learners: list[Learner], model: nn.Module, params: Params) -> Params:
+def _sgd_grads(
+    learners: list[Learner], data: tuple[Tensor, Tensor], model: nn.Module, params: Params
+) -> Params:
     """Minibatch gradients: each peer's mean loss over ``ceil(q n)`` rows drawn like
     ``Learner._sgd`` draws them (``randperm`` from its generator)."""
     q = learners[0].train_config.sample_rate
@@ -156,7 +161,7 @@ def _sgd_grads(learners: list[Learner], model: nn.Module, params: Params) -> Par
         batch = max(1, math.ceil(q * n))
         rows.append(torch.randperm(n, generator=lr.generator)[:batch])
         weights.append(1.0 / batch)
-    xs, ys, valid = _padded(learners, rows)
+    xs, ys, valid = _padded(data, rows)
     scale = valid * torch.tensor(weights).unsqueeze(1)
     one = _per_example_loss(model, learners[0].loss_fn)
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
@@ -166,7 +171,9 @@ def _sgd_grads(learners: list[Learner], model: nn.Module, params: Params) -> Par
     return dict(zip(leaves.keys(), grads, strict=True))
 
 
-def _dp_sgd_grads(learners: list[Learner], model: nn.Module, params: Params) -> Params:
+def _dp_sgd_grads(
+    learners: list[Learner], data: tuple[Tensor, Tensor], model: nn.Module, params: Params
+) -> Params:
     """DP-SGD gradients as ``dp.dp_sgd_train`` computes them: Poisson mask from each peer's
     generator, per-example clip to C, sum, add N(0, (z C)^2) from the same generator, divide by
     the expected batch ``q n``."""
@@ -177,7 +184,7 @@ def _dp_sgd_grads(learners: list[Learner], model: nn.Module, params: Params) -> 
         ).squeeze(1)
         for lr in learners
     ]
-    xs, ys, valid = _padded(learners, rows)
+    xs, ys, valid = _padded(data, rows)
     one = _per_example_loss(model, learners[0].loss_fn)
     per_example = vmap(vmap(grad(one), in_dims=(None, 0, 0)), in_dims=(0, 0, 0))(
         {k: v.detach() for k, v in params.items()}, xs, ys
