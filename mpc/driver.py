@@ -26,7 +26,7 @@ import nacl.signing
 import torch
 from torch import Tensor
 
-from mpc.fixedpoint import Bits, decode, encode, ring_dtype
+from mpc.fixedpoint import Bits, check_capacity, decode, encode, ring_dtype
 from mpc.messages import (
     AdvertiseKeys,
     ChunkSum,
@@ -221,10 +221,13 @@ def secure_sum(
 
     Each vector is encoded at ``scale`` in Z_2^bits (round to nearest), summed by the protocol and
     decoded, so the result equals the sum of the rounded inputs exactly (within k/(2 scale) of
-    the true sum). Raises ``AggregationAborted`` below threshold, ``RingOverflow`` if a value
-    does not fit the ring.
+    the true sum). Raises ``AggregationAborted`` below threshold, ``RingOverflow`` if the sum of
+    k values as large as the largest input could overflow the ring (checked before any work).
     """
     ring_dtype(bits)
+    if vectors:
+        bound = max(float(v.detach().abs().max()) if v.numel() else 0.0 for v in vectors)
+        check_capacity(bound=bound, members=len(vectors), scale=scale, bits=bits)
     encoded = [encode(v, scale=scale, bits=bits) for v in vectors]
     ring = secure_sum_ring(encoded, threshold=threshold, dropped=dropped, degree=degree, seed=seed)
     return decode(ring, scale=scale, bits=bits)

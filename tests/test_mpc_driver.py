@@ -22,8 +22,10 @@ def test_bits32_and_overflow() -> None:
     xs = [torch.full((5,), 0.25 * (i + 1)) for i in range(3)]
     got = mpc.secure_sum(xs, threshold=2, bits=32, scale=2.0**10)
     assert torch.equal(got, torch.full((5,), 1.5, dtype=torch.float64))
-    with pytest.raises(RingOverflow):
+    with pytest.raises(RingOverflow):  # one value does not fit
         mpc.secure_sum([torch.full((2,), 1e9)] * 3, threshold=2, bits=32, scale=2.0**10)
+    with pytest.raises(RingOverflow):  # each fits, the sum of three could not
+        mpc.secure_sum([torch.full((2,), 1e6)] * 3, threshold=2, bits=32, scale=2.0**10)
 
 
 def test_bad_arguments_are_config_errors() -> None:
