@@ -15,8 +15,10 @@ PRG, and 128-bit AES is the standard choice for SecAgg's PRG (Bonawitz et al. 20
 
 Speed: ``add_masks_`` adds many masks into one accumulator, walking the accumulator in
 L2-sized chunks so each chunk stays in cache while every seed's keystream is added to it; the
-keystream is written by ``update_into`` into one reusable ``bytearray`` viewed by
-``torch.frombuffer`` (no copies, no allocation per mask).
+keystream is written by ``update_into`` into one reusable ``bytearray`` and added through numpy
+views of the same memory (no copies, no allocation per mask; torch's int64 ``add_`` is ~4x slower
+than numpy's on this CPU). ``mask`` returns a tensor made by ``torch.frombuffer`` over a fresh
+``bytearray`` (writable, so no warning and no copy).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import secrets
 import sys
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 from torch import Tensor
@@ -154,18 +157,21 @@ def add_masks_(acc: Tensor, masks: Iterable[tuple[bytes, int]], *, offset: int =
     per_chunk = min(n, CHUNK_BYTES // width)
     buf = bytearray(per_chunk * width)
     view = memoryview(buf)
-    full = torch.frombuffer(buf, dtype=flat.dtype)
+    # numpy views of the same memory: torch's int64 add_ is ~4x slower than numpy's here
+    # (measured: 28 us vs 7 us per 256 KiB), int32 about the same; both wrap mod 2^bits.
+    target_all = flat.numpy()
+    full = np.frombuffer(buf, dtype=target_all.dtype)
     for lo in range(0, n, per_chunk):
         m = min(n - lo, per_chunk)
-        target = flat[lo : lo + m]
+        target = target_all[lo : lo + m]
         src, out = (full, view) if m == per_chunk else (full[:m], view[: m * width])
         zeros = _ZEROS_VIEW[: m * width]
         for ctx, plus in plan:
             ctx.update_into(zeros, out)
             if plus:
-                target.add_(src)
+                np.add(target, src, out=target)
             else:
-                target.sub_(src)
+                np.subtract(target, src, out=target)
     return acc
 
 

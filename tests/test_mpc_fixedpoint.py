@@ -61,6 +61,25 @@ def test_ring_add_and_sub_agree_with_python_modular_arithmetic(
     tb = torch.tensor([signed(v) for v in b[:n]], dtype=dtype)
     assert fp.ring_add(ta, tb).tolist() == [signed(x + y) for x, y in zip(a, b, strict=False)]
     assert fp.ring_sub(ta, tb).tolist() == [signed(x - y) for x, y in zip(a, b, strict=False)]
+    acc = ta.clone()
+    assert fp.ring_add_(acc, tb) is acc
+    assert acc.tolist() == [signed(x + y) for x, y in zip(a, b, strict=False)]
+    fp.ring_sub_(acc, tb)
+    fp.ring_sub_(acc, tb)
+    assert acc.tolist() == [signed(x - y) for x, y in zip(a, b, strict=False)]
+
+
+def test_in_place_ring_ops_accept_strided_sources_and_refuse_bad_targets() -> None:
+    acc = torch.zeros(3, dtype=torch.int64)
+    src = torch.arange(6, dtype=torch.int64)[::2]
+    fp.ring_add_(acc, src)
+    assert acc.tolist() == [0, 2, 4]
+    with pytest.raises(ConfigError):
+        fp.ring_add_(torch.zeros(4, dtype=torch.int64)[::2], src)
+    with pytest.raises(ConfigError):
+        fp.ring_add_(torch.zeros(2, dtype=torch.int64), src)
+    with pytest.raises(ConfigError):
+        fp.ring_sub_(acc, src.to(torch.int32))
 
 
 def test_ring_ops_refuse_mixed_or_float_dtypes() -> None:
