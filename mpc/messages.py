@@ -138,7 +138,11 @@ class ReassignedChunk:
 
 @dataclass(frozen=True, slots=True)
 class ChunkSum:
-    """Stage 5 (all-gather), to every live member: the unmasked ring sum of one chunk."""
+    """Stage 5 (all-gather), to every live member: the unmasked ring sum of one chunk.
+
+    ``counted`` is the BLAKE2b-256 digest of the sorted ids whose inputs the sum covers; a member
+    refuses a sum over another set than its own, so a result never mixes two counted sets.
+    """
 
     TYPE: ClassVar[str] = "secagg.chunk_sum"
     SECRET: ClassVar[bool] = False
@@ -147,6 +151,7 @@ class ChunkSum:
     round: int
     chunk: int
     data: Tensor
+    counted: bytes
 
 
 Message = AdvertiseKeys | ShareKeys | MaskedChunk | Receipt | Reveal | ReassignedChunk | ChunkSum

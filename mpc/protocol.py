@@ -343,7 +343,7 @@ class Member(MemberState):
                 total += got[u]
             add_masks_(total, plan, offset=lo)
             self._sums[j] = total
-            msg = ChunkSum(self.group, self.round, j, total)
+            msg = ChunkSum(self.group, self.round, j, total, self._counted_digest())
             out += [(m, msg) for m in sorted(self._live) if m != self.id]
         self._self_seed = b""
         return out

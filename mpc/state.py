@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import hmac
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -257,6 +258,13 @@ class MemberState:
         }
         self._check_ledger(kinds)
 
+    def _counted_digest(self) -> bytes:
+        """BLAKE2b-256 of the sorted counted ids (what a ``ChunkSum`` is a sum over)."""
+        h = hashlib.blake2b(b"murmur.secagg.counted.v1", digest_size=32)
+        for m in sorted(self._counted or ()):
+            h.update(m)
+        return h.digest()
+
     def _check_slice(self, chunk: int, data: Tensor) -> None:
         """Refuse a slice of the wrong ring, rank or length (checked before buffering)."""
         if not isinstance(data, Tensor) or data.dtype != self._dtype or data.dim() != 1:
@@ -362,4 +370,6 @@ class MemberState:
     def _on_chunk_sum(self, sender: bytes, msg: ChunkSum) -> None:
         if fallback_reducer(msg.chunk, self.members, self._live) != sender:
             raise InconsistentMessage(f"chunk {msg.chunk} is not reduced by this sender")
+        if not hmac.compare_digest(bytes(msg.counted), self._counted_digest()):
+            raise InconsistentMessage("the chunk sum covers another set of members than ours")
         self._sums[msg.chunk] = msg.data

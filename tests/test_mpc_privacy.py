@@ -231,9 +231,9 @@ def test_bad_chunks_are_refused() -> None:
     with pytest.raises(InconsistentMessage):  # no such chunk
         a.receive(b.id, mpc.MaskedChunk(g, rd, 99, real.data, real.neighbours))
     with pytest.raises(InconsistentMessage):  # a future-stage message is checked before buffering
-        a.receive(b.id, mpc.ChunkSum(g, rd, 3, real.data))
+        a.receive(b.id, mpc.ChunkSum(g, rd, 3, real.data, bytes(32)))
     with pytest.raises(InconsistentMessage):
-        a.receive(b.id, mpc.ChunkSum(g, rd, 1, torch.zeros(50, dtype=real.data.dtype)))
+        a.receive(b.id, mpc.ChunkSum(g, rd, 1, torch.zeros(50, dtype=real.data.dtype), bytes(32)))
     with pytest.raises(InconsistentMessage):  # claims to mask with a non-member
         a.receive(b.id, mpc.MaskedChunk(g, rd, 0, real.data, (b"\x01" * 32,)))
     queue = [(a.id, r, m) for r, m in a.receive(b.id, real)]  # accepted
@@ -241,3 +241,20 @@ def test_bad_chunks_are_refused() -> None:
         a.receive(b.id, real)
     pump(members, start=False, queue=queue + [h for h in held if h[2] is not real])
     assert all(m.stage is mpc.Stage.DONE for m in members)
+
+
+def test_a_chunk_sum_over_another_counted_set_is_refused() -> None:
+    members, _, _ = make_group(3, d=9)
+    a, b = members[0], members[1]
+    held = pump(
+        members, hold=lambda s, r, m: isinstance(m, mpc.ChunkSum) and s == b.id and r == a.id
+    )
+    assert a.stage is mpc.Stage.AGGREGATE and len(held) == 1
+    real = held[0][2]
+    assert isinstance(real, mpc.ChunkSum)
+    other = mpc.ChunkSum(real.group, real.round, real.chunk, real.data, bytes(32))
+    with pytest.raises(InconsistentMessage, match="another set"):
+        a.receive(b.id, other)
+    assert a.stage is mpc.Stage.AGGREGATE
+    pump(members, start=False, queue=held)
+    assert a.stage is mpc.Stage.DONE
