@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from gossip.batched import local_update_many
 from gossip.data import Scheme, partition, peer_shards
 from gossip.learner import Contribution, Learner, TrainConfig
 from gossip.model import restore
@@ -117,11 +118,14 @@ def run_ideal(
     rounds: int,
     *,
     eval_every: int = 1,
+    stacked: bool = False,
 ) -> IdealResult:
     """Run ``rounds`` rounds of ideal averaging and evaluate the global model on the test split.
 
     A peer whose budget is spent stops contributing but still receives the global mean. If no
-    peer can contribute, the round is skipped (recorded with 0 contributors).
+    peer can contribute, the round is skipped (recorded with 0 contributors). ``stacked``
+    trains compatible peers in one vectorized step (:func:`gossip.batched.local_update_many`;
+    same contributions up to float rounding).
     """
     if not learners:
         raise ConfigError("ideal averaging needs at least one learner")
@@ -132,12 +136,15 @@ def run_ideal(
     theta = learners[0].theta
     history: list[RoundMetrics] = []
     for r in range(1, rounds + 1):
-        contributions = []
-        for learner in learners:
-            try:
-                contributions.append(learner.local_update())
-            except BudgetExhausted:
-                continue
+        if stacked:
+            contributions = [c for c in local_update_many(learners) if c is not None]
+        else:
+            contributions = []
+            for learner in learners:
+                try:
+                    contributions.append(learner.local_update())
+                except BudgetExhausted:
+                    continue
         if contributions:
             theta = weighted_mean(contributions)
             for learner in learners:

@@ -24,7 +24,7 @@ import asyncio
 import math
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import torch
@@ -111,7 +111,6 @@ class _Counters:
     rounds: int = 0
     results: int = 0
     budget_spent: bool = False
-    notes: list[str] = field(default_factory=list)
 
 
 class Learner:
@@ -222,7 +221,8 @@ class Learner:
         return self._c.rounds
 
     def status(self) -> dict[str, Any]:
-        """A summary for status pages and reports (no data-dependent values besides theta)."""
+        """A summary for the peer's own status page and reports (``local_samples`` is this
+        peer's private count: show it locally, do not send it to others)."""
         return {
             "privacy_unit": str(self.privacy.unit),
             "rounds_contributed": self._c.rounds,

@@ -26,11 +26,13 @@ def task() -> Task:
     return digits_task(model="logreg")
 
 
-def _run(task: Task, privacy: PrivacyConfig, rounds: int = ROUNDS) -> tuple[float, float]:
+def _run(
+    task: Task, privacy: PrivacyConfig, rounds: int = ROUNDS, stacked: bool = False
+) -> tuple[float, float]:
     learners = build_learners(
         task, 16, scheme="dirichlet", alpha=0.5, train=TRAIN, privacy=privacy, seed=0
     )
-    result = run_ideal(task, learners, rounds, eval_every=rounds)
+    result = run_ideal(task, learners, rounds, eval_every=rounds, stacked=stacked)
     assert result.final.contributors == 16
     return result.final.metric, result.final.epsilon_spent
 
@@ -39,6 +41,8 @@ def test_no_dp_reaches_90_percent(task: Task) -> None:
     acc, eps = _run(task, PrivacyConfig.none())
     assert acc >= 0.92  # acceptance: 0.90; seeded run gives ~0.95
     assert eps == 0.0
+    stacked, _ = _run(task, PrivacyConfig.none(), stacked=True)
+    assert stacked == pytest.approx(acc, abs=0.006)  # same run up to float rounding
 
 
 def test_record_privacy_at_epsilon_8_reaches_75_percent(task: Task) -> None:
