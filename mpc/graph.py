@@ -44,6 +44,7 @@ def mask_graph(
     ``degree=None`` or ``degree >= n - 1`` gives the complete graph (classic SecAgg). Otherwise
     the graph is a random ``degree``-regular graph; if ``n * degree`` is odd (no such graph
     exists) the degree is raised by one. The result does not depend on the order of ``members``.
+    ``seed`` is 16 to 64 bytes of randomness shared by the group (it keys ``mpc.kdf.derive``).
     """
     ids = sorted(bytes(m) for m in members)
     n = len(ids)

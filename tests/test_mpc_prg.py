@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from mpc import prg
+from mpc import kdf, prg
 from murmur.errors import ConfigError
 
 KAT = json.loads((Path(__file__).parent / "data" / "mpc_prg_kat.json").read_text())
@@ -198,3 +198,41 @@ def test_a_broken_mask_would_fail_the_uniformity_check() -> None:
     lanes = torch.stack(rows).view(torch.uint8).view(-1, 4)
     counts = torch.bincount(lanes[:, 0].to(torch.int64), minlength=256)
     assert stats.chisquare(counts.numpy()).pvalue < ALPHA
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    k=st.integers(2, 8),
+    n=st.integers(1, 200),
+    bits=st.sampled_from([32, 64]),
+    data=st.data(),
+)
+def test_pairwise_masks_cancel_in_the_sum_and_chunk_by_chunk(
+    k: int, n: int, bits: int, data: st.DataObject
+) -> None:
+    """Member u adds +PRG(s_uv) for v > u and -PRG(s_uv) for v < u: the group sum is exact."""
+    dtype = torch.int32 if bits == 32 else torch.int64
+    ids = [bytes([i]) * 32 for i in range(k)]
+    secrets_ = {
+        (u, v): hashlib.sha256(bytes([u, v])).digest() for u in range(k) for v in range(u + 1, k)
+    }
+    info = torch.iinfo(dtype)
+    xs = [torch.randint(info.min, info.max, (n,), dtype=dtype) for _ in range(k)]
+    self_seeds = [_seed(100 + u) for u in range(k)]
+    masked_vectors = []
+    for u in range(k):
+        plan = [(self_seeds[u], 1)]
+        for v in range(k):
+            if v != u:
+                lo, hi = min(u, v), max(u, v)
+                seed = kdf.pair_seed(secrets_[lo, hi], round=1, group=b"g", a=ids[u], b=ids[v])
+                plan.append((seed, 1 if v > u else -1))
+        masked_vectors.append(prg.masked(xs[u], plan))
+    total = torch.stack(masked_vectors).sum(0, dtype=dtype)
+    expected = torch.stack(xs).sum(0, dtype=dtype)
+    assert not torch.equal(total, expected)  # self masks are still in
+    # remove the self masks chunk by chunk, as butterfly reducers do
+    cut = data.draw(st.integers(0, n), label="cut")
+    for lo, hi in ((0, cut), (cut, n)):
+        prg.add_masks_(total[lo:hi], [(s, -1) for s in self_seeds], offset=lo)
+    assert torch.equal(total, expected)
