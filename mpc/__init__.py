@@ -13,13 +13,17 @@ from mpc.fixedpoint import (
     encode,
     max_scale,
     ring_add,
+    ring_add_,
     ring_dtype,
     ring_sub,
+    ring_sub_,
 )
-from mpc.graph import default_degree, mask_graph
-from mpc.kdf import derive, pair_seed
+from mpc.graph import GRAPH_LABEL, default_degree, mask_graph
+from mpc.kdf import PAIR_SEED_LABEL, derive, pair_seed, u64
 from mpc.keys import (
+    KEY_BYTES,
     RoundKeys,
+    advertisement_message,
     agree,
     new_round_keys,
     open_from,
@@ -38,14 +42,33 @@ from mpc.messages import (
     Reveal,
     ShareKeys,
 )
-from mpc.prg import add_mask_, add_masks_, keystream, mask, masked, new_seed
+from mpc.prg import (
+    CHUNK_BYTES,
+    SEED_BYTES,
+    add_mask_,
+    add_masks_,
+    keystream,
+    keystream_into,
+    mask,
+    masked,
+    new_seed,
+)
 from mpc.protocol import Member, Outgoing, Stage, default_threshold
-from mpc.shamir import Share, combine, split
+from mpc.shamir import MAX_SHARES, PRIME, SECRET_BYTES, SHARE_BYTES, Share, combine, split
 from murmur.errors import AggregationAborted
 
 __all__ = [
+    "CHUNK_BYTES",
     "DROP_STAGES",
+    "GRAPH_LABEL",
+    "KEY_BYTES",
+    "MAX_SHARES",
     "MESSAGE_TYPES",
+    "PAIR_SEED_LABEL",
+    "PRIME",
+    "SECRET_BYTES",
+    "SEED_BYTES",
+    "SHARE_BYTES",
     "AdvertiseKeys",
     "AggregationAborted",
     "Bits",
@@ -64,6 +87,7 @@ __all__ = [
     "Stage",
     "add_mask_",
     "add_masks_",
+    "advertisement_message",
     "agree",
     "check_capacity",
     "combine",
@@ -73,6 +97,7 @@ __all__ = [
     "derive",
     "encode",
     "keystream",
+    "keystream_into",
     "mask",
     "mask_graph",
     "masked",
@@ -82,13 +107,16 @@ __all__ = [
     "open_from",
     "pair_seed",
     "ring_add",
+    "ring_add_",
     "ring_dtype",
     "ring_sub",
+    "ring_sub_",
     "run_group",
     "seal_to",
     "secure_sum",
     "secure_sum_ring",
     "sign_advertisement",
     "split",
+    "u64",
     "verify_advertisement",
 ]
