@@ -87,6 +87,9 @@ class Member(MemberState):
     threshold=None, degree=None, graph_seed=None, neighbourhood_threshold=None)`` (see
     ``mpc.state.MemberState``), then call ``start()`` once, ``receive()`` for every message and
     ``advance()`` whenever the current stage's deadline passes. Each returns the messages to send.
+    A refused message raises a ``ProtocolError`` subclass (its ``code`` can cross the wire) and
+    leaves the member's state unchanged. Query ``stage``, ``finished``, ``result`` / ``output()``,
+    ``abort_reason``, ``counted`` and ``revealed`` at any time.
     """
 
     # ------------------------------------------------------------------ driving
