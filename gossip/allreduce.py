@@ -224,16 +224,13 @@ class GroupAllReduce:
             raise ConfigError("vector must be a 1-D floating-point tensor")
         if not (math.isfinite(weight) and weight > 0):
             raise ConfigError(f"weight must be positive and finite, got {weight!r}")
-        contribution = torch.cat(
-            [
-                vector.detach().to(torch.float64) * weight,
-                torch.tensor([weight], dtype=torch.float64),
-            ]
-        )
-        if not bool(torch.isfinite(contribution).all()):
-            raise ConfigError("vector holds NaN or infinity")
-        worst = float(contribution.abs().max())
-        if worst > self.config.bound:
+        contribution = torch.empty(vector.numel() + 1, dtype=torch.float64)
+        torch.mul(vector.detach(), weight, out=contribution[:-1])
+        contribution[-1] = weight
+        worst = float(contribution.abs().max())  # NaN if any is NaN
+        if math.isnan(worst):
+            raise ConfigError("vector holds NaN")
+        if not worst <= self.config.bound:
             raise RingOverflow(f"|w x| or w = {worst:.6g} exceeds the public bound")
         scale = self.scale(k)
         return encode(contribution, scale=scale, bits=self.config.bits), scale

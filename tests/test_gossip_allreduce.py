@@ -27,6 +27,7 @@ from mpc.messages import AdvertiseKeys, ChunkSum, MaskedChunk, Receipt, Reveal, 
 from murmur.errors import (
     AggregationAborted,
     AggregationError,
+    ConfigError,
     OutOfStage,
     PeerUnreachable,
     RingOverflow,
@@ -203,6 +204,14 @@ def test_values_beyond_the_public_bound_are_refused_before_sending() -> None:
         peers = Peers(3, config=AllReduceConfig(bound=10.0, stage_timeout_s=STAGE))
         with pytest.raises(RingOverflow):
             await peers.reducers[0].secure(peers.group(range(3)), torch.full((4,), 3.0), 5.0)
+        with pytest.raises(ConfigError):
+            await peers.reducers[0].plain(
+                peers.group(range(3)), torch.tensor([1.0, float("nan")]), 1.0
+            )
+        with pytest.raises(RingOverflow):
+            await peers.reducers[0].plain(
+                peers.group(range(3)), torch.tensor([1.0, float("inf")]), 1.0
+            )
         assert peers.nets[0].inner.sent == 0
         await peers.aclose()
 
