@@ -313,34 +313,44 @@ class Membership:
         """Join through the given addresses (and stored peers); return how many answered.
 
         Raises ``PeerUnreachable`` if addresses were given and none answered after
-        ``join_attempts`` rounds, and ``RemoteRefused`` at once if one refused us as
-        unauthorized (wrong or missing network key, not on the allowlist).
+        ``join_attempts`` rounds, and ``RemoteRefused`` without retrying if nobody answered
+        and a bootstrap address refused us as unauthorized (wrong or missing network key, not
+        on the allowlist). Stored addresses may be stale (now someone else's): their
+        refusals only count as silence.
         """
         addresses = list(dict.fromkeys(bootstrap))
-        stored = [r for r in self.view.all_records() if r.addresses]
+        stored = [r.addresses[0] for r in self.view.all_records() if r.addresses]
+        stored = [a for a in dict.fromkeys(stored) if a not in addresses]
         if not addresses and not stored:
             return 0
         last_error: Exception | None = None
         for attempt in range(self.config.join_attempts):
             if attempt:
                 await asyncio.sleep(self.config.join_retry_delay_s)
-            answered = 0
-            targets = addresses + [r.addresses[0] for r in stored]
+            targets = addresses + stored
             results = await asyncio.gather(
                 *(self._join_one(a) for a in targets), return_exceptions=True
             )
-            for result in results:
-                if isinstance(result, RemoteRefused) and result.code == RefusalCode.UNAUTHORIZED:
-                    raise result
-                if isinstance(result, BaseException):
-                    if not isinstance(result, (NetworkError, ProtocolError)):
-                        raise result
-                    last_error = result
-                else:
+            answered = 0
+            refused: RemoteRefused | None = None
+            for address, result in zip(targets, results, strict=True):
+                if result is None:
                     answered += 1
+                elif not isinstance(result, (NetworkError, ProtocolError)):
+                    raise result
+                else:
+                    last_error = result
+                    if (
+                        isinstance(result, RemoteRefused)
+                        and result.code == RefusalCode.UNAUTHORIZED
+                        and address in addresses
+                    ):
+                        refused = result
             if answered:
                 log.info("event=joined answered=%d view=%d", answered, len(self.view.active))
                 return answered
+            if refused is not None:
+                raise refused
             if not addresses:
                 return 0  # only stored peers, none up: start alone and wait to be found
         raise PeerUnreachable(f"no bootstrap peer answered ({last_error})")
