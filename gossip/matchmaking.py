@@ -22,7 +22,7 @@ import hashlib
 import logging
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -108,7 +108,11 @@ def _sorted(peers: Sequence[PeerId]) -> tuple[PeerId, ...]:
 
 
 class Matchmaker:
-    """Forms groups by invitation over a ``Network``. One per peer; ``close()`` to unregister."""
+    """Forms groups by invitation over a ``Network``. One per peer; ``close()`` to unregister.
+
+    ``rng`` drives back-offs, sampling and, when given, the invitation and group ids (so a
+    seeded simulation repeats exactly); without it, ids come from the OS CSPRNG.
+    """
 
     def __init__(
         self,
@@ -120,6 +124,8 @@ class Matchmaker:
         self.config = config or MatchConfig()
         self._net = net
         self._rng = rng or random.Random(os.urandom(16))
+        # ids are public but must not collide; an injected rng (simulation) makes runs repeat
+        self._new_id: Callable[[int], bytes] = os.urandom if rng is None else rng.randbytes
         self._ready: int | None = None  # the round we are forming a group for
         self._waiting = False  # in back-off: may accept an invitation
         self._inviting: bytes | None = None  # our own invitation id while we invite
@@ -255,7 +261,7 @@ class Matchmaker:
         return group
 
     async def _invite(self, round: int, deadline: float) -> Group | None:
-        invite_id = os.urandom(16)
+        invite_id = self._new_id(16)
         self._inviting, self._gathered = invite_id, False
         self._yield = asyncio.get_running_loop().create_future()
         try:
@@ -302,7 +308,7 @@ class Matchmaker:
             done, _ = await asyncio.wait(
                 waiting, timeout=close_at - self._net.time(), return_when=asyncio.FIRST_COMPLETED
             )
-            for task in asked.keys() & done:
+            for task in [t for t in asked if t in done]:  # in asking order: deterministic
                 peer = asked.pop(task)
                 if task.result():
                     accepted.append(peer)
@@ -319,7 +325,7 @@ class Matchmaker:
                 self.dissolved += 1
             return None
         members = _sorted([*accepted, self._net.local_id])
-        group = Group(round, os.urandom(GROUP_ID_BYTES), members, self._net.local_id)
+        group = Group(round, self._new_id(GROUP_ID_BYTES), members, self._net.local_id)
         formed = GroupFormed(round, invite_id, group.id, members)
         await asyncio.gather(*(self._tell(p, formed) for p in accepted))
         log.debug("event=group_formed round=%d size=%d", round, group.size)

@@ -185,3 +185,28 @@ def test_hash_matchmakers_agree_without_messages() -> None:
     groups, ids = run(main)
     check_partition(list(groups), ids, MatchConfig(target_size=11, min_size=6))
     assert sum(g.size for g in {g.id: g for g in groups}.values()) == 20
+
+
+def test_seeded_matchmaking_on_the_virtual_clock_repeats_exactly() -> None:
+    def once() -> list[list[tuple[bytes, tuple[PeerId, ...]] | str]]:
+        async def main() -> list[list[tuple[bytes, tuple[PeerId, ...]] | str]]:
+            nets, transports = make(16, seed=9)
+            mms = [Matchmaker(n, MatchConfig(), rng=random.Random(i)) for i, n in enumerate(nets)]
+            out = []
+            for rnd in range(2):
+                groups = await asyncio.gather(
+                    *(m.form_group(rnd) for m in mms), return_exceptions=True
+                )
+                out.append(
+                    [
+                        (g.id, g.members) if isinstance(g, Group) else type(g).__name__
+                        for g in groups
+                    ]
+                )
+            await close(transports)
+            return out
+
+        result: list[list[tuple[bytes, tuple[PeerId, ...]] | str]] = run(main)
+        return result
+
+    assert once() == once()
