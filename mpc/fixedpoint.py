@@ -67,8 +67,6 @@ def encode(
     y = x.detach().to(torch.float64) * scale
     if y.numel() == 0:
         return torch.zeros(y.shape, dtype=dtype)
-    if bool(torch.isnan(y).any()):
-        raise ConfigError("cannot encode NaN")
     if generator is None:
         r = torch.round(y)
     else:
@@ -76,8 +74,10 @@ def encode(
         u = torch.rand(y.shape, generator=generator, dtype=torch.float64, device=y.device)
         r = low + (u < (y - low)).to(torch.float64)
     limit = float(2 ** (bits - 1))
-    hi = float(r.max())
-    lo = float(r.min())
+    lo_t, hi_t = torch.aminmax(r)  # one pass; NaN propagates into both
+    lo, hi = float(lo_t), float(hi_t)
+    if math.isnan(lo) or math.isnan(hi):
+        raise ConfigError("cannot encode NaN")
     if hi >= limit or lo < -limit:
         worst = hi if abs(hi) >= abs(lo) else lo
         raise RingOverflow(

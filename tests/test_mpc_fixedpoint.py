@@ -190,6 +190,9 @@ def test_a_value_outside_the_ring_is_refused(bits: int) -> None:
     "call",
     [
         lambda: fp.encode(torch.tensor([float("nan")]), scale=1.0, bits=32),
+        lambda: fp.encode(
+            torch.tensor([1.0, float("nan")]), scale=1.0, bits=64, generator=torch.Generator()
+        ),
         lambda: fp.encode(torch.tensor([1]), scale=1.0, bits=32),
         lambda: fp.encode(torch.tensor([1.0]), scale=0.0, bits=32),
         lambda: fp.encode(torch.tensor([1.0]), scale=float("inf"), bits=32),
