@@ -140,28 +140,31 @@ def calibrate_noise(
 
     # A coarse PLD (10x cheaper, slightly pessimistic) finds the neighbourhood; the fine one,
     # the same that compute_epsilon uses, decides the answer.
-    lo, hi = _bracket(coarse, target, start=1.0, factor=4.0)
-    near = _solve(coarse, target, lo, hi, rtol=_CAL_RTOL)
-    # Usually two fine evaluations settle it: eps(near) <= target < eps(near / 1.001).
-    lo, hi = _bracket(fine, target, start=near, factor=1 + _CAL_RTOL)
+    lo, hi = _bracket(coarse, target, start=1.0, factor=2.0, grow=False)
+    lo, hi = _solve(coarse, target, lo, hi, rtol=_CAL_RTOL)
+    # Usually two fine evaluations settle it: the coarse bracket is also the fine one.
+    lo, hi = _bracket(fine, target, start=hi, factor=hi / lo, grow=True)
     if hi / lo <= 1 + _CAL_RTOL:
         return hi
-    return _solve(fine, target, lo, hi, rtol=_CAL_RTOL)
+    return _solve(fine, target, lo, hi, rtol=_CAL_RTOL)[1]
 
 
 def _solve(
     eps_of: Callable[[float], float], target: float, lo: float, hi: float, *, rtol: float
-) -> float:
-    """Shrink a bracket eps(lo) > target >= eps(hi) until hi / lo <= 1 + rtol; return hi."""
+) -> tuple[float, float]:
+    """Shrink a bracket eps(lo) > target >= eps(hi) until hi / lo <= 1 + rtol."""
     # Brent's method on log z finds the crossing quickly; the bracket keeps it honest.
-    root = optimize.brentq(
-        lambda u: eps_of(math.exp(u)) - target, math.log(lo), math.log(hi), xtol=rtol / 4
-    )
-    candidate = math.exp(root) * (1 + rtol / 2)
-    if candidate < hi and eps_of(candidate) <= target:
-        hi = candidate
-        below = candidate / (1 + rtol)
-        if below > lo and eps_of(below) > target:
+    ulo, uhi = math.log(lo), math.log(hi)
+
+    def excess(u: float) -> float:
+        # Map the end points back exactly: exp(log(x)) != x would miss the cache.
+        return eps_of(lo if u == ulo else hi if u == uhi else math.exp(u)) - target
+
+    root = math.exp(optimize.brentq(excess, ulo, uhi, xtol=rtol / 8))
+    above, below = root * (1 + rtol / 2), root * (1 - rtol / 4)
+    if lo < below < above < hi and eps_of(above) <= target:
+        hi = above
+        if eps_of(below) > target:
             lo = below
     while hi / lo > 1 + rtol:  # plain bisection in log space if Brent did not close it
         mid = math.sqrt(lo * hi)
@@ -169,16 +172,22 @@ def _solve(
             hi = mid
         else:
             lo = mid
-    return hi
+    return lo, hi
 
 
 def _bracket(
-    eps_of: Callable[[float], float], target: float, *, start: float, factor: float
+    eps_of: Callable[[float], float],
+    target: float,
+    *,
+    start: float,
+    factor: float,
+    grow: bool,
 ) -> tuple[float, float]:
     """Find lo < hi with eps(lo) > target >= eps(hi), moving geometrically from ``start``.
 
-    The step starts at ``factor`` and squares after every miss, so a good start costs two
-    evaluations and a poor one only logarithmically more.
+    With ``grow`` the step squares after every miss, so a good start costs two evaluations
+    and a poor one only logarithmically more. (Small z are expensive to account: the coarse
+    search steps down by a constant factor so as not to overshoot into them.)
     """
     if eps_of(start) <= target:
         hi = start
@@ -192,7 +201,7 @@ def _bracket(
             if eps_of(lo) > target:
                 return lo, hi
             hi = lo
-            factor *= factor
+            factor = factor * factor if grow else factor
     lo = start
     while True:
         hi = lo * factor
@@ -203,7 +212,7 @@ def _bracket(
         if eps_of(hi) <= target:
             return lo, hi
         lo = hi
-        factor *= factor
+        factor = factor * factor if grow else factor
 
 
 @functools.lru_cache(maxsize=4096)
