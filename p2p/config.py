@@ -145,7 +145,8 @@ class DaemonConfig:
     bootstrap: tuple[str, ...] = ()
     """HOST:PORT addresses to join through."""
     advertise: tuple[str, ...] = ()
-    """Addresses put in our peer record (default: the bound listen address)."""
+    """Addresses put in our peer record. Default: the bound address; when listening on all
+    interfaces (0.0.0.0), the local address that routes to the first bootstrap peer."""
     network_key_file: Path | None = None
     """Pre-shared network key (64 hex characters, or 32 raw bytes); strangers are refused."""
     allow: tuple[str, ...] = ()

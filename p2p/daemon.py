@@ -167,6 +167,7 @@ class Daemon:
             admit=admit,
             routes=admin_routes(self),
             advertise=cfg.advertise,
+            route_hint=cfg.bootstrap[0] if cfg.bootstrap else None,
         )
         self._membership = Membership(
             identity, self._transport, cfg.membership, data_dir=cfg.data_dir, admit=admit

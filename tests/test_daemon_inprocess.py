@@ -11,7 +11,7 @@ import pytest
 from murmur.errors import KeyFileError, TransportClosed
 from p2p.config import DaemonConfig, MembershipConfig
 from p2p.daemon import Daemon, load_network_key
-from p2p.transport.http import is_loopback
+from p2p.transport.http import is_loopback, local_ip_toward
 
 FAST = MembershipConfig(exchange_interval_s=0.1, ping_interval_s=0.1, join_attempts=1)
 
@@ -84,3 +84,8 @@ def test_network_key_file_formats(tmp_path: Path) -> None:
 def test_admin_is_loopback_only() -> None:
     assert is_loopback("127.0.0.1") and is_loopback("::1")
     assert not is_loopback("10.0.0.1") and not is_loopback(None) and not is_loopback("x")
+
+
+def test_wildcard_listen_advertises_the_route_to_the_bootstrap() -> None:
+    assert local_ip_toward("127.0.0.1:9") == "127.0.0.1"
+    assert local_ip_toward("[::1]:9", ipv6=True) == "::1"

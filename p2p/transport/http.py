@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 from collections.abc import Callable, Iterable
 
 import aiohttp
@@ -83,6 +84,19 @@ class EnvelopePayload(Payload):
             await writer.write(view[start : start + _WRITE_CHUNK])
 
 
+def local_ip_toward(address: str | None, *, ipv6: bool = False) -> str:
+    """The local IP the OS would use to reach ``address`` (HOST:PORT); no packet is sent."""
+    family = socket.AF_INET6 if ipv6 else socket.AF_INET
+    host, port = parse_address(address) if address else ("2001:db8::1" if ipv6 else "192.0.2.1", 9)
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, port))
+            local: str = probe.getsockname()[0]
+            return local
+    except OSError:
+        return "::1" if ipv6 else "127.0.0.1"
+
+
 def is_loopback(remote: str | None) -> bool:
     """Whether the remote address of a request is a loopback address."""
     if remote is None:
@@ -139,6 +153,7 @@ class HttpTransport(Transport):
         admit: Callable[[PeerId], bool] | None = None,
         routes: Iterable[web.AbstractRouteDef] = (),
         advertise: Iterable[str] = (),
+        route_hint: str | None = None,
     ) -> None:
         self.config = config or HttpTransportConfig()
         super().__init__(codec, default_timeout_s=self.config.request_timeout_s, admit=admit)
@@ -152,6 +167,7 @@ class HttpTransport(Transport):
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._bound: tuple[str, ...] = ()
+        self._route_hint = route_hint
 
     @property
     def addresses(self) -> tuple[str, ...]:
@@ -189,8 +205,12 @@ class HttpTransport(Transport):
         server = site._server
         for sock in getattr(server, "sockets", None) or ():
             name = sock.getsockname()
-            # Listening on all interfaces binds 0.0.0.0: peers then need --advertise.
-            bound.append(format_address(name[0], name[1]))
+            ip = name[0]
+            if ipaddress.ip_address(ip).is_unspecified:
+                # Bound to all interfaces: advertise the local address that routes to the
+                # bootstrap peer (or to a public address); --advertise overrides this guess.
+                ip = local_ip_toward(self._route_hint, ipv6=":" in ip)
+            bound.append(format_address(ip, name[1]))
         self._bound = tuple(bound)
         self._client()
 
