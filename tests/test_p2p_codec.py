@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from murmur.errors import MalformedMessage, UnknownMessageType
+from murmur.errors import MalformedMessage, RefusalCode, UnknownMessageType
 from p2p import codec
 from p2p.codec import decode_body, decode_body_as, encode_body
 from p2p.identity import Identity, PeerId
@@ -306,3 +306,110 @@ def test_unsupported_field_type_rejected_at_registration() -> None:
         codec.schema_check(NoSlots)
     with pytest.raises(TypeError):
         build_registry([Ping, Ping])
+
+
+def craft(obj: Any, region: bytes = b"", pad: int | None = None) -> bytes:
+    """A body with an arbitrary msgpack part (and tensor region), bypassing the encoder."""
+    import struct
+
+    import msgpack
+
+    packed = msgpack.packb(obj, use_bin_type=True)
+    if pad is None:
+        pad = (-(8 + len(packed))) % 64 if region else 0
+    return struct.pack("<II", len(packed), pad) + packed + bytes(pad) + region
+
+
+@dataclass(frozen=True, slots=True)
+class Typed:
+    TYPE: ClassVar[str] = "test_typed"
+    i: int
+    f: float
+    s: str
+    peers: tuple[PeerId, ...]
+    table: dict[str, int]
+    opt: bytes | None
+
+
+GOOD = [1, 1.5, "s", [b"p" * 32], {"a": 1}, None]
+TENSOR_REGION = bytes(range(16))
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        ["1", *GOOD[1:]],  # str for int
+        [True, *GOOD[1:]],  # bool for int
+        [1, 2, *GOOD[2:]],  # int for float
+        [1, 1.5, b"s", *GOOD[3:]],  # bytes for str
+        [1, 1.5, "s", [b"p" * 31], *GOOD[4:]],  # short peer id
+        [1, 1.5, "s", b"p" * 32, *GOOD[4:]],  # bytes for a tuple
+        [1, 1.5, "s", [b"p" * 32], [["a", 1]], None],  # array for a map
+        [1, 1.5, "s", [b"p" * 32], {"a": "1"}, None],  # wrong map value
+        [1, 1.5, "s", [b"p" * 32], {1: 1}, None],  # wrong map key
+        [*GOOD[:5], 7],  # int for bytes | None
+        GOOD[:5],  # too few fields
+        [*GOOD, None],  # too many fields
+        {"i": 1},  # a map for the message
+        None,
+    ],
+)
+def test_wrong_field_types_refused_on_decode(obj: Any) -> None:
+    assert decode_body_as(Typed, craft(GOOD)) == Typed(
+        1, 1.5, "s", (PeerId(b"p" * 32),), {"a": 1}, None
+    )
+    with pytest.raises(MalformedMessage) as info:
+        decode_body_as(Typed, craft(obj))
+    assert info.value.code == RefusalCode.MALFORMED
+
+
+def test_duplicate_map_keys_refused() -> None:
+    import msgpack
+
+    packed = msgpack.packb([1, 1.5, "s", [], {}, None], use_bin_type=True)
+    # A map with the key "a" twice, spliced in place of the empty map (0x80).
+    dup = packed.replace(b"\x80", b"\x82\xa1a\x01\xa1a\x02", 1)
+    body = struct_body(dup)
+    with pytest.raises(MalformedMessage, match="duplicate"):
+        decode_body_as(Typed, body)
+
+
+def struct_body(packed: bytes) -> bytes:
+    import struct
+
+    return struct.pack("<II", len(packed), 0) + packed
+
+
+@pytest.mark.parametrize(
+    ("tensor", "region", "pad"),
+    [
+        ([1, [4], 0, 16], TENSOR_REGION, None),  # valid: float32 x 4
+        ([99, [4], 0, 16], TENSOR_REGION, None),  # unknown dtype code
+        ([1, [-4], 0, 16], TENSOR_REGION, None),  # negative size
+        ([1, [5], 0, 16], TENSOR_REGION, None),  # shape and nbytes disagree
+        ([1, [4], 8, 16], TENSOR_REGION, None),  # not where the layout puts it
+        ([1, [2], 0, 8], TENSOR_REGION, None),  # trailing bytes in the region
+        ([1, [8], 0, 32], TENSOR_REGION, None),  # runs past the end
+        ([6, [16], 0, 16], TENSOR_REGION, None),  # bool tensor with bytes > 1
+        ([1, [4], 0, 16], TENSOR_REGION, 64),  # padding too long
+        ([1, [4], 0], TENSOR_REGION, None),  # wrong arity
+        ([1, [1] * 40, 0, 4], TENSOR_REGION[:4], None),  # too many dimensions
+        ("tensor", TENSOR_REGION, None),
+    ],
+)
+def test_bad_tensor_fields_refused(tensor: Any, region: bytes, pad: int | None) -> None:
+    body = craft([tensor, "x"], region, pad)
+    if tensor == [1, [4], 0, 16] and pad is None:
+        assert decode_body_as(Inner, body).t.shape == (4,)
+        return
+    with pytest.raises(MalformedMessage):
+        decode_body_as(Inner, body)
+
+
+@pytest.mark.parametrize("cut", [0, 3, 7, 8, 12])
+def test_truncated_body_refused(cut: int) -> None:
+    body = encode_body(Inner(torch.ones(3), "label"))
+    with pytest.raises(MalformedMessage):
+        decode_body_as(Inner, body[:cut])
+    with pytest.raises(MalformedMessage):
+        decode_body_as(Inner, body[:-1])
