@@ -42,6 +42,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "latency_dist": ("constant", "uniform", "normal", "lognormal", "exponential"),
     "topology": ("ring", "regular", "complete"),
     "training": ("auto", "per-peer", "stacked"),
+    "engine": ("gossip", "direct"),
 }
 
 
@@ -62,6 +63,9 @@ class Scenario:
     fidelity: str = _f("run", "object", "object (message objects) or wire (encoded envelopes)")
     eval_peers: int = _f("run", 32, "peers whose models are evaluated each round (0 = all)")
     training: str = _f("run", "auto", "auto, per-peer (Learner) or stacked (one batched step)")
+    engine: str = _f(
+        "run", "gossip", "gossip (the daemon's gossip/ averagers) or direct (sans-IO, for scale)"
+    )
     # [task]
     task: str = _f("task", "digits", "digits, breast_cancer or credit")
     model: str = _f("task", "logreg", "logreg or mlp")

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import networkx as nx
 import numpy as np
 import torch
 
@@ -36,6 +37,7 @@ from murmur.errors import ConfigError
 from simulator.budget import SharedAccountant, SimBudget
 from simulator.clock import new_virtual_loop
 from simulator.config import Scenario
+from simulator.gossipnet import GossipRound
 from simulator.groups import GroupRound, hash_groups
 from simulator.neighbours import NeighbourRound, topology
 from simulator.netmodel import Population
@@ -230,8 +232,16 @@ class Simulation:
         n = s.peers
         online = self.population.online
         net = SimNetwork(loop, s, n, online)
-        protocol: GroupRound | NeighbourRound
-        if s.algorithm in ("secure-group", "group"):
+        protocol: GroupRound | NeighbourRound | GossipRound
+        if s.engine == "gossip":
+            graph = None
+            if s.algorithm == "dpsgd":
+                graph = nx.Graph()
+                graph.add_nodes_from(range(n))
+                for i, near in enumerate(topology(s.topology, n, s.topology_degree, s.seed)):
+                    graph.add_edges_from((i, j) for j in near)
+            protocol = GossipRound(net, s, graph)
+        elif s.algorithm in ("secure-group", "group"):
             protocol = GroupRound(
                 net,
                 secure=s.algorithm == "secure-group",
@@ -283,7 +293,7 @@ class Simulation:
             cap.cancel()
             for p, theta in protocol.results.items():
                 self.trainer.apply(p, theta)
-            if isinstance(protocol, GroupRound):
+            if isinstance(protocol, GroupRound | GossipRound):
                 aborted += protocol.aborted_groups
             dropped = len(active) - len(protocol.counted & set(active))
             record = self._record(rnd, loop.time(), net, len(active), dropped)

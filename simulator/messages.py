@@ -42,6 +42,7 @@ class PlainChunk:
     """Plaintext group all-reduce: chunk ``chunk`` of the sender's weighted model, and weight."""
 
     TYPE: ClassVar[str] = "sim.plain_chunk"
+    SECRET: ClassVar[bool] = False
     group: bytes
     round: int
     chunk: int
@@ -54,6 +55,7 @@ class PlainSum:
     """Plaintext group all-reduce: the reducer's sum of chunk ``chunk`` and of the weights."""
 
     TYPE: ClassVar[str] = "sim.plain_sum"
+    SECRET: ClassVar[bool] = False
     group: bytes
     round: int
     chunk: int
@@ -66,6 +68,7 @@ class ModelShare:
     """Neighbour averaging (pairwise, push-sum, D-PSGD): a model vector and a weight."""
 
     TYPE: ClassVar[str] = "sim.model_share"
+    SECRET: ClassVar[bool] = False
     round: int
     data: Tensor
     weight: float
@@ -83,8 +86,9 @@ def registry() -> Mapping[str, type]:
 
 
 def auth_for(message: object) -> Auth:
-    """How the daemon authenticates ``message``: sealed if it carries secrets, else a MAC."""
-    return Auth.SEALED if getattr(message, "SECRET", False) else Auth.MAC
+    """How the daemon authenticates ``message`` (as ``gossip.network.auth_for``): sealed unless
+    its class says ``SECRET = False``, then a MAC."""
+    return Auth.SEALED if getattr(type(message), "SECRET", True) else Auth.MAC
 
 
 _PREFIX_BYTES = 12

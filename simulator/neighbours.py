@@ -139,7 +139,7 @@ class NeighbourRound:
         else:
             self.net.call_at(self.net.loop.time() + self.timeout, self._finalize, p)
 
-    def _sent(self, p: int, delivered: bool) -> None:
+    def _sent(self, p: int, delivered: bool, reply: object) -> None:
         self._finalize(p)
 
     def peer_left(self, p: int) -> None:

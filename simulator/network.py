@@ -23,12 +23,14 @@ Both count the same bytes: the exact envelope size from ``simulator.messages.wir
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any, cast
 
-from murmur.errors import ConfigError, ProtocolError
+from murmur.errors import ConfigError, ProtocolError, RefusalCode, UnknownMessageType
 from p2p.envelope import Auth, EnvelopeCodec
 from p2p.identity import Identity, PeerId
 from simulator.config import Scenario
@@ -37,8 +39,12 @@ from simulator.netmodel import NetModel
 
 __all__ = ["EPOCH", "Handler", "SimNetwork", "peer_seed"]
 
-Handler = Callable[[int, Any], None]
-"""Handles one delivered message: ``handler(sender_index, message)``."""
+Handler = Callable[[int, Any], Any]
+"""Handles one delivered message: ``handler(sender_index, message)`` -> reply, None, or an
+awaitable of the reply (run as a task; the sender hears about it when it completes)."""
+
+OnResult = Callable[[bool, Any], None]
+"""``on_result(accepted, reply_or_error)``: the fate of one sent message."""
 
 EPOCH = 1_767_225_600.0
 """Wall-clock seconds that virtual time 0 stands for in envelope timestamps (2026-01-01)."""
@@ -149,16 +155,19 @@ class SimNetwork:
         sender: int,
         recipient: int,
         message: object,
-        on_result: Callable[[bool], None] | None = None,
+        on_result: OnResult | None = None,
+        deliver_to: Callable[[int, Any], None] | None = None,
     ) -> None:
-        """Send ``message``; ``on_result(delivered)`` is called when it is handled or lost.
+        """Send ``message``; ``on_result(accepted, reply)`` is called when it is handled or lost.
+
+        ``deliver_to(sender, message)`` replaces the recipient's handler (replies to requests).
 
         A message from an offline sender is not sent at all; one that is lost, crosses an
         active partition, or reaches an offline recipient counts as sent but not received.
         """
         if not self.online[sender]:
             if on_result is not None:
-                on_result(False)
+                on_result(False, None)
             return
         auth = auth_for(message)
         payload: object = message
@@ -179,10 +188,12 @@ class SimNetwork:
         if model.lost() or model.partitioned(sender, recipient, now):
             self.messages_lost += 1
             if on_result is not None:
-                self.call_at(done, on_result, False)
+                self.call_at(done, on_result, False, None)
             return
         arrival = done + model.latency(sender, recipient)
-        self.call_at(arrival, self._deliver, sender, recipient, payload, size, on_result)
+        self.call_at(
+            arrival, self._deliver, sender, recipient, payload, size, on_result, deliver_to
+        )
 
     def _deliver(
         self,
@@ -190,10 +201,12 @@ class SimNetwork:
         recipient: int,
         payload: object,
         size: int,
-        on_result: Callable[[bool], None] | None,
+        on_result: OnResult | None,
+        deliver_to: Callable[[int, Any], None] | None,
     ) -> None:
         ok = False
         message: Any
+        reply: Any = None
         if self.online[recipient]:
             self.bytes_received += size
             try:
@@ -204,17 +217,48 @@ class SimNetwork:
                     message = received.message
                 else:
                     message = payload
-                handler = self.handlers[recipient].get(type(message))
-                if handler is not None:
-                    handler(sender, message)
-                    ok = True
+                if deliver_to is not None:
+                    deliver_to(sender, message)
                     self.messages_delivered += 1
-            except ProtocolError:
+                    ok = True
+                else:
+                    handler = self.handlers[recipient].get(type(message))
+                    if handler is None:
+                        raise UnknownMessageType(f"no handler for {type(message).__name__}")
+                    reply = handler(sender, message)
+                    self.messages_delivered += 1
+                    if inspect.isawaitable(reply):
+                        task = asyncio.ensure_future(reply)
+                        if on_result is not None:
+                            task.add_done_callback(functools.partial(self._finished, on_result))
+                        else:
+                            task.add_done_callback(self._finished_quiet)
+                        return
+                    ok = True
+            except ProtocolError as exc:
                 self.refused += 1
+                reply = exc
         else:
             self.messages_lost += 1
         if on_result is not None:
-            on_result(ok)
+            on_result(ok, reply)
+
+    def _finished(self, on_result: OnResult, task: asyncio.Future[Any]) -> None:
+        if task.cancelled():
+            on_result(False, None)
+            return
+        exc = task.exception()
+        if exc is None:
+            on_result(True, task.result())
+            return
+        self.refused += 1
+        if not isinstance(exc, ProtocolError):
+            exc = ProtocolError(f"the handler failed: {exc!r}", code=RefusalCode.INTERNAL)
+        on_result(False, exc)
+
+    def _finished_quiet(self, task: asyncio.Future[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.refused += 1
 
 
 def _order(entry: tuple[float, int, Callable[..., None], tuple[Any, ...]]) -> tuple[float, int]:
