@@ -25,7 +25,9 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def one(peers: int, rounds: int, algorithm: str, profile: bool) -> dict[str, object]:
+def one(
+    peers: int, rounds: int, algorithm: str, profile: bool, engine: str = "direct"
+) -> dict[str, object]:
     """Run one size in this process; return its measurements."""
     t0 = time.perf_counter()
     from simulator import Scenario, Simulation
@@ -54,6 +56,7 @@ def one(peers: int, rounds: int, algorithm: str, profile: bool) -> dict[str, obj
         "peers": peers,
         "rounds": rounds,
         "algorithm": algorithm,
+        "engine": engine,
         "import_s": round(t1 - t0, 2),
         "build_s": round(t2 - t1, 2),
         "run_s": round(result.wall_time_s, 2),
@@ -97,29 +100,39 @@ def main() -> None:
     parser.add_argument("--big", type=int, default=10000)
     parser.add_argument("--big-rounds", type=int, default=1)
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--one", nargs=3, default=None)
+    parser.add_argument("--engines", default="direct,gossip")
+    parser.add_argument("--full", action="store_true", help="also 1000 peers x 100 rounds")
+    parser.add_argument("--one", nargs=4, default=None)
     args = parser.parse_args()
     if args.one is not None:
         peers, rounds, algorithm = int(args.one[0]), int(args.one[1]), args.one[2]
-        print(json.dumps(one(peers, rounds, algorithm, args.profile)))
+        print(json.dumps(one(peers, rounds, algorithm, args.profile, args.one[3])))
         return
     rows = []
+    engines = args.engines.split(",")
     for n in [int(p) for p in args.peers.split(",")]:
-        rows.append(spawn(n, args.rounds, args.algorithm, profile=False))
+        for engine in engines:
+            rows.append(spawn(n, args.rounds, args.algorithm, engine=engine))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        rows.append(spawn(n, args.rounds, "group", engine="direct"))  # without secure aggregation
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    if args.full:
+        rows.append(spawn(1000, 100, args.algorithm, engine="direct"))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     if args.big:
         rows.append(spawn(args.big, args.big_rounds, args.algorithm))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print(f"machine: {platform.machine()}, {platform.python_version()}, torch 1 thread\n")
     print(
-        "| peers | rounds | run s | s/round | build s | peak RSS MiB | messages | virtual s | accuracy |"
+        "| peers | rounds | algorithm | engine | run s | s/round | build s | peak RSS MiB | "
+        "messages | virtual s | accuracy |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['peers']} | {r['rounds']} | {r['run_s']} | {r['per_round_s']} | "
-            f"{r['build_s']} | {r['peak_rss_mib']} | {r['messages']} | {r['virtual_s']} | "
-            f"{r['accuracy']} |"
+            f"| {r['peers']} | {r['rounds']} | {r['algorithm']} | {r['engine']} | "
+            f"{r['run_s']} | {r['per_round_s']} | {r['build_s']} | {r['peak_rss_mib']} | "
+            f"{r['messages']} | {r['virtual_s']} | {r['accuracy']} |"
         )
     import matplotlib
 
@@ -127,19 +140,27 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    xs = [int(str(r["peers"])) for r in rows]
-    ax.plot(xs, [float(str(r["per_round_s"])) for r in rows], marker="o")
+    for key in sorted({(str(r["algorithm"]), str(r["engine"])) for r in rows}):
+        sel = [r for r in rows if (r["algorithm"], r["engine"]) == key]
+        sel.sort(key=lambda r: int(str(r["peers"])))
+        ax.plot(
+            [int(str(r["peers"])) for r in sel],
+            [float(str(r["per_round_s"])) for r in sel],
+            marker="o",
+            label=f"{key[0]}, {key[1]} engine",
+        )
+    ax.legend(fontsize=8)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("peers")
     ax.set_ylabel("wall seconds per round")
-    ax.set_title(f"{args.algorithm} + record DP, digits logreg, object fidelity")
+    ax.set_title("record DP, digits logreg, object fidelity", fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     RESULTS.mkdir(exist_ok=True)
     fig.savefig(RESULTS / "simulator_scaling.png")
     if args.profile:
-        prof = spawn(1000, 2, args.algorithm, profile=True)
+        prof = spawn(1000, 2, args.algorithm, profile=True, engine="direct")
         print("\n```\n" + str(prof["profile"]) + "```")
 
 

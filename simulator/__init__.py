@@ -10,7 +10,12 @@ The Python API for researchers::
     plot_metrics({"churn": result.records}, "plots/")
 
 ``Simulation(scenario, task=...)`` accepts a custom ``gossip.tasks.Task``; ``load_scenario``
-reads TOML files; ``write_run`` writes the metrics files, summary and plots.
+reads TOML files; ``write_run`` writes the metrics files, summary and plots; ``sweep`` runs one
+scenario over several values of a field.
+
+Two engines run the same network model: ``gossip`` (default) runs the daemon's averagers from
+``gossip/`` over ``simulator.gossipnet.SimPeerNetwork``; ``direct`` drives the sans-IO cores
+(``mpc.Member``) from the network's tick callbacks, for thousands of peers.
 """
 
 from simulator.config import ALGORITHMS, Scenario, Sweep, load_scenario, load_sweep

@@ -4,10 +4,15 @@ Each round, on one ``simulator.clock.VirtualClockLoop``:
 
 1. churn: offline peers may rejoin, online peers may be picked to leave at a time within the
    round (``simulator.netmodel.Population``);
-2. every online peer trains locally and privatizes its update (``gossip.learner.Learner``, the
-   daemon's learner) and becomes ready after its virtual compute time (stragglers are slower);
-3. the averaging algorithm runs over ``simulator.network.SimNetwork`` (``simulator.groups`` or
-   ``simulator.neighbours``) until every peer has its result or gave up at a deadline;
+2. every online peer trains locally and privatizes its update (``simulator.training``: the
+   daemon's ``gossip.learner.Learner`` per peer, or all peers of a linear model in one stacked
+   step) and becomes ready after its virtual compute time (stragglers are slower);
+3. the averaging algorithm runs over ``simulator.network.SimNetwork`` until every peer has its
+   result or gave up at a deadline. ``engine = "gossip"`` (default) runs the daemon's own
+   averagers from ``gossip/`` (``simulator.gossipnet``); ``engine = "direct"`` drives the
+   sans-IO cores straight from the network's tick callbacks (``simulator.groups``: the same
+   ``mpc.Member``; ``simulator.neighbours``: simulator versions of the plaintext baselines), with
+   no future or task per message, for scale;
 4. peers apply their results; a metrics row is recorded.
 
 A round that has not ended ``round_limit`` virtual seconds after it began is ended by force

@@ -73,3 +73,45 @@ def test_loss_and_partition_drop_messages() -> None:
 def test_wire_fidelity_delivers_checked_envelopes() -> None:
     net, got = _exchange(Scenario(fidelity="wire"), 4, 20)
     assert len(got) == 20 and net.refused == 0
+
+
+def test_sim_peer_network_send_request_refusal_and_departure() -> None:
+    from gossip.messages import PairwiseOffer, PairwiseReply
+    from murmur.errors import MalformedMessage, PeerUnreachable, RemoteRefused
+    from simulator.gossipnet import SimPeerNetwork
+
+    async def main() -> list[str]:
+        loop = asyncio.get_running_loop()
+        online = [True] * 3
+        net = SimNetwork(
+            loop, Scenario(latency_ms=100.0, latency_jitter_ms=0.0, link_spread=0.0), 3, online
+        )
+        peers = [SimPeerNetwork(net, i, lambda: net.ids) for i in range(3)]
+        seen: list[str] = []
+
+        async def answer(sender: object, msg: PairwiseOffer) -> PairwiseReply:
+            if msg.round < 0:
+                raise MalformedMessage("negative round")
+            seen.append(f"offer {msg.round}")
+            return PairwiseReply(True, msg.vector * 2, msg.weight)
+
+        peers[1].register(PairwiseOffer, answer)
+        start = loop.time()
+        reply = await peers[0].request(net.ids[1], PairwiseOffer(1, torch.ones(3), 1.0))
+        assert torch.equal(reply.vector, torch.full((3,), 2.0))
+        assert loop.time() - start >= 0.2  # there and back
+        assert peers[0].view() == [net.ids[1], net.ids[2]]
+        try:
+            await peers[0].request(net.ids[1], PairwiseOffer(-1, torch.ones(3), 1.0))
+        except RemoteRefused as exc:
+            seen.append(f"refused {int(exc.code)}")
+        online[2] = False
+        try:
+            await peers[0].send(net.ids[2], PairwiseOffer(2, torch.ones(3), 1.0), timeout=5.0)
+        except PeerUnreachable:
+            seen.append("unreachable")
+        return seen
+
+    with asyncio.Runner(loop_factory=new_virtual_loop) as runner:
+        seen = runner.run(main())
+    assert seen == ["offer 1", "refused 2", "unreachable"]
