@@ -227,6 +227,10 @@ class SimNetwork:
                         raise UnknownMessageType(f"no handler for {type(message).__name__}")
                     reply = handler(sender, message)
                     self.messages_delivered += 1
+                    if inspect.iscoroutine(reply):
+                        reply, pending = _run_eagerly(reply)
+                        if pending is not None:
+                            reply = pending
                     if inspect.isawaitable(reply):
                         task = asyncio.ensure_future(reply)
                         if on_result is not None:
@@ -259,6 +263,42 @@ class SimNetwork:
     def _finished_quiet(self, task: asyncio.Future[Any]) -> None:
         if not task.cancelled() and task.exception() is not None:
             self.refused += 1
+
+
+def _run_eagerly(coro: Any) -> tuple[Any, Any]:
+    """Run an async handler up to its first suspension, as an eager task would.
+
+    Most handlers (put a message on a queue, answer from memory) never suspend: they finish
+    here with no task at all. Returns ``(reply, None)`` then, or ``(None, awaitable)`` to run
+    as a task when the handler does suspend. A failure other than a refusal becomes one.
+    """
+    try:
+        yielded = coro.send(None)
+    except StopIteration as stop:
+        return stop.value, None
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError(f"the handler failed: {exc!r}", code=RefusalCode.INTERNAL) from exc
+    return None, _resume(coro, yielded)
+
+
+async def _resume(coro: Any, yielded: Any) -> Any:
+    """Drive a coroutine that suspended on ``yielded`` to its end (inside a task)."""
+    while True:
+        try:
+            if yielded is None:
+                await asyncio.sleep(0)
+            else:
+                await asyncio.wait([yielded])
+                yielded._asyncio_future_blocking = False
+        except asyncio.CancelledError:
+            coro.close()
+            raise
+        try:
+            yielded = coro.send(None)
+        except StopIteration as stop:
+            return stop.value
 
 
 def _order(entry: tuple[float, int, Callable[..., None], tuple[Any, ...]]) -> tuple[float, int]:

@@ -53,12 +53,18 @@ def write_run(result: RunResult, out: str | Path, *, plots: bool = True) -> Path
         json.dump(result.summary(), fh, indent=2, sort_keys=True, default=_clean)
         fh.write("\n")
     if plots:
-        plot_metrics({result.scenario.name: result.records}, path, metric=result.metric_name)
+        s = result.scenario
+        title = f"{s.name}: {s.algorithm}, {s.peers} peers, {s.task}-{s.model}, DP {s.privacy}"
+        plot_metrics({s.name: result.records}, path, metric=result.metric_name, title=title)
     return path
 
 
 def plot_metrics(
-    runs: Mapping[str, Sequence[RoundRecord]], out: str | Path, *, metric: str = "accuracy"
+    runs: Mapping[str, Sequence[RoundRecord]],
+    out: str | Path,
+    *,
+    metric: str = "accuracy",
+    title: str | None = None,
 ) -> list[Path]:
     """Plot accuracy and consensus distance against rounds and bytes, epsilon against rounds.
 
@@ -95,6 +101,8 @@ def plot_metrics(
         if y == "consensus_distance":
             ax.set_yscale("symlog", linthresh=1e-3)
         ax.grid(alpha=0.3)
+        if title:
+            ax.set_title(title, fontsize=10)
         if len(runs) > 1:
             ax.legend(fontsize=8)
         fig.tight_layout()
