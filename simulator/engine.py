@@ -93,6 +93,10 @@ class RunResult:
     metric_name: str
     stats: dict[str, Any] = field(default_factory=dict)
 
+    def rows(self) -> list[dict[str, Any]]:
+        """The records as dicts (e.g. ``pandas.DataFrame(result.rows())``)."""
+        return [asdict(r) for r in self.records]
+
     def final(self) -> RoundRecord:
         """The last round's record."""
         return self.records[-1]
