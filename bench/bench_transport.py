@@ -1,13 +1,14 @@
 """Transport throughput on loopback: plain socket vs raw aiohttp POST vs Murmur envelopes.
 
-Every variant runs a receiver and a sender in two separate processes, in one run, so the
-numbers are comparable. Murmur rows time ``HttpTransport.send`` end to end: encode with
-authentication, POST, the receiver's checks (door, replay, MAC/seal/signature), decode into
-a tensor, and the 204 back. ``tuned`` means ``p2p.daemon.tune_malloc()`` (what the daemon does
-at start); ``default`` is glibc's default allocator settings.
+Every variant runs a receiver and a sender in two separate processes. All variants run in one
+run, interleaved round by round (A B C ... A B C ...), so that a busy machine slows them all
+alike; the table shows the median and the best time per message. Murmur rows time
+``HttpTransport.send`` end to end: encode with authentication, POST, the receiver's checks
+(door, replay, MAC/seal/signature), decode into a tensor, and the 204 back. ``tuned`` means
+``p2p.daemon.tune_malloc()`` (what the daemon does at start); ``default`` is glibc's default.
 
-    python -m bench.bench_transport            # writes a markdown table to stdout
-    python -m bench.bench_transport --reps 5   # fewer repetitions
+    python -m bench.bench_transport              # markdown table on stdout
+    python -m bench.bench_transport --rounds 4   # fewer rounds
 """
 
 from __future__ import annotations
@@ -70,18 +71,23 @@ def _serve_one(conn: socket.socket, buf: bytearray, view: memoryview) -> bool:
     return True
 
 
-def client_socket(port: int, size: int, reps: int) -> list[float]:
-    payload = os.urandom(size)
-    conn = socket.create_connection(("127.0.0.1", port))
-    times = []
-    for _ in range(reps):
+class SocketSender:
+    """Length-prefixed blobs over one TCP connection."""
+
+    def __init__(self, port: int) -> None:
+        self.conn = socket.create_connection(("127.0.0.1", port))
+        self.payloads = {size: os.urandom(size) for size in SIZES.values()}
+
+    async def send(self, size: int) -> float:
+        payload = self.payloads[size]
         t0 = time.perf_counter()
-        conn.sendall(size.to_bytes(8, "little"))
-        conn.sendall(payload)
-        conn.recv(1)
-        times.append(time.perf_counter() - t0)
-    conn.close()
-    return times
+        self.conn.sendall(size.to_bytes(8, "little"))
+        self.conn.sendall(payload)
+        self.conn.recv(1)
+        return time.perf_counter() - t0
+
+    async def aclose(self) -> None:
+        self.conn.close()
 
 
 # -- raw aiohttp --------------------------------------------------------------------------------
@@ -101,23 +107,27 @@ async def serve_aiohttp(port: int) -> None:
     await asyncio.Event().wait()
 
 
-async def client_aiohttp(port: int, size: int, reps: int) -> list[float]:
-    import aiohttp
+class AiohttpSender:
+    """Plain POSTs of the same bytes with one ClientSession."""
 
-    from p2p.transport.http import EnvelopePayload
+    def __init__(self, port: int) -> None:
+        import aiohttp
 
-    payload = os.urandom(size)
-    times = []
-    async with aiohttp.ClientSession() as session:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            async with session.post(
-                f"http://127.0.0.1:{port}/", data=EnvelopePayload(payload)
-            ) as r:
-                await r.read()
-                assert r.status == 204
-            times.append(time.perf_counter() - t0)
-    return times
+        self.session = aiohttp.ClientSession()
+        self.url = f"http://127.0.0.1:{port}/"
+        self.payloads = {size: os.urandom(size) for size in SIZES.values()}
+
+    async def send(self, size: int) -> float:
+        from p2p.transport.http import EnvelopePayload
+
+        t0 = time.perf_counter()
+        async with self.session.post(self.url, data=EnvelopePayload(self.payloads[size])) as r:
+            await r.read()
+            assert r.status == 204
+        return time.perf_counter() - t0
+
+    async def aclose(self) -> None:
+        await self.session.close()
 
 
 # -- Murmur transport ---------------------------------------------------------------------------
@@ -155,24 +165,30 @@ async def serve_murmur(port: int) -> None:
     await asyncio.Event().wait()
 
 
-async def client_murmur(port: int, size: int, reps: int, auth_name: str) -> list[float]:
-    from p2p.config import HttpTransportConfig
-    from p2p.envelope import Auth
-    from p2p.identity import Identity
-    from p2p.transport.http import HttpTransport
+class MurmurSender:
+    """``HttpTransport.send`` of a tensor message with the given authentication."""
 
-    codec, blob = _codec(CLIENT_SEED)
-    config = HttpTransportConfig(max_message_size=2**30 - 1, request_timeout_s=60)
-    server_id = Identity.from_seed(SERVER_SEED).peer_id
-    message = blob(data=torch.rand(size // 4))
-    times = []
-    async with HttpTransport(codec, config=config) as transport:
-        transport.set_addresses(server_id, [f"127.0.0.1:{port}"])
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            await transport.send(server_id, message, auth=Auth[auth_name])
-            times.append(time.perf_counter() - t0)
-    return times
+    def __init__(self, port: int, auth_name: str) -> None:
+        from p2p.config import HttpTransportConfig
+        from p2p.envelope import Auth
+        from p2p.identity import Identity
+        from p2p.transport.http import HttpTransport
+
+        codec, blob = _codec(CLIENT_SEED)
+        config = HttpTransportConfig(max_message_size=2**30 - 1, request_timeout_s=60)
+        self.server_id = Identity.from_seed(SERVER_SEED).peer_id
+        self.auth = Auth[auth_name]
+        self.messages = {size: blob(data=torch.rand(size // 4)) for size in SIZES.values()}
+        self.transport = HttpTransport(codec, config=config)
+        self.transport.set_addresses(self.server_id, [f"127.0.0.1:{port}"])
+
+    async def send(self, size: int) -> float:
+        t0 = time.perf_counter()
+        await self.transport.send(self.server_id, self.messages[size], auth=self.auth)
+        return time.perf_counter() - t0
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
 
 
 # -- orchestration ------------------------------------------------------------------------------
@@ -195,9 +211,10 @@ VARIANTS = [
 ]
 
 
-def _child(argv: list[str]) -> subprocess.Popen[str]:
+def _child(argv: list[str], stdin: bool = False) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "bench.bench_transport", *argv],
+        stdin=subprocess.PIPE if stdin else None,
         stdout=subprocess.PIPE,
         text=True,
         cwd=ROOT,
@@ -205,25 +222,28 @@ def _child(argv: list[str]) -> subprocess.Popen[str]:
     )
 
 
-def run_variant(variant: Variant, reps: dict[str, int]) -> dict[str, list[float]]:
-    port = _free_port()
-    flags = ["--port", str(port), "--kind", variant.kind] + (["--tune"] if variant.tuned else [])
-    server = _child(["--serve", *flags])
-    try:
-        assert server.stdout is not None
-        if server.stdout.readline().strip() != "ready":
-            raise RuntimeError(f"{variant.name}: server did not start")
-        client = _child(
-            ["--client", *flags, "--auth", variant.auth or "MAC", "--reps-json", json.dumps(reps)]
-        )
-        out, _ = client.communicate(timeout=600)
-        if client.returncode != 0:
-            raise RuntimeError(f"{variant.name}: client failed")
-        result: dict[str, list[float]] = json.loads(out.strip().splitlines()[-1])
-        return result
-    finally:
-        server.kill()
-        server.wait()
+def _ready(proc: subprocess.Popen[str], what: str) -> None:
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != "ready":
+        raise RuntimeError(f"{what} did not start")
+
+
+async def client_loop(args: argparse.Namespace) -> None:
+    """Serve "SIZE REPS" commands from stdin with one long-lived sender; print times as JSON."""
+    sender: SocketSender | AiohttpSender | MurmurSender
+    if args.kind == "socket":
+        sender = SocketSender(args.port)
+    elif args.kind == "aiohttp":
+        sender = AiohttpSender(args.port)
+    else:
+        sender = MurmurSender(args.port, args.auth)
+    print("ready", flush=True)
+    loop = asyncio.get_running_loop()
+    while line := await loop.run_in_executor(None, sys.stdin.readline):
+        size, reps = (int(x) for x in line.split())
+        times = [await sender.send(size) for _ in range(reps)]
+        print(json.dumps(times), flush=True)
+    await sender.aclose()
 
 
 def child_main(args: argparse.Namespace) -> None:
@@ -232,61 +252,94 @@ def child_main(args: argparse.Namespace) -> None:
 
         tune_malloc()
     torch.set_num_threads(1)
-    if args.serve:
-        if args.kind == "socket":
-            serve_socket(args.port)
-        elif args.kind == "aiohttp":
-            asyncio.run(serve_aiohttp(args.port))
-        else:
-            asyncio.run(serve_murmur(args.port))
-        return
-    reps: dict[str, int] = json.loads(args.reps_json)
-    results: dict[str, list[float]] = {}
-    for label, size in SIZES.items():
-        n = reps[label] + 2  # two warm-up rounds, dropped
-        if args.kind == "socket":
-            times = client_socket(args.port, size, n)
-        elif args.kind == "aiohttp":
-            times = asyncio.run(client_aiohttp(args.port, size, n))
-        else:
-            times = asyncio.run(client_murmur(args.port, size, n, args.auth))
-        results[label] = times[2:]
-    print(json.dumps(results))
+    if args.client:
+        asyncio.run(client_loop(args))
+    elif args.kind == "socket":
+        serve_socket(args.port)
+    elif args.kind == "aiohttp":
+        asyncio.run(serve_aiohttp(args.port))
+    else:
+        asyncio.run(serve_murmur(args.port))
+
+
+def measure(rounds: int) -> dict[str, dict[str, list[float]]]:
+    """Start every variant's server and client, then time them interleaved."""
+    procs: list[subprocess.Popen[str]] = []
+    clients: dict[str, subprocess.Popen[str]] = {}
+    try:
+        for variant in VARIANTS:
+            port = _free_port()
+            flags = ["--port", str(port), "--kind", variant.kind]
+            flags += ["--tune"] if variant.tuned else []
+            server = _child(["--serve", *flags])
+            procs.append(server)
+            _ready(server, variant.name)
+            client = _child(["--client", *flags, "--auth", variant.auth or "MAC"], stdin=True)
+            procs.append(client)
+            _ready(client, variant.name)
+            clients[variant.name] = client
+        results: dict[str, dict[str, list[float]]] = {
+            v.name: {k: [] for k in SIZES} for v in VARIANTS
+        }
+        per_round = {"4 MB": 3, "40 MB": 1}
+        for r in range(rounds + 1):  # round 0 warms up and is dropped
+            order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
+            for variant in order:
+                client = clients[variant.name]
+                assert client.stdin is not None and client.stdout is not None
+                for label, size in SIZES.items():
+                    client.stdin.write(f"{size} {per_round[label]}\n")
+                    client.stdin.flush()
+                    times = json.loads(client.stdout.readline())
+                    if r:
+                        results[variant.name][label] += times
+        return results
+    finally:
+        for proc in procs:
+            if proc.stdin is not None:
+                proc.stdin.close()
+        for proc in procs:
+            try:
+                proc.wait(timeout=5 if proc.stdin is not None else 0.01)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=10, help="timed messages per size (40 MB)")
+    parser.add_argument("--rounds", type=int, default=12, help="interleaved rounds")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--kind", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--tune", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--auth", default="MAC", help=argparse.SUPPRESS)
-    parser.add_argument("--reps-json", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve or args.client:
         child_main(args)
         return
-    reps = {"4 MB": args.reps * 3, "40 MB": args.reps}
-    rows = []
-    for variant in VARIANTS:
-        result = run_variant(variant, reps)
-        rows.append((variant, result))
-        print(f"done: {variant.name}", file=sys.stderr, flush=True)
-    base = {label: statistics.median(rows[0][1][label]) for label in SIZES}
+    results = measure(args.rounds)
+    base = {label: statistics.median(results[VARIANTS[0].name][label]) for label in SIZES}
+    load = os.getloadavg()[0]
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     )
-    print(f"repetitions: {reps} (median over timed messages after 2 warm-ups)\n")
-    head = " | ".join(f"{label} ms | {label} GB/s | vs socket" for label in SIZES)
+    print(f"{args.rounds} interleaved rounds (3 x 4 MB and 1 x 40 MB per variant per round);")
+    print(f"1-minute load average at the end: {load:.1f}\n")
+    head = " | ".join(f"{lb} median ms | {lb} GB/s (median / best) | vs socket" for lb in SIZES)
     print(f"| variant | {head} |")
     print("|---|" + "---:|" * (3 * len(SIZES)))
-    for variant, result in rows:
+    for variant in VARIANTS:
         cells = []
         for label, size in SIZES.items():
-            med = statistics.median(result[label])
-            cells += [f"{med * 1e3:.1f}", f"{size / med / 1e9:.2f}", f"{base[label] / med:.2f}x"]
+            times = results[variant.name][label]
+            med, best = statistics.median(times), min(times)
+            cells += [
+                f"{med * 1e3:.1f}",
+                f"{size / med / 1e9:.2f} / {size / best / 1e9:.2f}",
+                f"{base[label] / med:.2f}x",
+            ]
         print(f"| {variant.name} | " + " | ".join(cells) + " |")
 
 
