@@ -39,8 +39,8 @@ def tune_malloc(threshold: int = 1 << 30) -> bool:
     """Keep large buffers on the heap and freed memory mapped (glibc only; else a no-op).
 
     By default glibc serves each large allocation with a fresh mmap, so every 40 MB body is
-    page-faulted in again: aiohttp moved 0.44 GB/s that way and 1.4 GB/s with this (same
-    process, one core; see bench/results/transport.md). Returns whether it applied.
+    page-faulted in again: raw aiohttp moved 40 MB at ~0.5 GB/s that way and ~1.7 GB/s with
+    this (bench/results/transport.md). Returns whether it applied.
     """
     name = ctypes.util.find_library("c")
     if name is None:

@@ -29,10 +29,10 @@ FAST_CONFIG = """
 log_level = "debug"
 [membership]
 exchange_interval_s = 0.3
-ping_interval_s = 0.2
-ping_timeout_s = 0.5
-suspect_after_s = 0.8
-dead_after_s = 1.5
+ping_interval_s = 0.25
+ping_timeout_s = 0.6
+suspect_after_s = 1.0
+dead_after_s = 2.0
 join_timeout_s = 1.0
 join_attempts = 2
 join_retry_delay_s = 0.2
@@ -40,7 +40,7 @@ join_retry_delay_s = 0.2
 shutdown_timeout_s = 0.5
 request_timeout_s = 2.0
 """
-DEAD_AFTER_S = 1.5
+DEAD_AFTER_S = 2.0
 
 
 def free_port() -> int:
