@@ -265,7 +265,8 @@ class HttpTransport(Transport):
                 headers={REFUSAL_HEADER: str(int(exc.code))},
                 text=f"{exc.code.name}: {exc}",
             )
-        except PeerUnreachable:
+        except (PeerUnreachable, OSError, aiohttp.ClientError):
+            # The sender went away mid-body: nobody will read this answer.
             return web.Response(status=400, headers={REFUSAL_HEADER: "2"})
         if not reply:
             return web.Response(status=204)
