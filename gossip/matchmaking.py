@@ -130,7 +130,6 @@ class Matchmaker:
         self._waiting = False  # in back-off: may accept an invitation
         self._inviting: bytes | None = None  # our own invitation id while we invite
         self._yield: asyncio.Future[None] | None = None  # set when we yield to another inviter
-        self._gathered = False  # someone accepted our current invitation
         self._wake: asyncio.Future[None] | None = None
         self._commit: tuple[PeerId, bytes] | None = None  # (inviter, invite id) accepted
         self._commit_expiry = 0.0
@@ -156,13 +155,14 @@ class Matchmaker:
     # ------------------------------------------------------------------ handlers
 
     async def _on_invite(self, sender: PeerId, msg: Invite) -> InviteReply:
-        # An inviter whose own invitation has no acceptance yet yields to an invitation with a
-        # smaller id (a strict order, so two inviters never yield to each other).
+        # An inviter that has not closed its group yet yields to an invitation with a smaller
+        # id (a strict order: of concurrent inviters the smallest never yields, and the others
+        # end up in its group). A yielding inviter cancels its own attempt; the peers it had
+        # gathered are released, answer "busy" meanwhile, and are asked again by the winner.
         yielding = (
             self._inviting is not None
             and self._yield is not None
             and not self._yield.done()
-            and not self._gathered
             and msg.invite < self._inviting
         )
         ok = (
@@ -180,7 +180,16 @@ class Matchmaker:
             self._outcome = loop.create_future()
             if self._wake is not None and not self._wake.done():
                 self._wake.set_result(None)
-        return InviteReply(msg.invite, ok)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "event=invite me=%s from=%s accept=%s yielding=%s waiting=%s",
+                self._net.local_id.short(),
+                sender.short(),
+                ok,
+                yielding,
+                self._waiting,
+            )
+        return InviteReply(msg.invite, ok, busy=not ok and self._ready == msg.round)
 
     async def _on_formed(self, sender: PeerId, msg: GroupFormed) -> None:
         if self._commit != (sender, msg.invite) or self._ready != msg.round:
@@ -262,7 +271,7 @@ class Matchmaker:
 
     async def _invite(self, round: int, deadline: float) -> Group | None:
         invite_id = self._new_id(16)
-        self._inviting, self._gathered = invite_id, False
+        self._inviting = invite_id
         self._yield = asyncio.get_running_loop().create_future()
         try:
             return await self._invite_from(round, deadline, invite_id, self._yield)
@@ -278,28 +287,29 @@ class Matchmaker:
         self._rng.shuffle(candidates)
         need = cfg.target_size - 1
         accepted: list[PeerId] = []
-        asked: dict[asyncio.Task[bool], PeerId] = {}
+        asked: dict[asyncio.Task[str], PeerId] = {}
         msg = Invite(round, invite_id, close_at - self._net.time())
 
-        async def ask(peer: PeerId) -> bool:
+        async def ask(peer: PeerId) -> str:
             wait = min(cfg.invite_timeout_s, close_at - self._net.time())
             try:
                 reply = await self._net.request(peer, msg, timeout=max(wait, 1e-6))
             except MurmurError:
-                return False
-            return isinstance(reply, InviteReply) and reply.invite == invite_id and reply.accept
+                return "no"
+            if not isinstance(reply, InviteReply) or reply.invite != invite_id:
+                return "no"
+            return "yes" if reply.accept else "busy" if reply.busy else "no"
 
-        declined: list[PeerId] = []
-        second_pass = False
+        busy: list[PeerId] = []  # ready for this round, but inviting or committed elsewhere
         while len(accepted) < need and self._net.time() < close_at and not yielded.done():
             while candidates and len(asked) + len(accepted) < need:
                 peer = candidates.pop()
                 asked[asyncio.ensure_future(ask(peer))] = peer
             if not asked:
-                if second_pass or not declined:
+                if not busy:
                     break
-                # once, a moment later: peers that were busy inviting may have yielded or failed
-                second_pass, candidates, declined = True, declined, []
+                # a moment later, ask the busy ones again: their own attempt may have failed
+                candidates, busy = busy, []
                 with contextlib.suppress(TimeoutError):
                     pause = min(cfg.backoff_s, close_at - self._net.time())
                     await asyncio.wait_for(asyncio.shield(yielded), max(pause, 0.0))
@@ -310,11 +320,12 @@ class Matchmaker:
             )
             for task in [t for t in asked if t in done]:  # in asking order: deterministic
                 peer = asked.pop(task)
-                if task.result():
+                answer = task.result()
+                if answer == "yes":
                     accepted.append(peer)
-                    self._gathered = True
-                else:
-                    declined.append(peer)
+                elif answer == "busy":
+                    busy.append(peer)
+        self._inviting = None  # closing: no more yielding from here on
         for task, peer in asked.items():  # unanswered: they may have accepted; release them
             task.cancel()
             self._notify(peer, GroupCancelled(round, invite_id))

@@ -49,13 +49,18 @@ class Invite:
 
 @dataclass(frozen=True, slots=True)
 class InviteReply:
-    """The invitee's answer: ``accept`` commits it to this invitation until formed or cancelled."""
+    """The invitee's answer: ``accept`` commits it to this invitation until formed or cancelled.
+
+    ``busy`` (when not accepting): ready for this round but inviting or committed elsewhere, so
+    worth asking again before the inviter's deadline.
+    """
 
     TYPE: ClassVar[str] = "gossip.invite_reply"
     SECRET: ClassVar[bool] = False
 
     invite: bytes
     accept: bool
+    busy: bool = False
 
 
 @dataclass(frozen=True, slots=True)
