@@ -60,7 +60,7 @@ async def _ours(d: int, reps: int) -> dict[str, list[float]]:
             t.set_addresses(u.local_id, u.addresses)
     view = StaticView([i.peer_id for i in idents])
     nets = [TransportNetwork(t, view) for t in transports]
-    match = MatchConfig(target_size=N, min_size=3, backoff_s=0.02, form_timeout_s=2.0)
+    match = MatchConfig(target_size=N)  # defaults: min 3, back-off <= 50 ms
     cfg = AllReduceConfig(stage_timeout_s=10.0)
     formers = [Matchmaker(n, match, rng=random.Random(i)) for i, n in enumerate(nets)]
     reducers = [GroupAllReduce(n, i, cfg) for n, i in zip(nets, idents, strict=True)]
@@ -69,6 +69,7 @@ async def _ours(d: int, reps: int) -> dict[str, list[float]]:
     xs, ws = _data(d)
     times: dict[str, list[float]] = {}
     incomplete: dict[str, int] = {}
+    cpus: dict[str, list[float]] = {}
     rnd = 0
 
     async def timed(name: str, make: Callable[[int], list[Awaitable[Any]]]) -> list[Any]:
@@ -76,14 +77,16 @@ async def _ours(d: int, reps: int) -> dict[str, list[float]]:
         nonlocal rnd
         for _ in range(5):
             rnd += 1
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             out = await asyncio.gather(*make(rnd), return_exceptions=True)
-            elapsed = time.perf_counter() - start
+            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
             sizes = {getattr(o, "size", getattr(o, "group_size", 0)) for o in out}
             if sizes == {N}:
                 times.setdefault(name, []).append(elapsed)
+                cpus.setdefault(name, []).append(cpu)
                 return list(out)
             incomplete[name] = incomplete.get(name, 0) + 1
+            print(f"{name}: incomplete group, redone", flush=True)
             await asyncio.sleep(0.5)  # let the failed attempt's stragglers time out
         raise RuntimeError(f"{name}: no complete group in 5 attempts")
 
@@ -116,11 +119,12 @@ async def _ours(d: int, reps: int) -> dict[str, list[float]]:
             )
             assert all(torch.equal(a.vector, s[0].vector) for a in s + p)
             if rep == 0:
-                times = {}
+                times, cpus = {}, {}
     finally:
         for t in transports:
             await t.aclose()
     times["_incomplete"] = [float(v) for v in incomplete.values()] or [0.0]
+    times.update({f"_cpu {k}": v for k, v in cpus.items()})
     return times
 
 
@@ -183,14 +187,18 @@ def _report(times: dict[str, list[float]], d: int, reps: int, wall: float) -> st
         f" vectors of d = {d:,}, weights 1..8; ours encodes `[w x, w]` in Z_2^64 (8 bytes per"
         " element, so 2x gloo's float32 bytes: the int64 gloo row moves the same bytes as ours).",
         "",
-        "| variant | median ms | min ms | / plain + matchmaking | / gloo float32 |",
-        "|---|---|---|---|---|",
+        "| variant | median ms | min ms | / plain + matchmaking | / gloo float32 |"
+        " our process CPU ms (8 peers) | CPU ms per peer |",
+        "|---|---|---|---|---|---|---|",
     ]
     incomplete = sum(times.pop("_incomplete"))
+    cpu = {k[5:]: statistics.median(times.pop(k)) * 1000 for k in list(times) if k[:5] == "_cpu "}
     for name, values in times.items():
         m = med[name]
+        c = f"{cpu[name]:.0f} | {cpu[name] / N:.0f}" if name in cpu else "- | -"
         lines.append(
-            f"| {name} | {m:.0f} | {min(values) * 1000:.0f} | {m / plain:.2f}x | {m / gloo:.1f}x |"
+            f"| {name} | {m:.0f} | {min(values) * 1000:.0f} | {m / plain:.2f}x | {m / gloo:.1f}x"
+            f" | {c} |"
         )
     secure = med["secure + matchmaking"]
     lines += [
