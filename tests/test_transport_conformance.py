@@ -321,3 +321,24 @@ async def test_close_leaves_no_tasks(make: MAKE) -> None:
     await asyncio.sleep(0)
     others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
     assert others == []
+
+
+def test_transport_package_api_and_no_aiohttp_below_http() -> None:
+    """gossip may import p2p.transport (base, memory): that must not pull in aiohttp."""
+    import subprocess
+    import sys
+
+    import p2p.transport as package
+
+    assert sorted(package.__all__) == [
+        "ContactListener",
+        "Handler",
+        "MemoryNetwork",
+        "MemoryTransport",
+        "Transport",
+        "reply_auth",
+    ]
+    assert all(hasattr(package, name) for name in package.__all__)
+    code = "import sys, p2p.transport.memory; print('aiohttp' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
