@@ -216,6 +216,8 @@ class Matchmaker:
         """Form (or join) a group for ``round`` by ``timeout`` seconds from now.
 
         Raises ``GroupFormationFailed`` if no group of at least ``min_size`` formed in time.
+        An invitation accepted just before the deadline is waited for until it expires, so the
+        call can overrun ``timeout`` by at most ``form_timeout_s + invite_timeout_s``.
         """
         if self._ready is not None:
             raise ConfigError("form_group is already running on this peer")

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from gossip.matchmaking import Group, HashMatchmaker, MatchConfig, Matchmaker, hash_groups
 from gossip.messages import GroupFormed
-from gossip.network import StaticView, TransportNetwork
+from gossip.network import Network, StaticView, TransportNetwork
 from murmur.errors import ConfigError, GroupFormationFailed, RemoteRefused
 from p2p.envelope import EnvelopeCodec
 from p2p.identity import Identity, PeerId
@@ -136,6 +136,16 @@ def test_a_group_list_without_an_accepted_invitation_is_refused() -> None:
         bogus = GroupFormed(0, b"i" * 16, b"g" * 16, tuple(n.local_id for n in nets))
         with pytest.raises(RemoteRefused):
             await nets[0].send(nets[1].local_id, bogus)
+        await close(transports)
+
+    run(main)
+
+
+def test_the_transport_adapter_is_a_network() -> None:
+    async def main() -> None:
+        nets, transports = make(2)
+        assert isinstance(nets[0], Network)
+        assert list(nets[0].view()) == [nets[1].local_id]  # never itself
         await close(transports)
 
     run(main)
