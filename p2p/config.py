@@ -158,7 +158,8 @@ class DaemonConfig:
     log_level: str = "info"
     """``debug``, ``info``, ``warning`` or ``error``."""
     tune_malloc: bool = True
-    """Raise glibc's mmap/trim thresholds so large bodies reuse memory (3x faster 40 MB)."""
+    """Raise glibc's mmap/trim thresholds to 1 GiB so large bodies reuse heap pages (~3x faster
+    for 40 MB). Cost: freed memory stays in the process (up to ~1 GiB) instead of going back."""
     transport: HttpTransportConfig = field(default_factory=HttpTransportConfig)
     membership: MembershipConfig = field(default_factory=MembershipConfig)
 
