@@ -16,11 +16,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from p2p.envelope import Auth, Received
 from p2p.identity import PeerId
-from p2p.transport.base import Transport
+
+if TYPE_CHECKING:
+    # Not imported at run time: p2p.messages imports gossip.messages (the wire union), so a
+    # module-level import of the envelope here would make ``import p2p.messages`` circular
+    # whenever gossip/__init__ imports this module.
+    from p2p.envelope import Auth, Received
+    from p2p.transport.base import Transport
 
 __all__ = [
     "GossipHandler",
@@ -78,6 +83,8 @@ class Network(Protocol):
 
 def auth_for(message: object) -> Auth:
     """How to authenticate ``message``: sealed if its class says ``SECRET`` (default), else MAC."""
+    from p2p.envelope import Auth
+
     return Auth.SEALED if getattr(type(message), "SECRET", True) else Auth.MAC
 
 
