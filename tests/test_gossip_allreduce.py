@@ -480,3 +480,56 @@ def test_a_group_below_threshold_aborts_and_members_keep_their_models() -> None:
     for i in (3, 4, 5):
         assert isinstance(results[i], AggregationAborted)
         assert peers.reducers[i].stats.completed == 0
+
+
+def test_secagg_plus_groups_give_the_exact_result_too() -> None:
+    gen = torch.Generator().manual_seed(8)
+    xs = [torch.randn(25, generator=gen, dtype=torch.float64) for _ in range(10)]
+
+    async def main() -> list[AverageResult]:
+        peers = Peers(10, seed=8, config=AllReduceConfig(stage_timeout_s=STAGE, degree=4))
+        group = peers.group(range(10))
+        out = await asyncio.gather(
+            *(r.secure(group, x, 1.0) for r, x in zip(peers.reducers, xs, strict=True))
+        )
+        await peers.aclose()
+        return list(out)
+
+    exact = exact_total(xs, [1.0] * 10, 10)
+    for r in run(main):
+        assert r.total is not None and torch.equal(r.total, exact)
+
+
+def test_messages_for_a_finished_round_are_refused_and_early_ones_are_kept() -> None:
+    from gossip.messages import PlainChunk as Chunk
+    from murmur.errors import RemoteRefused
+
+    async def main() -> None:
+        peers = Peers(3, seed=9)
+        group = peers.group(range(3))
+        members = [peers.ids.index(m) for m in group.members]
+        a, b, c = members
+        # b's chunk for c arrives before c starts the round: c keeps it and uses it
+        late_start = asyncio.Event()
+
+        async def c_round() -> AverageResult:
+            await late_start.wait()
+            return await peers.reducers[c].plain(group, torch.ones(2), 1.0)
+
+        task_c = asyncio.ensure_future(c_round())
+        task_ab = asyncio.gather(
+            peers.reducers[a].plain(group, torch.ones(2), 1.0),
+            peers.reducers[b].plain(group, torch.ones(2), 1.0),
+        )
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert group.id in peers.reducers[c]._early  # arrived before c's round began
+        late_start.set()
+        results = [*await task_ab, await task_c]
+        assert all(r.group_size == 3 for r in results)
+        stale = Chunk(group.id, 0, 0, torch.zeros(1, dtype=torch.int64))
+        with pytest.raises(RemoteRefused):
+            await peers.nets[a].inner.send(peers.ids[c], stale)
+        await peers.aclose()
+
+    run(main)
