@@ -13,6 +13,7 @@ bytes with it (``wire`` also checks it against the real encoding in the tests).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -23,6 +24,7 @@ from torch import Tensor
 from mpc.messages import MESSAGE_TYPES as MPC_MESSAGE_TYPES
 from p2p.codec import TENSOR_ALIGN, encode_body_parts
 from p2p.envelope import Auth
+from p2p.identity import PeerId
 from p2p.messages import MESSAGE_TYPES as P2P_MESSAGE_TYPES
 from p2p.messages import build_registry
 
@@ -106,8 +108,69 @@ def _header_bytes(tag: str, recipient: bool) -> int:
     return size
 
 
+class _NoKey(Exception):
+    pass
+
+
+_FIELDS: dict[type, tuple[str, ...]] = {}
+_SIZES: dict[tuple[Any, ...], int] = {}
+_MAX_CACHED = 100_000
+
+
+def _shape(value: Any) -> Any:
+    """What of ``value`` decides its encoded length (msgpack sizes depend on ints' values)."""
+    t = type(value)
+    if t is int or t is bool:
+        return (t, value)
+    if t is bytes:
+        return len(value)
+    if t is float:
+        return "f"
+    if value is None:
+        return "n"
+    if isinstance(value, Tensor):
+        return (value.dtype, tuple(value.shape))
+    if t is PeerId:
+        return "p"
+    if t is str:
+        return ("s", len(value.encode()))
+    if t is tuple:
+        return ("t", *(_shape(v) for v in value))
+    if t is dict:
+        return ("d", *sorted((repr(_shape(k)), repr(_shape(v))) for k, v in value.items()))
+    raise _NoKey
+
+
 def wire_size(message: object, auth: Auth = Auth.MAC, *, recipient: bool = True) -> int:
-    """The exact length of ``message``'s envelope as ``p2p.envelope.EnvelopeCodec`` encodes it."""
+    """The exact length of ``message``'s envelope as ``p2p.envelope.EnvelopeCodec`` encodes it.
+
+    Cached on what decides the length (field types, byte and tuple lengths, tensor shapes,
+    integer values), so most calls cost a few attribute reads instead of a msgpack encoding.
+    """
+    cls = type(message)
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+    try:
+        key: tuple[Any, ...] | None = (
+            cls,
+            auth,
+            recipient,
+            *(_shape(getattr(message, n)) for n in names),
+        )
+    except _NoKey:
+        key = None
+    if key is not None:
+        size = _SIZES.get(key)
+        if size is not None:
+            return size
+    size = _wire_size(message, auth, recipient)
+    if key is not None and len(_SIZES) < _MAX_CACHED:
+        _SIZES[key] = size
+    return size
+
+
+def _wire_size(message: object, auth: Auth, recipient: bool) -> int:
     parts, body = encode_body_parts(message)
     tag_len = _TAG_BYTES[Auth(auth)]
     header = _header_bytes(type(message).TYPE, recipient)  # type: ignore[attr-defined]

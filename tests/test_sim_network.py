@@ -115,3 +115,26 @@ def test_sim_peer_network_send_request_refusal_and_departure() -> None:
     with asyncio.Runner(loop_factory=new_virtual_loop) as runner:
         seen = runner.run(main())
     assert seen == ["offer 1", "refused 2", "unreachable"]
+
+
+def test_cached_sizes_stay_exact_across_values() -> None:
+    import random
+
+    a, b = Identity.from_seed(bytes([3]) * 32), Identity.from_seed(bytes([9]) * 32)
+    codec = EnvelopeCodec(a, message_types=registry())
+    rng = random.Random(5)
+    for _ in range(300):
+        rnd, chunk, n = (
+            rng.choice([0, 1, 127, 128, 255, 256, 70000]),
+            rng.randrange(300),
+            rng.randrange(0, 90),
+        )
+        holders = tuple(bytes([i]) * 32 for i in range(rng.randrange(0, 9)))
+        for msg in (
+            mpc.MaskedChunk(b"g" * 16, rnd, chunk, torch.zeros(n, dtype=torch.int64), holders),
+            mpc.Receipt(b"g" * 16, rnd, holders, rng.random() < 0.5),
+            mpc.Reveal(b"g" * 16, rnd, {h: b"s" * 33 for h in holders}, {}),
+            ModelShare(rnd, torch.zeros(n), rng.random() * 1e6),
+        ):
+            auth = auth_for(msg)
+            assert wire_size(msg, auth) == len(codec.encode(msg, recipient=b.peer_id, auth=auth))
