@@ -60,7 +60,7 @@ __all__ = [
 log = logging.getLogger("murmur.gossip.allreduce")
 
 _EARLY_GROUPS = 32
-_EARLY_PER_GROUP = 1024
+_EARLY_PER_GROUP = 256
 _FINISHED_MEMORY = 1024
 
 
