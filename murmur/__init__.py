@@ -1,7 +1,93 @@
-"""Murmur's base package: the version and the exception tree, importable by every layer."""
+"""Murmur: decentralized, private training of PyTorch models.
+
+The Python API, in a few lines (``murmur.api``, ``murmur.api_peer``, ``murmur.api_sim``)::
+
+    import murmur
+
+    training = murmur.Training(model=make_model, data=loader, lr=0.1,
+                               averaging=murmur.SecureGroups(size=4),
+                               privacy=murmur.Privacy(epsilon=8.0, delta=1e-5))
+
+    async with murmur.Peer(listen="127.0.0.1:7070", bootstrap=["10.0.0.2:7070"]) as peer:
+        async for report in peer.train(training):    # one RoundReport per round
+            print(report.round, report.accuracy, report.epsilon)
+
+    result = murmur.simulate(training, peers=50)     # the same description, simulated
+
+The API's names are exported lazily (PEP 562): ``import murmur`` and ``import murmur.errors``
+(used by every layer, including ``dp`` and ``mpc``) import neither torch nor the network code.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from murmur.errors import MurmurError
 
+if TYPE_CHECKING:
+    from murmur.api import (
+        MIN_GROUP_SIZE,
+        Averaging,
+        Baseline,
+        Privacy,
+        SecureGroups,
+        Training,
+        as_tensors,
+    )
+    from murmur.api_peer import Peer, RoundReport, SyncPeer, train
+    from murmur.api_sim import compare, plot, scenario_for, simulate
+
 __version__ = "0.1.0"
 
-__all__ = ["MurmurError", "__version__"]
+_EXPORTS: dict[str, str] = {
+    "MIN_GROUP_SIZE": "murmur.api",
+    "Averaging": "murmur.api",
+    "Baseline": "murmur.api",
+    "Privacy": "murmur.api",
+    "SecureGroups": "murmur.api",
+    "Training": "murmur.api",
+    "as_tensors": "murmur.api",
+    "Peer": "murmur.api_peer",
+    "RoundReport": "murmur.api_peer",
+    "SyncPeer": "murmur.api_peer",
+    "train": "murmur.api_peer",
+    "compare": "murmur.api_sim",
+    "plot": "murmur.api_sim",
+    "scenario_for": "murmur.api_sim",
+    "simulate": "murmur.api_sim",
+}
+
+__all__ = [
+    "MIN_GROUP_SIZE",
+    "Averaging",
+    "Baseline",
+    "MurmurError",
+    "Peer",
+    "Privacy",
+    "RoundReport",
+    "SecureGroups",
+    "SyncPeer",
+    "Training",
+    "__version__",
+    "as_tensors",
+    "compare",
+    "plot",
+    "scenario_for",
+    "simulate",
+    "train",
+]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the API module that defines ``name`` on first access (PEP 562)."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'murmur' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
