@@ -87,6 +87,11 @@ class Transport(abc.ABC):
         """Inbound envelopes that passed every check and were handled."""
         self.refused = 0
         """Inbound envelopes refused (any refusal code)."""
+        self.bytes_sent = 0
+        """Envelope bytes this transport sent: requests, sends and replies (no HTTP framing)."""
+        self.bytes_received = 0
+        """Envelope bytes this transport received: inbound envelopes (refused ones too) and
+        replies."""
 
     # -- identity and addresses ------------------------------------------------------------
     @property
@@ -209,8 +214,11 @@ class Transport(abc.ABC):
             raise RuntimeError("transport calls must run inside an asyncio task")
         wait = self._default_timeout if timeout is None else timeout
         self._waiters.add(task)
+        self.bytes_sent += len(data)
         try:
-            return await self._post(address, data, wait)
+            reply = await self._post(address, data, wait)
+            self.bytes_received += len(reply)
+            return reply
         except asyncio.CancelledError:
             if task in self._closed_waiters:
                 self._closed_waiters.discard(task)
@@ -237,6 +245,7 @@ class Transport(abc.ABC):
 
         Raises ``ProtocolError`` (with its refusal code) when the envelope is refused.
         """
+        self.bytes_received += len(data)
         try:
             received = self._codec.decode(data)
             if self._admit is not None and not self._admit(received.sender):
@@ -258,7 +267,11 @@ class Transport(abc.ABC):
         self.accepted += 1
         if reply is None:
             return b""
-        return self._codec.encode(reply, recipient=received.sender, auth=reply_auth(received.auth))
+        encoded = self._codec.encode(
+            reply, recipient=received.sender, auth=reply_auth(received.auth)
+        )
+        self.bytes_sent += len(encoded)
+        return encoded
 
     def _notify(self, peer: PeerId) -> None:
         for listener in self._listeners:
