@@ -166,13 +166,17 @@ def as_tensors(data: Data, what: str = "data") -> tuple[Tensor, Tensor]:
     if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
         x, y = data
     else:
-        if not isinstance(data, Iterable):
+        if hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, list):
+            items: Iterable[Any] = (data[i] for i in range(len(data)))  # a map-style dataset
+        elif isinstance(data, Iterable):
+            items = data
+        else:
             raise ConfigError(
-                f"{what} must be a DataLoader, an iterable of (x, y) batches or an (x, y) pair "
-                f"of tensors; got {type(data).__name__}"
+                f"{what} must be a DataLoader, a dataset, an iterable of (x, y) batches or an "
+                f"(x, y) pair of tensors; got {type(data).__name__}"
             )
         xs, ys = [], []
-        for i, item in enumerate(data):
+        for i, item in enumerate(items):
             if not (isinstance(item, (tuple, list)) and len(item) == 2):
                 raise ConfigError(f"{what}: item {i} is not an (x, y) pair")
             bx, by = (torch.as_tensor(t) for t in item)

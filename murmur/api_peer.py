@@ -192,11 +192,17 @@ class Peer:
             _close(averager)
 
     async def run(
-        self, training: Training, *, on_round: OnRound | None = None
+        self,
+        training: Training,
+        *,
+        on_round: OnRound | None = None,
+        wait_for_peers: int | None = None,
+        join_timeout_s: float = 60.0,
     ) -> list[RoundReport]:
         """:meth:`train` to the end; ``on_round`` sees each report as it lands."""
         reports: list[RoundReport] = []
-        async for report in self.train(training):
+        rounds = self.train(training, wait_for_peers=wait_for_peers, join_timeout_s=join_timeout_s)
+        async for report in rounds:
             reports.append(report)
             if on_round is not None:
                 on_round(report)
@@ -319,9 +325,23 @@ class SyncPeer:
         result: int = self._run(self._peer.wait_for_peers(count, timeout=timeout))
         return result
 
-    def train(self, training: Training, *, on_round: OnRound | None = None) -> list[RoundReport]:
-        """Run ``training`` to the end; returns every round's report."""
-        reports: list[RoundReport] = self._run(self._peer.run(training, on_round=on_round))
+    def train(
+        self,
+        training: Training,
+        *,
+        on_round: OnRound | None = None,
+        wait_for_peers: int | None = None,
+        join_timeout_s: float = 60.0,
+    ) -> list[RoundReport]:
+        """Run ``training`` to the end; returns every round's report (see :meth:`Peer.train`)."""
+        reports: list[RoundReport] = self._run(
+            self._peer.run(
+                training,
+                on_round=on_round,
+                wait_for_peers=wait_for_peers,
+                join_timeout_s=join_timeout_s,
+            )
+        )
         return reports
 
 
@@ -332,7 +352,14 @@ def train(
     bootstrap: Sequence[str] | str = (),
     data_dir: str | Path | None = None,
     on_round: OnRound | None = None,
+    wait_for_peers: int | None = None,
+    join_timeout_s: float = 60.0,
 ) -> list[RoundReport]:
     """Start a peer, join the network through ``bootstrap``, train, leave; one call."""
     with SyncPeer(listen=listen, bootstrap=bootstrap, data_dir=data_dir) as peer:
-        return peer.train(training, on_round=on_round)
+        return peer.train(
+            training,
+            on_round=on_round,
+            wait_for_peers=wait_for_peers,
+            join_timeout_s=join_timeout_s,
+        )
