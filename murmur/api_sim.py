@@ -16,6 +16,7 @@ Network and population settings are ``Scenario`` fields passed as keywords (``la
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -89,9 +90,21 @@ def simulate(
     split among the peers (``partition="dirichlet"`` in ``settings`` for non-IID shards). An
     evaluation split is held out of ``data`` if ``eval_data`` is not given.
     """
+    _not_in_a_loop("simulate")
     training.check()
     scenario = scenario_for(training, peers=peers, **settings)
     return Simulation(scenario, task=training.task()).run(on_round)
+
+
+def _not_in_a_loop(what: str) -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise ConfigError(
+        f"{what}() runs its own virtual-clock event loop: call it from synchronous code, or "
+        f"from async code as 'await asyncio.to_thread(murmur.{what}, ...)'"
+    )
 
 
 def compare(

@@ -193,3 +193,8 @@ def test_simulator_settings_cannot_redefine_the_training() -> None:
         murmur.scenario_for(_training(lr=None, optimizer=momentum), peers=4)
     cap_only = murmur.Privacy(epsilon=None, noise_multiplier=1.0)
     assert math.isfinite(murmur.scenario_for(_training(privacy=cap_only), peers=4).epsilon)
+
+
+async def test_simulate_inside_an_event_loop_says_how_to_call_it() -> None:
+    with pytest.raises(ConfigError, match=r"asyncio\.to_thread"):
+        murmur.simulate(_training())
