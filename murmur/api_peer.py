@@ -28,6 +28,7 @@ from typing import Any, Self
 import torch
 from torch import Tensor, nn
 
+from dp.budget import Budget
 from gossip.allreduce import AllReduceConfig, Averager
 from gossip.baselines import build_averager
 from gossip.learner import Learner
@@ -44,15 +45,20 @@ __all__ = ["Peer", "RoundReport", "SyncPeer", "train"]
 
 OnRound = Callable[[RoundReport], None]
 
+BUDGET_FILE = "privacy_budget.json"
+"""The privacy spend, kept in a user-given data dir (the daemon's file name)."""
+ALLREDUCE_BOUND = 1e6
+"""Public bound on every |w x| and w of group averaging (w = local rows), as the daemon's."""
+
 
 class Peer:
     """One Murmur peer in this process: ``async with Peer(...)``, or ``start()``/``aclose()``.
 
     ``listen`` is ``HOST:PORT`` (port 0 picks a free one; see :attr:`address`). ``bootstrap``
     lists addresses of peers already in the network (none: start a new network). ``data_dir``
-    keeps the identity key and known peers across runs; None uses a temporary directory (a
-    fresh identity each run) removed by ``aclose()``. ``config`` replaces all of these with a
-    full ``p2p.config.DaemonConfig``.
+    keeps the identity key, known peers and the privacy spend (``privacy_budget.json``) across
+    runs; None uses a temporary directory (a fresh identity each run) removed by ``aclose()``.
+    ``config`` replaces all of these with a full ``p2p.config.DaemonConfig``.
     """
 
     def __init__(
@@ -212,13 +218,20 @@ class Peer:
         self, training: Training, daemon: Daemon, round_timeout_s: float
     ) -> tuple[TrainingSession, Averager]:
         x, y = training.check()
+        privacy = training.privacy.config(training.rounds)
+        budget = None
+        if self._tmp is None and privacy.epsilon is not None and privacy.unit != "none":
+            # A kept data dir keeps the spend: a restarted peer cannot spend its budget twice.
+            path = self.config.data_dir / BUDGET_FILE
+            budget = Budget(privacy.epsilon, privacy.delta, path)
         learner = Learner(
             training.build_model(),
             x,
             y,
             train=training.train_config(),
-            privacy=training.privacy.config(training.rounds),
+            privacy=privacy,
             loss_fn=training.loss,
+            budget=budget,
         )
         net = TransportNetwork(daemon.transport, self.peers)
         averaging = training.averaging
@@ -232,7 +245,9 @@ class Peer:
             net,
             identity=daemon.identity,
             match=MatchConfig(target_size=averaging.group_size, min_size=averaging.min_group_size),
-            allreduce=AllReduceConfig(stage_timeout_s=averaging.stage_timeout_s),
+            allreduce=AllReduceConfig(
+                bound=ALLREDUCE_BOUND, stage_timeout_s=averaging.stage_timeout_s
+            ),
         )
         evaluate = _evaluator(training) if training.eval_data is not None else None
         session = TrainingSession(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,3 +91,16 @@ def test_sync_peer_alone_says_how_many_peers_joined() -> None:
         dpsgd = dataclasses.replace(describe(x, y), averaging=murmur.Baseline("dpsgd"))
         with pytest.raises(ConfigError, match="simulator"):
             peer.train(dpsgd)
+
+
+def test_a_kept_data_dir_keeps_the_identity(tmp_path: Path) -> None:
+    ids = []
+    for _ in range(2):
+        with murmur.SyncPeer(data_dir=tmp_path, membership=FAST) as peer:
+            ids.append(str(peer.peer.peer_id))
+    assert ids[0] == ids[1]
+    with murmur.SyncPeer(membership=FAST) as throwaway:
+        assert str(throwaway.peer.peer_id) != ids[0]
+        tmp = throwaway.peer.config.data_dir
+        assert tmp.exists()
+    assert not tmp.exists()  # a temporary data dir is removed
