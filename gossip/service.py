@@ -55,6 +55,7 @@ from murmur.errors import (
 )
 
 __all__ = [
+    "ANY_ROUND",
     "Evaluate",
     "InlineExecutor",
     "RoundReport",
@@ -65,6 +66,10 @@ __all__ = [
 ]
 
 log = logging.getLogger("murmur.gossip.service")
+
+ANY_ROUND = 0
+"""The round number given to the averager when rounds are not in lockstep (every peer's
+session rounds count from 1, so 0 never collides with a lockstep round)."""
 
 RoundStatus = Literal["ok", "aborted", "no_group", "budget_spent"]
 """How a round ended for this peer."""
@@ -137,6 +142,14 @@ class TrainingSession:
     step on the loop's clock (the averagers have their own, shorter deadlines; this is the
     backstop). ``traffic`` returns the (bytes sent, bytes received) counters to report per
     round; by default they are read from ``net.transport`` or ``net`` when those count bytes.
+
+    ``lockstep`` (default) passes the session's round number to the averager, so a peer only
+    groups with peers at the same round: right when all peers start together (simulations,
+    tests). ``lockstep=False`` passes the constant :data:`ANY_ROUND`: any ready peers group,
+    whatever their own round count (asynchronous rounds, as in Moshpit SGD). Daemons use it:
+    they start seconds apart, and a peer that missed one group (or restarted) would otherwise
+    stay out of step with the others for good. Every group still gets a fresh random id, which
+    is what keys the secure protocol's messages and masks.
     """
 
     def __init__(
@@ -150,6 +163,7 @@ class TrainingSession:
         executor: concurrent.futures.Executor | None = None,
         round_timeout_s: float = 60.0,
         traffic: Callable[[], tuple[int, int]] | None = None,
+        lockstep: bool = True,
     ) -> None:
         if rounds < 1:
             raise ConfigError(f"rounds must be at least 1, got {rounds}")
@@ -166,6 +180,7 @@ class TrainingSession:
             max_workers=1, thread_name_prefix="murmur-train"
         )
         self._traffic = traffic or _traffic_source(net)
+        self.lockstep = lockstep
         self.reports: list[RoundReport] = []
         """Every round's report, in order."""
         self._round = 0
@@ -312,8 +327,9 @@ class TrainingSession:
         return report
 
     async def _average(self, contribution: Contribution, r: int) -> AverageResult:
+        key = r if self.lockstep else ANY_ROUND
         async with asyncio.timeout(self.round_timeout_s):
-            return await self.averager.average(contribution.vector, contribution.weight, r)
+            return await self.averager.average(contribution.vector, contribution.weight, key)
 
     def _local_update(self) -> Contribution:
         with self._lock:

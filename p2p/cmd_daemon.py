@@ -17,7 +17,15 @@ from typing import Any
 import aiohttp
 
 from murmur.errors import ConfigError, NetworkError, PeerUnreachable, Timeout
-from p2p.config import DaemonConfig, load_config, parse_address
+from p2p.config import (
+    DAEMON_ALGORITHMS,
+    PARTITIONS,
+    PRIVACY_UNITS,
+    TASKS,
+    DaemonConfig,
+    load_config,
+    parse_address,
+)
 
 # The same paths as p2p.admin; not imported from there so that `murmur status` and config
 # errors answer without importing torch (p2p.admin -> transport -> codec -> torch).
@@ -41,6 +49,19 @@ def register(subparsers: Any) -> None:
     start.add_argument("--config", metavar="FILE", type=Path, help="TOML configuration file")
     start.add_argument("--log-format", choices=("kv", "json"), help="log line format")
     start.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    train = start.add_argument_group(
+        "training", "what to train ([training] in the config file, MURMUR_TRAINING_* variables)"
+    )
+    train.add_argument("--task", choices=TASKS, help="built-in task to train (default: none)")
+    train.add_argument("--rounds", type=int, metavar="N", help="rounds to train")
+    train.add_argument("--group-size", type=int, metavar="K", help="target group size")
+    train.add_argument("--epsilon", type=float, metavar="E", help="privacy budget epsilon")
+    train.add_argument("--delta", type=float, metavar="D", help="privacy budget delta")
+    train.add_argument("--privacy-unit", choices=PRIVACY_UNITS, help="whose data epsilon protects")
+    train.add_argument("--algorithm", choices=DAEMON_ALGORITHMS, help="averaging algorithm")
+    train.add_argument("--seed", type=int, metavar="S", help="data split and initial model")
+    train.add_argument("--shard", metavar="I/N", help="this peer's part of the data (e.g. 0/5)")
+    train.add_argument("--partition", choices=PARTITIONS, help="how the data is cut")
     start.set_defaults(func=cmd_start)
     for name, func, text in (
         ("status", cmd_status, "show a running daemon's status"),
@@ -100,10 +121,18 @@ def cmd_start(args: argparse.Namespace) -> int:
             "allow": tuple(args.allow) if args.allow else None,
             "log_format": args.log_format,
             "log_level": args.log_level,
+            "training": _training_flags(args),
         },
     )
     _setup_logging(config)
     return asyncio.run(_run(config))
+
+
+def _training_flags(args: argparse.Namespace) -> dict[str, Any] | None:
+    names: tuple[str, ...] = ("task", "rounds", "group_size", "epsilon", "delta")
+    names += ("privacy_unit", "algorithm", "seed", "shard", "partition")
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    return given or None
 
 
 async def _run(config: DaemonConfig) -> int:
@@ -163,7 +192,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     width = max(len(k) for k in data) if data else 0
     for key, value in data.items():
-        print(f"{key:<{width}}  {value}")
+        text = f"{value:.4g}" if isinstance(value, float) else "-" if value is None else value
+        print(f"{key:<{width}}  {text}")
     return 0
 
 

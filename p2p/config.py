@@ -3,7 +3,8 @@
 Later sources win: file < environment (``MURMUR_*``) < flags. Top-level fields are set as
 ``listen = "..."`` in the file and ``MURMUR_LISTEN`` in the environment; section fields as
 ``[membership] ping_interval_s = 1.0`` and ``MURMUR_MEMBERSHIP_PING_INTERVAL_S``. List values in
-the environment are comma-separated. Unknown keys and bad values raise ``ConfigError``.
+the environment are comma-separated. Unknown keys and bad values raise ``ConfigError``. What the
+daemon trains is the ``[training]`` section (``MURMUR_TRAINING_ROUNDS``, ``--rounds``, ...).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ __all__ = [
     "DaemonConfig",
     "HttpTransportConfig",
     "MembershipConfig",
+    "TrainingConfig",
     "format_address",
     "load_config",
     "parse_address",
@@ -130,8 +132,135 @@ class MembershipConfig:
                 raise ConfigError(f"membership.{name} must be > 0")
 
 
+# Names only, so that config errors answer without importing torch (gossip.tasks.TASK_NAMES and
+# gossip.baselines.AVERAGERS hold the same; dpsgd needs a fixed topology: simulator only).
+TASKS = ("breast_cancer", "credit", "digits")
+DAEMON_ALGORITHMS = ("secure", "plain", "pairwise", "push_sum")
+PRIVACY_UNITS = ("record", "peer", "none")
+PARTITIONS = ("iid", "dirichlet", "label")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> (I, N): this peer holds part I (from 0) of the task's data cut in N."""
+    index, sep, count = text.partition("/")
+    if not sep or not index.strip().isdigit() or not count.strip().isdigit():
+        raise ConfigError(f"training.shard must look like I/N (e.g. 0/5), got {text!r}")
+    i, n = int(index), int(count)
+    if not 0 <= i < n:
+        raise ConfigError(f"training.shard {text!r}: need 0 <= I < N")
+    return i, n
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingConfig:
+    """What the daemon trains (``[training]`` in the file, ``MURMUR_TRAINING_*``, flags).
+
+    With ``task`` empty the daemon only serves. Every peer of one training run must use the
+    same ``task``, ``seed``, ``partition``, ``group_size``, ``algorithm`` and timeouts; the
+    ``seed`` fixes the data split and the initial model (never the DP noise, which is always
+    drawn from the OS). ``shard`` ``I/N`` gives this peer part I of the task's training rows
+    cut in N by ``partition`` (the built-in tasks ship the same data to every peer; a local demo
+    gives each daemon its own part). The privacy budget (``epsilon``, ``delta``) is enforced
+    and persisted in the data dir; the noise is calibrated so that ``rounds`` contributions
+    spend exactly ``epsilon``.
+    """
+
+    task: str = ""
+    """Built-in task to train: digits, breast_cancer or credit ("" = do not train)."""
+    model: str = ""
+    """Task model option (digits: mlp or logreg; "" = the task's default)."""
+    rounds: int = 10
+    """Rounds this peer trains; then it keeps serving so that others can finish."""
+    group_size: int = 8
+    """Target group size k."""
+    min_group_size: int = 3
+    """Smaller groups dissolve (with 2, the sum reveals the other's value)."""
+    algorithm: str = "secure"
+    """Averaging: secure, plain, pairwise or push_sum."""
+    privacy_unit: str = "record"
+    """record (DP-SGD), peer (noised update) or none."""
+    epsilon: float = 8.0
+    """Privacy budget: largest epsilon this peer may spend (at ``delta``)."""
+    delta: float = 1e-5
+    clip: float = 1.0
+    """L2 clip norm (per example for record, of the update for peer)."""
+    local_steps: int = 5
+    lr: float = 0.3
+    sample_rate: float = 0.2
+    seed: int = 0
+    """Shared by all peers: data split, partition and initial model."""
+    shard: str = "0/1"
+    """I/N: this peer's part of the training rows."""
+    partition: str = "iid"
+    """How the rows are cut: iid, dirichlet or label."""
+    alpha: float = 0.5
+    """Dirichlet concentration (partition = dirichlet)."""
+    wait_peers: int | None = None
+    """Live peers to wait for before round 1 (default: group_size - 1)."""
+    start_timeout_s: float = 60.0
+    """Longest wait for ``wait_peers``; then training starts with whoever is there."""
+    match_timeout_s: float = 5.0
+    """Deadline for forming a round's group."""
+    form_timeout_s: float = 0.5
+    """An inviter closes (or dissolves) its group this long after it starts inviting."""
+    stage_timeout_s: float = 1.0
+    """Deadline of each secure-aggregation stage."""
+    round_timeout_s: float = 60.0
+    """Backstop deadline of a whole averaging step."""
+    period_s: float = 1.0
+    """Round period of the pairwise and push_sum baselines."""
+
+    def __post_init__(self) -> None:
+        if self.task and self.task not in TASKS:
+            raise ConfigError(f"training.task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.algorithm not in DAEMON_ALGORITHMS:
+            raise ConfigError(
+                f"training.algorithm must be one of {', '.join(DAEMON_ALGORITHMS)}, "
+                f"got {self.algorithm!r}"
+            )
+        if self.privacy_unit not in PRIVACY_UNITS:
+            raise ConfigError(
+                f"training.privacy_unit must be one of {', '.join(PRIVACY_UNITS)}, "
+                f"got {self.privacy_unit!r}"
+            )
+        if self.partition not in PARTITIONS:
+            raise ConfigError(
+                f"training.partition must be one of {', '.join(PARTITIONS)}, got {self.partition!r}"
+            )
+        parse_shard(self.shard)
+        if self.rounds < 1 or self.local_steps < 1:
+            raise ConfigError("training.rounds and training.local_steps must be >= 1")
+        if not 2 <= self.min_group_size <= self.group_size <= 256:
+            raise ConfigError("training: need 2 <= min_group_size <= group_size <= 256")
+        if not self.epsilon > 0 or not 0 < self.delta < 1 or not self.clip > 0:
+            raise ConfigError("training: need epsilon > 0, 0 < delta < 1 and clip > 0")
+        if not self.lr > 0 or not 0 < self.sample_rate <= 1 or not self.alpha > 0:
+            raise ConfigError("training: need lr > 0, 0 < sample_rate <= 1 and alpha > 0")
+        if self.wait_peers is not None and self.wait_peers < 0:
+            raise ConfigError("training.wait_peers must be >= 0")
+        for name in (
+            "start_timeout_s",
+            "match_timeout_s",
+            "form_timeout_s",
+            "stage_timeout_s",
+            "round_timeout_s",
+            "period_s",
+        ):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"training.{name} must be > 0")
+
+    @property
+    def peers_to_wait_for(self) -> int:
+        """``wait_peers``, or ``group_size - 1`` when unset."""
+        return self.group_size - 1 if self.wait_peers is None else self.wait_peers
+
+
 ENV_PREFIX = "MURMUR_"
-_SECTIONS = {"transport": HttpTransportConfig, "membership": MembershipConfig}
+_SECTIONS = {
+    "transport": HttpTransportConfig,
+    "membership": MembershipConfig,
+    "training": TrainingConfig,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +270,8 @@ class DaemonConfig:
     listen: str = "127.0.0.1:7070"
     """HOST:PORT to listen on (port 0 picks a free port)."""
     data_dir: Path = Path("murmur-data")
-    """Holds identity.key (mode 0600) and peers.json."""
+    """Holds identity.key (mode 0600), peers.json and, when training, privacy_budget.json
+    (the spent privacy budget, kept across restarts) and model.pt/model.json (the final model)."""
     bootstrap: tuple[str, ...] = ()
     """HOST:PORT addresses to join through."""
     advertise: tuple[str, ...] = ()
@@ -162,6 +292,7 @@ class DaemonConfig:
     for 40 MB). Cost: freed memory stays in the process (up to ~1 GiB) instead of going back."""
     transport: HttpTransportConfig = field(default_factory=HttpTransportConfig)
     membership: MembershipConfig = field(default_factory=MembershipConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
 
     def __post_init__(self) -> None:
         parse_address(self.listen)
@@ -199,6 +330,10 @@ def _convert(value: object, type_text: str, name: str) -> object:
             if text in ("0", "false", "no", "off"):
                 return False
             raise ValueError(f"not a boolean: {value!r}")
+        if type_text.endswith(" | None"):
+            if value is None or (isinstance(value, str) and not value.strip()):
+                return None
+            type_text = type_text.removesuffix(" | None")
         if type_text == "int":
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError(f"not an integer: {value!r}")

@@ -1,7 +1,17 @@
-"""The peer daemon: identity, envelope codec, aiohttp transport, membership, admin endpoints.
+"""The peer daemon: identity, envelope codec, aiohttp transport, membership, admin endpoints,
+and (with ``[training] task`` set) the training loop.
 
 ``Daemon`` is reusable: other services (the gossip learner) use its ``transport`` and
 ``membership`` and run their loops in the daemon's task group through ``spawn()``.
+
+Training (``gossip.service.TrainingSession``): the daemon builds the task, takes its shard
+(``training.shard``), waits until ``peers_to_wait_for`` peers are live (at most
+``start_timeout_s``), trains ``rounds`` rounds with the peers of its membership view, saves the
+final model as ``model.pt`` (a ``state_dict``, read with ``gossip.service.load_state``) and
+``model.json`` in the data dir, then keeps serving so that the others can finish. The privacy
+budget lives in ``privacy_budget.json`` in the data dir: a restarted daemon keeps its spent
+epsilon, and one whose budget cannot pay for a contribution says so and stops contributing.
+Training and evaluation run in one worker thread (torch at one thread), off the event loop.
 """
 
 from __future__ import annotations
@@ -14,12 +24,24 @@ import time
 from collections.abc import Coroutine
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, cast
 
+import torch
+
+from dp.budget import Budget
+from gossip.allreduce import AllReduceConfig
+from gossip.baselines import build_averager
+from gossip.data import Scheme, partition
+from gossip.learner import Learner, TrainConfig
+from gossip.matchmaking import MatchConfig
+from gossip.network import TransportNetwork
+from gossip.privacy import PrivacyConfig, PrivacyUnit
+from gossip.service import TrainingSession, save_model
+from gossip.tasks import Task, make_task
 from murmur import __version__
 from murmur.errors import ConfigError, KeyFileError, TransportClosed
 from p2p.admin import admin_routes
-from p2p.config import DaemonConfig
+from p2p.config import DaemonConfig, TrainingConfig, parse_shard
 from p2p.envelope import EnvelopeCodec
 from p2p.identity import Identity, PeerId
 from p2p.membership import Membership
@@ -30,6 +52,10 @@ __all__ = ["Daemon", "load_network_key", "tune_malloc"]
 log = logging.getLogger("murmur.daemon")
 
 NETWORK_KEY_SIZE = 32
+BUDGET_FILE = "privacy_budget.json"
+MODEL_FILE = "model.pt"
+# Public bound on every |w x| and w in group averaging (w = local rows): the same on all peers.
+ALLREDUCE_BOUND = 1e6
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -91,6 +117,8 @@ class Daemon:
         self._supervisor: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self._started_at = 0.0
+        self._session: TrainingSession | None = None
+        self._training_state = "off" if not config.training.task else "starting"
         self._closed = False
 
     # -- what other services use -----------------------------------------------------------
@@ -190,8 +218,150 @@ class Daemon:
         async with asyncio.TaskGroup() as group:
             self._group = group
             group.create_task(self.membership.run(), name="membership")
+            if self.config.training.task:
+                group.create_task(self._train(), name="training")
             self._ready.set()
         self._group = None
+
+    # -- training ----------------------------------------------------------------------------
+    @property
+    def session(self) -> TrainingSession | None:
+        """The training session (None before it is built, or without a task)."""
+        return self._session
+
+    def _live_peers(self) -> list[PeerId]:
+        return [e.record.peer_id for e in self.membership.view.live()]
+
+    async def _train(self) -> None:
+        cfg = self.config.training
+        loop = asyncio.get_running_loop()
+        torch.set_num_threads(1)  # two threads made small steps 5-25x slower on 2 cores
+        task, learner = await loop.run_in_executor(None, self._build_learner)
+        net = TransportNetwork(self.transport, self._live_peers)
+        averager = build_averager(
+            cfg.algorithm,
+            net,
+            identity=self.identity,
+            match=MatchConfig(
+                target_size=cfg.group_size,
+                min_size=cfg.min_group_size,
+                form_timeout_s=cfg.form_timeout_s,
+                round_timeout_s=cfg.match_timeout_s,
+            ),
+            allreduce=AllReduceConfig(bound=ALLREDUCE_BOUND, stage_timeout_s=cfg.stage_timeout_s),
+            period_s=cfg.period_s,
+        )
+
+        def evaluate(model: torch.nn.Module) -> tuple[float, float]:
+            ev = task.evaluate(model)
+            return ev.loss, ev.metric
+
+        session = TrainingSession(
+            net,
+            learner,
+            averager,
+            rounds=cfg.rounds,
+            evaluate=evaluate,
+            round_timeout_s=cfg.round_timeout_s,
+            lockstep=False,  # daemons start seconds apart: any ready peers group
+        )
+        self._session = session
+        try:
+            await self._wait_for_peers(cfg)
+            self._training_state = "training"
+            log.info(
+                "event=training_started task=%s rounds=%d algorithm=%s privacy_unit=%s "
+                "epsilon=%g delta=%g noise_multiplier=%.4f peers=%d",
+                task.name,
+                cfg.rounds,
+                cfg.algorithm,
+                learner.privacy.unit,
+                cfg.epsilon,
+                cfg.delta,
+                learner.plan.noise_multiplier,
+                len(self._live_peers()),
+            )
+            await session.run()
+            status = session.status()
+            await loop.run_in_executor(None, self._save_model, session, task.name)
+            self._training_state = str(status["training"])
+            log.info(
+                "event=training_done rounds=%d ok=%s aborted=%s no_group=%s accuracy=%s "
+                "initial_accuracy=%s epsilon=%.4f model=%s action=keep_serving",
+                session.round,
+                status["ok_rounds"],
+                status["aborted_rounds"],
+                status["no_group_rounds"],
+                status["accuracy"],
+                status["initial_accuracy"],
+                learner.epsilon_spent,
+                self.config.data_dir / MODEL_FILE,
+            )
+        finally:
+            session.close()
+
+    def _build_learner(self) -> tuple[Task, Learner]:
+        """The task, this peer's shard and its learner (blocking: sklearn, noise calibration)."""
+        cfg: TrainingConfig = self.config.training
+        options: dict[str, Any] = {"seed": cfg.seed}
+        if cfg.model:
+            options["model"] = cfg.model
+        task = make_task(cfg.task, **options)
+        index, count = parse_shard(cfg.shard)
+        scheme = cast(Scheme, cfg.partition)
+        parts = partition(task.y_train, count, scheme=scheme, alpha=cfg.alpha, seed=cfg.seed)
+        rows = torch.as_tensor(parts[index])
+        privacy = PrivacyConfig(
+            unit=PrivacyUnit(cfg.privacy_unit),
+            epsilon=cfg.epsilon,
+            delta=cfg.delta,
+            clip=cfg.clip,
+            rounds=cfg.rounds,
+        )
+        budget = None
+        if privacy.unit is not PrivacyUnit.NONE:
+            budget = Budget(cfg.epsilon, cfg.delta, self.config.data_dir / BUDGET_FILE)
+            if budget.spent_epsilon > 0:
+                log.info(
+                    "event=budget_loaded spent_epsilon=%.4f epsilon_budget=%g",
+                    budget.spent_epsilon,
+                    cfg.epsilon,
+                )
+        learner = Learner(
+            task.build_model(cfg.seed),
+            task.x_train[rows],
+            task.y_train[rows],
+            train=TrainConfig(local_steps=cfg.local_steps, lr=cfg.lr, sample_rate=cfg.sample_rate),
+            privacy=privacy,
+            loss_fn=task.loss_fn,
+            budget=budget,
+        )
+        return task, learner
+
+    async def _wait_for_peers(self, cfg: TrainingConfig) -> None:
+        self._training_state = "waiting_for_peers"
+        need = cfg.peers_to_wait_for
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + cfg.start_timeout_s
+        while len(self._live_peers()) < need:
+            if loop.time() >= deadline:
+                log.warning(
+                    "event=start_without_peers live=%d wanted=%d waited_s=%g",
+                    len(self._live_peers()),
+                    need,
+                    cfg.start_timeout_s,
+                )
+                return
+            await asyncio.sleep(0.1)
+
+    def _save_model(self, session: TrainingSession, task_name: str) -> None:
+        model = session.learner.current_model()
+        status = session.status()
+        save_model(
+            model,
+            self.config.data_dir / MODEL_FILE,
+            {"task": task_name, "peer_id": str(self.identity.peer_id), **status},
+        )
 
     async def wait(self) -> None:
         """Return when the daemon's services stopped; re-raise a service's failure."""
@@ -248,7 +418,18 @@ class Daemon:
             "private": self.config.network_key_file is not None,
             "accepted": transport.accepted,
             "refused": transport.refused,
+            "bytes_sent": transport.bytes_sent,
+            "bytes_received": transport.bytes_received,
+            **self._training_status(),
         }
+
+    def _training_status(self) -> dict[str, object]:
+        if self._session is None:
+            return {"training": self._training_state}
+        out = self._session.status()
+        if out["training"] == "idle":  # not started yet: say why
+            out["training"] = self._training_state
+        return out
 
     def peers(self) -> list[dict[str, object]]:
         """The ``GET /v1/peers`` document: the active view, with wall-clock ``last_seen``."""
