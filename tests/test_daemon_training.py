@@ -5,15 +5,23 @@ is reported and within budget, and each saves its model. Always stops the proces
 
 from __future__ import annotations
 
+import asyncio
+import json
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from test_daemon_support import DaemonProc, spawn, wait_until
 
 from gossip.service import load_state
+from gossip.tasks import make_task
+from murmur.errors import ConfigError
+from p2p.config import DaemonConfig, MembershipConfig, TrainingConfig, load_config, parse_shard
+from p2p.daemon import Daemon
 
 __all__ = ["spawn"]  # the fixture, imported for pytest
 
@@ -102,3 +110,122 @@ def test_five_daemons_train_digits_one_killed_mid_training(spawn: Spawn) -> None
     late = [int(safe_status(d)["last_group_size"]) for d in survivors]
     assert all(size <= PEERS - 1 for size in late), late
     print(f"\n5 daemons x {ROUNDS} rounds: {elapsed:.1f} s (victim killed after round {killed_at})")
+
+
+# -- in-process: config, status, saved model, budget kept across a restart ----------------------
+
+FAST = MembershipConfig(exchange_interval_s=0.1, ping_interval_s=0.1, join_attempts=1)
+
+
+def training_config(tmp_path: Path, name: str, index: int, **kw: Any) -> DaemonConfig:
+    return DaemonConfig(
+        listen="127.0.0.1:0",
+        data_dir=tmp_path / name,
+        membership=FAST,
+        tune_malloc=False,
+        training=TrainingConfig(
+            task="digits",
+            model="logreg",
+            rounds=2,
+            group_size=3,
+            shard=f"{index}/3",
+            start_timeout_s=20.0,
+        ),
+        **kw,
+    )
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.05)
+    assert condition(), what
+
+
+def state(daemon: Daemon) -> object:
+    return daemon.status()["training"]
+
+
+async def test_daemons_train_report_save_and_keep_the_budget_across_a_restart(
+    tmp_path: Path,
+) -> None:
+    first = Daemon(training_config(tmp_path, "a", 0))
+    await first.start()
+    boot = (first.transport.addresses[0],)
+    others = [
+        Daemon(training_config(tmp_path, n, i, bootstrap=boot)) for i, n in ((1, "b"), (2, "c"))
+    ]
+    try:
+        for d in others:
+            await d.start()
+        daemons = [first, *others]
+        await wait_for(lambda: all(state(d) == "done" for d in daemons), 60.0, "all done")
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://{boot[0]}/v1/status") as resp,
+        ):
+            status = await resp.json()
+        assert status["round"] == 2 and status["training"] == "done"
+        assert status["privacy_unit"] == "record" and status["epsilon_budget"] == 8.0
+        spent = status["epsilon_spent"]
+        assert 0 < spent <= 8.0
+        assert status["accuracy"] > status["initial_accuracy"]
+        assert status["bytes_sent"] > 0 and status["last_group_size"] == 3
+        model = tmp_path / "a" / "model.pt"
+        fresh = make_task("digits", model="logreg").build_model()
+        fresh.load_state_dict(load_state(model))
+        assert json.loads(model.with_suffix(".json").read_text())["round"] == 2
+        await first.aclose()
+
+        # restarted with the same data dir: the spent epsilon is still spent, and the rounds
+        # the noise was calibrated for are used up, so it says so and stops contributing
+        again = Daemon(
+            training_config(tmp_path, "a", 0, bootstrap=(others[0].transport.addresses[0],))
+        )
+        await again.start()
+        try:
+            await wait_for(lambda: state(again) == "budget_spent", 30.0, "budget spent")
+            st = again.status()
+            assert st["budget_spent"] is True and st["round"] == 1
+            assert st["epsilon_spent"] == pytest.approx(spent)
+        finally:
+            await again.aclose()
+    finally:
+        for d in [first, *others]:
+            await d.aclose()
+
+
+def test_training_config_from_file_env_and_flags(tmp_path: Path) -> None:
+    path = tmp_path / "murmur.toml"
+    path.write_text('[training]\ntask = "digits"\nrounds = 4\nepsilon = 2.0\n')
+    cfg = load_config(
+        path,
+        {"MURMUR_TRAINING_ROUNDS": "6", "MURMUR_TRAINING_WAIT_PEERS": "2"},
+        {"training": {"group_size": 4, "shard": "1/4"}},
+    )
+    t = cfg.training
+    assert (t.task, t.rounds, t.epsilon, t.group_size, t.shard) == ("digits", 6, 2.0, 4, "1/4")
+    assert t.wait_peers == 2 and t.peers_to_wait_for == 2
+    assert TrainingConfig(group_size=5).peers_to_wait_for == 4
+    assert DaemonConfig().training.task == ""  # no training unless asked
+
+
+@pytest.mark.parametrize(
+    "training",
+    [
+        {"task": "mnist"},
+        {"algorithm": "dpsgd"},
+        {"privacy_unit": "group"},
+        {"shard": "5/5"},
+        {"shard": "a/b"},
+        {"group_size": 2, "min_group_size": 3},
+        {"epsilon": 0.0},
+        {"wait_peers": -1},
+        {"round_timeout_s": 0.0},
+        {"rounds": "many"},
+    ],
+)
+def test_bad_training_config_is_a_config_error(training: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError):
+        load_config(None, None, {"training": training})
+    assert parse_shard("2/5") == (2, 5)
