@@ -42,6 +42,7 @@ def one(
         epsilon=8.0,
         fidelity="object",
         eval_peers=32,
+        engine=engine,
     )
     t1 = time.perf_counter()
     sim = Simulation(scenario)
@@ -74,7 +75,9 @@ def one(
     return out
 
 
-def spawn(peers: int, rounds: int, algorithm: str, profile: bool = False) -> dict[str, object]:
+def spawn(
+    peers: int, rounds: int, algorithm: str, profile: bool = False, engine: str = "direct"
+) -> dict[str, object]:
     """Run one size in a fresh process (its own peak RSS)."""
     cmd = [
         sys.executable,
@@ -84,6 +87,7 @@ def spawn(peers: int, rounds: int, algorithm: str, profile: bool = False) -> dic
         str(peers),
         str(rounds),
         algorithm,
+        engine,
     ]
     if profile:
         cmd.append("--profile")
@@ -140,8 +144,9 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for key in sorted({(str(r["algorithm"]), str(r["engine"])) for r in rows}):
-        sel = [r for r in rows if (r["algorithm"], r["engine"]) == key]
+    scaling = [r for r in rows if r["rounds"] != 100]  # the full run is a point of its own
+    for key in sorted({(str(r["algorithm"]), str(r["engine"])) for r in scaling}):
+        sel = [r for r in scaling if (r["algorithm"], r["engine"]) == key]
         sel.sort(key=lambda r: int(str(r["peers"])))
         ax.plot(
             [int(str(r["peers"])) for r in sel],
