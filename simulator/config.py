@@ -43,6 +43,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "topology": ("ring", "regular", "complete"),
     "training": ("auto", "per-peer", "stacked"),
     "engine": ("gossip", "direct"),
+    "matchmaking": ("hash", "invite"),
 }
 
 
@@ -84,6 +85,9 @@ class Scenario:
     noise_multiplier: float = _f("privacy", 0.0, "fixed noise multiplier (0 = calibrate)")
     # [group]
     group_size: int = _f("group", 8, "target group size (secure-group, group)")
+    matchmaking: str = _f(
+        "group", "hash", "hash (deterministic groups) or invite (serverless; gossip engine)"
+    )
     threshold: int = _f("group", 0, "secure aggregation threshold (0 = ceil(2k/3))")
     degree: int = _f("group", 0, "SecAgg+ mask-graph degree (0 = complete graph)")
     stage_timeout_s: float = _f("group", 2.0, "deadline of one protocol stage, seconds")

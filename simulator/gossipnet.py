@@ -5,12 +5,12 @@
 message (or raises ``PeerUnreachable`` / ``RemoteRefused`` / ``Timeout``), ``request`` carries
 the reply back over the network, the view is the round's membership snapshot, and time is the
 virtual loop's. Timeouts are bucketed callbacks, never one loop timer per message; each send
-still costs a future, and each handled message a task (the async interface needs them).
+still costs a future; a handler that does not suspend runs eagerly, without a task.
 
 ``GossipRound`` runs one round of ``gossip.baselines.build_averager``'s averager on every
-active peer (``secure``/``plain`` group all-reduce with hash grouping or the serverless
-matchmaker, ``pairwise``, ``push_sum``, ``dpsgd``): each peer calls ``average()`` when its local
-training ends; a peer that leaves has its task cancelled.
+active peer: ``secure``/``plain`` group all-reduce with hash grouping or the serverless
+matchmaker (``matchmaking = "invite"``), ``pairwise``, ``push_sum`` or ``dpsgd``. Each peer
+calls ``average()`` when its local training ends; a peer that leaves has its task cancelled.
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ class GossipRound:
                     identity=net.identities[p],
                     match=match,
                     allreduce=allreduce,
-                    hash_groups=True,
+                    hash_groups=s.matchmaking == "hash",
                     graph=graph,
                     peers=net.ids,
                     period_s=s.stage_timeout_s,

@@ -192,3 +192,11 @@ def test_wire_fidelity_runs_the_same_protocol() -> None:
     # Same bytes counted, same learning: only the envelope work differs.
     assert [r.bytes_sent for r in wire.records] == [r.bytes_sent for r in obj.records]
     assert [r.accuracy for r in wire.records] == [r.accuracy for r in obj.records]
+
+
+def test_serverless_matchmaking_forms_groups_that_learn() -> None:
+    s = Scenario(**SMALL).replace(rounds=3, matchmaking="invite")  # type: ignore[arg-type]
+    result = run_scenario(s)
+    acc = [r.accuracy for r in result.records]
+    assert acc[-1] > acc[0] + 0.2, acc
+    assert result.records[-1].messages_sent > 0
