@@ -47,6 +47,9 @@ OnRound = Callable[[RoundReport], None]
 
 BUDGET_FILE = "privacy_budget.json"
 """The privacy spend, kept in a user-given data dir (the daemon's file name)."""
+QUICK_MEMBERSHIP = MembershipConfig(exchange_interval_s=1.0, ping_interval_s=1.0)
+"""A peer's default membership: peer lists exchanged every second (the daemon's default is 5 s)
+so that a small network assembles, and its peers start training together, within seconds."""
 ALLREDUCE_BOUND = 1e6
 """Public bound on every |w x| and w of group averaging (w = local rows), as the daemon's."""
 
@@ -58,7 +61,8 @@ class Peer:
     lists addresses of peers already in the network (none: start a new network). ``data_dir``
     keeps the identity key, known peers and the privacy spend (``privacy_budget.json``) across
     runs; None uses a temporary directory (a fresh identity each run) removed by ``aclose()``.
-    ``config`` replaces all of these with a full ``p2p.config.DaemonConfig``.
+    ``membership`` defaults to :data:`QUICK_MEMBERSHIP`. ``config`` replaces all of these with a
+    full ``p2p.config.DaemonConfig``.
     """
 
     def __init__(
@@ -82,7 +86,7 @@ class Peer:
                 bootstrap=(bootstrap,) if isinstance(bootstrap, str) else tuple(bootstrap),
                 network_key_file=None if network_key_file is None else Path(network_key_file),
                 tune_malloc=False,
-                membership=membership or MembershipConfig(),
+                membership=membership or QUICK_MEMBERSHIP,
             )
         self.config = config
         self._daemon: Daemon | None = None
@@ -163,6 +167,14 @@ class Peer:
                 )
             await asyncio.sleep(0.1)
         return len(self.peers())
+
+    async def serve(self, seconds: float | None = None) -> None:
+        """Keep answering the network (membership, others' groups) for ``seconds``, or until
+        cancelled. Useful after training, so that slower peers can finish their last round."""
+        if seconds is None:
+            await self.daemon.wait()
+        else:
+            await asyncio.sleep(seconds)
 
     # -- training ---------------------------------------------------------------------------
 
@@ -339,6 +351,10 @@ class SyncPeer:
         """See :meth:`Peer.wait_for_peers`."""
         result: int = self._run(self._peer.wait_for_peers(count, timeout=timeout))
         return result
+
+    def serve(self, seconds: float) -> None:
+        """See :meth:`Peer.serve` (a sync caller must give a duration)."""
+        self._run(self._peer.serve(seconds))
 
     def train(
         self,
