@@ -269,6 +269,7 @@ class Peer:
             rounds=training.rounds,
             evaluate=evaluate,
             round_timeout_s=round_timeout_s,
+            lockstep=False,  # peers start apart: any ready peers group, as in the daemon
         )
         return session, averager
 

@@ -16,7 +16,7 @@ from murmur import __version__
 from murmur.errors import MurmurError
 
 # Modules that each register one or more subcommands.
-_COMMAND_MODULES = ("p2p.cmd_keys", "p2p.cmd_daemon")
+_COMMAND_MODULES = ("p2p.cmd_keys", "p2p.cmd_daemon", "p2p.cmd_demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
