@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -74,7 +75,7 @@ async def main(args: argparse.Namespace) -> int:
         print(f"{args.peers} daemons on loopback; bootstrap {first.address}")
         print(f"{'peer':<6} {'round':>5} {'status':<12} {'group':>5} {'roc_auc':>8} {'epsilon':>8}")
 
-        def show(i: int) -> murmur.api_peer.OnRound:
+        def show(i: int) -> Callable[[murmur.RoundReport], None]:
             def on_round(r: murmur.RoundReport) -> None:
                 auc = "-" if r.accuracy is None else f"{r.accuracy:.3f}"
                 print(
