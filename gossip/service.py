@@ -10,7 +10,12 @@ Used by the daemon (``p2p.daemon``) and by the Python API. Each round of
    ``round_timeout_s`` on the loop's clock;
 3. the group result becomes the learner's ``theta`` **only if the round succeeded**. A failed
    round (no group formed, group aborted, timeout, network failure, diverged training) keeps
-   the model, is counted in :meth:`TrainingSession.status` and logged as a warning;
+   the model, is counted in :meth:`TrainingSession.status` and logged as a warning. When no
+   group formed (``GroupFormationFailed``: raised before any data is sent), the round's
+   contribution never left the peer, so the next round offers the same one again instead of
+   training and spending privacy budget anew (``theta`` did not change, so it is still the
+   contribution for that model). After an abort, the masked contribution did leave: the next
+   round trains afresh;
 4. evaluation (optional ``evaluate(model) -> (loss, accuracy)``), in the executor too.
 
 A peer whose privacy budget cannot pay for another contribution reports one ``budget_spent``
@@ -192,6 +197,7 @@ class TrainingSession:
         self._last_group = 0
         self._counts = {"ok": 0, "aborted": 0, "no_group": 0, "budget_spent": 0}
         self._last_error: str | None = None
+        self._unsent: Contribution | None = None  # from a round whose group never formed
         self._lock = threading.Lock()  # training and evaluation share the learner's model
 
     # -- state ----------------------------------------------------------------------------------
@@ -239,6 +245,7 @@ class TrainingSession:
             "epsilon_budget": None if cap is None else float(cap),
             "delta": learner.status()["delta"],
             "budget_spent": learner.budget_spent,
+            "contributions": learner.rounds_contributed,
             "accuracy": self._accuracy,
             "loss": self._loss,
             "initial_accuracy": self.initial_accuracy,
@@ -288,13 +295,16 @@ class TrainingSession:
         status: RoundStatus = "ok"
         error: str | None = None
         group_size = 0
+        contribution, self._unsent = self._unsent, None
         try:
-            contribution = await self._in_executor(self._local_update)
+            if contribution is None:
+                contribution = await self._in_executor(self._local_update)
             result = await self._average(contribution, r)
         except BudgetExhausted as exc:
             status, error = "budget_spent", str(exc)
         except GroupFormationFailed as exc:
             status, error = "no_group", str(exc)
+            self._unsent = contribution  # nothing of it left the peer: offer it again
         except MurmurError as exc:  # AggregationError, TrainingError, network failures
             status, error = "aborted", f"{type(exc).__name__}: {exc}"
         except TimeoutError:  # our own backstop (a transport Timeout is a MurmurError above)

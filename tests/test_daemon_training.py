@@ -62,6 +62,16 @@ def safe_status(d: DaemonProc) -> dict[str, Any]:
         return {}
 
 
+def status_of(d: DaemonProc) -> dict[str, Any]:
+    """The status, asked again if a busy machine made one request time out."""
+    for _ in range(10):
+        st = safe_status(d)
+        if st:
+            return st
+        time.sleep(0.5)
+    raise AssertionError(f"{d.address} does not answer /v1/status: {d.log()}")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_five_daemons_train_digits_one_killed_mid_training(spawn: Spawn) -> None:
@@ -78,8 +88,8 @@ def test_five_daemons_train_digits_one_killed_mid_training(spawn: Spawn) -> None
     victim, survivors = others[-1], daemons[:-1]
 
     # mid-training: the victim has finished at least two rounds and not all of them
-    wait_until(lambda: 2 <= victim.status().get("round", 0) < ROUNDS, 120.0, "round 2 on victim")
-    killed_at = victim.status()["round"]
+    wait_until(lambda: 2 <= safe_status(victim).get("round", 0) < ROUNDS, 120.0, "victim round 2")
+    killed_at = status_of(victim)["round"]
     victim.signal(signal.SIGKILL)
     victim.wait(10.0)
 
@@ -93,7 +103,7 @@ def test_five_daemons_train_digits_one_killed_mid_training(spawn: Spawn) -> None
     elapsed = time.monotonic() - started
 
     for d in survivors:
-        st = d.status()  # still serving after its rounds
+        st = status_of(d)  # still serving after its rounds
         where = f"{d.address}: {st}\n{d.log()}"
         assert st["round"] == ROUNDS, where
         assert st["privacy_unit"] == "record" and st["algorithm"] == "secure", where
@@ -107,7 +117,7 @@ def test_five_daemons_train_digits_one_killed_mid_training(spawn: Spawn) -> None
         assert state and all(t.isfinite().all() for t in state.values()), where
         assert "event=training_done" in d.log_path.read_text(), where
     # rounds after the kill ran in groups of at most the 4 survivors
-    late = [int(safe_status(d)["last_group_size"]) for d in survivors]
+    late = [int(status_of(d)["last_group_size"]) for d in survivors]
     assert all(size <= PEERS - 1 for size in late), late
     print(f"\n5 daemons x {ROUNDS} rounds: {elapsed:.1f} s (victim killed after round {killed_at})")
 
@@ -175,19 +185,25 @@ async def test_daemons_train_report_save_and_keep_the_budget_across_a_restart(
         fresh = make_task("digits", model="logreg").build_model()
         fresh.load_state_dict(load_state(model))
         assert json.loads(model.with_suffix(".json").read_text())["round"] == 2
+        first_contributions = status["contributions"]
         await first.aclose()
 
-        # restarted with the same data dir: the spent epsilon is still spent, and the rounds
-        # the noise was calibrated for are used up, so it says so and stops contributing
+        # restarted with the same data dir: the spent epsilon is still spent; once the rounds
+        # the noise was calibrated for are used up, it says so and stops contributing
         again = Daemon(
             training_config(tmp_path, "a", 0, bootstrap=(others[0].transport.addresses[0],))
         )
         await again.start()
         try:
-            await wait_for(lambda: state(again) == "budget_spent", 30.0, "budget spent")
+            await wait_for(
+                lambda: state(again) in ("budget_spent", "done"), 30.0, "restart finished"
+            )
             st = again.status()
-            assert st["budget_spent"] is True and st["round"] == 1
-            assert st["epsilon_spent"] == pytest.approx(spent)
+            assert st["epsilon_spent"] >= spent - 1e-9  # never given back
+            if first_contributions == 2:
+                assert st["training"] == "budget_spent" and st["budget_spent"] is True
+                assert st["round"] == 1 and st["contributions"] == 0
+                assert st["epsilon_spent"] == pytest.approx(spent)
         finally:
             await again.aclose()
     finally:

@@ -28,6 +28,7 @@ from gossip.matchmaking import MatchConfig
 from gossip.network import GossipHandler, StaticView, TransportNetwork
 from gossip.privacy import PrivacyConfig, PrivacyUnit
 from gossip.service import (
+    ANY_ROUND,
     InlineExecutor,
     RoundReport,
     TrainingSession,
@@ -74,9 +75,11 @@ class Scripted:
     def __init__(self, outcomes: dict[int, Tensor | Exception | float]) -> None:
         self.outcomes = outcomes
         self.calls: list[int] = []
+        self.vectors: list[Tensor] = []
 
     async def average(self, vector: Tensor, weight: float, round: int) -> AverageResult:
         self.calls.append(round)
+        self.vectors.append(vector.clone())
         outcome = self.outcomes.get(round, vector)
         if isinstance(outcome, Exception):
             raise outcome
@@ -226,6 +229,32 @@ def test_failed_round_is_counted_and_not_applied(
     assert st[key] == 1 and st["ok_rounds"] == 2 and st["last_error"] == failed.error
     assert "event=round_failed round=2/3" in caplog.text
     assert learner.status()["results_applied"] == 2
+    if status == "no_group":  # nothing left the peer: the same contribution is offered again
+        assert learner.rounds_contributed == 2
+        assert torch.equal(averager.vectors[2], averager.vectors[1])
+    else:  # the contribution may have left: train and spend afresh
+        assert learner.rounds_contributed == 3
+        assert not torch.equal(averager.vectors[2], averager.vectors[1])
+
+
+def test_rounds_not_in_lockstep_ask_for_any_group(digits: Task) -> None:
+    averagers = [Scripted({}), Scripted({})]
+
+    async def main() -> None:
+        for averager, lockstep in zip(averagers, (True, False), strict=True):
+            session = TrainingSession(
+                NoNet(),
+                one_learner(digits),
+                averager,
+                rounds=3,
+                executor=InlineExecutor(),
+                lockstep=lockstep,
+            )
+            await session.run()
+
+    run(main)
+    assert averagers[0].calls == [1, 2, 3]
+    assert averagers[1].calls == [ANY_ROUND] * 3
 
 
 def test_round_timeout_uses_the_loop_clock(digits: Task) -> None:
