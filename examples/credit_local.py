@@ -52,7 +52,6 @@ def describe(
         lr=0.3,
         eval_data=test,
         metric=roc_auc,
-        metric_name="roc_auc",
         averaging=murmur.SecureGroups(size=args.group_size),
         privacy=murmur.Privacy(epsilon=args.epsilon, delta=1e-5, clip=1.0, unit="record"),
         rounds=args.rounds,

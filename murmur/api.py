@@ -204,7 +204,8 @@ class Training:
     starts from the same public model) or a module (copied; then every peer must build it with
     the same parameters). ``data`` is this peer's data (on a network) or everyone's data (in the
     simulator, split among the simulated peers). Give ``lr`` or an SGD ``optimizer`` (its lr
-    and momentum are used; DP-SGD takes plain SGD steps).
+    and momentum are used; DP-SGD takes plain SGD steps). ``metric(outputs, targets)`` scores
+    ``eval_data`` (higher is better); round reports carry it as ``accuracy``.
     """
 
     model: Callable[[], nn.Module] | nn.Module
@@ -214,7 +215,8 @@ class Training:
     optimizer: torch.optim.Optimizer | None = None
     eval_data: Data | None = None
     metric: Callable[[Tensor, Tensor], float] = accuracy
-    metric_name: str = "accuracy"
+    metric_name: str | None = None
+    """How plots and summaries name ``metric`` (default: the function's name)."""
     averaging: Averaging = field(default_factory=SecureGroups)
     privacy: Privacy = field(default_factory=Privacy)
     rounds: int = 10
@@ -222,6 +224,11 @@ class Training:
     sample_rate: float = 0.2
     seed: int = 0
     name: str = "custom"
+
+    @property
+    def metric_label(self) -> str:
+        """``metric_name``, or the metric function's name (``accuracy``, ``roc_auc``...)."""
+        return self.metric_name or str(getattr(self.metric, "__name__", "metric"))
 
     def model_factory(self) -> Callable[[], nn.Module]:
         """A factory building the initial model (a copy of ``model`` if a module was given)."""
@@ -273,7 +280,7 @@ class Training:
             seed=self.seed,
             loss_fn=self.loss,
             metric=self.metric,
-            metric_name=self.metric_name,
+            metric_name=self.metric_label,
             x_test=x_test,
             y_test=y_test,
         )

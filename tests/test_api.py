@@ -198,3 +198,11 @@ def test_simulator_settings_cannot_redefine_the_training() -> None:
 async def test_simulate_inside_an_event_loop_says_how_to_call_it() -> None:
     with pytest.raises(ConfigError, match=r"asyncio\.to_thread"):
         murmur.simulate(_training())
+
+
+def test_the_metric_is_named_after_its_function_unless_named() -> None:
+    from gossip.tasks import roc_auc
+
+    assert _training().metric_label == "accuracy"
+    assert _training(metric=roc_auc).metric_label == "roc_auc"
+    assert _training(metric=roc_auc, metric_name="AUC").task().metric_name == "AUC"
