@@ -118,6 +118,7 @@ class Daemon:
         self._ready = asyncio.Event()
         self._started_at = 0.0
         self._session: TrainingSession | None = None
+        self._prepared: tuple[Task, Learner] | None = None
         self._training_state = "off" if not config.training.task else "starting"
         self._closed = False
 
@@ -209,6 +210,12 @@ class Daemon:
             network_key is not None,
             len(allowed),
         )
+        if cfg.training.task:
+            # Build before joining (task data, noise calibration: seconds of CPU): once others
+            # see this peer it is nearly ready to train, so first rounds find their groups.
+            torch.set_num_threads(1)  # two threads made small steps 5-25x slower on 2 cores
+            loop = asyncio.get_running_loop()
+            self._prepared = await loop.run_in_executor(None, self._build_learner)
         await self._membership.join(cfg.bootstrap)
         self._supervisor = asyncio.create_task(self._supervise(), name="murmur-daemon")
         await self._ready.wait()
@@ -235,8 +242,10 @@ class Daemon:
     async def _train(self) -> None:
         cfg = self.config.training
         loop = asyncio.get_running_loop()
-        torch.set_num_threads(1)  # two threads made small steps 5-25x slower on 2 cores
-        task, learner = await loop.run_in_executor(None, self._build_learner)
+        prepared, self._prepared = self._prepared, None
+        if prepared is None:
+            prepared = await loop.run_in_executor(None, self._build_learner)
+        task, learner = prepared
         net = TransportNetwork(self.transport, self._live_peers)
         averager = build_averager(
             cfg.algorithm,
