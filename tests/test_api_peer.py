@@ -104,3 +104,9 @@ def test_a_kept_data_dir_keeps_the_identity(tmp_path: Path) -> None:
         tmp = throwaway.peer.config.data_dir
         assert tmp.exists()
     assert not tmp.exists()  # a temporary data dir is removed
+
+
+def test_one_call_train_starts_waits_and_leaves() -> None:
+    x, y = TASK.x_train[:100], TASK.y_train[:100]
+    with pytest.raises(Timeout, match="only 0 of 4 other peers"):
+        murmur.train(describe(x, y), wait_for_peers=4, join_timeout_s=0.2)
