@@ -8,7 +8,7 @@ The Python API, in a few lines (``murmur.api``, ``murmur.api_peer``, ``murmur.ap
                                averaging=murmur.SecureGroups(size=4),
                                privacy=murmur.Privacy(epsilon=8.0, delta=1e-5))
 
-    async with murmur.Peer(listen="127.0.0.1:7070", bootstrap=["10.0.0.2:7070"]) as peer:
+    async with murmur.Peer(listen="0.0.0.0:7070", bootstrap=["10.0.0.2:7070"]) as peer:
         async for report in peer.train(training):    # one RoundReport per round
             print(report.round, report.accuracy, report.epsilon)
 
