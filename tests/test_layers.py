@@ -18,7 +18,7 @@ FORBIDDEN: dict[str, set[str]] = {
     "p2p": {"simulator"},
 }
 
-# The top-level Python API (murmur/api*.py) sits above every layer; the rest of murmur/ is the bottom.
+# murmur/api*.py (the Python API) sits above every layer; the rest of murmur/ is the bottom.
 TOP_OF_MURMUR = ("api",)
 
 # p2p modules gossip may use: the bottom of p2p (identity, wire format, transport interface).
