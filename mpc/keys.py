@@ -11,29 +11,54 @@ length-prefixed encoding of (round, group, member id, both public keys). Sealed 
 ``Box`` (X25519 + XSalsa20-Poly1305, random nonce); the plaintext starts with the context
 (round, group, sender, recipient), checked on opening, so a sealed share cannot be replayed into
 another round, group or pair.
+
+Speed (the simulator runs thousands of members in one process): a member computes one Box key
+per peer per round (``box_key``: ``crypto_box_beforenm`` once, then ``seal_with`` /
+``open_with`` use ``crypto_box_afternm`` / ``crypto_box_open_afternm``; same wire format as
+``Box``). ``agree_cached`` and ``box_key_cached`` keep each pair's result in a small
+process-wide cache keyed by the two (sorted) public keys, so the other member of the pair, when
+it runs in the same process, finds it instead of redoing the X25519 multiplication: both sides'
+results are equal (X25519 is symmetric), callers pass their own key pair (which they generated),
+and an entry is only ever written by a computation. Members drop their entries when their round
+ends (``forget_pairs``), and the cache is bounded. Positive advertisement verifications are cached
+the same way (keyed by id, signed bytes and signature: public data), so the 7 members of a group
+that check one advertisement in one process verify it once. Nothing changes on the wire, and
+every key stays per round: revealing a dropped member's agreement key says nothing about other
+rounds.
 """
 
 from __future__ import annotations
 
 import hmac
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import nacl.bindings
 import nacl.exceptions
 import nacl.public
 import nacl.signing
+import nacl.utils
 
 from mpc.kdf import u64
 from murmur.errors import BadSeal, BadSignature, ConfigError, MalformedMessage
+
+_V = TypeVar("_V")
 
 __all__ = [
     "KEY_BYTES",
     "RoundKeys",
     "advertisement_message",
     "agree",
+    "agree_cached",
+    "box_key",
+    "box_key_cached",
+    "forget_pairs",
     "new_round_keys",
     "open_from",
+    "open_with",
     "seal_to",
+    "seal_with",
     "sign_advertisement",
     "verify_advertisement",
 ]
@@ -43,6 +68,21 @@ KEY_BYTES = 32
 
 _ADVERTISE_TAG = b"murmur.secagg.advertise.v1"
 _SEAL_TAG = b"murmur.secagg.share.v1"
+_NONCE_BYTES = nacl.bindings.crypto_box_NONCEBYTES
+
+CACHE_ENTRIES = 1 << 15
+"""Bound of each process-wide cache (pair secrets, verified advertisements); oldest go first."""
+
+_Key = tuple[bytes, bytes, bytes]
+_PAIRS: dict[_Key, bytes] = {}  # (kind, lower public key, higher public key) -> pair secret
+_VERIFIED: dict[_Key, bool] = {}  # (member id, signed bytes, signature) -> True
+_AGREE, _BOX = b"agree", b"box"
+
+
+def _remember(cache: dict[_Key, _V], key: _Key, value: _V) -> None:
+    if len(cache) >= CACHE_ENTRIES:
+        del cache[next(iter(cache))]  # dicts keep insertion order: the oldest entry
+    cache[key] = value
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,10 +184,14 @@ def verify_advertisement(
     )
     if not isinstance(signature, bytes | bytearray) or len(signature) != 64:
         raise BadSignature("an advertisement signature must be 64 bytes")
+    key = (bytes(member_id), message, bytes(signature))
+    if key in _VERIFIED:
+        return
     try:
-        nacl.signing.VerifyKey(bytes(member_id)).verify(message, bytes(signature))
-    except (nacl.exceptions.BadSignatureError, nacl.exceptions.CryptoError) as exc:
+        nacl.bindings.crypto_sign_open(key[2] + message, key[0])
+    except (nacl.exceptions.BadSignatureError, nacl.exceptions.CryptoError, ValueError) as exc:
         raise BadSignature("advertisement signature does not verify") from exc
+    _remember(_VERIFIED, key, True)
 
 
 def agree(private: bytes, peer_public: bytes) -> bytes:
@@ -165,20 +209,93 @@ def agree(private: bytes, peer_public: bytes) -> bytes:
         raise MalformedMessage("peer public key is a low-order point") from exc
 
 
+def box_key(private: bytes, peer_public: bytes) -> bytes:
+    """The precomputed NaCl Box key of a pair (``crypto_box_beforenm``), for ``seal_with``.
+
+    Raises ``MalformedMessage`` for a low-order peer key.
+    """
+    try:
+        return bytes(
+            nacl.bindings.crypto_box_beforenm(
+                _public("peer box public key", peer_public), _private("box private key", private)
+            )
+        )
+    except nacl.exceptions.CryptoError as exc:
+        raise MalformedMessage("peer box public key is a low-order point") from exc
+
+
+def _pair_key(kind: bytes, public: bytes, peer_public: bytes) -> _Key:
+    lo, hi = (public, peer_public) if public <= peer_public else (peer_public, public)
+    return (kind, lo, hi)
+
+
+def agree_cached(private: bytes, public: bytes, peer_public: bytes) -> bytes:
+    """``agree(private, peer_public)``, shared through the process-wide pair cache.
+
+    ``public`` must be the caller's own public key of ``private`` (from ``new_round_keys``): the
+    cache is keyed by the two public keys, and the other member of the pair finds the same value.
+    """
+    key = _pair_key(_AGREE, bytes(public), _public("peer public key", peer_public))
+    secret = _PAIRS.get(key)
+    if secret is None:
+        secret = agree(private, peer_public)
+        _remember(_PAIRS, key, secret)
+    return secret
+
+
+def box_key_cached(private: bytes, public: bytes, peer_public: bytes) -> bytes:
+    """``box_key(private, peer_public)``, shared through the process-wide pair cache.
+
+    ``public`` must be the caller's own box public key of ``private`` (see ``agree_cached``).
+    """
+    key = _pair_key(_BOX, bytes(public), _public("peer box public key", peer_public))
+    secret = _PAIRS.get(key)
+    if secret is None:
+        secret = box_key(private, peer_public)
+        _remember(_PAIRS, key, secret)
+    return secret
+
+
+def forget_pairs(keys: RoundKeys, peers: Iterable[tuple[bytes, bytes]]) -> None:
+    """Drop the cached pair secrets of ``keys`` with each ``(agreement, box)`` public key pair."""
+    for agreement_public, box_public in peers:
+        _PAIRS.pop(_pair_key(_AGREE, keys.agreement_public, bytes(agreement_public)), None)
+        _PAIRS.pop(_pair_key(_BOX, keys.box_public, bytes(box_public)), None)
+
+
 def _context(*, round: int, group: bytes, sender: bytes, recipient: bytes) -> bytes:
     return _SEAL_TAG + b"".join(
         _enc(p) for p in (u64(round), bytes(group), bytes(sender), bytes(recipient))
     )
 
 
-def _box(private: bytes, peer_public: bytes) -> nacl.public.Box:
+def seal_with(
+    key: bytes, plaintext: bytes, *, round: int, group: bytes, sender: bytes, recipient: bytes
+) -> bytes:
+    """``seal_to`` with a precomputed pair key from ``box_key`` (the same bytes on the wire)."""
+    context = _context(round=round, group=group, sender=sender, recipient=recipient)
+    nonce = nacl.utils.random(_NONCE_BYTES)
+    return nonce + nacl.bindings.crypto_box_afternm(context + bytes(plaintext), nonce, key)
+
+
+def open_with(
+    key: bytes, sealed: bytes, *, round: int, group: bytes, sender: bytes, recipient: bytes
+) -> bytes:
+    """``open_from`` with a precomputed pair key from ``box_key``; ``BadSeal`` if it fails."""
+    context = _context(round=round, group=group, sender=sender, recipient=recipient)
+    if not isinstance(sealed, bytes | bytearray) or len(sealed) < _NONCE_BYTES:
+        raise BadSeal("sealed share is too short")
+    sealed = bytes(sealed)
     try:
-        return nacl.public.Box(
-            nacl.public.PrivateKey(_private("box private key", private)),
-            nacl.public.PublicKey(_public("peer box public key", peer_public)),
+        opened = nacl.bindings.crypto_box_open_afternm(
+            sealed[_NONCE_BYTES:], sealed[:_NONCE_BYTES], key
         )
-    except nacl.exceptions.CryptoError as exc:
-        raise MalformedMessage("peer box public key is a low-order point") from exc
+    except (nacl.exceptions.CryptoError, ValueError, TypeError) as exc:
+        raise BadSeal("sealed share does not authenticate") from exc
+    head = opened[: len(context)]
+    if len(opened) < len(context) or not hmac.compare_digest(head, context):
+        raise BadSeal("sealed share was made for another round, group, sender or recipient")
+    return opened[len(context) :]
 
 
 def seal_to(
@@ -195,8 +312,14 @@ def seal_to(
 
     Returns ``nonce || ciphertext`` (NaCl Box; 40 bytes longer than plaintext plus context).
     """
-    context = _context(round=round, group=group, sender=sender, recipient=recipient)
-    return bytes(_box(box_private, recipient_box_public).encrypt(context + bytes(plaintext)))
+    return seal_with(
+        box_key(box_private, recipient_box_public),
+        plaintext,
+        round=round,
+        group=group,
+        sender=sender,
+        recipient=recipient,
+    )
 
 
 def open_from(
@@ -210,13 +333,11 @@ def open_from(
     recipient: bytes,
 ) -> bytes:
     """Open a sealed share; raise ``BadSeal`` if it fails to authenticate or the context differs."""
-    context = _context(round=round, group=group, sender=sender, recipient=recipient)
-    box = _box(box_private, sender_box_public)
-    try:
-        opened = bytes(box.decrypt(bytes(sealed)))
-    except (nacl.exceptions.CryptoError, ValueError, TypeError) as exc:
-        raise BadSeal("sealed share does not authenticate") from exc
-    head = opened[: len(context)]
-    if len(opened) < len(context) or not hmac.compare_digest(head, context):
-        raise BadSeal("sealed share was made for another round, group, sender or recipient")
-    return opened[len(context) :]
+    return open_with(
+        box_key(box_private, sender_box_public),
+        sealed,
+        round=round,
+        group=group,
+        sender=sender,
+        recipient=recipient,
+    )

@@ -188,6 +188,7 @@ class Member(MemberState):
         self._self_seed = b""
         self._masked_input = None
         self._pending.clear()
+        self._forget_pairs()
 
     def _stage_complete(self) -> bool:
         s = self._stage
@@ -233,9 +234,8 @@ class Member(MemberState):
             if advert is None:
                 continue
             i = self._index[v]
-            sealed = mkeys.seal_to(
-                self._keys.box_private,
-                advert.box_public,
+            sealed = mkeys.seal_with(
+                self._box_key(v),
                 b_shares[i].y + s_shares[i].y,
                 round=self.round,
                 group=self.group,
@@ -359,4 +359,5 @@ class Member(MemberState):
         self._stage = Stage.DONE
         self._held.clear()
         self._masked_input = None
+        self._forget_pairs()
         return []

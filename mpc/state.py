@@ -227,8 +227,27 @@ class MemberState:
 
     def _pair_seed(self, private: bytes, peer: bytes, owner: bytes) -> bytes:
         """Seed of the pair (owner, peer), from owner's private key and peer's public key."""
-        secret = mkeys.agree(private, self._adverts[peer].agreement_public)
+        peer_public = self._adverts[peer].agreement_public
+        if owner == self.id:  # our own key: the other member of the pair may have computed it
+            keys = self._keys
+            secret = mkeys.agree_cached(keys.agreement_private, keys.agreement_public, peer_public)
+        else:  # a dropped member's reconstructed key
+            secret = mkeys.agree(private, peer_public)
         return pair_seed(secret, round=self.round, group=self.group, a=owner, b=peer)
+
+    def _box_key(self, peer: bytes) -> bytes:
+        """The precomputed Box key of (me, peer) for this round's sealed shares."""
+        keys = self._keys
+        return mkeys.box_key_cached(
+            keys.box_private, keys.box_public, self._adverts[peer].box_public
+        )
+
+    def _forget_pairs(self) -> None:
+        """Drop this round's pair secrets from the process-wide cache (the round is over)."""
+        mkeys.forget_pairs(
+            self._keys,
+            [(a.agreement_public, a.box_public) for m, a in self._adverts.items() if m != self.id],
+        )
 
     def _combine(self, owner: bytes, kind: int) -> bytes:
         shares = []
@@ -309,9 +328,8 @@ class MemberState:
         advert = self._adverts.get(sender)
         if advert is None or sender not in self._graph[self.id]:
             raise InconsistentMessage("shares from a member that is not an advertised neighbour")
-        plain = mkeys.open_from(
-            self._keys.box_private,
-            advert.box_public,
+        plain = mkeys.open_with(
+            self._box_key(sender),
             msg.sealed,
             round=self.round,
             group=self.group,
