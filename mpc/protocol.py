@@ -80,6 +80,8 @@ from murmur.errors import (
 
 __all__ = ["Member", "Outgoing", "Stage", "default_threshold"]
 
+_CHUNKED = frozenset({MaskedChunk, ReassignedChunk, ChunkSum})
+
 
 class Member(MemberState):
     """One member's state machine for one round of secure aggregation in one group.
@@ -122,27 +124,29 @@ class Member(MemberState):
 
     def receive(self, sender: bytes, msg: Message) -> Outgoing:
         """Handle one message from ``sender``; raise a ``ProtocolError`` subclass to refuse it."""
-        stage = STAGE_OF.get(type(msg))
+        cls = type(msg)
+        stage = STAGE_OF.get(cls)
         if stage is None:
-            raise UnknownMessageType(f"not a secure-aggregation message: {type(msg).__name__}")
+            raise UnknownMessageType(f"not a secure-aggregation message: {cls.__name__}")
         if sender not in self._index or sender == self.id:
             raise InconsistentMessage("the sender is not another member of this group")
         if msg.group != self.group or msg.round != self.round:
             raise InconsistentMessage("the message is for another group or round")
         chunk = -1
-        if isinstance(msg, MaskedChunk | ReassignedChunk | ChunkSum):
-            chunk = msg.chunk
-            if isinstance(chunk, bool) or not isinstance(chunk, int) or not 0 <= chunk < self.k:
+        if cls in _CHUNKED:
+            chunk = msg.chunk  # type: ignore[union-attr]
+            if chunk.__class__ is not int or not 0 <= chunk < self.k:
                 raise InconsistentMessage(f"no chunk {chunk!r} in a group of {self.k}")
-            self._check_slice(chunk, msg.data)  # before buffering: the buffer stays bounded
-        key = (msg.TYPE, sender, chunk)
+            self._check_slice(chunk, msg.data)  # type: ignore[union-attr]  # bounded buffer
+        key = (cls.TYPE, sender, chunk)
         if key in self._seen:
-            raise DuplicateMessage(f"second {msg.TYPE} from this sender")
-        if isinstance(msg, Receipt) and stage < self._stage:
-            self._check_late_receipt(sender, msg)
-        if stage < self._stage or self.finished:
-            raise OutOfStage(f"{msg.TYPE} arrived in stage {self._stage.name}")
-        if stage > self._stage or (not self._started and stage > Stage.ADVERTISE_KEYS):
+            raise DuplicateMessage(f"second {cls.TYPE} from this sender")
+        current = self._stage
+        if cls is Receipt and stage < current:
+            self._check_late_receipt(sender, msg)  # type: ignore[arg-type]
+        if stage < current or current >= Stage.DONE:
+            raise OutOfStage(f"{cls.TYPE} arrived in stage {current.name}")
+        if stage > current or (not self._started and stage > Stage.ADVERTISE_KEYS):
             self._seen.add(key)
             self._pending.setdefault(stage, []).append((sender, msg))
             return []
@@ -154,7 +158,7 @@ class Member(MemberState):
 
     def _complete_stages(self) -> Outgoing:
         out: Outgoing = []
-        while self._started and not self.finished and self._stage_complete():
+        while self._started and self._stage < Stage.DONE and self._stage_complete():
             out += self._next_stage()
         return out
 
@@ -198,7 +202,9 @@ class Member(MemberState):
         if s is Stage.SHARE_KEYS:
             return all(v in self._held for v in self._graph[self.id] if v in self._adverts)
         if s is Stage.MASKED_INPUT:
-            expected = self._expected_inputs()
+            expected = self._expected
+            if expected is None:  # adverts and shares are final in this stage
+                expected = self._expected = self._expected_inputs()
             pred = self.members[(self._me - 1) % self.k]
             return expected <= set(self._chunks) and (
                 pred not in expected or self._backup is not None

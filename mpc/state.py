@@ -9,8 +9,9 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
+from typing import Any
 
 import nacl.signing
 import torch
@@ -71,6 +72,9 @@ STAGE_OF: dict[type, Stage] = {
 }
 
 _BITS: dict[torch.dtype, int] = {torch.int32: 32, torch.int64: 64}
+
+_COMBINED_ENTRIES = 1 << 14
+_COMBINED: dict[tuple[int, tuple[tuple[int, bytes], ...]], bytes] = {}  # see _combine
 
 
 @lru_cache(maxsize=64)
@@ -168,6 +172,7 @@ class MemberState:
         self._held: dict[bytes, tuple[bytes, bytes]] = {}  # owner -> (b-share y, s-share y)
         self._self_seed = b""
         self._mine: frozenset[bytes] = frozenset()  # whom I masked with
+        self._expected: set[bytes] | None = None  # senders of masked input still awaited
         self._masked_input: Tensor | None = None
         self._chunks: dict[bytes, Tensor] = {}  # sender -> its slice of my own chunk
         self._neighbours_of: dict[bytes, frozenset[bytes]] = {}
@@ -250,12 +255,27 @@ class MemberState:
         )
 
     def _combine(self, owner: bytes, kind: int) -> bytes:
-        shares = []
+        """Reconstruct ``owner``'s self-mask seed (kind 0) or agreement key (kind 1).
+
+        The result is cached process-wide by the exact shares and threshold (every member of a
+        group in one process reconstructs the same secrets from the same broadcast reveals; the
+        secret is one that all of them learn anyway). Failures are not cached.
+        """
+        points = []
         for holder, reveal in self._reveals.items():
             got = (reveal.self_mask_shares, reveal.key_shares)[kind].get(owner)
             if got is not None:
-                shares.append(Share(self._index[holder] + 1, got))
-        return combine(shares, threshold=self.local_threshold)
+                points.append((self._index[holder] + 1, got))
+        points.sort()
+        key = (self.local_threshold, tuple(points))
+        secret = _COMBINED.get(key)
+        if secret is None:
+            shares = [Share(x, y) for x, y in points]
+            secret = combine(shares, threshold=self.local_threshold)
+            if len(_COMBINED) >= _COMBINED_ENTRIES:
+                del _COMBINED[next(iter(_COMBINED))]
+            _COMBINED[key] = secret
+        return secret
 
     def _check_ledger(self, kinds: dict[bytes, str]) -> None:
         for peer, kind in kinds.items():
@@ -295,20 +315,7 @@ class MemberState:
     # ------------------------------------------------------------------ message handlers
 
     def _handle(self, sender: bytes, msg: Message) -> None:
-        if isinstance(msg, AdvertiseKeys):
-            self._on_advertise(sender, msg)
-        elif isinstance(msg, ShareKeys):
-            self._on_shares(sender, msg)
-        elif isinstance(msg, MaskedChunk):
-            self._on_masked(sender, msg)
-        elif isinstance(msg, Receipt):
-            self._on_receipt(sender, msg)
-        elif isinstance(msg, Reveal):
-            self._on_reveal(sender, msg)
-        elif isinstance(msg, ReassignedChunk):
-            self._on_reassigned(sender, msg)
-        else:
-            self._on_chunk_sum(sender, msg)
+        _HANDLERS[type(msg)](self, sender, msg)
 
     def _on_advertise(self, sender: bytes, msg: AdvertiseKeys) -> None:
         try:
@@ -391,3 +398,15 @@ class MemberState:
         if not hmac.compare_digest(bytes(msg.counted), self._counted_digest()):
             raise InconsistentMessage("the chunk sum covers another set of members than ours")
         self._sums[msg.chunk] = msg.data
+
+
+_HANDLERS: dict[type, Callable[[MemberState, bytes, Any], None]] = {
+    AdvertiseKeys: MemberState._on_advertise,
+    ShareKeys: MemberState._on_shares,
+    MaskedChunk: MemberState._on_masked,
+    Receipt: MemberState._on_receipt,
+    Reveal: MemberState._on_reveal,
+    ReassignedChunk: MemberState._on_reassigned,
+    ChunkSum: MemberState._on_chunk_sum,
+}
+"""Message type -> handler (one dict lookup instead of a chain of isinstance checks)."""
