@@ -25,6 +25,12 @@ from dp.accounting import PrivacyEvent
 from dp.noise import gaussian_noise
 from murmur.errors import TrainingError
 
+# Opacus's hooks on the first layer fire with no input gradients and torch warns, harmlessly.
+# A filter installed once, not ``warnings.catch_warnings()`` around each backward pass: that
+# swaps the process-wide filter list and is not thread-safe, so peers training in threads of
+# one process (the Python API, in-process daemons) let the warning escape.
+warnings.filterwarnings("ignore", "Full backward hook is firing", UserWarning)
+
 __all__ = ["DPSGDResult", "dp_sgd_train"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -135,10 +141,7 @@ def _clipped_sum(
     gsm.zero_grad(set_to_none=True)
     outputs = gsm(inputs)
     loss = loss_fn(outputs, targets) * batch  # mean -> sum: per-sample grads are unscaled
-    with warnings.catch_warnings():
-        # Opacus's hooks on the first layer fire with no input gradients; torch warns, harmlessly.
-        warnings.filterwarnings("ignore", "Full backward hook is firing", UserWarning)
-        loss.backward()  # type: ignore[no-untyped-call]
+    loss.backward()  # type: ignore[no-untyped-call]
     per_sample = []
     for p in params:
         grad_sample = getattr(p, "grad_sample", None)
