@@ -54,14 +54,18 @@ class TrainConfig:
 
     ``sample_rate`` (q) is the fraction of the peer's rows per step: the Poisson rate for
     ``record`` DP-SGD, a fixed batch of ``ceil(q n)`` rows otherwise. ``weighting`` is the
-    contribution's weight: the number of local rows (``samples``) or 1 (``uniform``).
+    contribution's weight: the number of local rows (``samples``) or 1 (``uniform``);
+    ``auto`` (the default) means ``samples`` without DP and ``uniform`` with it. With DP on,
+    the row count must not be a weight: the group result reveals the total weight exactly
+    (and the plaintext all-reduce each weight), and adding or removing one record changes it,
+    a release no accountant covers. ``samples`` with DP is refused by the learner.
     """
 
     local_steps: int = 5
     lr: float = 0.1
     sample_rate: float = 0.2
     momentum: float = 0.0
-    weighting: Literal["samples", "uniform"] = "samples"
+    weighting: Literal["auto", "samples", "uniform"] = "auto"
 
     def __post_init__(self) -> None:
         if self.local_steps < 1:
@@ -72,8 +76,14 @@ class TrainConfig:
             raise ConfigError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.weighting not in ("samples", "uniform"):
-            raise ConfigError(f"weighting must be 'samples' or 'uniform', got {self.weighting!r}")
+        if self.weighting not in ("auto", "samples", "uniform"):
+            raise ConfigError(
+                f"weighting must be 'auto', 'samples' or 'uniform', got {self.weighting!r}"
+            )
+
+    def by_samples(self, private: bool) -> bool:
+        """Whether contributions are weighted by row count (``private``: DP is on)."""
+        return self.weighting == "samples" or (self.weighting == "auto" and not private)
 
 
 @dataclass(frozen=True)
@@ -145,6 +155,12 @@ class Learner:
             )
         if self.privacy.unit is PrivacyUnit.RECORD and self.train_config.momentum:
             raise ConfigError("record-level DP-SGD takes plain SGD steps: set momentum to 0")
+        if self.train_config.weighting == "samples" and self.privacy.unit is not PrivacyUnit.NONE:
+            raise ConfigError(
+                "weighting='samples' with differential privacy would release this peer's exact "
+                "row count (the group's total weight), which no accountant covers; use "
+                "weighting='uniform' (or 'auto', the default)"
+            )
         if include_buffers and self.privacy.unit is not PrivacyUnit.NONE:
             raise ConfigError(
                 "include_buffers shares data statistics (e.g. batch-norm running stats) "
@@ -188,7 +204,8 @@ class Learner:
     @property
     def weight(self) -> float:
         """This peer's weight in a group average."""
-        return float(self.num_samples) if self.train_config.weighting == "samples" else 1.0
+        private = self.privacy.unit is not PrivacyUnit.NONE
+        return float(self.num_samples) if self.train_config.by_samples(private) else 1.0
 
     @property
     def epsilon_spent(self) -> float:

@@ -196,7 +196,7 @@ class Simulation:
                 local_steps=s.local_steps,
                 lr=s.lr,
                 sample_rate=s.sample_rate,
-                weighting_by_samples=train.weighting == "samples",
+                weighting_by_samples=train.by_samples(privacy.unit is not PrivacyUnit.NONE),
                 seed=s.seed,
             )
         learners = []

@@ -57,6 +57,20 @@ def test_uniform_weighting() -> None:
     assert learner.local_update().weight == 1.0
 
 
+@pytest.mark.parametrize("unit", ["record", "peer"])
+def test_with_dp_the_row_count_is_never_a_weight(unit: str) -> None:
+    # The group result reveals the total weight exactly; one record more or less would change
+    # it, and no accountant covers that release. So with DP the default weight is 1 ...
+    priv = PrivacyConfig(unit=unit, noise_multiplier=1.0, epsilon=None)  # type: ignore[arg-type]
+    assert _learner(priv).weight == 1.0
+    assert _learner(priv).local_update().weight == 1.0
+    # ... and asking for the row count is refused with what to do instead.
+    with pytest.raises(ConfigError, match="uniform"):
+        _learner(priv, weighting="samples")  # type: ignore[arg-type]
+    # Without DP the default still weights by rows (an exact weighted mean).
+    assert _learner().weight == 40.0
+
+
 def test_training_lowers_the_local_loss_without_dp() -> None:
     learner = _learner(local_steps=20, lr=0.5)
     before = F.cross_entropy(learner.current_model()(learner.x), learner.y)
