@@ -81,6 +81,24 @@ class Budget:
             else:
                 self._save(self._counts)
 
+    @classmethod
+    def persistent(cls, eps_max: float, delta: float, state_path: str | os.PathLike[str]) -> Budget:
+        """A budget kept in ``state_path`` that deleting that file cannot reset.
+
+        The first call writes a marker beside the state (``<state_path>.expected``). While the
+        marker exists, a missing state file raises ``BudgetStateError`` instead of starting a
+        fresh budget; a peer that really wants a new budget must remove both (and should take
+        a new identity).
+        """
+        path = Path(state_path)
+        marker = path.with_name(path.name + ".expected")
+        budget = cls(eps_max, delta, path, must_exist=marker.exists())
+        try:
+            marker.touch(mode=0o600, exist_ok=True)
+        except OSError as exc:
+            raise BudgetStateError(f"cannot write budget marker {marker}: {exc}") from exc
+        return budget
+
     @property
     def eps_max(self) -> float:
         """The largest epsilon this peer may reach."""

@@ -235,7 +235,7 @@ class Peer:
         if self._tmp is None and privacy.epsilon is not None and privacy.unit != "none":
             # A kept data dir keeps the spend: a restarted peer cannot spend its budget twice.
             path = self.config.data_dir / BUDGET_FILE
-            budget = Budget(privacy.epsilon, privacy.delta, path)
+            budget = Budget.persistent(privacy.epsilon, privacy.delta, path)
         learner = Learner(
             training.build_model(),
             x,

@@ -329,7 +329,7 @@ class Daemon:
         )
         budget = None
         if privacy.unit is not PrivacyUnit.NONE:
-            budget = Budget(cfg.epsilon, cfg.delta, self.config.data_dir / BUDGET_FILE)
+            budget = Budget.persistent(cfg.epsilon, cfg.delta, self.config.data_dir / BUDGET_FILE)
             if budget.spent_epsilon > 0:
                 log.info(
                     "event=budget_loaded spent_epsilon=%.4f epsilon_budget=%g",

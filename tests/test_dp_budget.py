@@ -138,3 +138,14 @@ def test_unwritable_state_is_an_error(tmp_path: Path) -> None:
 def test_budget_argument_validation(eps_max: float, delta: float) -> None:
     with pytest.raises(AccountingError):
         dp.Budget(eps_max, delta)
+
+
+def test_a_persistent_budget_cannot_be_reset_by_deleting_its_file(tmp_path: Path) -> None:
+    path = tmp_path / "budget.json"
+    first = dp.Budget.persistent(8.0, 1e-5, path)
+    first.spend(noise_multiplier=1.0)
+    spent = first.spent_epsilon
+    assert dp.Budget.persistent(8.0, 1e-5, path).spent_epsilon == pytest.approx(spent)
+    path.unlink()  # the state goes, the marker stays: no silent fresh budget
+    with pytest.raises(BudgetStateError, match="missing"):
+        dp.Budget.persistent(8.0, 1e-5, path)
