@@ -41,6 +41,7 @@ from mpc.messages import (
     Receipt,
     Reveal,
     ShareKeys,
+    View,
 )
 from mpc.prg import (
     CHUNK_BYTES,
@@ -85,6 +86,7 @@ __all__ = [
     "Share",
     "ShareKeys",
     "Stage",
+    "View",
     "add_mask_",
     "add_masks_",
     "advertisement_message",

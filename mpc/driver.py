@@ -10,8 +10,9 @@ stage and receives nothing afterwards. Drop stages, in protocol order:
 * ``"unmasking"``: sent its masked input, then gone (no receipt, reveal or chunk sum); it is
   still counted when it is the only member not live (its successor holds the backup of its
   own chunk), else treated as dropped;
-* ``"reveal"``: also sent its receipt, then gone; ``"aggregate"``: also revealed its shares, then
-  gone before sending its chunk sum. These two make the round abort (see ``mpc.protocol``).
+* ``"view"``: also sent its receipt, then gone (no view); ``"reveal"``: also sent its view, then
+  gone (no reveal); ``"aggregate"``: also revealed its shares, then gone before sending its
+  chunk sum. These three make the round abort (see ``mpc.protocol``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from mpc.messages import (
     Receipt,
     Reveal,
     ShareKeys,
+    View,
 )
 from mpc.protocol import Member, Stage
 from murmur.errors import AggregationAborted, AggregationError, ConfigError
@@ -46,8 +48,9 @@ DROP_STAGES: dict[str, int] = {
     "share_keys": 1,
     "masked_input": 2,
     "unmasking": 3,
-    "reveal": 4,
-    "aggregate": 5,
+    "view": 4,
+    "reveal": 5,
+    "aggregate": 6,
 }
 """Stage names accepted in ``dropped``, mapped to the first message kind the member withholds."""
 
@@ -56,9 +59,10 @@ _KIND: dict[type, int] = {
     ShareKeys: 1,
     MaskedChunk: 2,
     Receipt: 3,
-    Reveal: 4,
-    ReassignedChunk: 4,
-    ChunkSum: 5,
+    View: 4,
+    Reveal: 5,
+    ReassignedChunk: 5,
+    ChunkSum: 6,
 }
 
 

@@ -16,7 +16,7 @@ dict[bytes, bytes].
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from torch import Tensor
@@ -31,6 +31,7 @@ __all__ = [
     "Receipt",
     "Reveal",
     "ShareKeys",
+    "View",
 ]
 
 
@@ -106,6 +107,26 @@ class Receipt:
 
 
 @dataclass(frozen=True, slots=True)
+class View:
+    """View check, to every member: the digest of the counted set the sender would reveal for.
+
+    ``digest`` is BLAKE2b-256 over the sender's counted, dropped and live sets (see
+    ``mpc.state.MemberState._view_digest``); ``signature`` is the sender's Ed25519 identity
+    signature over (round, group, sender id, digest), so a member that sends two different views
+    can be proven to have equivocated. A member reveals nothing unless every live member's view
+    carries its own digest (and at least ``threshold`` do).
+    """
+
+    TYPE: ClassVar[str] = "secagg.view"
+    SECRET: ClassVar[bool] = False
+
+    group: bytes
+    round: int
+    digest: bytes
+    signature: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Reveal:
     """Stage 4, to every live reducer: the sender's Shamir shares, in the clear (seal it!).
 
@@ -119,8 +140,8 @@ class Reveal:
 
     group: bytes
     round: int
-    self_mask_shares: dict[bytes, bytes]
-    key_shares: dict[bytes, bytes]
+    self_mask_shares: dict[bytes, bytes] = field(repr=False)
+    key_shares: dict[bytes, bytes] = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,11 +175,22 @@ class ChunkSum:
     counted: bytes
 
 
-Message = AdvertiseKeys | ShareKeys | MaskedChunk | Receipt | Reveal | ReassignedChunk | ChunkSum
+Message = (
+    AdvertiseKeys | ShareKeys | MaskedChunk | Receipt | View | Reveal | ReassignedChunk | ChunkSum
+)
 """The closed union of secure-aggregation messages."""
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
-    for cls in (AdvertiseKeys, ShareKeys, MaskedChunk, Receipt, Reveal, ReassignedChunk, ChunkSum)
+    for cls in (
+        AdvertiseKeys,
+        ShareKeys,
+        MaskedChunk,
+        Receipt,
+        View,
+        Reveal,
+        ReassignedChunk,
+        ChunkSum,
+    )
 }
 """Type tag -> message class, for codecs."""

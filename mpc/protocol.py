@@ -16,31 +16,51 @@ Stages (``Stage``), each named after what the member collects in it:
 3. MASKED_INPUT: y_u = x_u + PRG(b_u) + sum_v +-PRG(s_uv) over the neighbours v whose shares u
    received (+ if u sorts before v). Chunk j of y_u goes to member j; u's own chunk also goes to
    member u+1 as a backup.
-4. CONSISTENCY (the agreement step): each reducer broadcasts a ``Receipt``: whose chunk it got
+4. CONSISTENCY (receipts): each reducer broadcasts a ``Receipt``: whose chunk it got
    and whether it holds its predecessor's backup. Live reducers R = senders of receipts.
-5. UNMASKING: every member evaluates ``mpc.survivors.counted_set`` on the same receipts: u is
-   counted iff every live reducer received u's chunk, every chunk of u reaches a live reducer
-   (u is live, or u is the only member not live and its successor holds the backup), and u's
-   pairwise masks are matched. D = non-counted members that a counted member masked with. If
-   |C| < t, or fewer than the threshold of live holders exist for any secret needed, the member
-   aborts *before revealing anything*. Otherwise it sends one ``Reveal`` (b-shares for C,
-   s-shares for D) to every live reducer, and its masked slices of dropped reducers' chunks to
-   their fallback (the next live member).
-6. AGGREGATE: each reducer reconstructs b_u (u in C) and s_v (v in D), sums chunk j over C and
+5. VIEW (the view check, after Bonawitz et al.'s consistency round): every member evaluates
+   ``mpc.survivors.counted_set`` on the receipts it got: u is counted iff every live reducer
+   received u's chunk, every chunk of u reaches a live reducer (u is live, or u is the only
+   member not live and its successor holds the backup), and u's pairwise masks are matched.
+   D = non-counted members that a counted member masked with. If |C| < t, or fewer than the
+   threshold of live holders exist for any secret needed, the member aborts. Otherwise it
+   broadcasts a ``View``: the digest of (C, D, live set), signed by its Ed25519 identity key over
+   (round, group, id, digest), so a member that sends two views is provably equivocating. The
+   stage ends when every live member's view arrived, or at the deadline.
+6. UNMASKING: the member reveals only if every live member sent a view, every view it received
+   carries exactly its own digest, and at least ``threshold`` members (itself included) did;
+   otherwise it aborts *before revealing anything*. Then it sends one ``Reveal`` (b-shares for
+   C, s-shares for D) to every live reducer, and its masked slices of dropped reducers' chunks
+   to their fallback (the next live member). Views arriving after it revealed are refused
+   (``OutOfStage``, or ``DuplicateMessage`` for a second view).
+7. AGGREGATE: each reducer reconstructs b_u (u in C) and s_v (v in D), sums chunk j over C and
    removes chunk j's masks with the seekable PRG at the chunk offset, then sends the unmasked
    chunk sum to every live member. A member is DONE when it holds every chunk sum.
 
-Never both shares of one peer: a member keeps a ledger of the kind it revealed for each peer
-and refuses (``InconsistentMessage``, no answer) any later receipt that would make it reveal
-the other kind. With threshold t > n/2 per neighbourhood, no two disjoint sets of t holders
-exist, so even members with different views cannot jointly reveal both b_u and s_u.
+Never both shares of one peer. Receipts can reach members unevenly (a reducer that crashes
+mid-broadcast, or one that sends different receipts to different members), so two honest
+members may compute different counted sets; if one revealed b_u and the other s_u, a reducer
+holding its own share of each would get t shares of both and unmask u. The view check stops
+this: every member that reveals has seen at least t views equal to its own digest, and since
+the group threshold t > k/2, two digests cannot both gather t views from members that send one
+view each; and because a revealing member also needs the view of every member it considers live
+to match, an honest member with another view that is live to it makes it abort. So all
+revealing members reveal for one counted set: each peer gets b-shares or s-shares, never both.
+SecAgg+ uses the same check with the group threshold (stronger than the neighbourhood one:
+agreement of more than half the group implies agreement within every neighbourhood's revealers).
+The argument assumes an equivocating member cannot also suppress messages between honest
+members (they travel over pairwise-authenticated envelopes); a member that sends two different
+signed views leaves proof of it. As a second line, each member keeps a ledger of the kind it
+revealed for each peer and refuses (``InconsistentMessage``, no answer) any later receipt that
+would make it reveal the other kind.
 
 Dropouts: a member that stops after sending its masked input is counted if it is the only
 member not live and its successor holds the backup of its own chunk (otherwise it is treated
-as dropped: its key is reconstructed, its self mask never). A member that drops after the
-consistency step (after sending its receipt) makes the chunks it was to reduce go missing: the
-others abort at the AGGREGATE deadline (only shares of the right kinds and partial sums were
-revealed; no single input is).
+as dropped: its key is reconstructed, its self mask never). A member that drops after sending
+its receipt is live to the others: they abort at the VIEW deadline if its view is missing
+(nothing revealed), else at the AGGREGATE deadline when the chunks it was to reduce never come
+(only shares of the right kinds and partial sums were revealed; no single input is).
+Refusals also cover views: one whose signature does not verify raises ``BadSignature``.
 
 Refusals: messages for a stage already closed raise ``OutOfStage``; a second message of a kind
 ``DuplicateMessage``; a bad advertisement signature ``BadSignature``; messages that contradict
@@ -64,6 +84,7 @@ from mpc.messages import (
     Receipt,
     Reveal,
     ShareKeys,
+    View,
 )
 from mpc.prg import add_masks_, masked, new_seed
 from mpc.shamir import split
@@ -168,7 +189,8 @@ class Member(MemberState):
             Stage.ADVERTISE_KEYS: self._enter_share_keys,
             Stage.SHARE_KEYS: self._enter_masked_input,
             Stage.MASKED_INPUT: self._enter_consistency,
-            Stage.CONSISTENCY: self._enter_unmasking,
+            Stage.CONSISTENCY: self._enter_view,
+            Stage.VIEW: self._enter_unmasking,
             Stage.UNMASKING: self._enter_aggregate,
             Stage.AGGREGATE: self._finish,
         }[stage]
@@ -194,6 +216,12 @@ class Member(MemberState):
         self._masked_input = None
         self._pending.clear()
         self._forget_pairs()
+        self._forget_combined()
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Abort the round now (its driver stopped) and forget its secrets; no-op once finished."""
+        if not self.finished:
+            self._abort(reason)
 
     def _stage_complete(self) -> bool:
         s = self._stage
@@ -211,6 +239,8 @@ class Member(MemberState):
             )
         if s is Stage.CONSISTENCY:
             return set(self._chunks) <= set(self._receipts)
+        if s is Stage.VIEW:
+            return self._live <= set(self._views)
         if s is Stage.UNMASKING:
             if not self._live <= set(self._reveals):
                 return False
@@ -284,7 +314,7 @@ class Member(MemberState):
         receipt = Receipt(self.group, self.round, received, backup)
         return [(m, receipt) for m in sorted(self._adverts) if m != self.id]
 
-    def _enter_unmasking(self) -> Outgoing:
+    def _enter_view(self) -> Outgoing:
         self._live = frozenset(self._receipts)
         counted = counted_set(self.members, self._receipts, self._neighbours_of)
         dropped = dropped_set(counted, self._neighbours_of)
@@ -297,6 +327,23 @@ class Member(MemberState):
                 raise AggregationAborted(
                     f"too few live holders of a needed secret ({len(holders)})"
                 )
+        digest = self._view_digest = self._view_digest_of(counted, dropped, self._live)
+        self._views[self.id] = digest
+        view = View(self.group, self.round, digest, self._sign_view(digest))
+        return [(m, view) for m in sorted(self._adverts) if m != self.id]
+
+    def _enter_unmasking(self) -> Outgoing:
+        mine = self._view_digest
+        if any(digest != mine for digest in self._views.values()):
+            raise AggregationAborted("members disagree on the counted set (a view differs)")
+        missing = self._live - set(self._views)
+        if missing:
+            raise AggregationAborted(f"{len(missing)} live members sent no view")
+        if len(self._views) < self.threshold:
+            raise AggregationAborted(
+                f"{len(self._views)} members share this view, threshold {self.threshold}"
+            )
+        counted, dropped = self._counted or frozenset(), self._dropped
         kinds = {u: "b" for u in counted} | {v: "s" for v in dropped}
         self._check_ledger(kinds)
         self._revealed.update({u: kind for u, kind in kinds.items() if u in self._held})
@@ -368,4 +415,5 @@ class Member(MemberState):
         self._held.clear()
         self._masked_input = None
         self._forget_pairs()
+        self._forget_combined()
         return []

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
 
+import nacl.exceptions
 import nacl.signing
 import torch
 from torch import Tensor
@@ -29,6 +30,7 @@ from mpc.messages import (
     Receipt,
     Reveal,
     ShareKeys,
+    View,
 )
 from mpc.shamir import SHARE_BYTES, Share, combine
 from mpc.survivors import ReceiptView, chunk_bounds, counted_set, dropped_set, fallback_reducer
@@ -55,10 +57,11 @@ class Stage(enum.IntEnum):
     SHARE_KEYS = 2
     MASKED_INPUT = 3
     CONSISTENCY = 4
-    UNMASKING = 5
-    AGGREGATE = 6
-    DONE = 7
-    ABORTED = 8
+    VIEW = 5
+    UNMASKING = 6
+    AGGREGATE = 7
+    DONE = 8
+    ABORTED = 9
 
 
 STAGE_OF: dict[type, Stage] = {
@@ -66,6 +69,7 @@ STAGE_OF: dict[type, Stage] = {
     ShareKeys: Stage.SHARE_KEYS,
     MaskedChunk: Stage.MASKED_INPUT,
     Receipt: Stage.CONSISTENCY,
+    View: Stage.VIEW,
     Reveal: Stage.UNMASKING,
     ReassignedChunk: Stage.UNMASKING,
     ChunkSum: Stage.AGGREGATE,
@@ -73,8 +77,11 @@ STAGE_OF: dict[type, Stage] = {
 
 _BITS: dict[torch.dtype, int] = {torch.int32: 32, torch.int64: 64}
 
-_COMBINED_ENTRIES = 1 << 14
-_COMBINED: dict[tuple[int, tuple[tuple[int, bytes], ...]], bytes] = {}  # see _combine
+_COMBINED_GROUPS = 1 << 10
+_COMBINED: dict[tuple[bytes, int], dict[tuple[int, tuple[tuple[int, bytes], ...]], bytes]] = {}
+"""(group, round) -> (threshold, shares) -> reconstructed secret; see ``MemberState._combine``."""
+
+_VIEW_DOMAIN = b"murmur.secagg.view.v1"
 
 
 @lru_cache(maxsize=64)
@@ -182,6 +189,8 @@ class MemberState:
         self._counted: frozenset[bytes] | None = None
         self._dropped: frozenset[bytes] = frozenset()
         self._revealed: dict[bytes, str] = {}  # peer -> "b" or "s": the ledger
+        self._views: dict[bytes, bytes] = {}  # member -> digest of its view (mine included)
+        self._view_digest: bytes = b""
         self._reveals: dict[bytes, Reveal] = {}
         self._assigned: dict[int, dict[bytes, Tensor]] = {}  # chunk I reduce -> sender -> slice
         self._sums: dict[int, Tensor] = {}
@@ -268,14 +277,49 @@ class MemberState:
                 points.append((self._index[holder] + 1, got))
         points.sort()
         key = (self.local_threshold, tuple(points))
-        secret = _COMBINED.get(key)
+        cache = _COMBINED.get((self.group, self.round))
+        secret = None if cache is None else cache.get(key)
         if secret is None:
             shares = [Share(x, y) for x, y in points]
             secret = combine(shares, threshold=self.local_threshold)
-            if len(_COMBINED) >= _COMBINED_ENTRIES:
-                del _COMBINED[next(iter(_COMBINED))]
-            _COMBINED[key] = secret
+            if cache is None:
+                if len(_COMBINED) >= _COMBINED_GROUPS:
+                    del _COMBINED[next(iter(_COMBINED))]
+                cache = _COMBINED[(self.group, self.round)] = {}
+            cache[key] = secret
         return secret
+
+    def _forget_combined(self) -> None:
+        """Drop this group round's cached reconstructions (this member finished or aborted)."""
+        _COMBINED.pop((self.group, self.round), None)
+
+    def _view_message(self, member: bytes, digest: bytes) -> bytes:
+        """The bytes a ``View`` signature covers: domain, round, group, member id, digest."""
+        return b"".join(
+            (
+                _VIEW_DOMAIN,
+                self.round.to_bytes(8, "big"),
+                len(self.group).to_bytes(2, "big"),
+                self.group,
+                member,
+                digest,
+            )
+        )
+
+    def _sign_view(self, digest: bytes) -> bytes:
+        """This member's Ed25519 signature over its view ``digest``."""
+        return bytes(self._signing_key.sign(self._view_message(self.id, digest)).signature)
+
+    def _view_digest_of(
+        self, counted: frozenset[bytes], dropped: frozenset[bytes], live: frozenset[bytes]
+    ) -> bytes:
+        """BLAKE2b-256 over the sorted counted, dropped and live ids (what a ``View`` names)."""
+        h = hashlib.blake2b(_VIEW_DOMAIN, digest_size=32)
+        for part in (counted, dropped, live):
+            h.update(len(part).to_bytes(4, "big"))
+            for m in sorted(part):
+                h.update(m)
+        return h.digest()
 
     def _check_ledger(self, kinds: dict[bytes, str]) -> None:
         for peer, kind in kinds.items():
@@ -372,6 +416,18 @@ class MemberState:
             raise InconsistentMessage("a receipt must list distinct group members")
         self._receipts[sender] = ReceiptView(received, bool(msg.backup))
 
+    def _on_view(self, sender: bytes, msg: View) -> None:
+        digest, signature = msg.digest, msg.signature
+        if not isinstance(digest, bytes) or len(digest) != 32:
+            raise MalformedMessage("a view digest must be 32 bytes")
+        if not isinstance(signature, bytes) or len(signature) != 64:
+            raise MalformedMessage("a view signature must be 64 bytes")
+        try:
+            nacl.signing.VerifyKey(sender).verify(self._view_message(sender, digest), signature)
+        except nacl.exceptions.BadSignatureError as exc:
+            raise BadSignature("the view signature does not verify") from exc
+        self._views[sender] = digest
+
     def _on_reveal(self, sender: bytes, msg: Reveal) -> None:
         if sender not in self._live:
             raise InconsistentMessage("shares revealed by a member that sent no receipt")
@@ -405,6 +461,7 @@ _HANDLERS: dict[type, Callable[[MemberState, bytes, Any], None]] = {
     ShareKeys: MemberState._on_shares,
     MaskedChunk: MemberState._on_masked,
     Receipt: MemberState._on_receipt,
+    View: MemberState._on_view,
     Reveal: MemberState._on_reveal,
     ReassignedChunk: MemberState._on_reassigned,
     ChunkSum: MemberState._on_chunk_sum,

@@ -35,6 +35,7 @@ from mpc.messages import (
     Receipt,
     Reveal,
     ShareKeys,
+    View,
 )
 from p2p.codec import schema_check
 from p2p.identity import Identity, PeerId, verify_signature
@@ -161,6 +162,7 @@ Message = Union[  # noqa: UP007 - a named alias that other packages extend
     ShareKeys,
     MaskedChunk,
     Receipt,
+    View,
     Reveal,
     ReassignedChunk,
     ChunkSum,

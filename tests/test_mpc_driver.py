@@ -57,8 +57,8 @@ def test_seed_fixes_identities_and_graph() -> None:
 @pytest.mark.parametrize("k", [2, 4, 7])
 def test_message_count_without_dropouts(k: int) -> None:
     run = run_group([torch.zeros(5, dtype=torch.int64)] * k, threshold=k // 2 + 1)
-    # adverts, shares, masked chunks (+ one backup each), receipts, reveals, chunk sums
-    assert run.messages == 6 * k * (k - 1) + k
+    # adverts, shares, masked chunks (+ one backup each), receipts, views, reveals, chunk sums
+    assert run.messages == 7 * k * (k - 1) + k
     assert run.counted == tuple(range(k)) and run.aborted is None
 
 

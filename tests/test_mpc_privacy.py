@@ -258,3 +258,121 @@ def test_a_chunk_sum_over_another_counted_set_is_refused() -> None:
     assert a.stage is mpc.Stage.AGGREGATE
     pump(members, start=False, queue=held)
     assert a.stage is mpc.Stage.DONE
+
+
+# ---------------------------------------------------------------- the view check
+
+
+def run_with_equivocation(members: list[mpc.Member], liar: int, victim: int, fooled: int) -> Held:
+    """Run the round while ``liar`` tells ``fooled`` that ``victim``'s chunk never came.
+
+    Returns every message delivered. Members still running when nothing is in flight have
+    their deadline pass (``advance()``), like the in-memory driver.
+    """
+    ids = [m.id for m in members]
+    by_id = {m.id: m for m in members}
+    queue: Held = [(m.id, r, msg) for m in members for r, msg in m.start()]
+    delivered: Held = []
+    for _ in range(20):
+        while queue:
+            sender, recipient, msg = queue.pop(0)
+            if sender == ids[liar] and recipient == ids[fooled] and isinstance(msg, mpc.Receipt):
+                received = tuple(x for x in msg.received if x != ids[victim])
+                msg = mpc.Receipt(msg.group, msg.round, received, msg.backup)
+            if by_id[recipient].finished:
+                continue
+            delivered.append((sender, recipient, msg))
+            try:
+                out = by_id[recipient].receive(sender, msg)
+            except mpc.AggregationAborted:
+                out = []
+            queue += [(recipient, r, o) for r, o in out]
+        if all(m.finished for m in members):
+            break
+        for m in members:
+            queue += [(m.id, r, o) for r, o in m.advance()]
+    return delivered
+
+
+def test_members_with_different_receipts_reveal_nothing() -> None:
+    members, _, _ = make_group(3, threshold=2)
+    victim, fooled, liar = 0, 1, 2
+    delivered = run_with_equivocation(members, liar, victim, fooled)
+    # the attack's precondition: the two honest members computed different counted sets
+    assert members[victim].counted != members[fooled].counted
+    b_of: set[bytes] = set()
+    s_of: set[bytes] = set()
+    for _, _, msg in delivered:
+        if isinstance(msg, mpc.Reveal):
+            b_of |= set(msg.self_mask_shares)
+            s_of |= set(msg.key_shares)
+    for m in members:
+        b_of |= {u for u, kind in m.revealed.items() if kind == "b"}
+        s_of |= {u for u, kind in m.revealed.items() if kind == "s"}
+    assert not b_of & s_of  # no peer has both kinds of share revealed by anyone
+    for honest in (members[victim], members[fooled]):
+        assert honest.stage is mpc.Stage.ABORTED
+        assert "disagree" in (honest.abort_reason or "")
+        assert honest.revealed == {} and not honest._held
+    assert (b"group", 5) not in mpc.state._COMBINED
+
+
+def test_views_are_signed_and_late_views_refused() -> None:
+    members, keys, _ = make_group(3)
+    a, b = members[0], members[1]
+    held = pump(members, hold=lambda s, r, m: isinstance(m, mpc.View) and s == b.id and r == a.id)
+    assert a.stage is mpc.Stage.VIEW and len(held) == 1
+    real = held[0][2]
+    assert isinstance(real, mpc.View)
+    forged = mpc.View(real.group, real.round, bytes(32), real.signature)
+    with pytest.raises(BadSignature):
+        a.receive(b.id, forged)
+    with pytest.raises(BadSignature):  # signed by another member's key
+        a.receive(b.id, mpc.View(real.group, real.round, real.digest, b"\x00" * 64))
+    with pytest.raises(MalformedMessage):
+        a.receive(b.id, mpc.View(real.group, real.round, b"\x01", real.signature))
+    assert a.stage is mpc.Stage.VIEW and a.revealed == {}
+    pump(members, start=False, queue=held)
+    assert all(m.stage is mpc.Stage.DONE for m in members)
+    # a view with another digest after the member revealed: refused, nothing changes
+    message = a._view_message(b.id, bytes(32))
+    late = mpc.View(real.group, real.round, bytes(32), keys[1].sign(message).signature)
+    before = a.revealed
+    with pytest.raises((OutOfStage, DuplicateMessage)):
+        a.receive(b.id, late)
+    assert a.revealed == before and a.stage is mpc.Stage.DONE
+
+
+def test_a_conflicting_view_aborts_before_revealing() -> None:
+    members, keys, _ = make_group(3)
+    a, b = members[0], members[1]
+    held = pump(members, hold=lambda s, r, m: isinstance(m, mpc.View) and s == b.id and r == a.id)
+    assert a.stage is mpc.Stage.VIEW
+    other = bytes(32)
+    signature = keys[1].sign(a._view_message(b.id, other)).signature
+    a.receive(b.id, mpc.View(b"group", 5, other, signature))  # validly signed, another view
+    assert a.stage is mpc.Stage.ABORTED and "disagree" in (a.abort_reason or "")
+    assert a.revealed == {} and len(held) == 1
+
+
+def test_a_missing_view_aborts_at_the_deadline() -> None:
+    members, _, _ = make_group(3)
+    a, b = members[0], members[1]
+    pump(members, hold=lambda s, r, m: isinstance(m, mpc.View) and s == b.id and r == a.id)
+    assert a.stage is mpc.Stage.VIEW
+    assert a.advance() == []
+    assert a.stage is mpc.Stage.ABORTED and a.revealed == {}
+
+
+def test_reveal_repr_hides_shares_and_cancel_forgets() -> None:
+    share = b"\xab" * mpc.SHARE_BYTES
+    reveal = mpc.Reveal(b"g", 1, {b"\x01" * 32: share}, {b"\x02" * 32: share})
+    assert share.hex() not in repr(reveal) and repr(share) not in repr(reveal)
+    members, _, _ = make_group(3)
+    pump(members, hold=lambda s, r, m: isinstance(m, mpc.MaskedChunk))
+    a = members[0]
+    assert a._held and not a.finished
+    a.cancel()
+    assert a.stage is mpc.Stage.ABORTED and not a._held and a._masked_input is None
+    a.cancel()  # no-op once finished
+    assert a.abort_reason == "cancelled"

@@ -165,7 +165,7 @@ def test_secagg_plus_masks_and_shares_only_with_neighbours() -> None:
     assert all(torch.equal(m.output(), ring_sum(vectors, range(k))) for m in members)
 
 
-@pytest.mark.parametrize("stage", ["reveal", "aggregate"])
+@pytest.mark.parametrize("stage", ["view", "reveal", "aggregate"])
 def test_a_drop_after_the_agreement_step_aborts(stage: str) -> None:
     vectors = ring_vectors(6, 12, 64, 3)
     with pytest.raises(mpc.AggregationAborted):
