@@ -296,6 +296,8 @@ class GroupAllReduce:
         try:
             await self._drive(member, session, ids)
         finally:
+            # cancelled or failed mid-round: the member must still forget its pair secrets
+            member.cancel("the round's driver stopped")
             self._close(group.id)
         if member.stage is not Stage.DONE:
             raise self._fail(group, member.abort_reason or "did not finish")

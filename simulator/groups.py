@@ -340,6 +340,7 @@ class GroupRound:
             if self.secure:
                 assert isinstance(m, Member)
                 if m.stage is not Stage.DONE:
+                    m.cancel("the group round ended first")  # forget its pair secrets
                     continue
                 if result is None:
                     total = decode(m.output(), scale=_SCALE, bits=_BITS)
