@@ -20,9 +20,9 @@ The API's names are exported lazily (PEP 562): ``import murmur`` and ``import mu
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from murmur._lazy import lazy_exports as _lazy_exports
 from murmur.errors import MurmurError
 
 if TYPE_CHECKING:
@@ -79,15 +79,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    """Import the API module that defines ``name`` on first access (PEP 562)."""
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'murmur' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = _lazy_exports("murmur", _EXPORTS, globals())
