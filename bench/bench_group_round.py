@@ -11,16 +11,22 @@ In one run, on the same data (8 float32 vectors of d elements, weights 1..8):
   ``torch.multiprocessing.spawn``, TCP on loopback) of the same float32 vectors, and of int64
   vectors of the same length (the bytes our ring moves).
 
-All 8 peers of ours run as 8 ``HttpTransport`` objects in ONE process and one event loop (so
-their CPU work is serialized on one core; gloo's 8 processes share the machine's cores).
+Two modes for our peers, both run by default: ``processes`` (like gloo, each of the 8 peers in
+its own spawned process with its own event loop and ``HttpTransport``; rounds start together at
+a common ``time.perf_counter()`` instant (CLOCK_MONOTONIC, one clock for all processes on Linux)
+and a round lasts until the last peer finished) and ``one process`` (8 ``HttpTransport``s in ONE
+event loop: the wall time is the sum of the 8 peers' CPU, so CPU per peer is measured exactly).
 
-    python -m bench.bench_group_round [--d 1000000] [--reps 5] [--out bench/results/group_round.md]
+    python -m bench.bench_group_round [--d 1000000] [--reps 5] [--mode both|processes|one]
+                                      [--out bench/results/group_round.md]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import hashlib
 import os
 import platform
 import random
@@ -40,7 +46,7 @@ from gossip.matchmaking import Group, MatchConfig, Matchmaker
 from gossip.network import StaticView, TransportNetwork
 from p2p.envelope import EnvelopeCodec
 from p2p.identity import Identity, PeerId
-from p2p.transport.http import HttpTransport
+from p2p.transport.http import HttpTransport, HttpTransportConfig
 
 N = 8
 
@@ -50,22 +56,50 @@ def _data(d: int) -> tuple[list[torch.Tensor], list[float]]:
     return [torch.randn(d, generator=gen) for _ in range(N)], [float(i + 1) for i in range(N)]
 
 
-async def _ours(d: int, reps: int) -> dict[str, list[float]]:
-    idents = [Identity.generate() for _ in range(N)]
-    transports = [HttpTransport(EnvelopeCodec(i), listen="127.0.0.1:0") for i in idents]
+class _Peer:
+    """One peer of ours: network adapter, matchmaker, all-reduce, and the two averagers."""
+
+    def __init__(self, rank: int, identity: Identity, transport: HttpTransport, view: StaticView):
+        self.net = TransportNetwork(transport, view)
+        match = MatchConfig(target_size=N)  # defaults: min 3, back-off <= 50 ms
+        self.former = Matchmaker(self.net, match, rng=random.Random(rank))
+        self.reducer = GroupAllReduce(self.net, identity, AllReduceConfig(stage_timeout_s=10.0))
+        self.secure = GroupAverager(self.former, self.reducer)
+        self.plain = GroupAverager(self.former, self.reducer, secure=False)
+
+
+def _identity(rank: int) -> Identity:
+    return Identity.from_seed(bytes([rank + 1]) * 32)
+
+
+def _transport(identity: Identity, path: str) -> HttpTransport:
+    config = HttpTransportConfig(stream=path == "stream")
+    return HttpTransport(EnvelopeCodec(identity), listen="127.0.0.1:0", config=config)
+
+
+def _warm_group() -> Group:
+    members = tuple(sorted((_identity(r).peer_id for r in range(N)), key=lambda p: p.raw))
+    return Group(0, b"w" * 16, members)
+
+
+def _on_group(
+    peer: _Peer, mode: str, members: tuple[PeerId, ...], r: int, *, x: Any, w: float
+) -> Any:
+    group = Group(r, r.to_bytes(16, "big"), members)  # a fresh id for every attempt
+    return getattr(peer.reducer, mode)(group, x, w)
+
+
+async def _ours(d: int, reps: int, path: str) -> dict[str, list[float]]:
+    """All 8 peers in this process and event loop."""
+    idents = [_identity(r) for r in range(N)]
+    transports = [_transport(i, path) for i in idents]
     for t in transports:
         await t.start()
     for t in transports:
         for u in transports:
             t.set_addresses(u.local_id, u.addresses)
     view = StaticView([i.peer_id for i in idents])
-    nets = [TransportNetwork(t, view) for t in transports]
-    match = MatchConfig(target_size=N)  # defaults: min 3, back-off <= 50 ms
-    cfg = AllReduceConfig(stage_timeout_s=10.0)
-    formers = [Matchmaker(n, match, rng=random.Random(i)) for i, n in enumerate(nets)]
-    reducers = [GroupAllReduce(n, i, cfg) for n, i in zip(nets, idents, strict=True)]
-    secure = [GroupAverager(f, r) for f, r in zip(formers, reducers, strict=True)]
-    plain = [GroupAverager(f, r, secure=False) for f, r in zip(formers, reducers, strict=True)]
+    peers = [_Peer(r, i, t, view) for r, (i, t) in enumerate(zip(idents, transports, strict=True))]
     xs, ws = _data(d)
     times: dict[str, list[float]] = {}
     incomplete: dict[str, int] = {}
@@ -91,40 +125,154 @@ async def _ours(d: int, reps: int) -> dict[str, list[float]]:
         raise RuntimeError(f"{name}: no complete group in 5 attempts")
 
     def on_group(mode: str, members: tuple[PeerId, ...], r: int) -> list[Awaitable[Any]]:
-        group = Group(r, r.to_bytes(16, "big"), members)  # a fresh id for every attempt
-        return [getattr(red, mode)(group, xs[i], ws[i]) for i, red in enumerate(reducers)]
+        return [_on_group(p, mode, members, r, x=xs[i], w=ws[i]) for i, p in enumerate(peers)]
 
     try:
-        warm = [
-            Group(0, b"w" * 16, tuple(sorted((i.peer_id for i in idents), key=lambda p: p.raw)))
-        ]
         await asyncio.gather(  # open the connections between all pairs
-            *(red.plain(warm[0], torch.zeros(8), 1.0) for red in reducers)
+            *(p.reducer.plain(_warm_group(), torch.zeros(8), 1.0) for p in peers)
         )
         for rep in range(reps + 1):  # the first repetition warms up connections and caches
             groups: list[Group] = await timed(
-                "matchmaking only", lambda r: [f.form_group(r) for f in formers]
+                "matchmaking only", lambda r: [p.former.form_group(r) for p in peers]
             )
             assert all(g.size == N for g in groups)
             members = groups[0].members
-            await timed("secure all-reduce", lambda r, m=members: on_group("secure", m, r))
-            await timed("plain all-reduce", lambda r, m=members: on_group("plain", m, r))
+            await timed("secure all-reduce", functools.partial(on_group, "secure", members))
+            await timed("plain all-reduce", functools.partial(on_group, "plain", members))
             s = await timed(
                 "secure + matchmaking",
-                lambda r: [a.average(xs[i], ws[i], r) for i, a in enumerate(secure)],
+                lambda r: [p.secure.average(xs[i], ws[i], r) for i, p in enumerate(peers)],
             )
-            p = await timed(
+            q = await timed(
                 "plain + matchmaking",
-                lambda r: [a.average(xs[i], ws[i], r) for i, a in enumerate(plain)],
+                lambda r: [p.plain.average(xs[i], ws[i], r) for i, p in enumerate(peers)],
             )
-            assert all(torch.equal(a.vector, s[0].vector) for a in s + p)
+            if not all(torch.equal(a.vector, s[0].vector) for a in s + q):
+                raise RuntimeError("the peers' results differ")
             if rep == 0:
                 times, cpus = {}, {}
     finally:
         for t in transports:
             await t.aclose()
-    times["_incomplete"] = [float(v) for v in incomplete.values()] or [0.0]
+    times["_incomplete"] = [float(sum(incomplete.values()))]
     times.update({f"_cpu {k}": v for k, v in cpus.items()})
+    return times
+
+
+class _Sync:
+    """What the 8 peer processes share: a barrier, the next start instant, round outcomes."""
+
+    def __init__(self, ctx: Any) -> None:
+        self.barrier = ctx.Barrier(N)
+        self.start_at = ctx.Value("d", 0.0)
+        self.ok = ctx.Array("b", N)
+        self.ports = ctx.Array("i", N)
+
+    async def wait(self) -> None:
+        """Wait for all peers at the barrier while this process's event loop keeps serving."""
+        await asyncio.to_thread(self.barrier.wait, 120.0)
+
+
+async def _peer_process(rank: int, d: int, reps: int, path: str, sync: _Sync, out: Any) -> None:
+    identity = _identity(rank)
+    transport = _transport(identity, path)
+    await transport.start()
+    sync.ports[rank] = int(transport.addresses[0].rsplit(":", 1)[1])
+    await sync.wait()
+    for r in range(N):
+        transport.set_addresses(_identity(r).peer_id, [f"127.0.0.1:{sync.ports[r]}"])
+    peer = _Peer(rank, identity, transport, StaticView([_identity(r).peer_id for r in range(N)]))
+    xs, ws = _data(d)
+    x, w = xs[rank], ws[rank]
+    ends: dict[str, list[float]] = {}
+    cpus: dict[str, list[float]] = {}
+    late: list[float] = []
+    digests: list[str] = []
+    incomplete = 0
+    rnd = 0
+
+    async def timed(name: str, make: Callable[[int], Awaitable[Any]]) -> Any:
+        """One round started by all peers at the same instant; redone if a group was short."""
+        nonlocal rnd, incomplete
+        for _ in range(5):
+            rnd += 1
+            await sync.wait()
+            if rank == 0:
+                sync.start_at.value = time.perf_counter() + 0.03
+            await sync.wait()
+            start_at = sync.start_at.value
+            await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
+            late.append(time.perf_counter() - start_at)
+            cpu = time.process_time()
+            try:
+                result = await make(rnd)
+            except Exception as exc:  # a failed round is counted and redone
+                result = exc
+            end, cpu = time.perf_counter() - start_at, time.process_time() - cpu
+            size = getattr(result, "size", getattr(result, "group_size", 0))
+            sync.ok[rank] = size == N
+            await sync.wait()
+            if all(sync.ok[:]):
+                ends.setdefault(name, []).append(end)
+                cpus.setdefault(name, []).append(cpu)
+                return result
+            incomplete += 1
+            if rank == 0:
+                print(f"{name}: incomplete group, redone", flush=True)
+            await asyncio.sleep(0.5)
+        raise RuntimeError(f"{name}: no complete group in 5 attempts")
+
+    try:
+        await sync.wait()
+        await peer.reducer.plain(_warm_group(), torch.zeros(8), 1.0)
+        for rep in range(reps + 1):
+            group = await timed("matchmaking only", peer.former.form_group)
+            for mode in ("secure", "plain"):
+                one = functools.partial(_on_group, peer, mode, group.members, x=x, w=w)
+                await timed(f"{mode} all-reduce", one)
+            s = await timed("secure + matchmaking", lambda r: peer.secure.average(x, w, r))
+            q = await timed("plain + matchmaking", lambda r: peer.plain.average(x, w, r))
+            if not torch.equal(s.vector, q.vector):
+                raise RuntimeError(f"peer {rank}: secure and plain results differ")
+            digests.append(hashlib.sha256(s.vector.numpy().tobytes()).hexdigest())
+            if rep == 0:
+                ends, cpus, late = {}, {}, []
+        await sync.wait()  # nobody closes while others still talk
+    finally:
+        await transport.aclose()
+    out.put((rank, ends, cpus, late, digests, incomplete))
+
+
+def _peer_main(rank: int, d: int, reps: int, path: str, sync: _Sync, out: Any) -> None:
+    torch.set_num_threads(1)
+    asyncio.run(_peer_process(rank, d, reps, path, sync, out))
+
+
+def _ours_processes(d: int, reps: int, path: str) -> dict[str, list[float]]:
+    """One spawned process per peer; a round lasts from the common start to the last finish."""
+    ctx = mp.get_context("spawn")
+    sync = _Sync(ctx)
+    out = ctx.SimpleQueue()
+    procs = [
+        ctx.Process(target=_peer_main, args=(r, d, reps, path, sync, out), daemon=True)
+        for r in range(N)
+    ]
+    for proc in procs:
+        proc.start()
+    results = [out.get() for _ in range(N)]
+    for proc in procs:
+        proc.join(30)
+    results.sort(key=lambda item: item[0])
+    if len({tuple(r[4]) for r in results}) != 1:
+        raise RuntimeError("the peers' results differ")
+    times: dict[str, list[float]] = {}
+    for name in results[0][1]:
+        rounds = zip(*(r[1][name] for r in results), strict=True)
+        times[name] = [max(ends) for ends in rounds]
+        cpu_rounds = zip(*(r[2][name] for r in results), strict=True)
+        times[f"_cpu {name}"] = [sum(c) for c in cpu_rounds]
+    times["_incomplete"] = [float(results[0][5])]
+    times["_late"] = [max(late) for late in zip(*(r[3] for r in results), strict=True)]
     return times
 
 
@@ -161,54 +309,93 @@ def _gloo_worker(rank: int, port: int, d: int, reps: int, out: Any) -> None:
 def _gloo(d: int, reps: int) -> dict[str, list[float]]:
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.spawn(_gloo_worker, args=(_free_port(), d, reps, queue), nprocs=N, join=True)
+    mp.spawn(_gloo_worker, args=(_free_port(), d, reps, queue), nprocs=N, join=True)  # type: ignore[attr-defined,no-untyped-call]
     result: dict[str, list[float]] = queue.get()
     return result
 
 
-def _report(times: dict[str, list[float]], d: int, reps: int, wall: float) -> str:
-    med = {k: statistics.median(v) * 1000 for k, v in times.items() if not k.startswith("_")}
-    plain = med["plain + matchmaking"]
-    gloo = med["gloo all-reduce (float32)"]
+VARIANTS = (
+    "matchmaking only",
+    "secure all-reduce",
+    "plain all-reduce",
+    "secure + matchmaking",
+    "plain + matchmaking",
+)
+GLOO = ("gloo all-reduce (float32)", "gloo all-reduce (int64, our ring's bytes)")
+
+
+def _med(values: list[float]) -> float:
+    return statistics.median(values) * 1000
+
+
+def _report(runs: dict[str, dict[str, list[float]]], args: argparse.Namespace, wall: float) -> str:
+    """``runs`` maps "processes/stream", "one/post", ... and "gloo" to their times."""
+    gloo = runs.pop("gloo")
+    g = _med(gloo[GLOO[0]])
+    paths = [p for p in ("stream", "post") if p in args.paths]
     lines = [
         "## gossip: one group round of 8 peers over aiohttp on loopback",
         "",
-        f"Command: `python -m bench.bench_group_round --d {d} --reps {reps}` (median of {reps}"
-        f" after one warm-up; whole run {wall:.0f} s wall).",
+        f"Command: `python -m bench.bench_group_round --d {args.d} --reps {args.reps}"
+        f" --mode {args.mode} --paths {','.join(args.paths)}` (median of {args.reps} after one"
+        f" warm-up; whole run {wall:.0f} s wall).",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores shared with other engineers'"
-        f" jobs (load average {os.getloadavg()[0]:.1f} at the end); Python"
-        f" {platform.python_version()}, torch {torch.__version__}.",
+        f" jobs (load average {args.load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at"
+        f" the end); Python {platform.python_version()}, torch {torch.__version__}.",
         "",
-        "Our 8 peers are 8 `HttpTransport`s in ONE process and ONE event loop (real sockets on"
-        " 127.0.0.1, full envelopes: MAC for masked data, sealed for secrets): every peer's CPU"
-        " work (masks, envelope MACs, HTTP, decoding) runs one after the other on one core"
-        " (torch at one thread; gloo workers too)."
-        " gloo runs 8 processes (torch.multiprocessing spawn) on the same cores. Data: 8 float32"
-        f" vectors of d = {d:,}, weights 1..8; ours encodes `[w x, w]` in Z_2^64 (8 bytes per"
-        " element, so 2x gloo's float32 bytes: the int64 gloo row moves the same bytes as ours).",
+        f"Data: 8 float32 vectors of d = {args.d:,}, weights 1..8; ours encodes `[w x, w]`"
+        " in Z_2^64 (8 bytes per element: the int64 gloo row moves the same bytes). *processes*:"
+        " each"
+        " of our 8 peers in its own process (spawn) with its own event loop and `HttpTransport`"
+        " (real sockets on 127.0.0.1, full envelopes), rounds started at a common instant, time"
+        " to the last peer's finish: like gloo's 8 processes, all on the same cores. *one"
+        " process*: the 8 peers in one event loop, so the wall time is the sum of their CPU."
+        " CPU ms per peer = the 8 peers' process CPU for the round / 8. Paths: *stream* ="
+        " envelopes up to 256 KiB over one WebSocket per peer pair, larger ones by POST"
+        " (the default); *POST* = every envelope one `POST /v1/envelope`.",
         "",
-        "| variant | median ms | min ms | / plain + matchmaking | / gloo float32 |"
-        " our process CPU ms (8 peers) | CPU ms per peer |",
-        "|---|---|---|---|---|---|---|",
     ]
-    incomplete = sum(times.pop("_incomplete"))
-    cpu = {k[5:]: statistics.median(times.pop(k)) * 1000 for k in list(times) if k[:5] == "_cpu "}
-    for name, values in times.items():
-        m = med[name]
-        c = f"{cpu[name]:.0f} | {cpu[name] / N:.0f}" if name in cpu else "- | -"
+    head = "| variant | path |"
+    rule = "|---|---|"
+    modes = [m for m in ("processes", "one") if any(k.startswith(m) for k in runs)]
+    for mode in modes:
+        label = "processes" if mode == "processes" else "one process"
+        head += f" {label} median ms | min ms | / plain + mm | / gloo | CPU ms per peer |"
+        rule += "---:|---:|---:|---:|---:|"
+    lines += [head, rule]
+    for name in VARIANTS:
+        for path in paths:
+            row = f"| {name} | {path} |"
+            for mode in modes:
+                t = runs[f"{mode}/{path}"]
+                m, plain = _med(t[name]), _med(t["plain + matchmaking"])
+                cpu = _med(t[f"_cpu {name}"]) / N
+                row += f" {m:.0f} | {min(t[name]) * 1000:.0f} | {m / plain:.2f}x | {m / g:.1f}x"
+                row += f" | {cpu:.1f} |"
+            lines.append(row)
+    for name in GLOO:
+        m = _med(gloo[name])
         lines.append(
-            f"| {name} | {m:.0f} | {min(values) * 1000:.0f} | {m / plain:.2f}x | {m / gloo:.1f}x"
-            f" | {c} |"
+            f"| {name} | - | {m:.0f} | {min(gloo[name]) * 1000:.0f} | - | {m / g:.1f}x | - |"
+            + " - | - | - | - | - |" * (len(modes) - 1)
         )
-    secure = med["secure + matchmaking"]
-    lines += [
-        "",
-        f"Goals: secure round with matchmaking <= 150 ms: **{secure:.0f} ms** "
-        f"({'met' if secure <= 150 else 'not met'}); <= 1.5x our plaintext round: "
-        f"**{secure / plain:.2f}x** ({'met' if secure / plain <= 1.5 else 'not met'}).",
-        f"Rounds redone because matchmaking did not put all 8 peers in one group (warm-up"
-        f" included): {incomplete:.0f}.",
-    ]
+    lines.append("")
+    for key, t in runs.items():
+        secure, plain = _med(t["secure + matchmaking"]), _med(t["plain + matchmaking"])
+        mode, path = key.split("/")
+        extra = ""
+        if "_late" in t:
+            extra = (
+                f"; the last peer to start began {_med(t['_late']):.1f} ms (median; max"
+                f" {max(t['_late']) * 1000:.1f}) after the common instant"
+            )
+        lines.append(
+            f"- {'processes' if mode == 'processes' else 'one process'}, {path}: secure round"
+            f" **{secure:.0f} ms** (goal <= 150: {'met' if secure <= 150 else 'not met'}),"
+            f" **{secure / plain:.2f}x** plaintext (goal <= 1.5x:"
+            f" {'met' if secure / plain <= 1.5 else 'not met'}); rounds redone for a short group:"
+            f" {sum(t['_incomplete']):.0f}{extra}."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -216,13 +403,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--d", type=int, default=1_000_000)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--mode", choices=("both", "processes", "one"), default="both")
+    parser.add_argument(
+        "--paths",
+        type=lambda v: v.split(","),
+        default=["stream"],
+        help="comma-separated transport paths: stream (the default path), post (POST only)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    args.load_start = os.getloadavg()[0]
+    if not set(args.paths) <= {"stream", "post"}:
+        parser.error("--paths takes stream and/or post")
     torch.set_num_threads(1)  # as in the simulator: intra-op threads thrash on a shared box
     start = time.perf_counter()
-    times = asyncio.run(_ours(args.d, args.reps))
-    times.update(_gloo(args.d, args.reps))
-    text = _report(times, args.d, args.reps, time.perf_counter() - start)
+    runs: dict[str, dict[str, list[float]]] = {}
+    for path in args.paths:
+        if args.mode in ("both", "processes"):
+            runs[f"processes/{path}"] = _ours_processes(args.d, args.reps, path)
+        if args.mode in ("both", "one"):
+            runs[f"one/{path}"] = asyncio.run(_ours(args.d, args.reps, path))
+    runs["gloo"] = _gloo(args.d, args.reps)
+    text = _report(runs, args, time.perf_counter() - start)
     print(text)
     if args.out is not None:
         args.out.write_text(text, encoding="utf-8")
