@@ -71,6 +71,13 @@ class HttpTransportConfig:
     """Client connection pool size (all peers)."""
     max_connections_per_peer: int = 4
     """Client connections kept per peer address."""
+    stream: bool = True
+    """Send envelopes up to ``stream_max_body`` bytes over one persistent WebSocket per peer
+    address (``GET /v1/stream``) instead of one POST each; POST stays the fallback."""
+    stream_max_body: int = 256 * 2**10
+    """Largest envelope sent over the stream; larger ones go by POST (no masking cost)."""
+    stream_max_inflight: int = 256
+    """Inbound requests handled concurrently per stream; reading pauses above this."""
 
     def __post_init__(self) -> None:
         for name in ("request_timeout_s", "connect_timeout_s", "shutdown_timeout_s"):
@@ -80,6 +87,8 @@ class HttpTransportConfig:
             raise ConfigError("transport.max_message_size must be in [256, 2**32)")
         if self.max_connections < 1 or self.max_connections_per_peer < 1:
             raise ConfigError("transport connection limits must be >= 1")
+        if self.stream_max_body < 0 or self.stream_max_inflight < 1:
+            raise ConfigError("transport.stream_max_body must be >= 0, stream_max_inflight >= 1")
 
 
 @dataclass(frozen=True, slots=True)
