@@ -191,6 +191,97 @@ class MurmurSender:
         await self.transport.aclose()
 
 
+# -- small messages: per-message CPU ------------------------------------------------------------
+SMALL_PATHS = {"POST": False, "stream": True}
+
+
+async def _small_peers(n: int, stream: bool) -> list[Any]:
+    from p2p.config import HttpTransportConfig
+    from p2p.envelope import EnvelopeCodec
+    from p2p.identity import Identity
+    from p2p.messages import Ping, Pong
+    from p2p.transport.http import HttpTransport
+
+    config = HttpTransportConfig(stream=stream)
+    peers = [
+        HttpTransport(EnvelopeCodec(Identity.from_seed(bytes([i + 1]) * 32)), config=config)
+        for i in range(n)
+    ]
+
+    async def pong(received: Any) -> Any:
+        return Pong(seq=received.message.seq)
+
+    for t in peers:
+        t.register(Ping, pong)
+        await t.start()
+    for t in peers:
+        for u in peers:
+            t.set_addresses(u.local_id, u.addresses)
+    return peers
+
+
+async def small_rate(n: int, stream: bool, per_pair: int, window: int, auth_name: str) -> float:
+    """CPU microseconds per request (both ends, one process): ``n`` peers all-to-all.
+
+    Every ordered pair runs ``per_pair`` SEALED/MAC ``Ping`` -> ``Pong`` requests, ``window``
+    at a time per pair. Envelopes are ~130 bytes.
+    """
+    from p2p.envelope import Auth
+    from p2p.messages import Ping
+
+    auth = Auth[auth_name]
+    peers = await _small_peers(n, stream)
+
+    async def pair(a: Any, b: Any, count: int) -> None:
+        async def one(k: int) -> None:
+            for seq in range(k, count, window):
+                await a.request(b.local_id, Ping(seq=seq), auth=auth)
+
+        await asyncio.gather(*(one(k) for k in range(window)))
+
+    pairs = [(a, b) for a in peers for b in peers if a is not b]
+    try:
+        await asyncio.gather(*(pair(a, b, 2 * window) for a, b in pairs))  # warm up
+        cpu = time.process_time()
+        await asyncio.gather(*(pair(a, b, per_pair) for a, b in pairs))
+        cpu = time.process_time() - cpu
+    finally:
+        for t in peers:
+            await t.aclose()
+    return cpu / (per_pair * len(pairs)) * 1e6
+
+
+def small_main(rounds: int) -> None:
+    """Print the per-message CPU table, the POST and stream paths interleaved."""
+    cases = [
+        ("one pair, 1 at a time", 2, 2000, 1),
+        ("one pair, 16 in flight", 2, 4000, 16),
+        ("8 peers all-to-all, 4 in flight per pair", 8, 100, 4),
+    ]
+    results: dict[tuple[str, str, str], list[float]] = {}
+    for _ in range(rounds):
+        for label, n, per_pair, window in cases:
+            for auth in ("SEALED", "MAC"):
+                for path, stream in SMALL_PATHS.items():
+                    us = asyncio.run(small_rate(n, stream, per_pair, window, auth))
+                    results.setdefault((label, auth, path), []).append(us)
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python"
+        f" {platform.python_version()}; {rounds} rounds; 1-minute load at the end"
+        f" {os.getloadavg()[0]:.1f}\n"
+    )
+    print("| case | auth | POST us/msg (median / best) | stream us/msg (median / best) | ratio |")
+    print("|---|---|---:|---:|---:|")
+    for label, _, _, _ in cases:
+        for auth in ("SEALED", "MAC"):
+            post, strm = results[(label, auth, "POST")], results[(label, auth, "stream")]
+            mp_, ms_ = statistics.median(post), statistics.median(strm)
+            print(
+                f"| {label} | {auth} | {mp_:.0f} / {min(post):.0f} | {ms_:.0f} / {min(strm):.0f}"
+                f" | {mp_ / ms_:.2f}x |"
+            )
+
+
 # -- orchestration ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Variant:
@@ -309,6 +400,9 @@ def measure(rounds: int) -> dict[str, dict[str, list[float]]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=12, help="interleaved rounds")
+    parser.add_argument(
+        "--small", action="store_true", help="per-message CPU of small requests instead"
+    )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--kind", help=argparse.SUPPRESS)
@@ -318,6 +412,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.serve or args.client:
         child_main(args)
+        return
+    if args.small:
+        torch.set_num_threads(1)
+        small_main(args.rounds)
         return
     results = measure(args.rounds)
     base = {label: statistics.median(results[VARIANTS[0].name][label]) for label in SIZES}

@@ -40,9 +40,13 @@ REGISTRY = build_registry([*Message.__args__, Blob])  # type: ignore[attr-define
 MAKE = Callable[..., Awaitable[Transport]]
 
 
-@pytest.fixture(params=["memory", "http"])
+@pytest.fixture(params=["memory", "http", "http_post"])
 async def make(request: pytest.FixtureRequest) -> AsyncIterator[MAKE]:
-    """Factory of started transports of one kind; all are closed after the test."""
+    """Factory of started transports of one kind; all are closed after the test.
+
+    ``http`` sends small envelopes over the persistent stream (the default), ``http_post``
+    sends every envelope as one POST.
+    """
     kind: str = request.param
     network = MemoryNetwork()
     made: list[Transport] = []
@@ -67,7 +71,9 @@ async def make(request: pytest.FixtureRequest) -> AsyncIterator[MAKE]:
             transport = MemoryTransport(codec, network, default_timeout_s=timeout, admit=admit)
         else:
             config = HttpTransportConfig(
-                request_timeout_s=timeout, max_message_size=max_message_size
+                request_timeout_s=timeout,
+                max_message_size=max_message_size,
+                stream=kind == "http",
             )
             http = HttpTransport(codec, listen="127.0.0.1:0", config=config, admit=admit)
             await http.start()

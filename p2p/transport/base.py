@@ -179,7 +179,7 @@ class Transport(abc.ABC):
 
     async def _to_peer(
         self, peer: PeerId, message: Message, auth: Auth, timeout: float | None
-    ) -> bytes | bytearray:
+    ) -> bytes | bytearray | memoryview:
         self._check_open()
         addresses = self._addresses.get(peer)
         if not addresses:
@@ -194,7 +194,9 @@ class Transport(abc.ABC):
         assert last is not None  # the loop ran at least once
         raise last
 
-    def _check_reply(self, reply: bytes | bytearray, expected: PeerId | None) -> Received:
+    def _check_reply(
+        self, reply: bytes | bytearray | memoryview, expected: PeerId | None
+    ) -> Received:
         if not reply:
             raise MalformedMessage("the peer sent no reply to a request")
         received = self._codec.decode(reply)
@@ -207,7 +209,7 @@ class Transport(abc.ABC):
 
     async def _exchange(
         self, address: str, data: bytes, timeout: float | None
-    ) -> bytes | bytearray:
+    ) -> bytes | bytearray | memoryview:
         """Run ``_post`` with a deadline; a close while waiting raises ``TransportClosed``."""
         task = asyncio.current_task()
         if task is None:  # pragma: no cover - always inside a task under asyncio
@@ -233,7 +235,9 @@ class Transport(abc.ABC):
             self._waiters.discard(task)
 
     @abc.abstractmethod
-    async def _post(self, address: str, data: bytes, timeout: float) -> bytes | bytearray:
+    async def _post(
+        self, address: str, data: bytes, timeout: float
+    ) -> bytes | bytearray | memoryview:
         """Deliver ``data`` to ``address``; return the reply bytes (empty when none).
 
         Raises ``PeerUnreachable``, ``Timeout`` or ``RemoteRefused``; never a library error.

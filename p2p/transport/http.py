@@ -1,9 +1,12 @@
-"""The real transport: envelopes over HTTP/1.1 with aiohttp, one endpoint, ``POST /v1/envelope``.
+"""The real transport: envelopes over HTTP/1.1 with aiohttp on one port.
 
-The request body is the encoded envelope; the response is ``200`` with the reply envelope,
-``204`` when there is no reply, or a refusal: an HTTP error status with the ``RefusalCode`` in
-the ``Murmur-Refusal`` header. One ``ClientSession`` (connection reuse) serves all sends.
-aiohttp errors become ``murmur.errors`` types here and nowhere else.
+``POST /v1/envelope``: the request body is the encoded envelope; the response is ``200`` with
+the reply envelope, ``204`` when there is no reply, or a refusal: an HTTP error status with the
+``RefusalCode`` in the ``Murmur-Refusal`` header. ``GET /v1/stream``: a WebSocket carrying many
+envelopes and their replies (``p2p.transport.stream``); the sender uses it for envelopes up to
+``stream_max_body`` bytes (per-message cost ~3x lower than a POST) and POST for larger ones and
+for peers without the endpoint. aiohttp errors become ``murmur.errors`` types here and in
+``stream.py`` and nowhere else.
 """
 
 from __future__ import annotations
@@ -12,10 +15,11 @@ import asyncio
 import ipaddress
 import logging
 import socket
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
 import aiohttp
-from aiohttp import web
+from aiohttp import WSMsgType, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.payload import Payload
 
@@ -33,10 +37,21 @@ from p2p.config import HttpTransportConfig, format_address, parse_address
 from p2p.envelope import EnvelopeCodec
 from p2p.identity import PeerId
 from p2p.transport.base import Transport
+from p2p.transport.stream import (
+    FRAME,
+    KIND_ENVELOPE,
+    KIND_REPLY,
+    STREAM_PATH,
+    STREAM_PROTOCOL,
+    ClientStream,
+    StreamGone,
+    refusal_frame,
+)
 
 __all__ = [
     "ENVELOPE_PATH",
     "REFUSAL_HEADER",
+    "STREAM_PATH",
     "HttpTransport",
     "HttpTransportConfig",
     "format_address",
@@ -58,6 +73,11 @@ _STATUS: dict[RefusalCode, int] = {
 
 
 _WRITE_CHUNK = 1 << 20
+_STREAM_HEARTBEAT_S = 15.0
+"""Client streams ping at this interval; one that gets no pong within half of it is closed."""
+_STREAM_MIN_FRAME = 1 << 20
+"""The server reads stream messages up to max(cap, this) so that an envelope over the cap is
+refused as TOO_LARGE rather than ending the stream."""
 
 
 class EnvelopePayload(Payload):
@@ -163,9 +183,16 @@ class HttpTransport(Transport):
             parse_address(address)
         self._app = web.Application(client_max_size=self.config.max_message_size)
         self._app.router.add_post(ENVELOPE_PATH, self._on_envelope)
+        self._app.router.add_get(STREAM_PATH, self._on_stream)
         self._app.router.add_routes(list(routes))
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._stream_session: aiohttp.ClientSession | None = None
+        self._streams: OrderedDict[str, ClientStream] = OrderedDict()
+        self._connecting: dict[str, asyncio.Task[ClientStream | None]] = {}
+        self._no_stream: set[str] = set()
+        self._inbound: set[web.WebSocketResponse] = set()
+        self._serving: set[asyncio.Task[None]] = set()
         self._bound: tuple[str, ...] = ()
         self._route_hint = route_hint
 
@@ -229,7 +256,28 @@ class HttpTransport(Transport):
             )
         return self._session
 
-    async def _post(self, address: str, data: bytes, timeout: float) -> bytes | bytearray:
+    async def _post(
+        self, address: str, data: bytes, timeout: float
+    ) -> bytes | bytearray | memoryview:
+        if self.config.stream and len(data) <= self.config.stream_max_body:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            try:
+                async with asyncio.timeout_at(deadline):
+                    for _ in range(2):  # a stream that closed under us is replaced once
+                        stream = await self._stream_to(address)
+                        if stream is None:
+                            break
+                        try:
+                            return await stream.exchange(data)
+                        except StreamGone:
+                            continue
+            except TimeoutError:
+                raise Timeout(f"no answer from {address} within {timeout:g} s") from None
+            timeout = max(deadline - loop.time(), 1e-3)
+        return await self._post_http(address, data, timeout)
+
+    async def _post_http(self, address: str, data: bytes, timeout: float) -> bytes | bytearray:
         url = f"http://{address}{ENVELOPE_PATH}"
         session = self._client()
         try:
@@ -250,6 +298,80 @@ class HttpTransport(Transport):
             raise
         except (aiohttp.ClientError, OSError) as exc:
             raise PeerUnreachable(f"cannot reach {address}: {type(exc).__name__}: {exc}") from None
+
+    # -- client streams --------------------------------------------------------------------
+    async def _stream_to(self, address: str) -> ClientStream | None:
+        """The open stream to ``address``, connecting once if needed; None: use POST."""
+        stream = self._streams.get(address)
+        if stream is not None and not stream.closed:
+            self._streams.move_to_end(address)
+            return stream
+        if address in self._no_stream:
+            return None
+        task = self._connecting.get(address)
+        if task is None:
+            if len(self._streams) >= self.config.max_connections and not self._evict_idle():
+                return None  # every stream is busy: this one goes by POST
+            task = asyncio.create_task(self._connect(address), name=f"murmur-connect {address}")
+            self._connecting[address] = task
+            task.add_done_callback(lambda _t: self._connecting.pop(address, None))
+        return await asyncio.shield(task)
+
+    def _evict_idle(self) -> bool:
+        """Close the least recently used idle stream; False if every stream is busy."""
+        for address, stream in self._streams.items():
+            if stream.idle:
+                del self._streams[address]
+                task = asyncio.create_task(stream.aclose())
+                self._serving.add(task)
+                task.add_done_callback(self._serving.discard)
+                return True
+        return False
+
+    async def _connect(self, address: str) -> ClientStream | None:
+        if self._stream_session is None:
+            self._stream_session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, force_close=True),
+                timeout=aiohttp.ClientTimeout(total=None, connect=self.config.connect_timeout_s),
+                auto_decompress=False,
+                skip_auto_headers=("User-Agent", "Accept-Encoding"),
+            )
+        url = f"http://{address}{STREAM_PATH}"
+        try:
+            async with asyncio.timeout(self.config.request_timeout_s):
+                ws = await self._stream_session.ws_connect(
+                    url,
+                    protocols=(STREAM_PROTOCOL,),
+                    timeout=aiohttp.ClientWSTimeout(
+                        ws_receive=None, ws_close=self.config.shutdown_timeout_s
+                    ),
+                    heartbeat=_STREAM_HEARTBEAT_S,
+                    max_msg_size=self.config.max_message_size + FRAME.size,
+                    compress=0,
+                )
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status in (404, 405):  # a peer without the stream endpoint: POST only
+                self._no_stream.add(address)
+                return None
+            raise PeerUnreachable(f"cannot open a stream to {address}: {exc}") from None
+        except TimeoutError:
+            raise Timeout(f"no stream to {address} within the request timeout") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise PeerUnreachable(f"cannot reach {address}: {type(exc).__name__}: {exc}") from None
+        if ws.protocol != STREAM_PROTOCOL:
+            await ws.close()
+            self._no_stream.add(address)
+            return None
+        if self._closed:
+            await ws.close()
+            raise PeerUnreachable("the transport closed while connecting")
+        stream = ClientStream(ws, address, self._stream_closed)
+        self._streams[address] = stream
+        return stream
+
+    def _stream_closed(self, stream: ClientStream) -> None:
+        if self._streams.get(stream.address) is stream:
+            del self._streams[stream.address]
 
     # -- server side -----------------------------------------------------------------------
     async def _on_envelope(self, request: web.Request) -> web.StreamResponse:
@@ -272,7 +394,85 @@ class HttpTransport(Transport):
             return web.Response(status=204)
         return web.Response(status=200, body=reply, content_type=CONTENT_TYPE)
 
+    async def _on_stream(self, request: web.Request) -> web.StreamResponse:
+        """Serve one inbound stream: each ENVELOPE frame is handled in its own task."""
+        if self._closed:
+            return web.Response(status=503)
+        ws = web.WebSocketResponse(
+            protocols=(STREAM_PROTOCOL,),
+            compress=False,
+            heartbeat=2 * _STREAM_HEARTBEAT_S,
+            timeout=self.config.shutdown_timeout_s,
+            max_msg_size=max(self.config.max_message_size, _STREAM_MIN_FRAME) + FRAME.size,
+        )
+        if not ws.can_prepare(request).ok:
+            return web.Response(status=400, text="expected a murmur-stream-v1 WebSocket")
+        await ws.prepare(request)
+        self._inbound.add(ws)
+        slots = asyncio.Semaphore(self.config.stream_max_inflight)
+        try:
+            while True:
+                await slots.acquire()
+                msg = await ws.receive()
+                data = msg.data
+                if (
+                    msg.type != WSMsgType.BINARY
+                    or len(data) < FRAME.size
+                    or data[FRAME.size - 1] != KIND_ENVELOPE
+                ):
+                    slots.release()
+                    if msg.type in (WSMsgType.BINARY, WSMsgType.TEXT):
+                        log.debug("event=stream_garbage remote=%s", request.remote)
+                        await ws.close(code=aiohttp.WSCloseCode.PROTOCOL_ERROR)
+                    break
+                (request_id,) = FRAME.unpack_from(data)[:1]
+                task = asyncio.create_task(
+                    self._serve_frame(ws, request_id, memoryview(data)[FRAME.size :], slots)
+                )
+                self._serving.add(task)
+                task.add_done_callback(self._serving.discard)
+        finally:
+            self._inbound.discard(ws)
+        return ws
+
+    async def _serve_frame(
+        self,
+        ws: web.WebSocketResponse,
+        request_id: int,
+        envelope: memoryview,
+        slots: asyncio.Semaphore,
+    ) -> None:
+        try:
+            try:
+                reply = await self._serve_envelope(envelope)
+                frame = FRAME.pack(request_id, KIND_REPLY) + reply
+            except ProtocolError as exc:
+                log.debug("event=refused code=%d reason=%s", int(exc.code), exc)
+                frame = refusal_frame(request_id, exc)
+            if not ws.closed:
+                await ws.send_bytes(frame)
+        except (ConnectionError, aiohttp.ClientError, RuntimeError):
+            pass  # the sender went away: nobody will read this answer
+        finally:
+            slots.release()
+
     async def _close_io(self) -> None:
+        for task in list(self._connecting.values()):
+            task.cancel()
+        for task in list(self._serving):
+            task.cancel()
+        streams = list(self._streams.values())
+        self._streams.clear()
+        await asyncio.gather(
+            *(s.aclose() for s in streams),
+            *(ws.close(code=aiohttp.WSCloseCode.GOING_AWAY) for ws in list(self._inbound)),
+            *self._connecting.values(),
+            *self._serving,
+            return_exceptions=True,
+        )
+        if self._stream_session is not None:
+            await self._stream_session.close()
+            self._stream_session = None
         if self._session is not None:
             await self._session.close()
             self._session = None
