@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-SIZES = {"4 MB": 4 * 2**20, "40 MB": 40 * 2**20}
+SIZES = {"1 MB": 2**20, "4 MB": 4 * 2**20, "40 MB": 40 * 2**20}
 SERVER_SEED = b"S" * 32
 CLIENT_SEED = b"C" * 32
 
@@ -168,14 +168,18 @@ async def serve_murmur(port: int) -> None:
 class MurmurSender:
     """``HttpTransport.send`` of a tensor message with the given authentication."""
 
-    def __init__(self, port: int, auth_name: str) -> None:
+    def __init__(self, port: int, auth_name: str, stream_all: bool = False) -> None:
         from p2p.config import HttpTransportConfig
         from p2p.envelope import Auth
         from p2p.identity import Identity
         from p2p.transport.http import HttpTransport
 
         codec, blob = _codec(CLIENT_SEED)
-        config = HttpTransportConfig(max_message_size=2**30 - 1, request_timeout_s=60)
+        config = HttpTransportConfig(
+            max_message_size=2**30 - 1,
+            request_timeout_s=60,
+            stream_max_body=2**31 if stream_all else HttpTransportConfig().stream_max_body,
+        )
         self.server_id = Identity.from_seed(SERVER_SEED).peer_id
         self.auth = Auth[auth_name]
         self.messages = {size: blob(data=torch.rand(size // 4)) for size in SIZES.values()}
@@ -289,6 +293,7 @@ class Variant:
     kind: str  # socket | aiohttp | murmur
     tuned: bool
     auth: str = ""
+    stream_all: bool = False
 
 
 VARIANTS = [
@@ -297,6 +302,7 @@ VARIANTS = [
     Variant("raw aiohttp POST, tuned malloc", "aiohttp", True),
     Variant("Murmur MAC, default malloc", "murmur", False, "MAC"),
     Variant("Murmur MAC, tuned malloc (daemon default)", "murmur", True, "MAC"),
+    Variant("Murmur MAC, tuned malloc, stream forced for all sizes", "murmur", True, "MAC", True),
     Variant("Murmur SEALED, tuned malloc", "murmur", True, "SEALED"),
     Variant("Murmur SIGNED, tuned malloc", "murmur", True, "SIGNED"),
 ]
@@ -327,7 +333,7 @@ async def client_loop(args: argparse.Namespace) -> None:
     elif args.kind == "aiohttp":
         sender = AiohttpSender(args.port)
     else:
-        sender = MurmurSender(args.port, args.auth)
+        sender = MurmurSender(args.port, args.auth, args.stream_all)
     print("ready", flush=True)
     loop = asyncio.get_running_loop()
     while line := await loop.run_in_executor(None, sys.stdin.readline):
@@ -362,6 +368,7 @@ def measure(rounds: int) -> dict[str, dict[str, list[float]]]:
             port = _free_port()
             flags = ["--port", str(port), "--kind", variant.kind]
             flags += ["--tune"] if variant.tuned else []
+            flags += ["--stream-all"] if variant.stream_all else []
             server = _child(["--serve", *flags])
             procs.append(server)
             _ready(server, variant.name)
@@ -372,7 +379,7 @@ def measure(rounds: int) -> dict[str, dict[str, list[float]]]:
         results: dict[str, dict[str, list[float]]] = {
             v.name: {k: [] for k in SIZES} for v in VARIANTS
         }
-        per_round = {"4 MB": 3, "40 MB": 1}
+        per_round = {"1 MB": 6, "4 MB": 3, "40 MB": 1}
         for r in range(rounds + 1):  # round 0 warms up and is dropped
             order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
             for variant in order:
@@ -408,6 +415,7 @@ def main() -> None:
     parser.add_argument("--kind", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--tune", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--stream-all", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--auth", default="MAC", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve or args.client:
@@ -423,7 +431,10 @@ def main() -> None:
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     )
-    print(f"{args.rounds} interleaved rounds (3 x 4 MB and 1 x 40 MB per variant per round);")
+    print(
+        f"{args.rounds} interleaved rounds (6 x 1 MB, 3 x 4 MB and 1 x 40 MB per variant per"
+        " round);"
+    )
     print(f"1-minute load average at the end: {load:.1f}\n")
     head = " | ".join(f"{lb} median ms | {lb} GB/s (median / best) | vs socket" for lb in SIZES)
     print(f"| variant | {head} |")
