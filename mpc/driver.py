@@ -5,11 +5,10 @@ flight, the members at the earliest unfinished stage have their deadline pass (`
 which is how the dropouts of ``dropped`` are detected. A dropped member stops sending at its
 stage and receives nothing afterwards. Drop stages, in protocol order:
 
-* ``"share_keys"``: advertised keys, then gone (never shares);
-* ``"masked_input"``: shared keys, then gone (never sends masked input);
-* ``"unmasking"``: sent its masked input, then gone (no receipt, reveal or chunk sum); it is
-  still counted when it is the only member not live (its successor holds the backup of its
-  own chunk), else treated as dropped;
+* ``"input"``: gone from the start (never sends its input, so it is not counted);
+* ``"unmasking"``: sent its input, then gone (no receipt, reveal or chunk sum); it is still
+  counted when it is the only member not live (its successor holds the backup of its own
+  chunk), else treated as dropped;
 * ``"view"``: also sent its receipt, then gone (no view); ``"reveal"``: also sent its view, then
   gone (no reveal); ``"aggregate"``: also revealed its shares, then gone before sending its
   chunk sum. These three make the round abort (see ``mpc.protocol``).
@@ -29,14 +28,13 @@ from torch import Tensor
 
 from mpc.fixedpoint import Bits, check_capacity, decode, encode, ring_dtype
 from mpc.messages import (
-    AdvertiseKeys,
+    Backup,
     ChunkSum,
-    MaskedChunk,
+    Input,
     Message,
     ReassignedChunk,
     Receipt,
     Reveal,
-    ShareKeys,
     View,
 )
 from mpc.protocol import Member, Stage
@@ -45,24 +43,22 @@ from murmur.errors import AggregationAborted, AggregationError, ConfigError
 __all__ = ["DROP_STAGES", "GroupRun", "run_group", "secure_sum", "secure_sum_ring"]
 
 DROP_STAGES: dict[str, int] = {
-    "share_keys": 1,
-    "masked_input": 2,
-    "unmasking": 3,
-    "view": 4,
-    "reveal": 5,
-    "aggregate": 6,
+    "input": 0,
+    "unmasking": 1,
+    "view": 2,
+    "reveal": 3,
+    "aggregate": 4,
 }
 """Stage names accepted in ``dropped``, mapped to the first message kind the member withholds."""
 
 _KIND: dict[type, int] = {
-    AdvertiseKeys: 0,
-    ShareKeys: 1,
-    MaskedChunk: 2,
-    Receipt: 3,
-    View: 4,
-    Reveal: 5,
-    ReassignedChunk: 5,
-    ChunkSum: 6,
+    Input: 0,
+    Backup: 0,
+    Receipt: 1,
+    View: 2,
+    Reveal: 3,
+    ReassignedChunk: 3,
+    ChunkSum: 4,
 }
 
 

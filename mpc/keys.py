@@ -1,266 +1,139 @@
-"""Per-round keys of secure aggregation: X25519 pairs, signed advertisements, sealed shares.
+"""Pair keys of secure aggregation: one static X25519 secret per pair, per-round keys from it.
 
-Each member makes two fresh X25519 pairs per round (Bonawitz et al. 2017 keep them apart on
-purpose): the *agreement* pair, whose shared secrets become pairwise mask seeds (through
-``mpc.kdf.pair_seed``) and whose private key is Shamir-shared so that a dropped member's pairwise
-masks can be removed, and the *box* pair, used only to seal shares to their recipients. If one
-pair did both, revealing a dropped member's key would also open every share sent to it.
+Every member already has a long-term Ed25519 identity (its 32-byte id); its X25519 key is the
+birationally equivalent one (``crypto_sign_ed25519_sk_to_curve25519``, as libsodium and the p2p
+layer use). Two members compute one static Diffie-Hellman secret for their pair, once, and
+derive everything per round from it with the keyed-BLAKE2b KDF (``mpc.kdf``), each output bound
+to (round, group, both ids) so nothing repeats across rounds, groups or pairs:
 
-Advertisements are signed with the member's Ed25519 identity key over a domain-separated,
-length-prefixed encoding of (round, group, member id, both public keys). Sealed shares use NaCl
-``Box`` (X25519 + XSalsa20-Poly1305, random nonce); the plaintext starts with the context
-(round, group, sender, recipient), checked on opening, so a sealed share cannot be replayed into
-another round, group or pair.
+* the pair's root ``pair_root`` = KDF(raw X25519 output, "pair-root", lower id, higher id);
+* its mask seed for one round, ``mpc.kdf.pair_seed(root, round, group, a, b)``;
+* the one-way key that seals a Shamir share from ``sender`` to ``recipient``, ``share_key``.
 
-Speed (the simulator runs thousands of members in one process): a member computes one Box key
-per peer per round (``box_key``: ``crypto_box_beforenm`` once, then ``seal_with`` /
-``open_with`` use ``crypto_box_afternm`` / ``crypto_box_open_afternm``; same wire format as
-``Box``). ``agree_cached`` and ``box_key_cached`` keep each pair's result in a small
-process-wide cache keyed by the two (sorted) public keys, so the other member of the pair, when
-it runs in the same process, finds it instead of redoing the X25519 multiplication: both sides'
-results are equal (X25519 is symmetric), callers pass their own key pair (which they generated),
-and an entry is only ever written by a computation. Members drop their entries when their round
-ends (``forget_pairs``), and the cache is bounded. Positive advertisement verifications are cached
-the same way (keyed by id, signed bytes and signature: public data), so the 7 members of a group
-that check one advertisement in one process verify it once. Nothing changes on the wire, and
-every key stays per round: revealing a dropped member's agreement key says nothing about other
-rounds.
+Why no fresh X25519 keys per round (Bonawitz et al. 2017 advertise two per round): there, a
+dropped member's *agreement private key* is reconstructed from shares so the others can remove
+its pairwise masks, so that key must be per round. Here a dropped member's masks are removed by
+its counted neighbours revealing the one-round *seeds* they share with it (``mpc.protocol``): a
+seed is a KDF output, so revealing it says nothing about the static secret, other rounds or
+other groups. That drops the key-advertisement stage, one X25519 per pair per round and two
+Ed25519 operations per member per round. The cost: a member's identity key, if stolen, opens its
+pair keys for past rounds too (no forward secrecy, as for the p2p layer's sealed envelopes; see
+docs/THREAT_MODEL.md).
+
+Speed: ``pair_root`` keeps each pair's root in a bounded process-wide cache keyed by the two ids
+(the X25519 output is symmetric, so the other member of the pair, when it runs in the same
+process, finds it). A caller can only ask for a pair it belongs to: it passes its own signing
+key, whose verify key is one of the two ids. Converted peer keys are cached the same way (public
+data). Sealed shares use ``crypto_secretbox`` (XSalsa20-Poly1305, random nonce) under
+``share_key``; the plaintext starts with the context (round, group, sender, recipient), checked on
+opening, so a sealed share cannot be replayed into another round, group or pair.
 """
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import TypeVar
 
 import nacl.bindings
 import nacl.exceptions
-import nacl.public
 import nacl.signing
 import nacl.utils
 
-from mpc.kdf import u64
-from murmur.errors import BadSeal, BadSignature, ConfigError, MalformedMessage
+from mpc.kdf import derive, u64
+from murmur.errors import BadSeal, ConfigError, MalformedMessage
 
 _V = TypeVar("_V")
 
 __all__ = [
     "KEY_BYTES",
-    "RoundKeys",
-    "advertisement_message",
-    "agree",
-    "agree_cached",
-    "box_key",
-    "box_key_cached",
-    "forget_pairs",
-    "new_round_keys",
-    "open_from",
+    "PAIR_ROOT_LABEL",
+    "SHARE_KEY_LABEL",
     "open_with",
-    "seal_to",
+    "pair_root",
     "seal_with",
-    "sign_advertisement",
-    "verify_advertisement",
+    "share_key",
 ]
 
 KEY_BYTES = 32
-"""Length of X25519 and Ed25519 public keys, private keys and seeds."""
+"""Length of X25519 and Ed25519 public keys, private keys, seeds and derived keys."""
 
-_ADVERTISE_TAG = b"murmur.secagg.advertise.v1"
-_SEAL_TAG = b"murmur.secagg.share.v1"
-_NONCE_BYTES = nacl.bindings.crypto_box_NONCEBYTES
+PAIR_ROOT_LABEL = b"murmur.secagg.pair-root.v2"
+"""KDF label of a pair's root key (from the raw static X25519 output)."""
+SHARE_KEY_LABEL = b"murmur.secagg.share-key.v2"
+"""KDF label of the one-way key that seals a share from sender to recipient in one round."""
 
-CACHE_ENTRIES = 1 << 15
-"""Bound of each process-wide cache (pair secrets, verified advertisements); oldest go first."""
+_SEAL_TAG = b"murmur.secagg.share.v2"
+_NONCE_BYTES = nacl.bindings.crypto_secretbox_NONCEBYTES
 
-_Key = tuple[bytes, bytes, bytes]
-_PAIRS: dict[_Key, bytes] = {}  # (kind, lower public key, higher public key) -> pair secret
-_VERIFIED: dict[_Key, bool] = {}  # (member id, signed bytes, signature) -> True
-_AGREE, _BOX = b"agree", b"box"
+CACHE_ENTRIES = 1 << 19
+"""Bound of each process-wide cache (pair roots, converted peer keys); oldest go first.
+
+A 1,000-peer simulation meets ~350,000 distinct pairs in 100 rounds; an entry is ~200 bytes."""
+
+_ROOTS: dict[tuple[bytes, bytes], bytes] = {}  # (lower id, higher id) -> pair root
+_CURVE_PUBLIC: dict[bytes, bytes] = {}  # Ed25519 id -> X25519 public key (public data)
 
 
-def _remember(cache: dict[_Key, _V], key: _Key, value: _V) -> None:
+def _remember(cache: dict[_V, bytes], key: _V, value: bytes) -> None:
     if len(cache) >= CACHE_ENTRIES:
         del cache[next(iter(cache))]  # dicts keep insertion order: the oldest entry
     cache[key] = value
-
-
-@dataclass(frozen=True, slots=True)
-class RoundKeys:
-    """A member's fresh X25519 key pairs for one round (private halves are not in the repr)."""
-
-    agreement_private: bytes = field(repr=False)
-    agreement_public: bytes
-    box_private: bytes = field(repr=False)
-    box_public: bytes
-
-
-def new_round_keys() -> RoundKeys:
-    """Two fresh X25519 key pairs from the OS CSPRNG (libsodium)."""
-    agreement = nacl.public.PrivateKey.generate()
-    box = nacl.public.PrivateKey.generate()
-    return RoundKeys(
-        agreement_private=bytes(agreement),
-        agreement_public=bytes(agreement.public_key),
-        box_private=bytes(box),
-        box_public=bytes(box.public_key),
-    )
 
 
 def _enc(part: bytes) -> bytes:
     return len(part).to_bytes(4, "big") + part
 
 
-def _public(name: str, key: bytes) -> bytes:
-    """Check a public key that came from a peer: a refusal, not a config error."""
-    if not isinstance(key, bytes | bytearray) or len(key) != KEY_BYTES:
-        raise MalformedMessage(f"{name} must be {KEY_BYTES} bytes")
-    return bytes(key)
+def _peer_id(peer: bytes) -> bytes:
+    if not isinstance(peer, bytes | bytearray) or len(peer) != KEY_BYTES:
+        raise ConfigError(f"a member id must be {KEY_BYTES} bytes")
+    return bytes(peer)
 
 
-def _private(name: str, key: bytes) -> bytes:
-    if not isinstance(key, bytes | bytearray) or len(key) != KEY_BYTES:
-        raise ConfigError(f"{name} must be {KEY_BYTES} bytes")
-    return bytes(key)
+def _curve_public(peer: bytes) -> bytes:
+    """The X25519 public key of an Ed25519 id; ``MalformedMessage`` if it is not a valid point."""
+    public = _CURVE_PUBLIC.get(peer)
+    if public is None:
+        try:
+            public = bytes(nacl.bindings.crypto_sign_ed25519_pk_to_curve25519(peer))
+        except (nacl.exceptions.CryptoError, ValueError, TypeError) as exc:
+            raise MalformedMessage("a member id is not a valid Ed25519 public key") from exc
+        _remember(_CURVE_PUBLIC, peer, public)
+    return public
 
 
-def advertisement_message(
-    *, round: int, group: bytes, member_id: bytes, agreement_public: bytes, box_public: bytes
-) -> bytes:
-    """The exact bytes an advertisement signature covers."""
-    return _ADVERTISE_TAG + b"".join(
-        _enc(p)
-        for p in (
-            u64(round),
-            bytes(group),
-            _public("member_id", member_id),
-            _public("agreement_public", agreement_public),
-            _public("box_public", box_public),
+def pair_root(signing_key: nacl.signing.SigningKey, peer: bytes) -> bytes:
+    """The 32-byte root key of the pair (this identity, ``peer``), computed once per process.
+
+    Symmetric: the peer, with its own signing key, gets the same root. Raises ``ConfigError`` for
+    a pair of one member and ``MalformedMessage`` for an id that is not a usable public key (a
+    low-order point would make the shared secret zero).
+    """
+    me = bytes(signing_key.verify_key)
+    peer = _peer_id(peer)
+    if peer == me:
+        raise ConfigError("a pair needs two different members")
+    lo, hi = (me, peer) if me < peer else (peer, me)
+    root = _ROOTS.get((lo, hi))
+    if root is None:
+        private = nacl.bindings.crypto_sign_ed25519_sk_to_curve25519(
+            bytes(signing_key) + me  # libsodium's 64-byte secret key: seed || public key
         )
-    )
+        try:
+            raw = nacl.bindings.crypto_scalarmult(private, _curve_public(peer))
+        except nacl.exceptions.CryptoError as exc:
+            raise MalformedMessage("a member id is a low-order point") from exc
+        root = derive(raw, PAIR_ROOT_LABEL, lo, hi)
+        _remember(_ROOTS, (lo, hi), root)
+    return root
 
 
-def sign_advertisement(
-    signing_key: bytes | nacl.signing.SigningKey,
-    *,
-    round: int,
-    group: bytes,
-    agreement_public: bytes,
-    box_public: bytes,
-) -> bytes:
-    """A 64-byte Ed25519 signature by the identity key over this round's public keys.
+def share_key(root: bytes, *, round: int, group: bytes, sender: bytes, recipient: bytes) -> bytes:
+    """The key that seals ``sender``'s share to ``recipient`` in ``(round, group)``.
 
-    ``signing_key`` is the raw 32-byte Ed25519 seed or a ``nacl.signing.SigningKey``; the member
-    id signed is its verify key (the member's 32-byte id).
+    One-way: the pair's two directions use different keys.
     """
-    if not isinstance(signing_key, nacl.signing.SigningKey):
-        signing_key = nacl.signing.SigningKey(_private("signing seed", signing_key))
-    message = advertisement_message(
-        round=round,
-        group=group,
-        member_id=bytes(signing_key.verify_key),
-        agreement_public=agreement_public,
-        box_public=box_public,
-    )
-    return bytes(signing_key.sign(message).signature)
-
-
-def verify_advertisement(
-    member_id: bytes,
-    *,
-    round: int,
-    group: bytes,
-    agreement_public: bytes,
-    box_public: bytes,
-    signature: bytes,
-) -> None:
-    """Check an advertisement signature by ``member_id``; raise ``BadSignature`` if it fails."""
-    message = advertisement_message(
-        round=round,
-        group=group,
-        member_id=member_id,
-        agreement_public=agreement_public,
-        box_public=box_public,
-    )
-    if not isinstance(signature, bytes | bytearray) or len(signature) != 64:
-        raise BadSignature("an advertisement signature must be 64 bytes")
-    key = (bytes(member_id), message, bytes(signature))
-    if key in _VERIFIED:
-        return
-    try:
-        nacl.bindings.crypto_sign_open(key[2] + message, key[0])
-    except (nacl.exceptions.BadSignatureError, nacl.exceptions.CryptoError, ValueError) as exc:
-        raise BadSignature("advertisement signature does not verify") from exc
-    _remember(_VERIFIED, key, True)
-
-
-def agree(private: bytes, peer_public: bytes) -> bytes:
-    """The raw 32-byte X25519 shared secret; feed it to ``mpc.kdf.pair_seed``, never use it as is.
-
-    Raises ``MalformedMessage`` for a low-order peer key (the shared secret would be zero).
-    """
-    try:
-        return bytes(
-            nacl.bindings.crypto_scalarmult(
-                _private("private key", private), _public("peer public key", peer_public)
-            )
-        )
-    except nacl.exceptions.CryptoError as exc:
-        raise MalformedMessage("peer public key is a low-order point") from exc
-
-
-def box_key(private: bytes, peer_public: bytes) -> bytes:
-    """The precomputed NaCl Box key of a pair (``crypto_box_beforenm``), for ``seal_with``.
-
-    Raises ``MalformedMessage`` for a low-order peer key.
-    """
-    try:
-        return bytes(
-            nacl.bindings.crypto_box_beforenm(
-                _public("peer box public key", peer_public), _private("box private key", private)
-            )
-        )
-    except nacl.exceptions.CryptoError as exc:
-        raise MalformedMessage("peer box public key is a low-order point") from exc
-
-
-def _pair_key(kind: bytes, public: bytes, peer_public: bytes) -> _Key:
-    lo, hi = (public, peer_public) if public <= peer_public else (peer_public, public)
-    return (kind, lo, hi)
-
-
-def agree_cached(private: bytes, public: bytes, peer_public: bytes) -> bytes:
-    """``agree(private, peer_public)``, shared through the process-wide pair cache.
-
-    ``public`` must be the caller's own public key of ``private`` (from ``new_round_keys``): the
-    cache is keyed by the two public keys, and the other member of the pair finds the same value.
-    """
-    key = _pair_key(_AGREE, bytes(public), _public("peer public key", peer_public))
-    secret = _PAIRS.get(key)
-    if secret is None:
-        secret = agree(private, peer_public)
-        _remember(_PAIRS, key, secret)
-    return secret
-
-
-def box_key_cached(private: bytes, public: bytes, peer_public: bytes) -> bytes:
-    """``box_key(private, peer_public)``, shared through the process-wide pair cache.
-
-    ``public`` must be the caller's own box public key of ``private`` (see ``agree_cached``).
-    """
-    key = _pair_key(_BOX, bytes(public), _public("peer box public key", peer_public))
-    secret = _PAIRS.get(key)
-    if secret is None:
-        secret = box_key(private, peer_public)
-        _remember(_PAIRS, key, secret)
-    return secret
-
-
-def forget_pairs(keys: RoundKeys, peers: Iterable[tuple[bytes, bytes]]) -> None:
-    """Drop the cached pair secrets of ``keys`` with each ``(agreement, box)`` public key pair."""
-    for agreement_public, box_public in peers:
-        _PAIRS.pop(_pair_key(_AGREE, keys.agreement_public, bytes(agreement_public)), None)
-        _PAIRS.pop(_pair_key(_BOX, keys.box_public, bytes(box_public)), None)
+    return derive(root, SHARE_KEY_LABEL, u64(round), bytes(group), bytes(sender), bytes(recipient))
 
 
 def _context(*, round: int, group: bytes, sender: bytes, recipient: bytes) -> bytes:
@@ -272,22 +145,25 @@ def _context(*, round: int, group: bytes, sender: bytes, recipient: bytes) -> by
 def seal_with(
     key: bytes, plaintext: bytes, *, round: int, group: bytes, sender: bytes, recipient: bytes
 ) -> bytes:
-    """``seal_to`` with a precomputed pair key from ``box_key`` (the same bytes on the wire)."""
+    """Encrypt and authenticate ``plaintext`` under ``key`` (from ``share_key``), with its context.
+
+    Returns ``nonce || ciphertext`` (XSalsa20-Poly1305; 40 bytes longer than context + plaintext).
+    """
     context = _context(round=round, group=group, sender=sender, recipient=recipient)
     nonce = nacl.utils.random(_NONCE_BYTES)
-    return nonce + nacl.bindings.crypto_box_afternm(context + bytes(plaintext), nonce, key)
+    return nonce + nacl.bindings.crypto_secretbox(context + bytes(plaintext), nonce, key)
 
 
 def open_with(
     key: bytes, sealed: bytes, *, round: int, group: bytes, sender: bytes, recipient: bytes
 ) -> bytes:
-    """``open_from`` with a precomputed pair key from ``box_key``; ``BadSeal`` if it fails."""
+    """Open what ``seal_with`` sealed; ``BadSeal`` if it fails or its context differs."""
     context = _context(round=round, group=group, sender=sender, recipient=recipient)
     if not isinstance(sealed, bytes | bytearray) or len(sealed) < _NONCE_BYTES:
         raise BadSeal("sealed share is too short")
     sealed = bytes(sealed)
     try:
-        opened = nacl.bindings.crypto_box_open_afternm(
+        opened = nacl.bindings.crypto_secretbox_open(
             sealed[_NONCE_BYTES:], sealed[:_NONCE_BYTES], key
         )
     except (nacl.exceptions.CryptoError, ValueError, TypeError) as exc:
@@ -296,48 +172,3 @@ def open_with(
     if len(opened) < len(context) or not hmac.compare_digest(head, context):
         raise BadSeal("sealed share was made for another round, group, sender or recipient")
     return opened[len(context) :]
-
-
-def seal_to(
-    box_private: bytes,
-    recipient_box_public: bytes,
-    plaintext: bytes,
-    *,
-    round: int,
-    group: bytes,
-    sender: bytes,
-    recipient: bytes,
-) -> bytes:
-    """Encrypt and authenticate ``plaintext`` from ``sender`` to ``recipient`` for one round.
-
-    Returns ``nonce || ciphertext`` (NaCl Box; 40 bytes longer than plaintext plus context).
-    """
-    return seal_with(
-        box_key(box_private, recipient_box_public),
-        plaintext,
-        round=round,
-        group=group,
-        sender=sender,
-        recipient=recipient,
-    )
-
-
-def open_from(
-    box_private: bytes,
-    sender_box_public: bytes,
-    sealed: bytes,
-    *,
-    round: int,
-    group: bytes,
-    sender: bytes,
-    recipient: bytes,
-) -> bytes:
-    """Open a sealed share; raise ``BadSeal`` if it fails to authenticate or the context differs."""
-    return open_with(
-        box_key(box_private, sender_box_public),
-        sealed,
-        round=round,
-        group=group,
-        sender=sender,
-        recipient=recipient,
-    )

@@ -6,84 +6,94 @@ reduce-scatter, then all-gather). ``Member`` is sans-IO: ``start()``, ``receive(
 layer calls ``advance()`` when its deadline for the current stage passes (that is how dropouts
 are detected). A stage also ends by itself as soon as everything it waits for has arrived.
 
+Keys. Members know each other's long-term ids (Ed25519 public keys). Each pair derives its
+one-round mask seed and its share-sealing keys from one static X25519 secret (``mpc.keys``), so
+no per-round keys are advertised. A member masks with every mask-graph neighbour (everyone, or
+SecAgg+'s ``degree`` neighbours).
+
 Stages (``Stage``), each named after what the member collects in it:
 
-1. ADVERTISE_KEYS: send fresh X25519 agreement and box public keys, signed by the Ed25519
-   identity key over (round, group, id, keys), to everyone. U1 = members advertised.
-2. SHARE_KEYS: Shamir-share the self-mask seed b_u and the agreement private key s_u
-   (t-of-n; SecAgg+: only to mask-graph neighbours, neighbourhood threshold), each share sealed
-   to its holder (NaCl Box bound to round, group, sender and recipient).
-3. MASKED_INPUT: y_u = x_u + PRG(b_u) + sum_v +-PRG(s_uv) over the neighbours v whose shares u
-   received (+ if u sorts before v). Chunk j of y_u goes to member j; u's own chunk also goes to
-   member u+1 as a backup.
-4. CONSISTENCY (receipts): each reducer broadcasts a ``Receipt``: whose chunk it got
-   and whether it holds its predecessor's backup. Live reducers R = senders of receipts.
-5. VIEW (the view check, after Bonawitz et al.'s consistency round): every member evaluates
+1. INPUT: pick a fresh self-mask seed b_u and Shamir-share it (t-of-n; SecAgg+: among the
+   neighbourhood, neighbourhood threshold); compute y_u = x_u + PRG(b_u) + sum_v +-PRG(s_uv)
+   over the neighbours v (+ if u sorts before v), s_uv the pair's seed for this round. Send
+   member j one ``Input``: chunk j of y_u together with j's share of b_u sealed to j (so a
+   reducer that holds u's chunk also holds u's share). u's own chunk also goes to member u+1 as
+   a ``Backup`` in case u drops before reducing it.
+2. CONSISTENCY (receipts): each reducer broadcasts a ``Receipt``: whose chunk it got and whether
+   it holds its predecessor's backup. Live reducers R = senders of receipts.
+3. VIEW (the view check, after Bonawitz et al.'s consistency round): every member evaluates
    ``mpc.survivors.counted_set`` on the receipts it got: u is counted iff every live reducer
-   received u's chunk, every chunk of u reaches a live reducer (u is live, or u is the only
-   member not live and its successor holds the backup), and u's pairwise masks are matched.
-   D = non-counted members that a counted member masked with. If |C| < t, or fewer than the
-   threshold of live holders exist for any secret needed, the member aborts. Otherwise it
-   broadcasts a ``View``: the digest of (C, D, live set), signed by its Ed25519 identity key over
-   (round, group, id, digest), so a member that sends two views is provably equivocating. The
-   stage ends when every live member's view arrived, or at the deadline.
-6. UNMASKING: the member reveals only if every live member sent a view, every view it received
+   received u's chunk and every chunk of u reaches a live reducer (u is live, or u is the only
+   member not live, its successor holds the backup, and all its neighbours are counted).
+   D = non-counted neighbours of counted members. If |C| < t, or too few live holders exist
+   for a counted member's self-mask seed, the member aborts. Otherwise it broadcasts a ``View``:
+   the digest of (round, group, C, D, live set). The stage ends when every live member's view
+   arrived, or at the deadline.
+4. UNMASKING: the member reveals only if every live member sent a view, every view it received
    carries exactly its own digest, and at least ``threshold`` members (itself included) did;
-   otherwise it aborts *before revealing anything*. Then it sends one ``Reveal`` (b-shares for
-   C, s-shares for D) to every live reducer, and its masked slices of dropped reducers' chunks
-   to their fallback (the next live member). Views arriving after it revealed are refused
-   (``OutOfStage``, or ``DuplicateMessage`` for a second view).
-7. AGGREGATE: each reducer reconstructs b_u (u in C) and s_v (v in D), sums chunk j over C and
-   removes chunk j's masks with the seekable PRG at the chunk offset, then sends the unmasked
-   chunk sum to every live member. A member is DONE when it holds every chunk sum.
+   otherwise it aborts *before revealing anything*. Then it sends one ``Reveal`` to every live
+   reducer: its shares of b_u for u in C, and (if it is counted) its pair seeds with its
+   neighbours in D; and its masked slices of dropped reducers' chunks to their fallback (the
+   next live member). Views arriving after it revealed are refused (``OutOfStage``, or
+   ``DuplicateMessage`` for a second view).
+5. AGGREGATE: each reducer reconstructs b_u (u in C), sums chunk j over C, removes chunk j's
+   self masks and the pair masks between C and D with the seekable PRG at the chunk offset, then
+   sends the unmasked chunk sum to every live member. A member is DONE when it holds every chunk
+   sum.
 
-Never both shares of one peer. Receipts can reach members unevenly (a reducer that crashes
+Why revealing a pair seed is enough (and safe). Bonawitz et al. Shamir-share each member's
+per-round *agreement key* so that t survivors can recompute a dropped member's masks. Here the
+dropped member's counted neighbours reveal the one-round seeds they share with it: each seed is
+a KDF output bound to the round and group, so nothing about other rounds leaks, and a member
+reveals only what it knows itself. The one case this cannot cover, a counted member that is not
+live and has a dropped neighbour, is excluded from C by the counting rule (its input is then
+simply not counted). A wrong seed from a malicious member corrupts the sum, as a malicious
+input could; it reveals nothing.
+
+Never both of one peer. Receipts can reach members unevenly (a reducer that crashes
 mid-broadcast, or one that sends different receipts to different members), so two honest
-members may compute different counted sets; if one revealed b_u and the other s_u, a reducer
-holding its own share of each would get t shares of both and unmask u. The view check stops
-this: every member that reveals has seen at least t views equal to its own digest, and since
-the group threshold t > k/2, two digests cannot both gather t views from members that send one
-view each; and because a revealing member also needs the view of every member it considers live
-to match, an honest member with another view that is live to it makes it abort. So all
-revealing members reveal for one counted set: each peer gets b-shares or s-shares, never both.
-SecAgg+ uses the same check with the group threshold (stronger than the neighbourhood one:
-agreement of more than half the group implies agreement within every neighbourhood's revealers).
-The argument assumes an equivocating member cannot also suppress messages between honest
-members (they travel over pairwise-authenticated envelopes); a member that sends two different
-signed views leaves proof of it. As a second line, each member keeps a ledger of the kind it
-revealed for each peer and refuses (``InconsistentMessage``, no answer) any later receipt that
-would make it reveal the other kind.
+members may compute different counted sets; if one revealed its share of b_u and the other its
+pair seed with u, a coalition could remove both kinds of mask from u's input. The view check
+stops this: every member that reveals has seen at least t views equal to its own digest, and
+since the group threshold t > k/2, two digests cannot both gather t views from members that
+send one view each; and because a revealing member also needs the view of every member it
+considers live to match, an honest member with another view that is live to it makes it abort.
+So all revealing members reveal for one counted set: for each peer, b-shares or pair seeds,
+never both. SecAgg+ uses the same check with the group threshold. The argument assumes an
+equivocating member cannot also suppress messages between honest members (they travel over
+pairwise-authenticated envelopes); equivocation is detected (honest members abort), not proven
+to third parties (views are not signed: they ride in authenticated envelopes). As a second
+line, each member keeps a ledger of what it revealed about each peer and refuses
+(``InconsistentMessage``, no answer) any later receipt that would make it reveal the other kind.
 
-Dropouts: a member that stops after sending its masked input is counted if it is the only
-member not live and its successor holds the backup of its own chunk (otherwise it is treated
-as dropped: its key is reconstructed, its self mask never). A member that drops after sending
-its receipt is live to the others: they abort at the VIEW deadline if its view is missing
-(nothing revealed), else at the AGGREGATE deadline when the chunks it was to reduce never come
-(only shares of the right kinds and partial sums were revealed; no single input is).
-Refusals also cover views: one whose signature does not verify raises ``BadSignature``.
+Dropouts: a member that stops before or while sending its input is not counted (its pair masks
+are removed through its neighbours' seeds, its self mask never). One that stops after sending
+its input is counted if it is the only member not live, its successor holds the backup of its
+own chunk and none of its neighbours is dropped. A member that drops after sending its receipt
+is live to the others: they abort at the VIEW deadline if its view is missing (nothing
+revealed), else at the AGGREGATE deadline when the chunks it was to reduce never come (only
+shares and seeds of the right kinds and partial sums were revealed; no single input is).
 
 Refusals: messages for a stage already closed raise ``OutOfStage``; a second message of a kind
-``DuplicateMessage``; a bad advertisement signature ``BadSignature``; messages that contradict
-the group, the round or earlier messages ``InconsistentMessage``. Messages for a later stage are
-buffered and handled on entering it; refusals found then are kept in ``Member.refused``.
+``DuplicateMessage``; a share that does not open ``BadSeal``; messages that contradict the group,
+the round or earlier messages ``InconsistentMessage``. Messages for a later stage are buffered
+and handled on entering it; refusals found then are kept in ``Member.refused``.
 """
 
 from __future__ import annotations
 
-import nacl.bindings
 import numpy as np
 import torch
 
 from mpc import keys as mkeys
 from mpc.messages import (
-    AdvertiseKeys,
+    Backup,
     ChunkSum,
-    MaskedChunk,
+    Input,
     Message,
     ReassignedChunk,
     Receipt,
     Reveal,
-    ShareKeys,
     View,
 )
 from mpc.prg import add_masks_, masked, new_seed
@@ -101,7 +111,7 @@ from murmur.errors import (
 
 __all__ = ["Member", "Outgoing", "Stage", "default_threshold"]
 
-_CHUNKED = frozenset({MaskedChunk, ReassignedChunk, ChunkSum})
+_CHUNKED = frozenset({Input, Backup, ReassignedChunk, ChunkSum})
 
 
 class Member(MemberState):
@@ -119,22 +129,21 @@ class Member(MemberState):
     # ------------------------------------------------------------------ driving
 
     def start(self) -> Outgoing:
-        """Begin the round: advertise this round's public keys to every other member."""
+        """Begin the round: mask the input and send every member its chunk and its share."""
         if self._started:
             raise OutOfStage("start() was already called")
         self._started = True
-        signature = mkeys.sign_advertisement(
-            self._signing_key,
-            round=self.round,
-            group=self.group,
-            agreement_public=self._keys.agreement_public,
-            box_public=self._keys.box_public,
-        )
-        advert = AdvertiseKeys(
-            self.group, self.round, self._keys.agreement_public, self._keys.box_public, signature
-        )
-        self._adverts[self.id] = advert
-        out: Outgoing = [(m, advert) for m in self.members if m != self.id]
+        try:
+            out = self._send_input()
+        except (ProtocolError, AggregationAborted) as exc:  # e.g. a member id that is no key
+            self._abort(str(exc))
+            return []
+        pending = self._pending.pop(Stage.INPUT, [])
+        for sender, msg in pending:
+            try:
+                self._handle(sender, msg)
+            except ProtocolError as exc:
+                self.refused.append((sender, exc))
         return out + self._complete_stages()
 
     def advance(self) -> Outgoing:
@@ -167,7 +176,7 @@ class Member(MemberState):
             self._check_late_receipt(sender, msg)  # type: ignore[arg-type]
         if stage < current or current >= Stage.DONE:
             raise OutOfStage(f"{cls.TYPE} arrived in stage {current.name}")
-        if stage > current or (not self._started and stage > Stage.ADVERTISE_KEYS):
+        if stage > current or not self._started:
             self._seen.add(key)
             self._pending.setdefault(stage, []).append((sender, msg))
             return []
@@ -186,9 +195,7 @@ class Member(MemberState):
     def _next_stage(self) -> Outgoing:
         stage = self._stage
         enter = {
-            Stage.ADVERTISE_KEYS: self._enter_share_keys,
-            Stage.SHARE_KEYS: self._enter_masked_input,
-            Stage.MASKED_INPUT: self._enter_consistency,
+            Stage.INPUT: self._enter_consistency,
             Stage.CONSISTENCY: self._enter_view,
             Stage.VIEW: self._enter_unmasking,
             Stage.UNMASKING: self._enter_aggregate,
@@ -215,7 +222,6 @@ class Member(MemberState):
         self._self_seed = b""
         self._masked_input = None
         self._pending.clear()
-        self._forget_pairs()
         self._forget_combined()
 
     def cancel(self, reason: str = "cancelled") -> None:
@@ -225,86 +231,53 @@ class Member(MemberState):
 
     def _stage_complete(self) -> bool:
         s = self._stage
-        if s is Stage.ADVERTISE_KEYS:
-            return len(self._adverts) == self.k
-        if s is Stage.SHARE_KEYS:
-            return all(v in self._held for v in self._graph[self.id] if v in self._adverts)
-        if s is Stage.MASKED_INPUT:
-            expected = self._expected
-            if expected is None:  # adverts and shares are final in this stage
-                expected = self._expected = self._expected_inputs()
-            pred = self.members[(self._me - 1) % self.k]
-            return expected <= set(self._chunks) and (
-                pred not in expected or self._backup is not None
-            )
+        if s is Stage.INPUT:
+            return len(self._chunks) == self.k and self._backup is not None
         if s is Stage.CONSISTENCY:
-            return set(self._chunks) <= set(self._receipts)
+            return self._chunks.keys() <= self._receipts.keys()
         if s is Stage.VIEW:
-            return self._live <= set(self._views)
+            return self._live <= self._views.keys()
         if s is Stage.UNMASKING:
-            if not self._live <= set(self._reveals):
+            if not self._live <= self._reveals.keys():
                 return False
             needed = self._counted or frozenset()
-            return all(needed <= set(got) for got in self._assigned.values())
+            return all(needed <= got.keys() for got in self._assigned.values())
         if s is Stage.AGGREGATE:
             return len(self._sums) == self.k
         return False
 
-    def _expected_inputs(self) -> set[bytes]:
-        """Senders whose masked input may still come (advertised, not known to have dropped)."""
-        gone = {v for v in self._graph[self.id] if v not in self._held}
-        return set(self._adverts) - gone
-
     # ------------------------------------------------------------------ stage entries
 
-    def _enter_share_keys(self) -> Outgoing:
-        if len(self._adverts) < self.threshold:
-            raise AggregationAborted(f"{len(self._adverts)} members advertised keys")
+    def _send_input(self) -> Outgoing:
         self._self_seed = new_seed()
-        t, k = self.local_threshold, self.k
-        b_shares = split(self._self_seed, threshold=t, n=k)
-        s_shares = split(self._keys.agreement_private, threshold=t, n=k)
-        self._held[self.id] = (b_shares[self._me].y, s_shares[self._me].y)
-        out: Outgoing = []
-        for v in sorted(self._graph[self.id]):
-            advert = self._adverts.get(v)
-            if advert is None:
-                continue
-            i = self._index[v]
-            sealed = mkeys.seal_with(
-                self._box_key(v),
-                b_shares[i].y + s_shares[i].y,
-                round=self.round,
-                group=self.group,
-                sender=self.id,
-                recipient=v,
-            )
-            out.append((v, ShareKeys(self.group, self.round, sealed)))
-        return out
-
-    def _enter_masked_input(self) -> Outgoing:
-        if len(self._held) < self.local_threshold:
-            raise AggregationAborted(f"shares from {len(self._held)} neighbourhood members")
-        self._mine = frozenset(v for v in self._graph[self.id] if v in self._held)
+        neighbours = self._graph[self.id]
+        # shares for every x-coordinate (x = position + 1); only neighbours get theirs
+        shares = split(self._self_seed, threshold=self.local_threshold, n=self.k)
+        self._held[self.id] = shares[self._me].y
         plan = [(self._self_seed, 1)]
-        for v in sorted(self._mine):
-            sign = 1 if self._me < self._index[v] else -1
-            plan.append((self._pair_seed(self._keys.agreement_private, v, self.id), sign))
-        y = masked(self._x, plan)
-        self._masked_input = y
-        mine = tuple(sorted(self._mine))
+        for v in sorted(neighbours):
+            plan.append((self._pair_seed(v), 1 if self._me < self._index[v] else -1))
+        y = self._masked_input = masked(self._x, plan)
         out: Outgoing = []
         for j, m in enumerate(self.members):
             lo, hi = self._bounds[j]
             if m == self.id:
                 self._chunks[self.id] = y[lo:hi]
-                self._neighbours_of[self.id] = self._mine
-            elif m in self._adverts:
-                out.append((m, MaskedChunk(self.group, self.round, j, y[lo:hi], mine)))
+                continue
+            sealed = b""
+            if m in neighbours:
+                sealed = mkeys.seal_with(
+                    self._share_key(self.id, m),
+                    shares[j].y,
+                    round=self.round,
+                    group=self.group,
+                    sender=self.id,
+                    recipient=m,
+                )
+            out.append((m, Input(self.group, self.round, j, y[lo:hi], sealed)))
+        lo, hi = self._bounds[self._me]
         successor = self.members[(self._me + 1) % self.k]
-        if successor in self._adverts:
-            lo, hi = self._bounds[self._me]
-            out.append((successor, MaskedChunk(self.group, self.round, self._me, y[lo:hi], mine)))
+        out.append((successor, Backup(self.group, self.round, self._me, y[lo:hi])))
         return out
 
     def _enter_consistency(self) -> Outgoing:
@@ -312,31 +285,31 @@ class Member(MemberState):
         backup = self._backup is not None
         self._receipts[self.id] = ReceiptView(frozenset(received), backup)
         receipt = Receipt(self.group, self.round, received, backup)
-        return [(m, receipt) for m in sorted(self._adverts) if m != self.id]
+        return [(m, receipt) for m in self.members if m != self.id]
 
     def _enter_view(self) -> Outgoing:
         self._live = frozenset(self._receipts)
-        counted = counted_set(self.members, self._receipts, self._neighbours_of)
-        dropped = dropped_set(counted, self._neighbours_of)
+        counted = counted_set(self.members, self._receipts, self._graph)
+        dropped = dropped_set(counted, self._graph)
         self._counted, self._dropped = counted, dropped
         if len(counted) < self.threshold:
             raise AggregationAborted(f"{len(counted)} inputs counted, threshold {self.threshold}")
-        for u in sorted(counted | dropped):
+        for u in sorted(counted):
             holders = (self._graph[u] | {u}) & self._live
             if len(holders) < self.local_threshold:
                 raise AggregationAborted(
-                    f"too few live holders of a needed secret ({len(holders)})"
+                    f"too few live holders of a counted member's share ({len(holders)})"
                 )
         digest = self._view_digest = self._view_digest_of(counted, dropped, self._live)
         self._views[self.id] = digest
-        view = View(self.group, self.round, digest, self._sign_view(digest))
-        return [(m, view) for m in sorted(self._adverts) if m != self.id]
+        view = View(self.group, self.round, digest)
+        return [(m, view) for m in self.members if m != self.id]
 
     def _enter_unmasking(self) -> Outgoing:
         mine = self._view_digest
         if any(digest != mine for digest in self._views.values()):
             raise AggregationAborted("members disagree on the counted set (a view differs)")
-        missing = self._live - set(self._views)
+        missing = self._live - self._views.keys()
         if missing:
             raise AggregationAborted(f"{len(missing)} live members sent no view")
         if len(self._views) < self.threshold:
@@ -344,14 +317,14 @@ class Member(MemberState):
                 f"{len(self._views)} members share this view, threshold {self.threshold}"
             )
         counted, dropped = self._counted or frozenset(), self._dropped
-        kinds = {u: "b" for u in counted} | {v: "s" for v in dropped}
+        kinds = self._kinds(counted, dropped)
         self._check_ledger(kinds)
-        self._revealed.update({u: kind for u, kind in kinds.items() if u in self._held})
+        self._revealed.update(kinds)
         reveal = Reveal(
             self.group,
             self.round,
-            {u: self._held[u][0] for u in sorted(counted) if u in self._held},
-            {v: self._held[v][1] for v in sorted(dropped) if v in self._held},
+            {u: self._held[u] for u in sorted(counted) if u in self._held},
+            {v: self._pair_seed(v) for v in sorted(kinds) if kinds[v] == "s"},
         )
         self._reveals[self.id] = reveal
         out: Outgoing = [(m, reveal) for m in sorted(self._live) if m != self.id]
@@ -376,22 +349,24 @@ class Member(MemberState):
     def _enter_aggregate(self) -> Outgoing:
         counted = self._counted or frozenset()
         for j, got in self._assigned.items():
-            if not counted <= set(got):
+            if not counted <= got.keys():
                 raise AggregationAborted(f"masked slices of chunk {j} are missing")
         try:
-            b_seeds = {u: self._combine(u, 0) for u in sorted(counted)}
-            s_keys = {v: self._combine(v, 1) for v in sorted(self._dropped)}
+            b_seeds = {u: self._combine(u) for u in sorted(counted)}
         except (AggregationAborted, InconsistentMessage) as exc:
             raise AggregationAborted(f"cannot reconstruct a secret: {exc}") from exc
-        for v, key in s_keys.items():
-            public = nacl.bindings.crypto_scalarmult_base(key)
-            if public != self._adverts[v].agreement_public:
-                raise AggregationAborted("a reconstructed key does not match its advertisement")
         plan: list[tuple[bytes, int]] = [(b_seeds[u], -1) for u in sorted(counted)]
         for u in sorted(counted):
-            for v in sorted(self._neighbours_of[u] & self._dropped):
-                sign = 1 if self._index[u] < self._index[v] else -1
-                plan.append((self._pair_seed(s_keys[v], u, v), -sign))
+            pairs = self._graph[u] & self._dropped
+            if not pairs:
+                continue
+            reveal = self._reveals.get(u)
+            seeds = {} if reveal is None else reveal.pair_seeds
+            for v in sorted(pairs):
+                seed = seeds.get(v)
+                if seed is None:
+                    raise AggregationAborted("a pair seed needed to unmask never arrived")
+                plan.append((seed, -1 if self._index[u] < self._index[v] else 1))
         out: Outgoing = []
         for j, got in sorted(self._assigned.items()):
             lo, hi = self._bounds[j]
@@ -414,6 +389,5 @@ class Member(MemberState):
         self._stage = Stage.DONE
         self._held.clear()
         self._masked_input = None
-        self._forget_pairs()
         self._forget_combined()
         return []

@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
 
-import nacl.exceptions
 import nacl.signing
 import torch
 from torch import Tensor
@@ -22,21 +21,20 @@ from mpc import keys as mkeys
 from mpc.graph import mask_graph
 from mpc.kdf import pair_seed
 from mpc.messages import (
-    AdvertiseKeys,
+    Backup,
     ChunkSum,
-    MaskedChunk,
+    Input,
     Message,
     ReassignedChunk,
     Receipt,
     Reveal,
-    ShareKeys,
     View,
 )
+from mpc.prg import SEED_BYTES
 from mpc.shamir import SHARE_BYTES, Share, combine
 from mpc.survivors import ReceiptView, chunk_bounds, counted_set, dropped_set, fallback_reducer
 from murmur.errors import (
     AggregationAborted,
-    BadSignature,
     ConfigError,
     InconsistentMessage,
     MalformedMessage,
@@ -53,21 +51,18 @@ Outgoing = list[tuple[bytes, Message]]
 class Stage(enum.IntEnum):
     """Protocol stages in order; DONE and ABORTED are terminal."""
 
-    ADVERTISE_KEYS = 1
-    SHARE_KEYS = 2
-    MASKED_INPUT = 3
-    CONSISTENCY = 4
-    VIEW = 5
-    UNMASKING = 6
-    AGGREGATE = 7
-    DONE = 8
-    ABORTED = 9
+    INPUT = 1
+    CONSISTENCY = 2
+    VIEW = 3
+    UNMASKING = 4
+    AGGREGATE = 5
+    DONE = 6
+    ABORTED = 7
 
 
 STAGE_OF: dict[type, Stage] = {
-    AdvertiseKeys: Stage.ADVERTISE_KEYS,
-    ShareKeys: Stage.SHARE_KEYS,
-    MaskedChunk: Stage.MASKED_INPUT,
+    Input: Stage.INPUT,
+    Backup: Stage.INPUT,
     Receipt: Stage.CONSISTENCY,
     View: Stage.VIEW,
     Reveal: Stage.UNMASKING,
@@ -81,7 +76,20 @@ _COMBINED_GROUPS = 1 << 10
 _COMBINED: dict[tuple[bytes, int], dict[tuple[int, tuple[tuple[int, bytes], ...]], bytes]] = {}
 """(group, round) -> (threshold, shares) -> reconstructed secret; see ``MemberState._combine``."""
 
-_VIEW_DOMAIN = b"murmur.secagg.view.v1"
+_VIEW_DOMAIN = b"murmur.secagg.view.v2"
+
+_SIGNERS: dict[bytes, nacl.signing.SigningKey] = {}
+_SIGNERS_MAX = 1 << 14
+
+
+def _signing_key(seed: bytes) -> nacl.signing.SigningKey:
+    """``SigningKey(seed)``, kept per process (deriving the key pair costs ~20 us a round)."""
+    key = _SIGNERS.get(seed)
+    if key is None:
+        if len(_SIGNERS) >= _SIGNERS_MAX:
+            del _SIGNERS[next(iter(_SIGNERS))]
+        key = _SIGNERS[seed] = nacl.signing.SigningKey(seed)
+    return key
 
 
 @lru_cache(maxsize=64)
@@ -106,12 +114,13 @@ class MemberState:
     """One member's configuration, secrets and received messages (see ``mpc.protocol.Member``).
 
     ``signing_key`` is the member's Ed25519 identity (32-byte seed or ``SigningKey``); its verify
-    key is the member id and must be in ``members``. ``vector`` is the member's input, a 1-D
-    int32 (Z_2^32) or int64 (Z_2^64) ring tensor of the same length for every member.
-    ``threshold`` is the least number of counted inputs (default ceil(2k/3), must exceed k/2).
-    ``degree`` selects SecAgg+ (masks and shares only among mask-graph neighbours drawn from
-    ``graph_seed``, default derived from group and round); ``neighbourhood_threshold`` is then the
-    Shamir threshold within each neighbourhood of size degree + 1 (default ceil(2(degree+1)/3)).
+    key is the member id and must be in ``members``. Its pair keys with the other members come
+    from it (``mpc.keys.pair_root``). ``vector`` is the member's input, a 1-D int32 (Z_2^32) or
+    int64 (Z_2^64) ring tensor of the same length for every member. ``threshold`` is the least
+    number of counted inputs (default ceil(2k/3), must exceed k/2). ``degree`` selects SecAgg+
+    (masks and shares only among mask-graph neighbours drawn from ``graph_seed``, default derived
+    from group and round); ``neighbourhood_threshold`` is then the Shamir threshold within each
+    neighbourhood of size degree + 1 (default ceil(2(degree+1)/3)).
     """
 
     def __init__(
@@ -130,7 +139,7 @@ class MemberState:
         if not isinstance(signing_key, nacl.signing.SigningKey):
             if not isinstance(signing_key, bytes) or len(signing_key) != 32:
                 raise ConfigError("signing_key must be a 32-byte Ed25519 seed or a SigningKey")
-            signing_key = nacl.signing.SigningKey(signing_key)
+            signing_key = _signing_key(signing_key)
         self._signing_key = signing_key
         self.id: bytes = bytes(signing_key.verify_key)
         self.members: tuple[bytes, ...] = tuple(sorted(bytes(m) for m in members))
@@ -168,21 +177,16 @@ class MemberState:
                 else neighbourhood_threshold
             )
             _check_threshold("neighbourhood_threshold", self.local_threshold, size)
-        self._keys = mkeys.new_round_keys()
-        self._stage = Stage.ADVERTISE_KEYS
+        self._stage = Stage.INPUT
         self._started = False
         self._seen: set[tuple[str, bytes, int]] = set()
         self._pending: dict[Stage, list[tuple[bytes, Message]]] = {}
         self.refused: list[tuple[bytes, ProtocolError]] = []
         """Refusals of buffered messages, found when their stage began: (sender, error)."""
-        self._adverts: dict[bytes, AdvertiseKeys] = {}
-        self._held: dict[bytes, tuple[bytes, bytes]] = {}  # owner -> (b-share y, s-share y)
+        self._held: dict[bytes, bytes] = {}  # owner -> my share of its self-mask seed
         self._self_seed = b""
-        self._mine: frozenset[bytes] = frozenset()  # whom I masked with
-        self._expected: set[bytes] | None = None  # senders of masked input still awaited
         self._masked_input: Tensor | None = None
         self._chunks: dict[bytes, Tensor] = {}  # sender -> its slice of my own chunk
-        self._neighbours_of: dict[bytes, frozenset[bytes]] = {}
         self._backup: Tensor | None = None
         self._receipts: dict[bytes, ReceiptView] = {}
         self._live: frozenset[bytes] = frozenset()
@@ -207,7 +211,7 @@ class MemberState:
     @property
     def finished(self) -> bool:
         """True once DONE or ABORTED."""
-        return self._stage in (Stage.DONE, Stage.ABORTED)
+        return self._stage >= Stage.DONE
 
     @property
     def result(self) -> Tensor | None:
@@ -226,7 +230,10 @@ class MemberState:
 
     @property
     def revealed(self) -> dict[bytes, str]:
-        """The ledger: for each peer, the kind of share this member revealed ("b" or "s")."""
+        """The ledger: for each peer, what this member revealed about it.
+
+        ``"b"``: its share of the peer's self-mask seed; ``"s"``: the pairwise seed of the two.
+        """
         return dict(self._revealed)
 
     def output(self) -> Tensor:
@@ -239,32 +246,20 @@ class MemberState:
 
     # ------------------------------------------------------------------ helpers
 
-    def _pair_seed(self, private: bytes, peer: bytes, owner: bytes) -> bytes:
-        """Seed of the pair (owner, peer), from owner's private key and peer's public key."""
-        peer_public = self._adverts[peer].agreement_public
-        if owner == self.id:  # our own key: the other member of the pair may have computed it
-            keys = self._keys
-            secret = mkeys.agree_cached(keys.agreement_private, keys.agreement_public, peer_public)
-        else:  # a dropped member's reconstructed key
-            secret = mkeys.agree(private, peer_public)
-        return pair_seed(secret, round=self.round, group=self.group, a=owner, b=peer)
+    def _pair_seed(self, peer: bytes) -> bytes:
+        """This round's mask seed of the pair (me, peer)."""
+        root = mkeys.pair_root(self._signing_key, peer)
+        return pair_seed(root, round=self.round, group=self.group, a=self.id, b=peer)
 
-    def _box_key(self, peer: bytes) -> bytes:
-        """The precomputed Box key of (me, peer) for this round's sealed shares."""
-        keys = self._keys
-        return mkeys.box_key_cached(
-            keys.box_private, keys.box_public, self._adverts[peer].box_public
+    def _share_key(self, sender: bytes, recipient: bytes) -> bytes:
+        """The key sealing ``sender``'s share to ``recipient`` (one of them is this member)."""
+        root = mkeys.pair_root(self._signing_key, recipient if sender == self.id else sender)
+        return mkeys.share_key(
+            root, round=self.round, group=self.group, sender=sender, recipient=recipient
         )
 
-    def _forget_pairs(self) -> None:
-        """Drop this round's pair secrets from the process-wide cache (the round is over)."""
-        mkeys.forget_pairs(
-            self._keys,
-            [(a.agreement_public, a.box_public) for m, a in self._adverts.items() if m != self.id],
-        )
-
-    def _combine(self, owner: bytes, kind: int) -> bytes:
-        """Reconstruct ``owner``'s self-mask seed (kind 0) or agreement key (kind 1).
+    def _combine(self, owner: bytes) -> bytes:
+        """Reconstruct ``owner``'s self-mask seed from the revealed shares.
 
         The result is cached process-wide by the exact shares and threshold (every member of a
         group in one process reconstructs the same secrets from the same broadcast reveals; the
@@ -272,7 +267,7 @@ class MemberState:
         """
         points = []
         for holder, reveal in self._reveals.items():
-            got = (reveal.self_mask_shares, reveal.key_shares)[kind].get(owner)
+            got = reveal.self_mask_shares.get(owner)
             if got is not None:
                 points.append((self._index[holder] + 1, got))
         points.sort()
@@ -293,40 +288,31 @@ class MemberState:
         """Drop this group round's cached reconstructions (this member finished or aborted)."""
         _COMBINED.pop((self.group, self.round), None)
 
-    def _view_message(self, member: bytes, digest: bytes) -> bytes:
-        """The bytes a ``View`` signature covers: domain, round, group, member id, digest."""
-        return b"".join(
-            (
-                _VIEW_DOMAIN,
-                self.round.to_bytes(8, "big"),
-                len(self.group).to_bytes(2, "big"),
-                self.group,
-                member,
-                digest,
-            )
-        )
-
-    def _sign_view(self, digest: bytes) -> bytes:
-        """This member's Ed25519 signature over its view ``digest``."""
-        return bytes(self._signing_key.sign(self._view_message(self.id, digest)).signature)
-
     def _view_digest_of(
         self, counted: frozenset[bytes], dropped: frozenset[bytes], live: frozenset[bytes]
     ) -> bytes:
-        """BLAKE2b-256 over the sorted counted, dropped and live ids (what a ``View`` names)."""
+        """BLAKE2b-256 over round, group and the sorted counted, dropped and live ids."""
         h = hashlib.blake2b(_VIEW_DOMAIN, digest_size=32)
+        h.update(self.round.to_bytes(8, "big") + len(self.group).to_bytes(2, "big") + self.group)
         for part in (counted, dropped, live):
             h.update(len(part).to_bytes(4, "big"))
             for m in sorted(part):
                 h.update(m)
         return h.digest()
 
+    def _kinds(self, counted: frozenset[bytes], dropped: frozenset[bytes]) -> dict[bytes, str]:
+        """What this member would reveal about each peer for the view (counted, dropped)."""
+        kinds = {u: "b" for u in counted if u in self._held}
+        if self.id in counted:
+            kinds.update({v: "s" for v in self._graph[self.id] & dropped})
+        return kinds
+
     def _check_ledger(self, kinds: dict[bytes, str]) -> None:
         for peer, kind in kinds.items():
             before = self._revealed.get(peer)
             if before is not None and before != kind:
                 raise InconsistentMessage(
-                    "refused: this would reveal both the self-mask and the key share of a peer"
+                    "refused: this would reveal both a self-mask share and a pair seed of a peer"
                 )
 
     def _check_late_receipt(self, sender: bytes, msg: Receipt) -> None:
@@ -335,11 +321,8 @@ class MemberState:
             return
         receipts = dict(self._receipts)
         receipts[sender] = ReceiptView(frozenset(msg.received), bool(msg.backup))
-        counted = counted_set(self.members, receipts, self._neighbours_of)
-        kinds = {u: "b" for u in counted} | {
-            v: "s" for v in dropped_set(counted, self._neighbours_of)
-        }
-        self._check_ledger(kinds)
+        counted = counted_set(self.members, receipts, self._graph)
+        self._check_ledger(self._kinds(counted, dropped_set(counted, self._graph)))
 
     def _counted_digest(self) -> bytes:
         """BLAKE2b-256 of the sorted counted ids (what a ``ChunkSum`` is a sum over)."""
@@ -361,83 +344,63 @@ class MemberState:
     def _handle(self, sender: bytes, msg: Message) -> None:
         _HANDLERS[type(msg)](self, sender, msg)
 
-    def _on_advertise(self, sender: bytes, msg: AdvertiseKeys) -> None:
-        try:
-            mkeys.verify_advertisement(
-                sender,
-                round=msg.round,
-                group=msg.group,
-                agreement_public=msg.agreement_public,
-                box_public=msg.box_public,
-                signature=msg.signature,
-            )
-        except MalformedMessage as exc:
-            raise BadSignature(f"advertisement does not verify: {exc}") from exc
-        self._adverts[sender] = msg
-
-    def _on_shares(self, sender: bytes, msg: ShareKeys) -> None:
-        advert = self._adverts.get(sender)
-        if advert is None or sender not in self._graph[self.id]:
-            raise InconsistentMessage("shares from a member that is not an advertised neighbour")
-        plain = mkeys.open_with(
-            self._box_key(sender),
-            msg.sealed,
-            round=self.round,
-            group=self.group,
-            sender=sender,
-            recipient=self.id,
-        )
-        if len(plain) != 2 * SHARE_BYTES:
-            raise InconsistentMessage(f"sealed shares must hold {2 * SHARE_BYTES} bytes")
-        self._held[sender] = (plain[:SHARE_BYTES], plain[SHARE_BYTES:])
-
-    def _on_masked(self, sender: bytes, msg: MaskedChunk) -> None:
-        pos = self._index[sender]
-        backup = msg.chunk == pos and (pos + 1) % self.k == self._me
-        if msg.chunk != self._me and not backup:
+    def _on_input(self, sender: bytes, msg: Input) -> None:
+        if msg.chunk != self._me:
             raise InconsistentMessage(f"chunk {msg.chunk} is not reduced by this member")
-        if sender not in self._adverts:
-            raise InconsistentMessage("masked input from a member that did not advertise keys")
-        neighbours = frozenset(msg.neighbours)
-        if len(neighbours) != len(msg.neighbours) or not neighbours <= self._graph[sender]:
-            raise InconsistentMessage("the sender claims to mask with non-neighbours")
-        known = self._neighbours_of.get(sender)
-        if known is not None and known != neighbours:
-            raise InconsistentMessage("the sender's two chunks name different neighbours")
-        self._neighbours_of[sender] = neighbours
-        if msg.chunk == self._me:
-            self._chunks[sender] = msg.data
-        else:
-            self._backup = msg.data
+        sealed = msg.sealed
+        if sender in self._graph[self.id]:
+            share = mkeys.open_with(
+                self._share_key(sender, self.id),
+                sealed,
+                round=self.round,
+                group=self.group,
+                sender=sender,
+                recipient=self.id,
+            )
+            if len(share) != SHARE_BYTES:
+                raise InconsistentMessage(f"a sealed share must hold {SHARE_BYTES} bytes")
+            self._held[sender] = share
+        elif sealed:
+            raise InconsistentMessage("a share from a member that is not a mask-graph neighbour")
+        self._chunks[sender] = msg.data
+
+    def _on_backup(self, sender: bytes, msg: Backup) -> None:
+        pos = self._index[sender]
+        if msg.chunk != pos or (pos + 1) % self.k != self._me:
+            raise InconsistentMessage("a backup must be the sender's own chunk, to the next member")
+        self._backup = msg.data
 
     def _on_receipt(self, sender: bytes, msg: Receipt) -> None:
         received = frozenset(msg.received)
-        if len(received) != len(msg.received) or not received <= set(self._index):
+        if len(received) != len(msg.received) or not received <= self._index.keys():
             raise InconsistentMessage("a receipt must list distinct group members")
         self._receipts[sender] = ReceiptView(received, bool(msg.backup))
 
     def _on_view(self, sender: bytes, msg: View) -> None:
-        digest, signature = msg.digest, msg.signature
+        digest = msg.digest
         if not isinstance(digest, bytes) or len(digest) != 32:
             raise MalformedMessage("a view digest must be 32 bytes")
-        if not isinstance(signature, bytes) or len(signature) != 64:
-            raise MalformedMessage("a view signature must be 64 bytes")
-        try:
-            nacl.signing.VerifyKey(sender).verify(self._view_message(sender, digest), signature)
-        except nacl.exceptions.BadSignatureError as exc:
-            raise BadSignature("the view signature does not verify") from exc
         self._views[sender] = digest
 
     def _on_reveal(self, sender: bytes, msg: Reveal) -> None:
         if sender not in self._live:
-            raise InconsistentMessage("shares revealed by a member that sent no receipt")
-        if set(msg.self_mask_shares) & set(msg.key_shares):
-            raise InconsistentMessage("the sender revealed both kinds of share of one peer")
-        for owner, y in (*msg.self_mask_shares.items(), *msg.key_shares.items()):
-            if owner not in self._index or sender not in self._graph[owner] | {owner}:
-                raise InconsistentMessage("a revealed share its sender cannot hold")
+            raise InconsistentMessage("a reveal from a member that sent no receipt")
+        shares, seeds = msg.self_mask_shares, msg.pair_seeds
+        if shares.keys() & seeds.keys():
+            raise InconsistentMessage("the sender revealed both a share and a seed of one peer")
+        counted = self._counted or frozenset()
+        for owner, y in shares.items():
+            if owner not in counted or sender not in self._graph[owner] | {owner}:
+                raise InconsistentMessage("a revealed share of a peer not counted or not held")
             if not isinstance(y, bytes) or len(y) != SHARE_BYTES:
                 raise MalformedMessage(f"a share value must be {SHARE_BYTES} bytes")
+        if seeds and sender not in counted:
+            raise InconsistentMessage("pair seeds revealed by a member that is not counted")
+        for peer, seed in seeds.items():
+            if peer not in self._dropped or peer not in self._graph[sender]:
+                raise InconsistentMessage("a revealed seed with a peer not dropped or not paired")
+            if not isinstance(seed, bytes) or len(seed) != SEED_BYTES:
+                raise MalformedMessage(f"a pair seed must be {SEED_BYTES} bytes")
         self._reveals[sender] = msg
 
     def _on_reassigned(self, sender: bytes, msg: ReassignedChunk) -> None:
@@ -457,9 +420,8 @@ class MemberState:
 
 
 _HANDLERS: dict[type, Callable[[MemberState, bytes, Any], None]] = {
-    AdvertiseKeys: MemberState._on_advertise,
-    ShareKeys: MemberState._on_shares,
-    MaskedChunk: MemberState._on_masked,
+    Input: MemberState._on_input,
+    Backup: MemberState._on_backup,
     Receipt: MemberState._on_receipt,
     View: MemberState._on_view,
     Reveal: MemberState._on_reveal,

@@ -56,23 +56,21 @@ def fallback_reducer(
 def counted_set(
     members: Sequence[bytes],
     receipts: Mapping[bytes, ReceiptView],
-    neighbours: Mapping[bytes, frozenset[bytes]],
+    graph: Mapping[bytes, AbstractSet[bytes]],
 ) -> frozenset[bytes]:
     """The members whose masked input is counted, from the receipts of the live reducers.
 
-    ``receipts`` maps each live reducer to its receipt; ``neighbours`` maps a sender to the set it
-    says it masked with. A member ``u`` is counted iff
+    ``receipts`` maps each live reducer to its receipt; ``graph`` maps each member to its
+    mask-graph neighbours (everyone else, unless SecAgg+). A member ``u`` is counted iff
 
     1. every live reducer received its chunk (``u`` is in every ``received``);
     2. every chunk of its input reaches a live reducer: ``u`` is live itself (it resends its
        slices of dead reducers' chunks to their fallbacks), or ``u`` is the only member that is
        not live and its successor holds the backup of ``u``'s own chunk (a dead ``u`` cannot
        resend, so its slice of any other dead reducer's chunk would be lost);
-    3. its pairwise masks are matched: for every counted ``v`` that ``u`` masked with, ``v``
-       masked with ``u`` too (members that break this are removed, in id order, until stable).
-
-    Rule 3 never fires among honest members with consistent views; it keeps unmasking possible
-    (an unmatched mask between two counted members could only be removed by revealing a key).
+    3. its pair masks can be removed: a ``u`` that is not live cannot reveal its pair seeds,
+       so it is counted only if all its neighbours are counted too (then every mask it shares
+       cancels in the sum).
     """
     if not receipts:
         return frozenset()
@@ -87,22 +85,19 @@ def counted_set(
         alone = len(live) == k - 1
         if not alone or successor not in live or not receipts[successor].backup:
             counted.discard(u)
-    changed = True
-    while changed:
-        changed = False
-        for u in sorted(counted):
-            mine = neighbours.get(u)
-            if mine is None or any(u not in neighbours.get(v, ()) for v in mine & counted):
-                counted.discard(u)
-                changed = True
+    # rule 3: at most one counted member is not live (rule 2), and removing it changes no other
+    for u in sorted(counted - live):
+        if not graph[u] <= counted:
+            counted.discard(u)
     return frozenset(counted)
 
 
 def dropped_set(
-    counted: AbstractSet[bytes], neighbours: Mapping[bytes, frozenset[bytes]]
+    counted: AbstractSet[bytes], graph: Mapping[bytes, AbstractSet[bytes]]
 ) -> frozenset[bytes]:
-    """Members outside ``counted`` that a counted member masked with: their keys are needed."""
+    """Members outside ``counted`` that are a counted member's neighbours: their pair masks
+    with counted members must be removed (their counted neighbours reveal the pair seeds)."""
     needed: set[bytes] = set()
     for u in counted:
-        needed.update(neighbours[u])
+        needed.update(graph[u])
     return frozenset(needed - set(counted))

@@ -28,13 +28,12 @@ from gossip.messages import (
     PushSumShare,
 )
 from mpc.messages import (
-    AdvertiseKeys,
+    Backup,
     ChunkSum,
-    MaskedChunk,
+    Input,
     ReassignedChunk,
     Receipt,
     Reveal,
-    ShareKeys,
     View,
 )
 from p2p.codec import schema_check
@@ -158,9 +157,8 @@ Message = Union[  # noqa: UP007 - a named alias that other packages extend
     Pong,
     Refusal,
     # secure aggregation (mpc.messages)
-    AdvertiseKeys,
-    ShareKeys,
-    MaskedChunk,
+    Input,
+    Backup,
     Receipt,
     View,
     Reveal,

@@ -23,7 +23,7 @@ from gossip.matchmaking import Group, HashMatchmaker, MatchConfig, Matchmaker
 from gossip.messages import PlainChunk, PlainChunkSum
 from gossip.network import GossipHandler, StaticView, TransportNetwork
 from mpc.fixedpoint import decode, encode, max_scale
-from mpc.messages import AdvertiseKeys, ChunkSum, MaskedChunk, Receipt, Reveal, ShareKeys
+from mpc.messages import ChunkSum, Input, Receipt, Reveal, View
 from murmur.errors import (
     AggregationAborted,
     AggregationError,
@@ -297,10 +297,9 @@ def test_plain_group_rounds_conserve_the_weighted_total_exactly() -> None:
 
 CRASH_POINTS: list[type | None] = [
     None,
-    AdvertiseKeys,
-    ShareKeys,
-    MaskedChunk,
+    Input,
     Receipt,
+    View,
     Reveal,
     ChunkSum,
 ]

@@ -37,7 +37,7 @@ def test_bad_arguments_are_config_errors() -> None:
     with pytest.raises(ConfigError):
         mpc.secure_sum_ring(v, threshold=3, dropped={0: "lunch"})
     with pytest.raises(ConfigError):
-        mpc.secure_sum_ring(v, threshold=3, dropped={4: "share_keys"})
+        mpc.secure_sum_ring(v, threshold=3, dropped={4: "input"})
     with pytest.raises(ConfigError):  # t <= k/2 would let two disjoint groups reveal both kinds
         mpc.secure_sum_ring(v, threshold=2)
     with pytest.raises(ConfigError):
@@ -57,8 +57,8 @@ def test_seed_fixes_identities_and_graph() -> None:
 @pytest.mark.parametrize("k", [2, 4, 7])
 def test_message_count_without_dropouts(k: int) -> None:
     run = run_group([torch.zeros(5, dtype=torch.int64)] * k, threshold=k // 2 + 1)
-    # adverts, shares, masked chunks (+ one backup each), receipts, views, reveals, chunk sums
-    assert run.messages == 7 * k * (k - 1) + k
+    # inputs (+ one backup each), receipts, views, reveals, chunk sums: five all-to-all stages
+    assert run.messages == 5 * k * (k - 1) + k
     assert run.counted == tuple(range(k)) and run.aborted is None
 
 
@@ -88,7 +88,7 @@ def test_member_api_edges() -> None:
         round=1,
         vector=torch.zeros(2, dtype=torch.int32),
     )
-    assert new.advance() == [] and new.stage is mpc.Stage.ADVERTISE_KEYS
+    assert new.advance() == [] and new.stage is mpc.Stage.INPUT
     with pytest.raises(OutOfStage):
         new.output()
     with pytest.raises(ConfigError):  # not in the member list

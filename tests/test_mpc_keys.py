@@ -1,17 +1,18 @@
-"""mpc.keys and mpc.kdf: round keys, signed advertisements, sealed shares, pairwise seeds."""
+"""mpc.keys and mpc.kdf: static pair roots, sealed shares, pairwise seeds."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import nacl.bindings
 import nacl.signing
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mpc import kdf, keys
-from murmur.errors import BadSeal, BadSignature, ConfigError, MalformedMessage
+from murmur.errors import BadSeal, ConfigError, MalformedMessage
 
 KAT = json.loads((Path(__file__).parent / "data" / "mpc_kdf_kat.json").read_text())
 GROUP = b"group-7"
@@ -98,107 +99,69 @@ def test_bad_kdf_arguments(call: object) -> None:
         call()  # type: ignore[operator]
 
 
-# --- round keys and agreement ----------------------------------------------------------------
+# --- static pair roots -----------------------------------------------------------------------
 
 
-def test_round_keys_are_fresh_and_distinct_pairs() -> None:
-    k1, k2 = keys.new_round_keys(), keys.new_round_keys()
-    assert k1 != k2
-    assert len({k1.agreement_public, k1.box_public, k2.agreement_public, k2.box_public}) == 4
-    for k in (k1, k2):
-        assert len(k.agreement_private) == len(k.box_private) == keys.KEY_BYTES
-        assert k.agreement_private.hex() not in repr(k)
-        assert k.box_private.hex() not in repr(k)
-
-
-def test_agreement_is_symmetric_and_feeds_a_symmetric_pair_seed() -> None:
-    u, v = keys.new_round_keys(), keys.new_round_keys()
-    s_uv = keys.agree(u.agreement_private, v.agreement_public)
-    s_vu = keys.agree(v.agreement_private, u.agreement_public)
-    assert s_uv == s_vu
-    assert s_uv != keys.agree(u.agreement_private, keys.new_round_keys().agreement_public)
-    seed_u = kdf.pair_seed(s_uv, round=3, group=GROUP, a=_id(1), b=_id(2))
-    seed_v = kdf.pair_seed(s_vu, round=3, group=GROUP, a=_id(2), b=_id(1))
-    assert seed_u == seed_v
-
-
-def test_low_order_and_malformed_peer_keys_are_refused() -> None:
-    me = keys.new_round_keys()
-    with pytest.raises(MalformedMessage):
-        keys.agree(me.agreement_private, bytes(32))
-    with pytest.raises(MalformedMessage):
-        keys.agree(me.agreement_private, bytes(31))
-    with pytest.raises(ConfigError):
-        keys.agree(bytes(5), me.agreement_public)
-
-
-# --- advertisements --------------------------------------------------------------------------
-
-
-def _advert(i: int, k: keys.RoundKeys, rnd: int = 5) -> bytes:
-    return keys.sign_advertisement(
-        _identity(i),
-        round=rnd,
-        group=GROUP,
-        agreement_public=k.agreement_public,
-        box_public=k.box_public,
+def test_pair_root_is_symmetric_per_pair_and_matches_libsodium() -> None:
+    r12 = keys.pair_root(_identity(1), _id(2))
+    assert r12 == keys.pair_root(_identity(2), _id(1))  # both members of the pair agree
+    assert len(r12) == keys.KEY_BYTES
+    assert (
+        len({r12, keys.pair_root(_identity(1), _id(3)), keys.pair_root(_identity(2), _id(3))}) == 3
     )
+    # the same X25519 secret libsodium's Box uses for the pair, run through the KDF
+    raw = nacl.bindings.crypto_scalarmult(
+        bytes(_identity(1).to_curve25519_private_key()),
+        bytes(_identity(2).verify_key.to_curve25519_public_key()),
+    )
+    lo, hi = sorted((_id(1), _id(2)))
+    assert r12 == kdf.derive(raw, keys.PAIR_ROOT_LABEL, lo, hi)
+    # and it feeds symmetric per-round seeds that differ per round
+    seed = kdf.pair_seed(r12, round=3, group=GROUP, a=_id(1), b=_id(2))
+    assert seed == kdf.pair_seed(r12, round=3, group=GROUP, a=_id(2), b=_id(1))
+    assert seed != kdf.pair_seed(r12, round=4, group=GROUP, a=_id(1), b=_id(2))
 
 
-def test_advertisement_verifies_and_binds_every_field() -> None:
-    k, other = keys.new_round_keys(), keys.new_round_keys()
-    sig = _advert(1, k)
-    good = {
-        "round": 5,
-        "group": GROUP,
-        "agreement_public": k.agreement_public,
-        "box_public": k.box_public,
-    }
-    keys.verify_advertisement(_id(1), signature=sig, **good)  # type: ignore[arg-type]
-    # signing with the raw seed gives the same (deterministic Ed25519) signature
-    assert sig == keys.sign_advertisement(bytes([1]) * 32, **good)  # type: ignore[arg-type]
-    changes: list[tuple[bytes, dict[str, object]]] = [
-        (_id(2), {}),
-        (_id(1), {"round": 6}),
-        (_id(1), {"group": b"group-8"}),
-        (_id(1), {"agreement_public": other.agreement_public}),
-        (_id(1), {"box_public": other.box_public}),
-        (_id(1), {"agreement_public": k.box_public, "box_public": k.agreement_public}),
-    ]
-    for member, change in changes:
-        with pytest.raises(BadSignature):
-            keys.verify_advertisement(member, signature=sig, **{**good, **change})  # type: ignore[arg-type]
-    forged = bytes([sig[0] ^ 1]) + sig[1:]
-    with pytest.raises(BadSignature):
-        keys.verify_advertisement(_id(1), signature=forged, **good)  # type: ignore[arg-type]
-    with pytest.raises(BadSignature):
-        keys.verify_advertisement(_id(1), signature=sig[:63], **good)  # type: ignore[arg-type]
+def test_pair_root_cache_is_per_pair_and_recomputes_after_eviction() -> None:
+    first = keys.pair_root(_identity(4), _id(5))
+    keys._ROOTS.clear()
+    assert keys.pair_root(_identity(5), _id(4)) == first  # recomputed from the other side
+    # a cached pair is only found by its own two ids: a third identity gets its own root
+    assert keys.pair_root(_identity(6), _id(5)) != first
 
 
-def test_advertisement_with_malformed_keys_is_refused() -> None:
-    k = keys.new_round_keys()
-    with pytest.raises(MalformedMessage):
-        keys.verify_advertisement(
-            _id(1),
-            round=1,
-            group=GROUP,
-            agreement_public=k.agreement_public[:31],
-            box_public=k.box_public,
-            signature=bytes(64),
-        )
+def test_bad_pair_members_are_refused() -> None:
+    with pytest.raises(ConfigError):
+        keys.pair_root(_identity(1), _id(1))
+    with pytest.raises(ConfigError):
+        keys.pair_root(_identity(1), bytes(31))
+    with pytest.raises(MalformedMessage):  # not a point on the curve
+        keys.pair_root(_identity(1), b"\xff" * 31 + b"\x7f")
+    with pytest.raises(MalformedMessage):  # a low-order point: the shared secret would be zero
+        keys.pair_root(_identity(1), bytes(32))
 
 
 # --- sealed shares ---------------------------------------------------------------------------
 
 
+def _share_key(i: int, peer: int, *, sender: int, recipient: int, rnd: int = 2) -> bytes:
+    root = keys.pair_root(_identity(i), _id(peer))
+    return keys.share_key(
+        root, round=rnd, group=GROUP, sender=_id(sender), recipient=_id(recipient)
+    )
+
+
 def test_seal_and_open_round_trip_with_context_binding() -> None:
-    a, b, c = keys.new_round_keys(), keys.new_round_keys(), keys.new_round_keys()
     ctx = {"round": 2, "group": GROUP, "sender": _id(1), "recipient": _id(2)}
-    sealed = keys.seal_to(a.box_private, b.box_public, b"share bytes", **ctx)  # type: ignore[arg-type]
+    key = _share_key(1, 2, sender=1, recipient=2)
+    assert key == _share_key(2, 1, sender=1, recipient=2)  # the recipient derives the same key
+    assert key != _share_key(2, 1, sender=2, recipient=1)  # one key per direction
+    assert key != _share_key(1, 2, sender=1, recipient=2, rnd=3)  # and per round
+    sealed = keys.seal_with(key, b"share bytes", **ctx)  # type: ignore[arg-type]
     assert b"share bytes" not in sealed
-    assert keys.open_from(b.box_private, a.box_public, sealed, **ctx) == b"share bytes"  # type: ignore[arg-type]
+    assert keys.open_with(key, sealed, **ctx) == b"share bytes"  # type: ignore[arg-type]
     # fresh nonce: sealing twice gives different ciphertexts
-    assert sealed != keys.seal_to(a.box_private, b.box_public, b"share bytes", **ctx)  # type: ignore[arg-type]
+    assert sealed != keys.seal_with(key, b"share bytes", **ctx)  # type: ignore[arg-type]
     replays: list[dict[str, object]] = [
         {"round": 3},
         {"group": b"other"},
@@ -208,19 +171,11 @@ def test_seal_and_open_round_trip_with_context_binding() -> None:
     ]
     for change in replays:
         with pytest.raises(BadSeal):
-            keys.open_from(b.box_private, a.box_public, sealed, **{**ctx, **change})  # type: ignore[arg-type]
-    with pytest.raises(BadSeal):  # a third party cannot open it
-        keys.open_from(c.box_private, a.box_public, sealed, **ctx)  # type: ignore[arg-type]
+            keys.open_with(key, sealed, **{**ctx, **change})  # type: ignore[arg-type]
+    with pytest.raises(BadSeal):  # a third party's key cannot open it
+        keys.open_with(_share_key(3, 2, sender=1, recipient=2), sealed, **ctx)  # type: ignore[arg-type]
     tampered = sealed[:-1] + bytes([sealed[-1] ^ 1])
     with pytest.raises(BadSeal):
-        keys.open_from(b.box_private, a.box_public, tampered, **ctx)  # type: ignore[arg-type]
+        keys.open_with(key, tampered, **ctx)  # type: ignore[arg-type]
     with pytest.raises(BadSeal):
-        keys.open_from(b.box_private, a.box_public, sealed[:10], **ctx)  # type: ignore[arg-type]
-
-
-def test_seal_refuses_a_low_order_recipient_key() -> None:
-    a = keys.new_round_keys()
-    with pytest.raises(MalformedMessage):
-        keys.seal_to(
-            a.box_private, bytes(32), b"x", round=1, group=GROUP, sender=_id(1), recipient=_id(2)
-        )
+        keys.open_with(key, sealed[:10], **ctx)  # type: ignore[arg-type]

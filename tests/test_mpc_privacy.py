@@ -16,7 +16,7 @@ from scipy.stats import chisquare
 import mpc
 from mpc.driver import run_group
 from murmur.errors import (
-    BadSignature,
+    BadSeal,
     DuplicateMessage,
     InconsistentMessage,
     MalformedMessage,
@@ -83,13 +83,13 @@ def masked_chunks_of_member0(runs: int, *, d: int, k: int = 3) -> torch.Tensor:
         log: Held = []
 
         def spy(s: bytes, rcp: bytes, m: mpc.Message, log: Held = log) -> bool:
-            if isinstance(m, mpc.MaskedChunk) and s == zero and rcp == one and m.chunk == 1:
+            if isinstance(m, mpc.Input) and s == zero and rcp == one and m.chunk == 1:
                 log.append((s, rcp, m))
             return False
 
         pump(members, hold=spy)
         (_, _, msg) = log[0]
-        assert isinstance(msg, mpc.MaskedChunk)
+        assert isinstance(msg, mpc.Input)
         seen.append(msg.data)
     return torch.cat(seen)
 
@@ -122,7 +122,7 @@ def test_a_receipt_asking_for_the_other_share_kind_is_refused_and_never_answered
     member, late = run.members[0], run.members[4]
     ids = [m.id for m in run.members]
     assert member.revealed[ids[2]] == "b"
-    # A late receipt from member 4 that lacks member 2 would make member 2 "dropped" (key share)
+    # A late receipt from member 4 that lacks member 2 would make member 2 "dropped" (pair seed)
     forged = mpc.Receipt(member.group, member.round, tuple(sorted(set(ids) - {ids[2]})), False)
     with pytest.raises(InconsistentMessage, match="both"):
         member.receive(late.id, forged)
@@ -155,58 +155,84 @@ def test_a_reveal_with_both_kinds_for_one_peer_is_refused() -> None:
 # ---------------------------------------------------------------- refusals
 
 
-def test_forged_advertisements_are_refused() -> None:
-    members, _, _ = make_group(3)
+def test_forged_and_misdirected_shares_are_refused() -> None:
+    members, keys, _ = make_group(3)
     a, b = members[0], members[1]
     a.start()
-    real = b.start()[0][1]
-    assert isinstance(real, mpc.AdvertiseKeys)
-    # signed by someone else
-    stranger = nacl.signing.SigningKey(b"\x07" * 32)
-    sig = mpc.sign_advertisement(
-        stranger,
-        round=real.round,
-        group=real.group,
-        agreement_public=real.agreement_public,
-        box_public=real.box_public,
+    real = next(m for r, m in b.start() if r == a.id)
+    assert isinstance(real, mpc.Input) and real.sealed
+    g, rd = real.group, real.round
+
+    def resealed(sealed: bytes) -> mpc.Input:
+        return mpc.Input(g, rd, real.chunk, real.data, sealed)
+
+    tampered = bytearray(real.sealed)
+    tampered[-1] ^= 1
+    with pytest.raises(BadSeal):  # a flipped bit
+        a.receive(b.id, resealed(bytes(tampered)))
+    with pytest.raises(BadSeal):  # no share from a neighbour
+        a.receive(b.id, resealed(b""))
+    root = mpc.pair_root(keys[1], a.id)
+    share = b"\x01" * mpc.SHARE_BYTES
+    for rnd, sender, recipient in ((6, b.id, a.id), (rd, a.id, b.id)):
+        # sealed for another round, or in the other direction of the pair
+        key = mpc.share_key(root, round=rnd, group=g, sender=sender, recipient=recipient)
+        sealed = mpc.seal_with(key, share, round=rnd, group=g, sender=sender, recipient=recipient)
+        with pytest.raises(BadSeal):
+            a.receive(b.id, resealed(sealed))
+    stranger = nacl.signing.SigningKey(b"\x07" * 32)  # sealed by someone else to a
+    key = mpc.share_key(
+        mpc.pair_root(stranger, a.id), round=rd, group=g, sender=b.id, recipient=a.id
     )
-    forged = mpc.AdvertiseKeys(real.group, real.round, real.agreement_public, real.box_public, sig)
-    with pytest.raises(BadSignature):
-        a.receive(b.id, forged)
-    # a key swapped under a valid signature
-    swapped = mpc.AdvertiseKeys(
-        real.group, real.round, bytes(32 * [9]), real.box_public, real.signature
-    )
-    with pytest.raises(BadSignature):
-        a.receive(b.id, swapped)
-    # for another round
-    with pytest.raises(InconsistentMessage):
+    with pytest.raises(BadSeal):
         a.receive(
-            b.id, mpc.AdvertiseKeys(real.group, 6, real.agreement_public, real.box_public, sig)
+            b.id,
+            resealed(mpc.seal_with(key, share, round=rd, group=g, sender=b.id, recipient=a.id)),
         )
+    with pytest.raises(InconsistentMessage):  # for another round
+        a.receive(b.id, mpc.Input(g, 6, real.chunk, real.data, real.sealed))
     # refusals change nothing: the real one is still accepted, a second copy is a duplicate
     assert a.receive(b.id, real) == []
     with pytest.raises(DuplicateMessage):
         a.receive(b.id, real)
 
 
+def test_a_share_from_a_non_neighbour_is_refused() -> None:
+    k = 8
+    keys = [nacl.signing.SigningKey(bytes([9, i + 1]) * 16) for i in range(k)]
+    ids = [bytes(s.verify_key) for s in keys]
+    vec = torch.zeros(16, dtype=torch.int64)
+    members = [
+        mpc.Member(keys[i], ids, group=b"g", round=1, vector=vec, threshold=5, degree=3)
+        for i in range(k)
+    ]
+    a = members[0]
+    stranger = next(m for m in members[1:] if m.id not in a._graph[a.id])
+    real = next(m for r, m in stranger.start() if r == a.id)
+    assert isinstance(real, mpc.Input) and real.sealed == b""
+    a.start()
+    with pytest.raises(InconsistentMessage, match="neighbour"):
+        a.receive(stranger.id, mpc.Input(real.group, 1, real.chunk, real.data, b"x" * 80))
+    assert a.receive(stranger.id, real) == []
+
+
 def test_out_of_stage_duplicate_and_inconsistent_messages_are_refused() -> None:
     members, _, _ = make_group(4, threshold=3)
     a, late = members[0], members[3]
-    # a never hears late's advertisement in time: its deadline passes
+    # a never hears late's input in time: its deadline passes
     held = pump(members, hold=lambda s, r, m: s == late.id and r == a.id)
-    assert a.stage is mpc.Stage.ADVERTISE_KEYS
+    assert a.stage is mpc.Stage.INPUT
     a.advance()
-    assert a.stage > mpc.Stage.ADVERTISE_KEYS  # buffered shares may carry it further
-    advert = next(m for s, r, m in held if isinstance(m, mpc.AdvertiseKeys))
+    assert a.stage > mpc.Stage.INPUT
+    given = next(m for s, r, m in held if isinstance(m, mpc.Input))
     with pytest.raises(OutOfStage):
-        a.receive(late.id, advert)
+        a.receive(late.id, given)
     # not a member; a member posing as itself; a foreign object
     outsider = bytes(nacl.signing.SigningKey(b"\x05" * 32).verify_key)
     with pytest.raises(InconsistentMessage):
-        a.receive(outsider, advert)
+        a.receive(outsider, given)
     with pytest.raises(InconsistentMessage):
-        a.receive(a.id, advert)
+        a.receive(a.id, given)
     with pytest.raises(UnknownMessageType):
         a.receive(late.id, object())  # type: ignore[arg-type]
 
@@ -214,28 +240,26 @@ def test_out_of_stage_duplicate_and_inconsistent_messages_are_refused() -> None:
 def test_bad_chunks_are_refused() -> None:
     members, _, _ = make_group(3, d=9)
     a, b = members[0], members[1]
-    # stop b's masked chunk to a, so that a waits in MASKED_INPUT
-    held = pump(
-        members, hold=lambda s, r, m: isinstance(m, mpc.MaskedChunk) and s == b.id and r == a.id
-    )
-    assert a.stage is mpc.Stage.MASKED_INPUT
-    real = next(m for s, r, m in held if isinstance(m, mpc.MaskedChunk) and m.chunk == 0)
-    assert isinstance(real, mpc.MaskedChunk)
+    # stop b's input to a, so that a waits in INPUT
+    held = pump(members, hold=lambda s, r, m: isinstance(m, mpc.Input) and s == b.id and r == a.id)
+    assert a.stage is mpc.Stage.INPUT
+    real = next(m for s, r, m in held if isinstance(m, mpc.Input) and m.chunk == 0)
+    assert isinstance(real, mpc.Input)
     g, rd = a.group, a.round
     with pytest.raises(InconsistentMessage):  # too short
-        a.receive(b.id, mpc.MaskedChunk(g, rd, 0, real.data[:-1], real.neighbours))
+        a.receive(b.id, mpc.Input(g, rd, 0, real.data[:-1], real.sealed))
     with pytest.raises(MalformedMessage):  # wrong ring
-        a.receive(b.id, mpc.MaskedChunk(g, rd, 0, real.data.to(torch.int32), real.neighbours))
+        a.receive(b.id, mpc.Input(g, rd, 0, real.data.to(torch.int32), real.sealed))
     with pytest.raises(InconsistentMessage):  # a chunk a does not reduce
-        a.receive(b.id, mpc.MaskedChunk(g, rd, 2, real.data, real.neighbours))
+        a.receive(b.id, mpc.Input(g, rd, 2, real.data, real.sealed))
     with pytest.raises(InconsistentMessage):  # no such chunk
-        a.receive(b.id, mpc.MaskedChunk(g, rd, 99, real.data, real.neighbours))
+        a.receive(b.id, mpc.Input(g, rd, 99, real.data, real.sealed))
+    with pytest.raises(InconsistentMessage):  # a backup of someone else's chunk
+        a.receive(b.id, mpc.Backup(g, rd, 2, real.data))
     with pytest.raises(InconsistentMessage):  # a future-stage message is checked before buffering
         a.receive(b.id, mpc.ChunkSum(g, rd, 3, real.data, bytes(32)))
     with pytest.raises(InconsistentMessage):
         a.receive(b.id, mpc.ChunkSum(g, rd, 1, torch.zeros(50, dtype=real.data.dtype), bytes(32)))
-    with pytest.raises(InconsistentMessage):  # claims to mask with a non-member
-        a.receive(b.id, mpc.MaskedChunk(g, rd, 0, real.data, (b"\x01" * 32,)))
     queue = [(a.id, r, m) for r, m in a.receive(b.id, real)]  # accepted
     with pytest.raises(DuplicateMessage):
         a.receive(b.id, real)
@@ -305,11 +329,11 @@ def test_members_with_different_receipts_reveal_nothing() -> None:
     for _, _, msg in delivered:
         if isinstance(msg, mpc.Reveal):
             b_of |= set(msg.self_mask_shares)
-            s_of |= set(msg.key_shares)
+            s_of |= set(msg.pair_seeds)
     for m in members:
         b_of |= {u for u, kind in m.revealed.items() if kind == "b"}
         s_of |= {u for u, kind in m.revealed.items() if kind == "s"}
-    assert not b_of & s_of  # no peer has both kinds of share revealed by anyone
+    assert not b_of & s_of  # no peer has both a share and a seed revealed by anyone
     for honest in (members[victim], members[fooled]):
         assert honest.stage is mpc.Stage.ABORTED
         assert "disagree" in (honest.abort_reason or "")
@@ -317,40 +341,44 @@ def test_members_with_different_receipts_reveal_nothing() -> None:
     assert (b"group", 5) not in mpc.state._COMBINED
 
 
-def test_views_are_signed_and_late_views_refused() -> None:
-    members, keys, _ = make_group(3)
+def test_bad_and_late_views_are_refused() -> None:
+    members, _, _ = make_group(3)
     a, b = members[0], members[1]
     held = pump(members, hold=lambda s, r, m: isinstance(m, mpc.View) and s == b.id and r == a.id)
     assert a.stage is mpc.Stage.VIEW and len(held) == 1
     real = held[0][2]
     assert isinstance(real, mpc.View)
-    forged = mpc.View(real.group, real.round, bytes(32), real.signature)
-    with pytest.raises(BadSignature):
-        a.receive(b.id, forged)
-    with pytest.raises(BadSignature):  # signed by another member's key
-        a.receive(b.id, mpc.View(real.group, real.round, real.digest, b"\x00" * 64))
     with pytest.raises(MalformedMessage):
-        a.receive(b.id, mpc.View(real.group, real.round, b"\x01", real.signature))
+        a.receive(b.id, mpc.View(real.group, real.round, b"\x01"))
+    with pytest.raises(InconsistentMessage):  # another round's view
+        a.receive(b.id, mpc.View(real.group, 6, real.digest))
     assert a.stage is mpc.Stage.VIEW and a.revealed == {}
     pump(members, start=False, queue=held)
     assert all(m.stage is mpc.Stage.DONE for m in members)
     # a view with another digest after the member revealed: refused, nothing changes
-    message = a._view_message(b.id, bytes(32))
-    late = mpc.View(real.group, real.round, bytes(32), keys[1].sign(message).signature)
     before = a.revealed
     with pytest.raises((OutOfStage, DuplicateMessage)):
-        a.receive(b.id, late)
+        a.receive(b.id, mpc.View(real.group, real.round, bytes(32)))
     assert a.revealed == before and a.stage is mpc.Stage.DONE
 
 
-def test_a_conflicting_view_aborts_before_revealing() -> None:
+def test_the_view_digest_binds_sets_round_and_group() -> None:
     members, keys, _ = make_group(3)
+    m, ids = members[0], [x.id for x in members]
+    c = frozenset(ids)
+    digest = m._view_digest_of(c, frozenset(), c)
+    assert digest != m._view_digest_of(c - {m.id}, frozenset({m.id}), c)
+    for group, rnd in ((b"group", 6), (b"other", 5)):
+        twin = mpc.Member(keys[0], ids, group=group, round=rnd, vector=m._x)
+        assert twin._view_digest_of(c, frozenset(), c) != digest
+
+
+def test_a_conflicting_view_aborts_before_revealing() -> None:
+    members, _, _ = make_group(3)
     a, b = members[0], members[1]
     held = pump(members, hold=lambda s, r, m: isinstance(m, mpc.View) and s == b.id and r == a.id)
     assert a.stage is mpc.Stage.VIEW
-    other = bytes(32)
-    signature = keys[1].sign(a._view_message(b.id, other)).signature
-    a.receive(b.id, mpc.View(b"group", 5, other, signature))  # validly signed, another view
+    a.receive(b.id, mpc.View(b"group", 5, bytes(32)))  # another view
     assert a.stage is mpc.Stage.ABORTED and "disagree" in (a.abort_reason or "")
     assert a.revealed == {} and len(held) == 1
 
@@ -369,7 +397,7 @@ def test_reveal_repr_hides_shares_and_cancel_forgets() -> None:
     reveal = mpc.Reveal(b"g", 1, {b"\x01" * 32: share}, {b"\x02" * 32: share})
     assert share.hex() not in repr(reveal) and repr(share) not in repr(reveal)
     members, _, _ = make_group(3)
-    pump(members, hold=lambda s, r, m: isinstance(m, mpc.MaskedChunk))
+    pump(members, hold=lambda s, r, m: isinstance(m, mpc.Input))
     a = members[0]
     assert a._held and not a.finished
     a.cancel()

@@ -16,7 +16,7 @@ from mpc.driver import run_group
 from mpc.messages import MESSAGE_TYPES
 from mpc.survivors import ReceiptView, chunk_bounds, counted_set, fallback_reducer
 
-STAGES = ("share_keys", "masked_input", "unmasking")
+STAGES = ("input", "unmasking")
 
 
 def ring_vectors(k: int, d: int, bits: int, seed: int) -> list[torch.Tensor]:
@@ -34,15 +34,13 @@ def ring_sum(vectors: list[torch.Tensor], idx: Iterable[int]) -> torch.Tensor:
 
 
 def expected_outcome(k: int, t: int, dropped: dict[int, str]) -> tuple[int, ...] | None:
-    """The counted members of classic SecAgg per the documented rules, or None for an abort."""
-    order = {s: n for n, s in enumerate(STAGES)}
-    shared = [i for i in range(k) if i not in dropped or order[dropped[i]] > 0]
-    sent_input = [i for i in range(k) if i not in dropped or order[dropped[i]] > 1]
+    """The counted members per the documented rules (complete graph), or None for an abort."""
+    sent_input = [i for i in range(k) if dropped.get(i) != "input"]
     live = [i for i in range(k) if i not in dropped]
     counted = set(live)
     if len(live) == k - 1 and len(sent_input) == k:  # the one unmasking-dropper has its backup
         counted = set(range(k))
-    if len(shared) < t or len(live) < t or len(counted) < t:
+    if len(live) < t or len(counted) < t:
         return None
     return tuple(sorted(counted))
 
@@ -156,11 +154,10 @@ def test_secagg_plus_masks_and_shares_only_with_neighbours() -> None:
     log = pump(members)
     graph = mpc.mask_graph(ids, degree=4, seed=members[0]._graph_seed)
     assert all(len(n) == 4 for n in graph.values())
-    for sender, recipient, msg in log:
-        if isinstance(msg, mpc.ShareKeys):
-            assert recipient in graph[sender]
-        if isinstance(msg, mpc.MaskedChunk):
-            assert set(msg.neighbours) == graph[sender]
+    inputs = [(s, r, msg) for s, r, msg in log if isinstance(msg, mpc.Input)]
+    assert len(inputs) == k * (k - 1)  # every reducer gets every chunk of its own
+    for sender, recipient, msg in inputs:
+        assert bool(msg.sealed) == (recipient in graph[sender])  # shares only to neighbours
     assert all(m.local_threshold == math.ceil(2 * 5 / 3) for m in members)
     assert all(torch.equal(m.output(), ring_sum(vectors, range(k))) for m in members)
 
@@ -174,9 +171,7 @@ def test_a_drop_after_the_agreement_step_aborts(stage: str) -> None:
 
 def test_below_threshold_aborts_with_nothing_revealed() -> None:
     vectors = ring_vectors(7, 12, 64, 4)
-    run = run_group(
-        vectors, threshold=5, dropped={0: "unmasking", 3: "masked_input", 4: "unmasking"}
-    )
+    run = run_group(vectors, threshold=5, dropped={0: "unmasking", 3: "input", 4: "unmasking"})
     assert run.ring_sum is None and run.aborted and "threshold" in run.aborted
     for m in run.members:
         assert m.revealed == {}
@@ -198,11 +193,18 @@ def test_survivor_rules() -> None:
     # one live reducer missed ids[3]'s chunk: ids[3] is not counted
     receipts = {m: ReceiptView(everyone - ({ids[3]} if m == ids[0] else set()), False) for m in ids}
     assert counted_set(ids, receipts, nbrs) == everyone - {ids[3]}
-    # an unmatched mask: ids[0] says it masked with ids[4], ids[4] says it did not
-    lopsided = dict(nbrs)
-    lopsided[ids[4]] = everyone - {ids[4], ids[0]}
-    receipts = {m: ReceiptView(everyone, False) for m in ids}
-    assert counted_set(ids, receipts, lopsided) == everyone - {ids[0]}
+    # ids[1] is gone but backed up, and ids[3] is dropped: ids[1] could not reveal its seed
+    # with ids[3], so it is not counted either
+    receipts = {
+        m: ReceiptView(everyone - ({ids[3]} if m == ids[0] else set()), m == ids[2])
+        for m in ids
+        if m != ids[1]
+    }
+    assert counted_set(ids, receipts, nbrs) == everyone - {ids[1], ids[3]}
+    # ... unless ids[3] is not its neighbour (SecAgg+)
+    sparse = dict(nbrs)
+    sparse[ids[1]] = frozenset({ids[0], ids[2]})
+    assert counted_set(ids, receipts, sparse) == everyone - {ids[3]}
     assert fallback_reducer(1, ids, {ids[0], ids[3]}) == ids[3]
     assert fallback_reducer(4, ids, {ids[0], ids[3]}) == ids[0]
     assert chunk_bounds(7, 3) == [(0, 3), (3, 5), (5, 7)]
@@ -222,10 +224,10 @@ def test_messages_cross_the_p2p_codec() -> None:
     codec = pytest.importorskip("p2p.codec")
     for cls in MESSAGE_TYPES.values():
         codec.schema_check(cls)
-    msg = mpc.MaskedChunk(b"g", 1, 2, torch.arange(5, dtype=torch.int64), (b"a" * 32,))
-    back = codec.decode_body_as(mpc.MaskedChunk, codec.encode_body(msg))
-    assert back.neighbours == msg.neighbours and torch.equal(back.data, msg.data)
-    reveal = mpc.Reveal(b"g", 1, {b"a" * 32: b"y" * 66}, {})
+    msg = mpc.Input(b"g", 1, 2, torch.arange(5, dtype=torch.int64), b"sealed")
+    back = codec.decode_body_as(mpc.Input, codec.encode_body(msg))
+    assert back.sealed == msg.sealed and torch.equal(back.data, msg.data)
+    reveal = mpc.Reveal(b"g", 1, {b"a" * 32: b"y" * 66}, {b"b" * 32: b"s" * 32})
     assert codec.decode_body_as(mpc.Reveal, codec.encode_body(reveal)) == reveal
 
 

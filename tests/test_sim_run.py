@@ -63,8 +63,8 @@ def test_virtual_time_runs_far_faster_than_it_simulates() -> None:
     )
     result = run_scenario(s)
     virtual = result.records[-1].virtual_time_s
-    # Six protocol stages with 1 s per message: at least 6 s per round.
-    assert virtual >= 50 * 6.0
+    # Five protocol stages (inputs, receipts, views, reveals, sums), 1 s per message: >= 5 s each.
+    assert virtual >= 50 * 5.0
     print(f"simulated {virtual:.0f} s in {result.wall_time_s:.1f} s of wall time")
     assert result.wall_time_s < virtual / 10
 
