@@ -265,9 +265,11 @@ class HttpTransport(Transport):
             try:
                 async with asyncio.timeout_at(deadline):
                     for _ in range(2):  # a stream that closed under us is replaced once
-                        stream = await self._stream_to(address)
-                        if stream is None:
-                            break
+                        stream = self._streams.get(address)
+                        if stream is None or stream.closed:
+                            stream = await self._stream_to(address)
+                            if stream is None:
+                                break
                         try:
                             return await stream.exchange(data)
                         except StreamGone:
@@ -314,8 +316,15 @@ class HttpTransport(Transport):
                 return None  # every stream is busy: this one goes by POST
             task = asyncio.create_task(self._connect(address), name=f"murmur-connect {address}")
             self._connecting[address] = task
-            task.add_done_callback(lambda _t: self._connecting.pop(address, None))
+            task.add_done_callback(self._connected)
         return await asyncio.shield(task)
+
+    def _connected(self, task: asyncio.Task[ClientStream | None]) -> None:
+        for address, pending in list(self._connecting.items()):
+            if pending is task:
+                del self._connecting[address]
+        if not task.cancelled():
+            task.exception()  # retrieved here: every waiter may have timed out already
 
     def _evict_idle(self) -> bool:
         """Close the least recently used idle stream; False if every stream is busy."""
@@ -350,10 +359,13 @@ class HttpTransport(Transport):
                     compress=0,
                 )
         except aiohttp.WSServerHandshakeError as exc:
-            if exc.status in (404, 405):  # a peer without the stream endpoint: POST only
-                self._no_stream.add(address)
-                return None
-            raise PeerUnreachable(f"cannot open a stream to {address}: {exc}") from None
+            if exc.status == 503:  # the peer is shutting down
+                raise PeerUnreachable(f"{address} is closing") from None
+            # A peer without the stream endpoint (or behind something that refuses the
+            # upgrade): POST only, for the lifetime of this transport.
+            log.info("event=no_stream address=%s status=%s", address, exc.status)
+            self._no_stream.add(address)
+            return None
         except TimeoutError:
             raise Timeout(f"no stream to {address} within the request timeout") from None
         except (aiohttp.ClientError, OSError) as exc:
