@@ -179,6 +179,7 @@ class _Group:
     peers: list[int]
     members: dict[int, MemberLike]
     min_stage: int = 0
+    at_min: int = 0  # live members at min_stage
     timer: asyncio.TimerHandle | None = None
     done: bool = False
 
@@ -262,9 +263,8 @@ class GroupRound:
     # ------------------------------------------------------------------ events
 
     def _send(self, p: int, out: Outgoing) -> None:
-        index, post = self.net.index, self.net.post
-        for recipient, msg in out:
-            post(p, index[recipient], msg)
+        if out:
+            self.net.post_many(p, out)
 
     def _start(self, p: int) -> None:
         group = self._of.get(p)
@@ -279,9 +279,18 @@ class GroupRound:
             raise ProtocolError("no member of that group here")
         member = group.members[p]
         before = member.stage
-        self._send(p, member.receive(self.net.raw_ids[sender], msg))
+        out = member.receive(self.net.raw_ids[sender], msg)
+        if out:
+            self.net.post_many(p, out)
         if member.stage != before:
-            self._update(group)
+            # Only the last live member to leave the group's lowest stage, or one finishing,
+            # can change the group's lowest live stage or end it: skip the scan otherwise.
+            if member.finished or before < group.min_stage:
+                self._update(group)
+            elif before == group.min_stage:
+                group.at_min -= 1
+                if group.at_min <= 0:
+                    self._update(group)
 
     def peer_left(self, p: int) -> None:
         """``p`` went offline: its member stops; its group may now be finished."""
@@ -296,11 +305,20 @@ class GroupRound:
     def _update(self, group: _Group) -> None:
         if group.done:
             return
-        live = self._live(group)
-        if not live:
+        online = self.net.online
+        lowest, count = -1, 0
+        for p, m in group.members.items():
+            if not online[p] or m.finished:
+                continue
+            stage = m.stage
+            if count == 0 or stage < lowest:
+                lowest, count = stage, 1
+            elif stage == lowest:
+                count += 1
+        if count == 0:
             self._finish(group)
             return
-        lowest = min(m.stage for _, m in live)
+        group.at_min = count
         if lowest != group.min_stage:
             group.min_stage = lowest
             self._arm(group)

@@ -14,7 +14,8 @@ bytes with it (``wire`` also checks it against the real encoding in the tests).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import operator
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -112,9 +113,31 @@ class _NoKey(Exception):
     pass
 
 
-_FIELDS: dict[type, tuple[str, ...]] = {}
+_GETTERS: dict[type, Callable[[Any], tuple[Any, ...]]] = {}
 _SIZES: dict[tuple[Any, ...], int] = {}
 _MAX_CACHED = 100_000
+
+
+def _getter(cls: type) -> Callable[[Any], tuple[Any, ...]]:
+    """A C-level getter of all of ``cls``'s field values, as a tuple."""
+    names = tuple(f.name for f in dataclasses.fields(cls))
+    if not names:
+        return lambda _: ()
+    if len(names) == 1:
+        name = names[0]
+        return lambda message: (getattr(message, name),)
+    return operator.attrgetter(*names)
+
+
+def _bins(values: Iterable[Any]) -> int:
+    """The msgpack length of ``values`` if all are ``bytes`` (bin 8/16/32), else -1."""
+    total = 0
+    for v in values:
+        if type(v) is not bytes:
+            return -1
+        n = len(v)
+        total += n + (2 if n < 256 else 3 if n < 65536 else 5)
+    return total
 
 
 def _shape(value: Any) -> Any:
@@ -135,8 +158,14 @@ def _shape(value: Any) -> Any:
     if t is str:
         return ("s", len(value.encode()))
     if t is tuple:
+        packed = _bins(value)  # a tuple of bytes: the count and the items' total decide
+        if packed >= 0:
+            return ("tb", len(value), packed)
         return ("t", *(_shape(v) for v in value))
     if t is dict:
+        keys, values = _bins(value.keys()), _bins(value.values())
+        if keys >= 0 and values >= 0:  # bytes -> bytes: the count and the items' total decide
+            return ("db", len(value), keys + values)
         return ("d", *sorted((repr(_shape(k)), repr(_shape(v))) for k, v in value.items()))
     raise _NoKey
 
@@ -148,16 +177,27 @@ def wire_size(message: object, auth: Auth = Auth.MAC, *, recipient: bool = True)
     integer values), so most calls cost a few attribute reads instead of a msgpack encoding.
     """
     cls = type(message)
-    names = _FIELDS.get(cls)
-    if names is None:
-        names = _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+    getter = _GETTERS.get(cls)
+    if getter is None:
+        getter = _GETTERS[cls] = _getter(cls)
+    values = getter(message)
+    # The field types come first, so each field's parts below are unambiguous: bytes and
+    # ints one part, a tensor two (dtype, shape), float and None none, anything else one.
+    parts: list[Any] = [cls, auth, recipient, *map(type, values)]
+    key: tuple[Any, ...] | None
     try:
-        key: tuple[Any, ...] | None = (
-            cls,
-            auth,
-            recipient,
-            *(_shape(getattr(message, n)) for n in names),
-        )
+        for v in values:
+            t = type(v)
+            if t is bytes:
+                parts.append(len(v))
+            elif t is int or t is bool:
+                parts.append(v)
+            elif t is Tensor:
+                parts.append(v.dtype)
+                parts.append(v.shape)
+            elif t is not float and v is not None:
+                parts.append(_shape(v))
+        key = tuple(parts)
     except _NoKey:
         key = None
     if key is not None:

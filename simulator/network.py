@@ -27,7 +27,7 @@ import functools
 import hashlib
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 from murmur.errors import ConfigError, ProtocolError, RefusalCode, UnknownMessageType
@@ -45,6 +45,10 @@ awaitable of the reply (run as a task; the sender hears about it when it complet
 
 OnResult = Callable[[bool, Any], None]
 """``on_result(accepted, reply_or_error)``: the fate of one sent message."""
+
+_Entry = tuple[Any, ...]
+"""A tick bucket's entry: ``(when, seq, fn, args)`` for a callback, ``(when, seq, None,
+sender, recipient, message, size)`` for a plain delivery (see ``SimNetwork._flush``)."""
 
 EPOCH = 1_767_225_600.0
 """Wall-clock seconds that virtual time 0 stands for in envelope timestamps (2026-01-01)."""
@@ -81,7 +85,7 @@ class SimNetwork:
         self.index: dict[bytes, int] = {raw: i for i, raw in enumerate(self.raw_ids)}
         self.handlers: list[dict[type, Handler]] = [{} for _ in range(n)]
         self._tick = scenario.tick_ms / 1000.0
-        self._buckets: dict[int, list[tuple[float, int, Callable[..., None], tuple[Any, ...]]]] = {}
+        self._buckets: dict[int, list[_Entry]] = {}
         self._seq = 0
         self._uplink_free = [0.0] * n
         self._codecs: list[EnvelopeCodec | None] = [None] * n
@@ -117,27 +121,62 @@ class SimNetwork:
 
     # ------------------------------------------------------------------ scheduling
 
-    def call_at(self, when: float, fn: Callable[..., None], *args: Any) -> None:
-        """Run ``fn(*args)`` at virtual time ``when`` (grouped with that tick's deliveries)."""
-        now = self.loop.time()
-        if when < now:
-            when = now
+    def _bucket(self, when: float) -> list[_Entry]:
+        """The bucket of the tick ``when`` falls in; a new bucket gets the tick's one timer."""
         index = math.ceil(when / self._tick - 1e-9)
         bucket = self._buckets.get(index)
         if bucket is None:
             bucket = self._buckets[index] = []
             self.loop.call_at(index * self._tick, self._flush, index)
             self.timers += 1
+        return bucket
+
+    def call_at(self, when: float, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn(*args)`` at virtual time ``when`` (grouped with that tick's deliveries)."""
+        now = self.loop.time()
+        if when < now:
+            when = now
+        bucket = self._bucket(when)
         self._seq += 1
         bucket.append((when, self._seq, fn, args))
 
     def _flush(self, index: int) -> None:
+        """Run one tick's entries in (time, send order): callbacks, and plain deliveries inline
+        (``_post_objects``' entries: ``(when, seq, None, sender, recipient, message, size)``)."""
         entries = self._buckets.pop(index, None)
         if not entries:
             return
-        entries.sort(key=_order)
-        for _, _, fn, args in entries:
-            fn(*args)
+        entries.sort()  # (when, seq) is unique: the comparison never reaches the payload
+        online, handlers = self.online, self.handlers
+        received = delivered = lost = refused = 0
+        try:
+            for entry in entries:
+                fn = entry[2]
+                if fn is not None:
+                    fn(*entry[3])
+                    continue
+                _, _, _, sender, recipient, message, size = entry
+                if not online[recipient]:
+                    lost += 1
+                    continue
+                received += size
+                handler = handlers[recipient].get(type(message))
+                if handler is None:  # as UnknownMessageType: refused
+                    refused += 1
+                    continue
+                try:
+                    reply = handler(sender, message)
+                except ProtocolError:
+                    refused += 1
+                    continue
+                delivered += 1
+                if reply is not None:
+                    self._background(reply)
+        finally:
+            self.bytes_received += received
+            self.messages_delivered += delivered
+            self.messages_lost += lost
+            self.refused += refused
 
     # ------------------------------------------------------------------ sending
 
@@ -149,6 +188,19 @@ class SimNetwork:
         size = wire_size(message, auth)
         self._last = (message, auth, size)
         return size
+
+    def post_many(self, sender: int, out: Iterable[tuple[bytes, object]]) -> None:
+        """Send each ``(recipient_raw_id, message)`` of ``out``, in order, with no callback.
+
+        The same as ``post(sender, index[recipient], message)`` for each, in one loop (the
+        shape of what ``mpc.Member`` returns).
+        """
+        if self.wire:
+            index = self.index
+            for raw, message in out:
+                self.post(sender, index[raw], message)
+            return
+        self._post_objects(sender, out, self.index)
 
     def post(
         self,
@@ -165,6 +217,9 @@ class SimNetwork:
         A message from an offline sender is not sent at all; one that is lost, crosses an
         active partition, or reaches an offline recipient counts as sent but not received.
         """
+        if on_result is None and deliver_to is None and not self.wire:
+            self._post_objects(sender, ((recipient, message),), None)
+            return
         if not self.online[sender]:
             if on_result is not None:
                 on_result(False, None)
@@ -194,6 +249,65 @@ class SimNetwork:
         self.call_at(
             arrival, self._deliver, sender, recipient, payload, size, on_result, deliver_to
         )
+
+    def _post_objects(
+        self,
+        sender: int,
+        out: Iterable[tuple[Any, object]],
+        index: dict[bytes, int] | None,
+    ) -> None:
+        """``post`` without callbacks at object fidelity, for many messages from one sender:
+        the same model draws in the same order, bucketed as ``(when, seq, None, sender,
+        recipient, message, size)`` for ``_flush`` to deliver inline. Recipients are raw ids
+        looked up in ``index``, or peer indices when it is None."""
+        if not self.online[sender]:
+            return
+        model, loop, buckets, tick = self.model, self.loop, self._buckets, self._tick
+        now = loop.time()
+        spb = model.seconds_per_byte[sender]
+        free = self._uplink_free[sender]
+        loss, rng, latency = model.loss, model.rng, model.latency
+        p_start, p_end = model.partition
+        cut = p_start <= now < p_end
+        side = model.side_list
+        last = self._last
+        last_message, last_size = (last[0], last[2]) if last is not None else (None, 0)
+        seq = self._seq
+        sent = count = dropped = 0
+        try:
+            for target, message in out:
+                recipient = target if index is None else index[target]
+                if message is last_message:
+                    size = last_size
+                else:
+                    size = wire_size(message, auth_for(message))
+                    last_message, last_size = message, size
+                sent += size
+                count += 1
+                start = now if now > free else free
+                free = start + size * spb
+                if (loss > 0.0 and rng.random() < loss) or (
+                    cut and side[sender] != side[recipient]
+                ):
+                    dropped += 1
+                    continue
+                arrival = free + latency(sender, recipient)
+                tick_index = math.ceil(arrival / tick - 1e-9)
+                bucket = buckets.get(tick_index)
+                if bucket is None:
+                    bucket = buckets[tick_index] = []
+                    loop.call_at(tick_index * tick, self._flush, tick_index)
+                    self.timers += 1
+                seq += 1
+                bucket.append((arrival, seq, None, sender, recipient, message, size))
+        finally:
+            self._seq = seq
+            self._uplink_free[sender] = free
+            self.bytes_sent += sent
+            self.messages_sent += count
+            self.messages_lost += dropped
+            if last_message is not None:
+                self._last = (last_message, auth_for(last_message), last_size)
 
     def _deliver(
         self,
@@ -227,17 +341,18 @@ class SimNetwork:
                         raise UnknownMessageType(f"no handler for {type(message).__name__}")
                     reply = handler(sender, message)
                     self.messages_delivered += 1
-                    if inspect.iscoroutine(reply):
-                        reply, pending = _run_eagerly(reply)
-                        if pending is not None:
-                            reply = pending
-                    if inspect.isawaitable(reply):
-                        task = asyncio.ensure_future(reply)
-                        if on_result is not None:
-                            task.add_done_callback(functools.partial(self._finished, on_result))
-                        else:
-                            task.add_done_callback(self._finished_quiet)
-                        return
+                    if reply is not None:
+                        if inspect.iscoroutine(reply):
+                            reply, pending = _run_eagerly(reply)
+                            if pending is not None:
+                                reply = pending
+                        if inspect.isawaitable(reply):
+                            task = asyncio.ensure_future(reply)
+                            if on_result is not None:
+                                task.add_done_callback(functools.partial(self._finished, on_result))
+                            else:
+                                task.add_done_callback(self._finished_quiet)
+                            return
                     ok = True
             except ProtocolError as exc:
                 self.refused += 1
@@ -246,6 +361,19 @@ class SimNetwork:
             self.messages_lost += 1
         if on_result is not None:
             on_result(ok, reply)
+
+    def _background(self, reply: Any) -> None:
+        """A handler's non-None return on the inline path, which no one waits for: run a
+        coroutine eagerly, then anything still pending as a task."""
+        try:
+            if inspect.iscoroutine(reply):
+                reply, pending = _run_eagerly(reply)
+                if pending is not None:
+                    reply = pending
+            if inspect.isawaitable(reply):
+                asyncio.ensure_future(reply).add_done_callback(self._finished_quiet)
+        except ProtocolError:
+            self.refused += 1
 
     def _finished(self, on_result: OnResult, task: asyncio.Future[Any]) -> None:
         if task.cancelled():
@@ -299,7 +427,3 @@ async def _resume(coro: Any, yielded: Any) -> Any:
             yielded = coro.send(None)
         except StopIteration as stop:
             return stop.value
-
-
-def _order(entry: tuple[float, int, Callable[..., None], tuple[Any, ...]]) -> tuple[float, int]:
-    return entry[0], entry[1]
