@@ -19,15 +19,13 @@ from mpc.fixedpoint import (
     ring_sub_,
 )
 from mpc.graph import GRAPH_LABEL, default_degree, mask_graph
-from mpc.kdf import PAIR_SEED_LABEL, derive, pair_seed, u64
+from mpc.kdf import PAIR_KEYS_LABEL, PAIR_SEED_LABEL, derive, pair_keys, pair_seed, u64
 from mpc.keys import (
     KEY_BYTES,
     PAIR_ROOT_LABEL,
-    SHARE_KEY_LABEL,
     open_with,
     pair_root,
     seal_with,
-    share_key,
 )
 from mpc.messages import (
     MESSAGE_TYPES,
@@ -62,13 +60,13 @@ __all__ = [
     "KEY_BYTES",
     "MAX_SHARES",
     "MESSAGE_TYPES",
+    "PAIR_KEYS_LABEL",
     "PAIR_ROOT_LABEL",
     "PAIR_SEED_LABEL",
     "PRIME",
     "SECRET_BYTES",
     "SEED_BYTES",
     "SHARE_BYTES",
-    "SHARE_KEY_LABEL",
     "AggregationAborted",
     "Backup",
     "Bits",
@@ -101,6 +99,7 @@ __all__ = [
     "max_scale",
     "new_seed",
     "open_with",
+    "pair_keys",
     "pair_root",
     "pair_seed",
     "ring_add",
@@ -112,7 +111,6 @@ __all__ = [
     "seal_with",
     "secure_sum",
     "secure_sum_ring",
-    "share_key",
     "split",
     "u64",
 ]

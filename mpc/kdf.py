@@ -14,11 +14,13 @@ import hashlib
 
 from murmur.errors import ConfigError
 
-__all__ = ["PAIR_SEED_LABEL", "derive", "pair_seed", "u64"]
+__all__ = ["PAIR_KEYS_LABEL", "PAIR_SEED_LABEL", "derive", "pair_keys", "pair_seed", "u64"]
 
 _DOMAIN = b"murmur.kdf.v1"
 PAIR_SEED_LABEL = b"murmur.secagg.pair-seed.v1"
-"""KDF label of pairwise mask seeds."""
+"""KDF label of pairwise mask seeds (``pair_seed``)."""
+PAIR_KEYS_LABEL = b"murmur.secagg.pair-round.v2"
+"""KDF label of a pair's per-round keys (``pair_keys``)."""
 
 
 def u64(value: int) -> bytes:
@@ -34,11 +36,14 @@ def _enc(part: bytes) -> bytes:
     return len(part).to_bytes(4, "big") + bytes(part)
 
 
-def derive(key: bytes, label: bytes, *parts: bytes) -> bytes:
-    """A 32-byte key derived from secret ``key`` for the context ``(label, *parts)``."""
+def derive(key: bytes, label: bytes, *parts: bytes, size: int = 32) -> bytes:
+    """A ``size``-byte key (default 32, at most 64) derived from secret ``key`` for the context
+    ``(label, *parts)``."""
     if not isinstance(key, bytes | bytearray) or not 16 <= len(key) <= 64:
         raise ConfigError("a KDF key must be 16 to 64 bytes")
-    h = hashlib.blake2b(key=bytes(key), digest_size=32)
+    if not 16 <= size <= 64:
+        raise ConfigError("a KDF output must be 16 to 64 bytes")
+    h = hashlib.blake2b(key=bytes(key), digest_size=size)
     h.update(_DOMAIN)
     h.update(_enc(label))
     for part in parts:
@@ -56,3 +61,18 @@ def pair_seed(shared_secret: bytes, *, round: int, group: bytes, a: bytes, b: by
         raise ConfigError("a pairwise seed needs two different members")
     lo, hi = sorted((bytes(a), bytes(b)))
     return derive(shared_secret, PAIR_SEED_LABEL, u64(round), bytes(group), lo, hi)
+
+
+def pair_keys(root: bytes, *, round: int, group: bytes, a: bytes, b: bytes) -> tuple[bytes, bytes]:
+    """One pair's keys for ``(round, group)``: ``(mask seed, share key)``, 32 bytes each.
+
+    One 64-byte KDF output from the pair's root key (``mpc.keys.pair_root``), split in two; the
+    mask seed feeds the PRG, the share key seals Shamir shares between the two (both directions:
+    the sealed plaintext names sender and recipient). Symmetric in ``(a, b)`` and bound to the
+    round and the group, so nothing repeats across rounds or groups.
+    """
+    if a == b:
+        raise ConfigError("pair keys need two different members")
+    lo, hi = sorted((bytes(a), bytes(b)))
+    out = derive(root, PAIR_KEYS_LABEL, u64(round), bytes(group), lo, hi, size=64)
+    return out[:32], out[32:]

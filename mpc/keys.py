@@ -7,8 +7,9 @@ derive everything per round from it with the keyed-BLAKE2b KDF (``mpc.kdf``), ea
 to (round, group, both ids) so nothing repeats across rounds, groups or pairs:
 
 * the pair's root ``pair_root`` = KDF(raw X25519 output, "pair-root", lower id, higher id);
-* its mask seed for one round, ``mpc.kdf.pair_seed(root, round, group, a, b)``;
-* the one-way key that seals a Shamir share from ``sender`` to ``recipient``, ``share_key``.
+* per round, ``mpc.kdf.pair_keys(root, round, group, a, b)``: the pair's mask seed and the key
+  that seals Shamir shares between the two (``seal_with``; the sealed plaintext names sender and
+  recipient, so a share cannot be reflected back to its sender).
 
 Why no fresh X25519 keys per round (Bonawitz et al. 2017 advertise two per round): there, a
 dropped member's *agreement private key* is reconstructed from shares so the others can remove
@@ -24,9 +25,9 @@ Speed: ``pair_root`` keeps each pair's root in a bounded process-wide cache keye
 (the X25519 output is symmetric, so the other member of the pair, when it runs in the same
 process, finds it). A caller can only ask for a pair it belongs to: it passes its own signing
 key, whose verify key is one of the two ids. Converted peer keys are cached the same way (public
-data). Sealed shares use ``crypto_secretbox`` (XSalsa20-Poly1305, random nonce) under
-``share_key``; the plaintext starts with the context (round, group, sender, recipient), checked on
-opening, so a sealed share cannot be replayed into another round, group or pair.
+data). Sealed shares use ``crypto_secretbox`` (XSalsa20-Poly1305, random nonce) under the
+pair's share key; the plaintext starts with the context (round, group, sender, recipient),
+checked on opening, so a sealed share cannot be replayed into another round, group or pair.
 """
 
 from __future__ import annotations
@@ -47,11 +48,9 @@ _V = TypeVar("_V")
 __all__ = [
     "KEY_BYTES",
     "PAIR_ROOT_LABEL",
-    "SHARE_KEY_LABEL",
     "open_with",
     "pair_root",
     "seal_with",
-    "share_key",
 ]
 
 KEY_BYTES = 32
@@ -59,8 +58,6 @@ KEY_BYTES = 32
 
 PAIR_ROOT_LABEL = b"murmur.secagg.pair-root.v2"
 """KDF label of a pair's root key (from the raw static X25519 output)."""
-SHARE_KEY_LABEL = b"murmur.secagg.share-key.v2"
-"""KDF label of the one-way key that seals a share from sender to recipient in one round."""
 
 _SEAL_TAG = b"murmur.secagg.share.v2"
 _NONCE_BYTES = nacl.bindings.crypto_secretbox_NONCEBYTES
@@ -102,14 +99,15 @@ def _curve_public(peer: bytes) -> bytes:
     return public
 
 
-def pair_root(signing_key: nacl.signing.SigningKey, peer: bytes) -> bytes:
+def pair_root(signing_key: nacl.signing.SigningKey, peer: bytes, *, me: bytes = b"") -> bytes:
     """The 32-byte root key of the pair (this identity, ``peer``), computed once per process.
 
-    Symmetric: the peer, with its own signing key, gets the same root. Raises ``ConfigError`` for
-    a pair of one member and ``MalformedMessage`` for an id that is not a usable public key (a
+    Symmetric: the peer, with its own signing key, gets the same root. ``me`` may pass the
+    signing key's own id (its verify key) to save recomputing it. Raises ``ConfigError`` for a
+    pair of one member and ``MalformedMessage`` for an id that is not a usable public key (a
     low-order point would make the shared secret zero).
     """
-    me = bytes(signing_key.verify_key)
+    me = me or bytes(signing_key.verify_key)
     peer = _peer_id(peer)
     if peer == me:
         raise ConfigError("a pair needs two different members")
@@ -128,14 +126,6 @@ def pair_root(signing_key: nacl.signing.SigningKey, peer: bytes) -> bytes:
     return root
 
 
-def share_key(root: bytes, *, round: int, group: bytes, sender: bytes, recipient: bytes) -> bytes:
-    """The key that seals ``sender``'s share to ``recipient`` in ``(round, group)``.
-
-    One-way: the pair's two directions use different keys.
-    """
-    return derive(root, SHARE_KEY_LABEL, u64(round), bytes(group), bytes(sender), bytes(recipient))
-
-
 def _context(*, round: int, group: bytes, sender: bytes, recipient: bytes) -> bytes:
     return _SEAL_TAG + b"".join(
         _enc(p) for p in (u64(round), bytes(group), bytes(sender), bytes(recipient))
@@ -145,7 +135,7 @@ def _context(*, round: int, group: bytes, sender: bytes, recipient: bytes) -> by
 def seal_with(
     key: bytes, plaintext: bytes, *, round: int, group: bytes, sender: bytes, recipient: bytes
 ) -> bytes:
-    """Encrypt and authenticate ``plaintext`` under ``key`` (from ``share_key``), with its context.
+    """Encrypt and authenticate ``plaintext`` under ``key`` (a pair's share key), with its context.
 
     Returns ``nonce || ciphertext`` (XSalsa20-Poly1305; 40 bytes longer than context + plaintext).
     """

@@ -38,10 +38,10 @@ class Input:
     """Stage INPUT, to the reducer of ``chunk``: that slice of the sender's masked input.
 
     ``sealed`` is the recipient's Shamir share of the sender's self-mask seed, sealed to it
-    (``mpc.keys.seal_with`` under ``mpc.keys.share_key``; the share's x-coordinate is the
-    recipient's position in the sorted member list plus one), or empty when the recipient is not
-    one of the sender's mask-graph neighbours (SecAgg+). A reducer that holds a member's chunk
-    therefore also holds its share: the two travel together.
+    (``mpc.keys.seal_with`` under the pair's share key from ``mpc.kdf.pair_keys``; the share's
+    x-coordinate is the recipient's position in the sorted member list plus one), or empty when
+    the recipient is not one of the sender's mask-graph neighbours (SecAgg+). A reducer that
+    holds a member's chunk therefore also holds its share: the two travel together.
     """
 
     TYPE: ClassVar[str] = "secagg.input"

@@ -219,6 +219,7 @@ class Member(MemberState):
         self._stage = Stage.ABORTED
         self._abort_reason = reason
         self._held.clear()
+        self._pairs.clear()
         self._self_seed = b""
         self._masked_input = None
         self._pending.clear()
@@ -256,7 +257,7 @@ class Member(MemberState):
         self._held[self.id] = shares[self._me].y
         plan = [(self._self_seed, 1)]
         for v in sorted(neighbours):
-            plan.append((self._pair_seed(v), 1 if self._me < self._index[v] else -1))
+            plan.append((self._pair(v)[0], 1 if self._me < self._index[v] else -1))
         y = self._masked_input = masked(self._x, plan)
         out: Outgoing = []
         for j, m in enumerate(self.members):
@@ -267,7 +268,7 @@ class Member(MemberState):
             sealed = b""
             if m in neighbours:
                 sealed = mkeys.seal_with(
-                    self._share_key(self.id, m),
+                    self._pair(m)[1],
                     shares[j].y,
                     round=self.round,
                     group=self.group,
@@ -324,7 +325,7 @@ class Member(MemberState):
             self.group,
             self.round,
             {u: self._held[u] for u in sorted(counted) if u in self._held},
-            {v: self._pair_seed(v) for v in sorted(kinds) if kinds[v] == "s"},
+            {v: self._pair(v)[0] for v in sorted(kinds) if kinds[v] == "s"},
         )
         self._reveals[self.id] = reveal
         out: Outgoing = [(m, reveal) for m in sorted(self._live) if m != self.id]
@@ -388,6 +389,7 @@ class Member(MemberState):
         self._result = torch.cat([self._sums[j] for j in range(self.k)])
         self._stage = Stage.DONE
         self._held.clear()
+        self._pairs.clear()
         self._masked_input = None
         self._forget_combined()
         return []

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from mpc import keys as mkeys
 from mpc.graph import mask_graph
-from mpc.kdf import pair_seed
+from mpc.kdf import pair_keys
 from mpc.messages import (
     Backup,
     ChunkSum,
@@ -184,6 +184,7 @@ class MemberState:
         self.refused: list[tuple[bytes, ProtocolError]] = []
         """Refusals of buffered messages, found when their stage began: (sender, error)."""
         self._held: dict[bytes, bytes] = {}  # owner -> my share of its self-mask seed
+        self._pairs: dict[bytes, tuple[bytes, bytes]] = {}  # peer -> (mask seed, share key)
         self._self_seed = b""
         self._masked_input: Tensor | None = None
         self._chunks: dict[bytes, Tensor] = {}  # sender -> its slice of my own chunk
@@ -246,17 +247,14 @@ class MemberState:
 
     # ------------------------------------------------------------------ helpers
 
-    def _pair_seed(self, peer: bytes) -> bytes:
-        """This round's mask seed of the pair (me, peer)."""
-        root = mkeys.pair_root(self._signing_key, peer)
-        return pair_seed(root, round=self.round, group=self.group, a=self.id, b=peer)
-
-    def _share_key(self, sender: bytes, recipient: bytes) -> bytes:
-        """The key sealing ``sender``'s share to ``recipient`` (one of them is this member)."""
-        root = mkeys.pair_root(self._signing_key, recipient if sender == self.id else sender)
-        return mkeys.share_key(
-            root, round=self.round, group=self.group, sender=sender, recipient=recipient
-        )
+    def _pair(self, peer: bytes) -> tuple[bytes, bytes]:
+        """This round's (mask seed, share key) of the pair (me, peer), derived once per round."""
+        keys = self._pairs.get(peer)
+        if keys is None:
+            root = mkeys.pair_root(self._signing_key, peer, me=self.id)
+            keys = pair_keys(root, round=self.round, group=self.group, a=self.id, b=peer)
+            self._pairs[peer] = keys
+        return keys
 
     def _combine(self, owner: bytes) -> bytes:
         """Reconstruct ``owner``'s self-mask seed from the revealed shares.
@@ -350,7 +348,7 @@ class MemberState:
         sealed = msg.sealed
         if sender in self._graph[self.id]:
             share = mkeys.open_with(
-                self._share_key(sender, self.id),
+                self._pair(sender)[1],
                 sealed,
                 round=self.round,
                 group=self.group,

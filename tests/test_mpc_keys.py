@@ -144,19 +144,35 @@ def test_bad_pair_members_are_refused() -> None:
 # --- sealed shares ---------------------------------------------------------------------------
 
 
-def _share_key(i: int, peer: int, *, sender: int, recipient: int, rnd: int = 2) -> bytes:
+def _share_key(i: int, peer: int, rnd: int = 2) -> bytes:
     root = keys.pair_root(_identity(i), _id(peer))
-    return keys.share_key(
-        root, round=rnd, group=GROUP, sender=_id(sender), recipient=_id(recipient)
+    return kdf.pair_keys(root, round=rnd, group=GROUP, a=_id(i), b=_id(peer))[1]
+
+
+def test_pair_keys_split_one_output_and_bind_their_context() -> None:
+    root = keys.pair_root(_identity(1), _id(2))
+    seed, share = kdf.pair_keys(root, round=2, group=GROUP, a=_id(1), b=_id(2))
+    assert (seed, share) == kdf.pair_keys(root, round=2, group=GROUP, a=_id(2), b=_id(1))
+    assert seed != share and len(seed) == len(share) == 32
+    out = kdf.derive(
+        root, kdf.PAIR_KEYS_LABEL, kdf.u64(2), GROUP, *sorted((_id(1), _id(2))), size=64
     )
+    assert out == seed + share
+    for other in (
+        kdf.pair_keys(root, round=3, group=GROUP, a=_id(1), b=_id(2)),
+        kdf.pair_keys(root, round=2, group=b"other", a=_id(1), b=_id(2)),
+        kdf.pair_keys(root, round=2, group=GROUP, a=_id(1), b=_id(3)),
+    ):
+        assert not {seed, share} & set(other)
+    with pytest.raises(ConfigError):
+        kdf.pair_keys(root, round=2, group=GROUP, a=_id(1), b=_id(1))
 
 
 def test_seal_and_open_round_trip_with_context_binding() -> None:
     ctx = {"round": 2, "group": GROUP, "sender": _id(1), "recipient": _id(2)}
-    key = _share_key(1, 2, sender=1, recipient=2)
-    assert key == _share_key(2, 1, sender=1, recipient=2)  # the recipient derives the same key
-    assert key != _share_key(2, 1, sender=2, recipient=1)  # one key per direction
-    assert key != _share_key(1, 2, sender=1, recipient=2, rnd=3)  # and per round
+    key = _share_key(1, 2)
+    assert key == _share_key(2, 1)  # the recipient derives the same key
+    assert key != _share_key(1, 2, rnd=3)  # one per round
     sealed = keys.seal_with(key, b"share bytes", **ctx)  # type: ignore[arg-type]
     assert b"share bytes" not in sealed
     assert keys.open_with(key, sealed, **ctx) == b"share bytes"  # type: ignore[arg-type]
@@ -173,7 +189,7 @@ def test_seal_and_open_round_trip_with_context_binding() -> None:
         with pytest.raises(BadSeal):
             keys.open_with(key, sealed, **{**ctx, **change})  # type: ignore[arg-type]
     with pytest.raises(BadSeal):  # a third party's key cannot open it
-        keys.open_with(_share_key(3, 2, sender=1, recipient=2), sealed, **ctx)  # type: ignore[arg-type]
+        keys.open_with(_share_key(3, 2), sealed, **ctx)  # type: ignore[arg-type]
     tampered = sealed[:-1] + bytes([sealed[-1] ^ 1])
     with pytest.raises(BadSeal):
         keys.open_with(key, tampered, **ctx)  # type: ignore[arg-type]

@@ -176,14 +176,12 @@ def test_forged_and_misdirected_shares_are_refused() -> None:
     share = b"\x01" * mpc.SHARE_BYTES
     for rnd, sender, recipient in ((6, b.id, a.id), (rd, a.id, b.id)):
         # sealed for another round, or in the other direction of the pair
-        key = mpc.share_key(root, round=rnd, group=g, sender=sender, recipient=recipient)
+        key = mpc.pair_keys(root, round=rnd, group=g, a=sender, b=recipient)[1]
         sealed = mpc.seal_with(key, share, round=rnd, group=g, sender=sender, recipient=recipient)
         with pytest.raises(BadSeal):
             a.receive(b.id, resealed(sealed))
     stranger = nacl.signing.SigningKey(b"\x07" * 32)  # sealed by someone else to a
-    key = mpc.share_key(
-        mpc.pair_root(stranger, a.id), round=rd, group=g, sender=b.id, recipient=a.id
-    )
+    key = mpc.pair_keys(mpc.pair_root(stranger, a.id), round=rd, group=g, a=b.id, b=a.id)[1]
     with pytest.raises(BadSeal):
         a.receive(
             b.id,
