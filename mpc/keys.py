@@ -61,6 +61,7 @@ PAIR_ROOT_LABEL = b"murmur.secagg.pair-root.v2"
 
 _SEAL_TAG = b"murmur.secagg.share.v2"
 _NONCE_BYTES = nacl.bindings.crypto_secretbox_NONCEBYTES
+_EIGHT = (8).to_bytes(4, "big")
 
 CACHE_ENTRIES = 1 << 19
 """Bound of each process-wide cache (pair roots, converted peer keys); oldest go first.
@@ -127,8 +128,20 @@ def pair_root(signing_key: nacl.signing.SigningKey, peer: bytes, *, me: bytes = 
 
 
 def _context(*, round: int, group: bytes, sender: bytes, recipient: bytes) -> bytes:
-    return _SEAL_TAG + b"".join(
-        _enc(p) for p in (u64(round), bytes(group), bytes(sender), bytes(recipient))
+    """``_SEAL_TAG || enc(u64(round)) || enc(group) || enc(sender) || enc(recipient)``."""
+    group, sender, recipient = bytes(group), bytes(sender), bytes(recipient)
+    return b"".join(
+        (
+            _SEAL_TAG,
+            _EIGHT,
+            u64(round),
+            len(group).to_bytes(4, "big"),
+            group,
+            len(sender).to_bytes(4, "big"),
+            sender,
+            len(recipient).to_bytes(4, "big"),
+            recipient,
+        )
     )
 
 

@@ -387,17 +387,18 @@ class MemberState:
         if shares.keys() & seeds.keys():
             raise InconsistentMessage("the sender revealed both a share and a seed of one peer")
         counted = self._counted or frozenset()
-        for owner, y in shares.items():
-            if owner not in counted or sender not in self._graph[owner] | {owner}:
-                raise InconsistentMessage("a revealed share of a peer not counted or not held")
-            if not isinstance(y, bytes) or len(y) != SHARE_BYTES:
-                raise MalformedMessage(f"a share value must be {SHARE_BYTES} bytes")
-        if seeds and sender not in counted:
-            raise InconsistentMessage("pair seeds revealed by a member that is not counted")
-        for peer, seed in seeds.items():
-            if peer not in self._dropped or peer not in self._graph[sender]:
+        neighbours = self._graph[sender]  # the mask graph is undirected
+        owners = shares.keys()
+        if not owners <= counted or not owners - {sender} <= neighbours:
+            raise InconsistentMessage("a revealed share of a peer not counted or not held")
+        if not all(y.__class__ is bytes and len(y) == SHARE_BYTES for y in shares.values()):
+            raise MalformedMessage(f"a share value must be {SHARE_BYTES} bytes")
+        if seeds:
+            if sender not in counted:
+                raise InconsistentMessage("pair seeds revealed by a member that is not counted")
+            if not seeds.keys() <= self._dropped & neighbours:
                 raise InconsistentMessage("a revealed seed with a peer not dropped or not paired")
-            if not isinstance(seed, bytes) or len(seed) != SEED_BYTES:
+            if not all(s.__class__ is bytes and len(s) == SEED_BYTES for s in seeds.values()):
                 raise MalformedMessage(f"a pair seed must be {SEED_BYTES} bytes")
         self._reveals[sender] = msg
 
