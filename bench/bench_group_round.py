@@ -44,6 +44,7 @@ import torch.multiprocessing as mp
 from gossip.allreduce import AllReduceConfig, GroupAllReduce, GroupAverager
 from gossip.matchmaking import Group, MatchConfig, Matchmaker
 from gossip.network import StaticView, TransportNetwork
+from p2p.daemon import tune_malloc
 from p2p.envelope import EnvelopeCodec
 from p2p.identity import Identity, PeerId
 from p2p.transport.http import HttpTransport, HttpTransportConfig
@@ -243,18 +244,20 @@ async def _peer_process(rank: int, d: int, reps: int, path: str, sync: _Sync, ou
     out.put((rank, ends, cpus, late, digests, incomplete))
 
 
-def _peer_main(rank: int, d: int, reps: int, path: str, sync: _Sync, out: Any) -> None:
+def _peer_main(rank: int, d: int, reps: int, path: str, sync: _Sync, out: Any, tuned: bool) -> None:
     torch.set_num_threads(1)
+    if tuned:
+        tune_malloc()
     asyncio.run(_peer_process(rank, d, reps, path, sync, out))
 
 
-def _ours_processes(d: int, reps: int, path: str) -> dict[str, list[float]]:
+def _ours_processes(d: int, reps: int, path: str, tuned: bool) -> dict[str, list[float]]:
     """One spawned process per peer; a round lasts from the common start to the last finish."""
     ctx = mp.get_context("spawn")
     sync = _Sync(ctx)
     out = ctx.SimpleQueue()
     procs = [
-        ctx.Process(target=_peer_main, args=(r, d, reps, path, sync, out), daemon=True)
+        ctx.Process(target=_peer_main, args=(r, d, reps, path, sync, out, tuned), daemon=True)
         for r in range(N)
     ]
     for proc in procs:
@@ -324,6 +327,13 @@ VARIANTS = (
 GLOO = ("gloo all-reduce (float32)", "gloo all-reduce (int64, our ring's bytes)")
 
 
+MALLOC = {
+    "tuned": "every peer process calls `p2p.daemon.tune_malloc()` as `murmur start` does"
+    " (glibc keeps large buffers on the heap instead of a fresh mmap per 1 MB message).",
+    "default": "glibc's defaults (a fresh mmap, page-faulted in, for every buffer >= 128 KiB).",
+}
+
+
 def _med(values: list[float]) -> float:
     return statistics.median(values) * 1000
 
@@ -337,8 +347,8 @@ def _report(runs: dict[str, dict[str, list[float]]], args: argparse.Namespace, w
         "## gossip: one group round of 8 peers over aiohttp on loopback",
         "",
         f"Command: `python -m bench.bench_group_round --d {args.d} --reps {args.reps}"
-        f" --mode {args.mode} --paths {','.join(args.paths)}` (median of {args.reps} after one"
-        f" warm-up; whole run {wall:.0f} s wall).",
+        f" --mode {args.mode} --paths {','.join(args.paths)} --malloc {args.malloc}` (median"
+        f" of {args.reps} after one warm-up; whole run {wall:.0f} s wall).",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores shared with other engineers'"
         f" jobs (load average {args.load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at"
         f" the end); Python {platform.python_version()}, torch {torch.__version__}.",
@@ -352,7 +362,8 @@ def _report(runs: dict[str, dict[str, list[float]]], args: argparse.Namespace, w
         " process*: the 8 peers in one event loop, so the wall time is the sum of their CPU."
         " CPU ms per peer = the 8 peers' process CPU for the round / 8. Paths: *stream* ="
         " envelopes up to 256 KiB over one WebSocket per peer pair, larger ones by POST"
-        " (the default); *POST* = every envelope one `POST /v1/envelope`.",
+        " (the default); *POST* = every envelope one `POST /v1/envelope`. Malloc"
+        f" {args.malloc}: {MALLOC[args.malloc]}",
         "",
     ]
     head = "| variant | path |"
@@ -410,17 +421,26 @@ def main() -> None:
         default=["stream"],
         help="comma-separated transport paths: stream (the default path), post (POST only)",
     )
+    parser.add_argument(
+        "--malloc",
+        choices=("tuned", "default"),
+        default="tuned",
+        help="tuned: p2p.daemon.tune_malloc() in every peer process, as the daemon does",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     args.load_start = os.getloadavg()[0]
     if not set(args.paths) <= {"stream", "post"}:
         parser.error("--paths takes stream and/or post")
     torch.set_num_threads(1)  # as in the simulator: intra-op threads thrash on a shared box
+    args.tuned = args.malloc == "tuned"
+    if args.tuned:
+        tune_malloc()  # what `murmur start` does (large bodies: no fresh mmap per buffer)
     start = time.perf_counter()
     runs: dict[str, dict[str, list[float]]] = {}
     for path in args.paths:
         if args.mode in ("both", "processes"):
-            runs[f"processes/{path}"] = _ours_processes(args.d, args.reps, path)
+            runs[f"processes/{path}"] = _ours_processes(args.d, args.reps, path, args.tuned)
         if args.mode in ("both", "one"):
             runs[f"one/{path}"] = asyncio.run(_ours(args.d, args.reps, path))
     runs["gloo"] = _gloo(args.d, args.reps)
