@@ -402,3 +402,48 @@ def test_reveal_repr_hides_shares_and_cancel_forgets() -> None:
     assert a.stage is mpc.Stage.ABORTED and not a._held and a._masked_input is None
     a.cancel()  # no-op once finished
     assert a.abort_reason == "cancelled"
+
+
+# ---------------------------------------------------------------- what a dropout reveals
+
+
+def test_a_dropped_members_revealed_pair_seeds_leave_its_self_mask() -> None:
+    """A reducer holding a dropped member's chunk learns every pair seed of that member, and
+    still holds only ``x + PRG(b)``: the self-mask share of a dropped member is never revealed."""
+    members, _, vectors = make_group(5, d=20, threshold=3)
+    gone, reducer, missed = members[4], members[0], members[1]
+    by_id = {m.id: m for m in members}
+    queue: Held = [(m.id, r, msg) for m in members for r, msg in m.start()]
+    delivered: Held = []
+    for _ in range(20):
+        while queue:
+            sender, recipient, msg = queue.pop(0)
+            if sender == gone.id and (not isinstance(msg, mpc.Input) or recipient == missed.id):
+                continue  # gone's chunk never reaches `missed`, and gone sends nothing else
+            if recipient == gone.id or by_id[recipient].finished:
+                continue
+            delivered.append((sender, recipient, msg))
+            queue += [(recipient, r, o) for r, o in by_id[recipient].receive(sender, msg)]
+        waiting = [m for m in members if m is not gone and not m.finished]
+        if not waiting:
+            break
+        earliest = min(m.stage for m in waiting)  # deadlines pass in stage order (as the driver)
+        for m in waiting:
+            if m.stage == earliest:
+                queue += [(m.id, r, o) for r, o in m.advance()]
+    others = frozenset(m.id for m in members if m is not gone)
+    assert all(m.stage is mpc.Stage.DONE and m.counted == others for m in members if m is not gone)
+    reveals = [msg for _, _, msg in delivered if isinstance(msg, mpc.Reveal)]
+    assert reveals and not any(gone.id in r.self_mask_shares for r in reveals)
+    seeds = {s: r.pair_seeds[gone.id] for s, _, r in delivered if isinstance(r, mpc.Reveal)}
+    assert set(seeds) == others  # every counted neighbour revealed its seed with `gone`
+    # what the reducer of chunk 0 can compute from gone's chunk and every revealed seed
+    chunk = reducer._chunks[gone.id].clone()
+    lo, hi = reducer._bounds[0]
+    me = reducer._index[gone.id]
+    plan = [(seed, -1 if me < reducer._index[u] else 1) for u, seed in seeds.items()]
+    mpc.add_masks_(chunk, plan, offset=lo)
+    x = vectors[members.index(gone)][lo:hi]
+    assert not torch.equal(chunk, x)  # still masked...
+    mpc.add_masks_(chunk, [(gone._self_seed, -1)], offset=lo)
+    assert torch.equal(chunk, x)  # ...by exactly the self mask that nobody revealed
