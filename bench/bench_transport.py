@@ -255,15 +255,34 @@ async def small_rate(n: int, stream: bool, per_pair: int, window: int, auth_name
     return cpu / (per_pair * len(pairs)) * 1e6
 
 
+def codec_floor(auth_name: str, count: int = 4000) -> float:
+    """CPU microseconds to encode and decode one request and its reply, with no transport."""
+    from p2p.envelope import Auth, EnvelopeCodec
+    from p2p.identity import Identity
+    from p2p.messages import Ping, Pong
+
+    auth = Auth[auth_name]
+    a = EnvelopeCodec(Identity.from_seed(b"\x01" * 32))
+    b = EnvelopeCodec(Identity.from_seed(b"\x02" * 32))
+    cpu = time.process_time()
+    for seq in range(count):
+        got = b.decode(a.encode(Ping(seq=seq), recipient=b.identity.peer_id, auth=auth))
+        a.decode(b.encode(Pong(seq=seq), recipient=got.sender, auth=auth))
+    return (time.process_time() - cpu) / count * 1e6
+
+
 def small_main(rounds: int) -> None:
-    """Print the per-message CPU table, the POST and stream paths interleaved."""
+    """Print the per-request CPU table, the POST and stream paths interleaved."""
     cases = [
         ("one pair, 1 at a time", 2, 2000, 1),
         ("one pair, 16 in flight", 2, 4000, 16),
         ("8 peers all-to-all, 4 in flight per pair", 8, 100, 4),
     ]
     results: dict[tuple[str, str, str], list[float]] = {}
+    floor: dict[str, list[float]] = {}
     for _ in range(rounds):
+        for auth in ("SEALED", "MAC"):
+            floor.setdefault(auth, []).append(codec_floor(auth))
         for label, n, per_pair, window in cases:
             for auth in ("SEALED", "MAC"):
                 for path, stream in SMALL_PATHS.items():
@@ -274,7 +293,13 @@ def small_main(rounds: int) -> None:
         f" {platform.python_version()}; {rounds} rounds; 1-minute load at the end"
         f" {os.getloadavg()[0]:.1f}\n"
     )
-    print("| case | auth | POST us/msg (median / best) | stream us/msg (median / best) | ratio |")
+    print(
+        "CPU microseconds per request (a Ping envelope and its Pong reply, ~170 bytes each),"
+        " both ends in one process; POST = one `POST /v1/envelope` per envelope, stream = the"
+        " persistent WebSocket. The codec row is encode + decode of both envelopes with no"
+        " transport at all (the floor).\n"
+    )
+    print("| case | auth | POST us (median / best) | stream us (median / best) | POST / stream |")
     print("|---|---|---:|---:|---:|")
     for label, _, _, _ in cases:
         for auth in ("SEALED", "MAC"):
@@ -284,6 +309,9 @@ def small_main(rounds: int) -> None:
                 f"| {label} | {auth} | {mp_:.0f} / {min(post):.0f} | {ms_:.0f} / {min(strm):.0f}"
                 f" | {mp_ / ms_:.2f}x |"
             )
+    for auth, values in floor.items():
+        med = statistics.median(values)
+        print(f"| codec only (no transport) | {auth} | {med:.0f} / {min(values):.0f} | - | - |")
 
 
 # -- orchestration ------------------------------------------------------------------------------
