@@ -218,6 +218,7 @@ class GroupRound:
         self._groups, self._of, self.results, self.counted = [], {}, {}, set()
         self.aborted_groups = 0
         self._on_done = on_done
+        encoded = self._encode_all(groups, contributions) if self.secure else {}
         for peers in groups:
             ids = [net.raw_ids[p] for p in peers]
             gid = hashlib.blake2b(
@@ -225,26 +226,23 @@ class GroupRound:
             ).digest()
             members: dict[int, MemberLike] = {}
             k = len(peers)
+            threshold = (
+                min(self.threshold, k) if self.threshold and self.threshold > k / 2 else None
+            )
+            degree = self.degree if 0 < self.degree < k - 1 else None
             for p in peers:
-                vector, weight = contributions[p]
                 if self.secure:
-                    flat = torch.cat(
-                        [vector.double() * weight, torch.tensor([weight], dtype=torch.float64)]
-                    )
                     members[p] = Member(
                         net.seeds[p],
                         ids,
                         group=gid,
                         round=rnd,
-                        vector=encode(flat, scale=_SCALE, bits=_BITS),
-                        threshold=(
-                            min(self.threshold, k)
-                            if self.threshold and self.threshold > k / 2
-                            else None
-                        ),
-                        degree=(self.degree if 0 < self.degree < k - 1 else None),
+                        vector=encoded[p],
+                        threshold=threshold,
+                        degree=degree,
                     )
                 else:
+                    vector, weight = contributions[p]
                     members[p] = PlainMember(
                         net.raw_ids[p], ids, group=gid, round=rnd, vector=vector, weight=weight
                     )
@@ -259,6 +257,21 @@ class GroupRound:
             self._update(group)
         if self._open == 0:
             on_done()
+
+    @staticmethod
+    def _encode_all(
+        groups: list[list[int]], contributions: dict[int, tuple[Tensor, float]]
+    ) -> dict[int, Tensor]:
+        """Every member's ring input ``encode(w * theta || w)``, in one batched encoding (the
+        same values as one by one: the encoding is elementwise); rows are views."""
+        order = [p for peers in groups for p in peers]
+        if not order:
+            return {}
+        vectors = torch.stack([contributions[p][0] for p in order]).double()
+        weights = torch.tensor([contributions[p][1] for p in order], dtype=torch.float64)
+        flat = torch.cat([vectors * weights.unsqueeze(1), weights.unsqueeze(1)], dim=1)
+        rows = encode(flat, scale=_SCALE, bits=_BITS).unbind(0)
+        return dict(zip(order, rows, strict=True))
 
     # ------------------------------------------------------------------ events
 

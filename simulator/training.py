@@ -128,8 +128,9 @@ class StackedTrainer:
         """One batched local round for every active peer whose budget allows it."""
         acc = self.accountant
         able = [p for p in active if acc is None or acc.allows(self.counts[p] + 1)]
+        can = set(able)
         out: dict[int, tuple[Tensor, float]] = {
-            p: (self._thetas[p].clone(), 0.0) for p in active if p not in set(able)
+            p: (self._thetas[p].clone(), 0.0) for p in active if p not in can
         }
         if not able:
             return out
