@@ -312,13 +312,18 @@ class GroupAllReduce:
         send(member.start())
         stage = member.stage
         deadline = self._net.time() + timeout
+        queue = session.queue
         while not member.finished:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    sender, msg = await session.queue.get()
-            except TimeoutError:
-                send(member.advance())
+            if queue.empty():  # wait (bounded by the stage deadline) only when nothing is queued
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        sender, msg = await queue.get()
+                except TimeoutError:
+                    send(member.advance())
+                    sender = None
             else:
+                sender, msg = queue.get_nowait()
+            if sender is not None:
                 try:
                     send(member.receive(sender.raw, msg))
                 except ProtocolError as exc:
@@ -403,6 +408,8 @@ class GroupAllReduce:
         return torch.cat([sums[j].data for j in range(k)]), contributors
 
     async def _next(self, session: _Session, deadline: float) -> tuple[PeerId, Any] | None:
+        if not session.queue.empty():
+            return session.queue.get_nowait()
         try:
             async with asyncio.timeout_at(deadline):
                 return await session.queue.get()
