@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import networkx as nx
@@ -53,8 +53,18 @@ AVERAGER_NAMES = {
 class SimPeerNetwork:
     """``gossip.network.Network`` for simulated peer ``peer``."""
 
-    def __init__(self, net: SimNetwork, peer: int, view: Callable[[], Sequence[PeerId]]) -> None:
-        self._net, self._peer, self._view = net, peer, view
+    def __init__(
+        self,
+        net: SimNetwork,
+        peer: int,
+        view: Callable[[], Sequence[PeerId]],
+        positions: Callable[[], Mapping[bytes, int]] | None = None,
+    ) -> None:
+        """``view()`` is the membership snapshot (this peer included or not); ``positions()``,
+        if given, maps each raw id to its index in that snapshot (shared by all peers, so a
+        peer's view costs a slice instead of comparing every id: O(n) per peer, not O(n^2)
+        per round)."""
+        self._net, self._peer, self._view, self._positions = net, peer, view, positions
         self._handlers: dict[type, GossipHandler] = {}
         self.default_timeout = 10.0
 
@@ -124,8 +134,14 @@ class SimPeerNetwork:
 
     def view(self) -> Sequence[PeerId]:
         """The round's membership snapshot, without this peer."""
-        me = self.local_id
-        return [p for p in self._view() if p != me]
+        members = self._view()
+        me = self.local_id.raw
+        if self._positions is not None:
+            i = self._positions().get(me)
+            if i is None:
+                return list(members)
+            return [*members[:i], *members[i + 1 :]]
+        return [p for p in members if p.raw != me]
 
     def time(self) -> float:
         """The virtual clock."""
@@ -147,6 +163,7 @@ class GossipRound:
     def __init__(self, net: SimNetwork, scenario: Scenario, graph: nx.Graph | None) -> None:
         self.net, self.scenario = net, scenario
         self._members: list[PeerId] = []
+        self._positions: dict[bytes, int] = {}
         name = AVERAGER_NAMES[scenario.algorithm]
         s = scenario
         match = MatchConfig(target_size=s.group_size, min_size=min(3, s.group_size))
@@ -157,7 +174,7 @@ class GossipRound:
         )
         self.averagers: list[Averager] = []
         for p in range(net.n):
-            pnet = SimPeerNetwork(net, p, self._view)
+            pnet = SimPeerNetwork(net, p, self._view, self._member_positions)
             self.averagers.append(
                 build_averager(
                     name,
@@ -181,6 +198,9 @@ class GossipRound:
     def _view(self) -> list[PeerId]:
         return self._members
 
+    def _member_positions(self) -> dict[bytes, int]:
+        return self._positions
+
     def begin(
         self,
         rnd: int,
@@ -194,6 +214,7 @@ class GossipRound:
         self.aborted_groups = 0
         self._on_done = on_done
         self._members = [self.net.ids[p] for p in active]
+        self._positions = {self.net.raw_ids[p]: i for i, p in enumerate(active)}
         self._open = {p for p in active if contributions[p][1] > 0}
         for p in sorted(self._open):
             self.net.call_at(ready_at[p], self._start, p, rnd, contributions[p])

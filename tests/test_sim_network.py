@@ -166,6 +166,9 @@ def test_sim_peer_network_send_request_refusal_and_departure() -> None:
         assert torch.equal(reply.vector, torch.full((3,), 2.0))
         assert loop.time() - start >= 0.2  # there and back
         assert peers[0].view() == [net.ids[1], net.ids[2]]
+        positions = {raw: i for i, raw in enumerate(net.raw_ids)}
+        indexed = SimPeerNetwork(net, 1, lambda: net.ids, lambda: positions)
+        assert indexed.view() == [net.ids[0], net.ids[2]]  # the same view, by position
         try:
             await peers[0].request(net.ids[1], PairwiseOffer(-1, torch.ones(3), 1.0))
         except RemoteRefused as exc:
