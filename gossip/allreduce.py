@@ -33,7 +33,7 @@ from torch import Tensor
 
 from gossip.matchmaking import Group, GroupFormer
 from gossip.messages import PlainChunk, PlainChunkSum
-from gossip.network import Network
+from gossip.network import Network, Poster
 from mpc.fixedpoint import Bits, check_capacity, decode, encode, max_scale, ring_dtype
 from mpc.messages import MESSAGE_TYPES as MPC_TYPES
 from mpc.protocol import Member, Stage, default_threshold
@@ -155,6 +155,7 @@ class GroupAllReduce:
         self._early: OrderedDict[bytes, list[tuple[PeerId, Any]]] = OrderedDict()
         self._finished: OrderedDict[bytes, None] = OrderedDict()
         self._types = (*MPC_TYPES.values(), PlainChunk, PlainChunkSum)
+        self._post: Poster | None = getattr(net, "post", None)
         for cls in self._types:
             net.register(cls, self._on_message)
 
@@ -198,10 +199,20 @@ class GroupAllReduce:
             self._finished.popitem(last=False)
 
     def _dispatch(self, session: _Session, out: list[tuple[PeerId, Any]]) -> None:
+        post = self._post
+        if post is not None:  # the network sends without a task per message (the simulator)
+            timeout = self.config.stage_timeout_s
+            for peer, msg in out:
+                post(peer, msg, timeout=timeout, on_failure=self._send_failed)
+            return
         for peer, msg in out:
             task = asyncio.ensure_future(self._send(peer, msg))
             session.tasks.add(task)
             task.add_done_callback(session.tasks.discard)
+
+    def _send_failed(self, msg: Any, exc: MurmurError) -> None:
+        self.stats.send_failures += 1
+        log.debug("event=send_failed type=%s error=%s", msg.TYPE, exc)
 
     async def _send(self, peer: PeerId, msg: Any) -> None:
         try:

@@ -18,6 +18,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from murmur.errors import MurmurError
 from p2p.identity import PeerId
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = [
     "GossipHandler",
     "Network",
+    "Poster",
     "StaticView",
     "TransportNetwork",
     "auth_for",
@@ -79,6 +81,25 @@ class Network(Protocol):
     def time(self) -> float:
         """The event loop's clock, in seconds (virtual under the simulator)."""
         ...
+
+
+class Poster(Protocol):
+    """An optional ``Network`` capability: ``network.post`` sends without waiting.
+
+    ``post(peer, message, timeout=..., on_failure=...)`` starts delivering ``message`` and
+    returns at once; if delivery fails (or is refused) by ``timeout``, ``on_failure(message,
+    error)`` is called with a ``murmur.errors`` error. gossip uses it when a network has it (the
+    simulator's, so that a message costs no task); otherwise it awaits ``send`` in a task.
+    """
+
+    def __call__(
+        self,
+        peer: PeerId,
+        message: Any,
+        *,
+        timeout: float | None = None,
+        on_failure: Callable[[Any, MurmurError], None] | None = None,
+    ) -> None: ...
 
 
 def auth_for(message: object) -> Auth:

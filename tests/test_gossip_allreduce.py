@@ -28,6 +28,7 @@ from murmur.errors import (
     AggregationAborted,
     AggregationError,
     ConfigError,
+    MurmurError,
     OutOfStage,
     PeerUnreachable,
     RingOverflow,
@@ -172,6 +173,67 @@ def test_group_gets_the_exact_weighted_mean(mode: str) -> None:
         assert torch.equal(r.vector, results[0].vector)
         assert torch.allclose(r.vector, true_mean, atol=1e-9)
         assert r.weight == pytest.approx(sum(ws) / 8)
+
+
+class PostingNet(FaultyNet):
+    """A network with the optional ``post`` capability; counts what went through it."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.posted = 0
+        self.failures: list[Any] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def post(
+        self,
+        peer: PeerId,
+        message: Any,
+        *,
+        timeout: float | None = None,
+        on_failure: Callable[[Any, MurmurError], None] | None = None,
+    ) -> None:
+        self.posted += 1
+
+        async def deliver() -> None:
+            try:
+                await self.send(peer, message, timeout=timeout)
+            except MurmurError as exc:
+                if on_failure is not None:
+                    on_failure(message, exc)
+
+        task = asyncio.ensure_future(deliver())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+
+@pytest.mark.parametrize("mode", ["secure", "plain"])
+def test_a_network_that_posts_carries_the_round_without_send_tasks(mode: str) -> None:
+    gen = torch.Generator().manual_seed(4)
+    xs = [torch.randn(11, generator=gen, dtype=torch.float64) for _ in range(4)]
+
+    async def main() -> tuple[list[AverageResult], list[PostingNet], list[GroupAllReduce]]:
+        peers = Peers(4, seed=4)
+        for r in peers.reducers:
+            r.close()
+        nets = [PostingNet(n.inner) for n in peers.nets]
+        reducers = [
+            GroupAllReduce(n, i, AllReduceConfig(stage_timeout_s=STAGE))
+            for n, i in zip(nets, peers.identities, strict=True)
+        ]
+        group = peers.group(range(4))
+        out = await asyncio.gather(
+            *(getattr(r, mode)(group, x, 1.0) for r, x in zip(reducers, xs, strict=True))
+        )
+        await asyncio.gather(*(t for n in nets for t in set(n.tasks)))
+        await peers.aclose()
+        return list(out), nets, reducers
+
+    results, nets, reducers = run(main)
+    true_mean = sum(xs) / 4
+    assert all(torch.allclose(r.vector, true_mean, atol=1e-9) for r in results)
+    per_member = {"secure": 5 * 3 + 1, "plain": 2 * 3}[mode]  # all-to-all stages (+ backup)
+    assert all(n.posted == per_member for n in nets)
+    assert all(r.stats.send_failures == 0 and r.stats.completed == 1 for r in reducers)
 
 
 def test_secure_and_plain_agree_bit_for_bit() -> None:
