@@ -5,7 +5,9 @@
 message (or raises ``PeerUnreachable`` / ``RemoteRefused`` / ``Timeout``), ``request`` carries
 the reply back over the network, the view is the round's membership snapshot, and time is the
 virtual loop's. Timeouts are bucketed callbacks, never one loop timer per message; each send
-still costs a future; a handler that does not suspend runs eagerly, without a task.
+still costs a future; a handler that does not suspend runs eagerly, without a task. ``post``
+(``gossip.network.Poster``, which the group all-reduce uses when a network has it) sends with
+no future, task or timer at all.
 
 ``GossipRound`` runs one round of ``gossip.baselines.build_averager``'s averager on every
 active peer: ``secure``/``plain`` group all-reduce with hash grouping or the serverless
@@ -16,6 +18,7 @@ calls ``average()`` when its local training ends; a peer that leaves has its tas
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -29,6 +32,7 @@ from gossip.matchmaking import MatchConfig
 from gossip.network import GossipHandler
 from murmur.errors import (
     AggregationError,
+    MurmurError,
     PeerUnreachable,
     ProtocolError,
     RemoteRefused,
@@ -112,6 +116,57 @@ class SimPeerNetwork:
         net.call_at(net.loop.time() + wait, _expire, fut, wait)
         net.post(me, target, message, on_result=settle)
         return fut
+
+    def post(
+        self,
+        peer: PeerId,
+        message: Any,
+        *,
+        timeout: float | None = None,
+        on_failure: Callable[[Any, MurmurError], None] | None = None,
+    ) -> None:
+        """Send ``message`` without waiting (``gossip.network.Poster``): no future, task or
+        timer. ``on_failure(message, error)`` is called when the outcome is known, if the
+        message was lost or its recipient offline (``PeerUnreachable``), refused
+        (``RemoteRefused``), or handled after ``timeout`` (``Timeout``, reported when the late
+        handling happens rather than at the deadline)."""
+        net = self._net
+        target = net.index.get(peer.raw)
+        if target is None:
+            if on_failure is not None:
+                on_failure(message, PeerUnreachable(f"unknown peer {peer.short()}"))
+            return
+        if on_failure is None:
+            net.post(self._peer, target, message)
+            return
+        wait = self.default_timeout if timeout is None else timeout
+        deadline = net.loop.time() + wait
+        net.post(
+            self._peer,
+            target,
+            message,
+            on_result=functools.partial(self._posted, message, deadline, wait, on_failure),
+        )
+
+    def _posted(
+        self,
+        message: Any,
+        deadline: float,
+        wait: float,
+        on_failure: Callable[[Any, MurmurError], None],
+        ok: bool,
+        value: Any,
+    ) -> None:
+        error: MurmurError
+        if ok:
+            if self._net.loop.time() <= deadline:
+                return
+            error = Timeout(f"not handled within {wait:g} s")
+        elif isinstance(value, ProtocolError):
+            error = RemoteRefused(f"refused: {value}", code=value.code)
+        else:
+            error = PeerUnreachable("the message was lost or its recipient is offline")
+        on_failure(message, error)
 
     async def send(self, peer: PeerId, message: Any, *, timeout: float | None = None) -> None:
         """Deliver ``message``; return once ``peer``'s handler accepted it."""

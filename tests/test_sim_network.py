@@ -103,8 +103,12 @@ def _exchange(
     async def main() -> SimNetwork:
         loop = asyncio.get_running_loop()
         net = SimNetwork(loop, scenario, n, [True] * n)
+
+        def note(sender: int, msg: ModelShare) -> None:
+            got.append((loop.time(), sender, msg.round))
+
         for p in range(n):
-            net.register(p, ModelShare, lambda s, m, p=p: got.append((loop.time(), s, m.round)))
+            net.register(p, ModelShare, note)
         for i in range(count):
             net.post(i % n, (i + 1) % n, ModelShare(i, torch.zeros(10), 1.0))
         await asyncio.sleep(100.0)
@@ -183,3 +187,53 @@ def test_sim_peer_network_send_request_refusal_and_departure() -> None:
     with asyncio.Runner(loop_factory=new_virtual_loop) as runner:
         seen = runner.run(main())
     assert seen == ["offer 1", "refused 2", "unreachable"]
+
+
+def test_sim_peer_network_post_reports_only_failures() -> None:
+    from gossip.messages import PairwiseOffer
+    from murmur.errors import MalformedMessage, PeerUnreachable, RemoteRefused
+    from murmur.errors import Timeout as SendTimeout
+    from simulator.gossipnet import SimPeerNetwork
+
+    failures: list[tuple[int, str]] = []
+
+    def failed(msg: PairwiseOffer, exc: MurmurError) -> None:
+        failures.append((msg.round, type(exc).__name__))
+
+    async def main() -> list[int]:
+        loop = asyncio.get_running_loop()
+        online = [True] * 3
+        scenario = Scenario(latency_ms=100.0, latency_jitter_ms=0.0, link_spread=0.0)
+        net = SimNetwork(loop, scenario, 3, online)
+        peers = [SimPeerNetwork(net, i, lambda: net.ids) for i in range(3)]
+        handled: list[int] = []
+
+        async def take(sender: PeerId, msg: PairwiseOffer) -> None:
+            if msg.round < 0:
+                raise MalformedMessage("negative round")
+            handled.append(msg.round)
+
+        peers[1].register(PairwiseOffer, take)
+        peers[2].register(PairwiseOffer, take)
+        stranger = Identity.from_seed(bytes([1]) * 32).peer_id
+        peers[0].post(net.ids[1], PairwiseOffer(1, torch.ones(2), 1.0), on_failure=failed)
+        peers[0].post(net.ids[1], PairwiseOffer(-2, torch.ones(2), 1.0), on_failure=failed)
+        peers[0].post(stranger, PairwiseOffer(3, torch.ones(2), 1.0), on_failure=failed)
+        peers[0].post(
+            net.ids[1], PairwiseOffer(4, torch.ones(2), 1.0), timeout=0.01, on_failure=failed
+        )
+        peers[0].post(net.ids[2], PairwiseOffer(6, torch.ones(2), 1.0))  # no callback wanted
+        online[2] = False
+        peers[0].post(net.ids[2], PairwiseOffer(5, torch.ones(2), 1.0), on_failure=failed)
+        await asyncio.sleep(5.0)
+        return handled
+
+    with asyncio.Runner(loop_factory=new_virtual_loop) as runner:
+        handled = runner.run(main())
+    assert handled == [1, 4]  # the late one is still handled, as a real late message would be
+    assert sorted(failures) == [
+        (-2, RemoteRefused.__name__),
+        (3, PeerUnreachable.__name__),
+        (4, SendTimeout.__name__),
+        (5, PeerUnreachable.__name__),
+    ]
