@@ -88,10 +88,17 @@ def registry() -> Mapping[str, type]:
     return build_registry(classes)
 
 
+_AUTH: dict[type, Auth] = {}
+
+
 def auth_for(message: object) -> Auth:
     """How the daemon authenticates ``message`` (as ``gossip.network.auth_for``): sealed unless
     its class says ``SECRET = False``, then a MAC."""
-    return Auth.SEALED if getattr(type(message), "SECRET", True) else Auth.MAC
+    cls = type(message)
+    auth = _AUTH.get(cls)
+    if auth is None:
+        auth = _AUTH[cls] = Auth.SEALED if getattr(cls, "SECRET", True) else Auth.MAC
+    return auth
 
 
 _PREFIX_BYTES = 12

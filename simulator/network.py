@@ -271,7 +271,7 @@ class SimNetwork:
         cut = p_start <= now < p_end
         side = model.side_list
         last = self._last
-        last_message, last_size = (last[0], last[2]) if last is not None else (None, 0)
+        last_message, last_auth, last_size = last if last is not None else (None, Auth.MAC, 0)
         seq = self._seq
         sent = count = dropped = 0
         try:
@@ -280,7 +280,8 @@ class SimNetwork:
                 if message is last_message:
                     size = last_size
                 else:
-                    size = wire_size(message, auth_for(message))
+                    last_auth = auth_for(message)
+                    size = wire_size(message, last_auth)
                     last_message, last_size = message, size
                 sent += size
                 count += 1
@@ -307,7 +308,7 @@ class SimNetwork:
             self.messages_sent += count
             self.messages_lost += dropped
             if last_message is not None:
-                self._last = (last_message, auth_for(last_message), last_size)
+                self._last = (last_message, last_auth, last_size)
 
     def _deliver(
         self,
