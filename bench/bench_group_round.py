@@ -90,24 +90,32 @@ def _on_group(
     return getattr(peer.reducer, mode)(group, x, w)
 
 
-async def _ours(d: int, reps: int, path: str) -> dict[str, list[float]]:
-    """All 8 peers in this process and event loop."""
+async def _ours(d: int, reps: int, paths: list[str]) -> dict[str, dict[str, list[float]]]:
+    """All 8 peers in this process and event loop; one set of 8 transports per path.
+
+    The paths run interleaved (every repetition runs all variants on each path in turn), so
+    that a change in the machine's load hits them alike.
+    """
     idents = [_identity(r) for r in range(N)]
-    transports = [_transport(i, path) for i in idents]
-    for t in transports:
-        await t.start()
-    for t in transports:
-        for u in transports:
-            t.set_addresses(u.local_id, u.addresses)
     view = StaticView([i.peer_id for i in idents])
-    peers = [_Peer(r, i, t, view) for r, (i, t) in enumerate(zip(idents, transports, strict=True))]
+    everything: list[HttpTransport] = []
+    peers: dict[str, list[_Peer]] = {}
+    for path in paths:
+        transports = [_transport(i, path) for i in idents]
+        everything += transports
+        for t in transports:
+            await t.start()
+        for t in transports:
+            for u in transports:
+                t.set_addresses(u.local_id, u.addresses)
+        peers[path] = [_Peer(r, idents[r], t, view) for r, t in enumerate(transports)]
     xs, ws = _data(d)
-    times: dict[str, list[float]] = {}
-    incomplete: dict[str, int] = {}
-    cpus: dict[str, list[float]] = {}
+    times: dict[str, dict[str, list[float]]] = {path: {} for path in paths}
+    cpus: dict[str, dict[str, list[float]]] = {path: {} for path in paths}
+    incomplete = dict.fromkeys(paths, 0)
     rnd = 0
 
-    async def timed(name: str, make: Callable[[int], list[Awaitable[Any]]]) -> list[Any]:
+    async def timed(path: str, name: str, make: Callable[[int], list[Awaitable[Any]]]) -> list[Any]:
         """Time one round; a round where not all 8 ended in one group is counted and redone."""
         nonlocal rnd
         for _ in range(5):
@@ -117,82 +125,112 @@ async def _ours(d: int, reps: int, path: str) -> dict[str, list[float]]:
             elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
             sizes = {getattr(o, "size", getattr(o, "group_size", 0)) for o in out}
             if sizes == {N}:
-                times.setdefault(name, []).append(elapsed)
-                cpus.setdefault(name, []).append(cpu)
+                times[path].setdefault(name, []).append(elapsed)
+                cpus[path].setdefault(name, []).append(cpu)
                 return list(out)
-            incomplete[name] = incomplete.get(name, 0) + 1
+            incomplete[path] += 1
             print(f"{name}: incomplete group, redone", flush=True)
             await asyncio.sleep(0.5)  # let the failed attempt's stragglers time out
         raise RuntimeError(f"{name}: no complete group in 5 attempts")
 
-    def on_group(mode: str, members: tuple[PeerId, ...], r: int) -> list[Awaitable[Any]]:
-        return [_on_group(p, mode, members, r, x=xs[i], w=ws[i]) for i, p in enumerate(peers)]
+    def on_group(
+        group: list[_Peer], mode: str, members: tuple[PeerId, ...], r: int
+    ) -> list[Awaitable[Any]]:
+        return [_on_group(p, mode, members, r, x=xs[i], w=ws[i]) for i, p in enumerate(group)]
 
     try:
-        await asyncio.gather(  # open the connections between all pairs
-            *(p.reducer.plain(_warm_group(), torch.zeros(8), 1.0) for p in peers)
-        )
+        for group in peers.values():  # open the connections between all pairs
+            await asyncio.gather(
+                *(p.reducer.plain(_warm_group(), torch.zeros(8), 1.0) for p in group)
+            )
         for rep in range(reps + 1):  # the first repetition warms up connections and caches
-            groups: list[Group] = await timed(
-                "matchmaking only", lambda r: [p.former.form_group(r) for p in peers]
-            )
-            assert all(g.size == N for g in groups)
-            members = groups[0].members
-            await timed("secure all-reduce", functools.partial(on_group, "secure", members))
-            await timed("plain all-reduce", functools.partial(on_group, "plain", members))
-            s = await timed(
-                "secure + matchmaking",
-                lambda r: [p.secure.average(xs[i], ws[i], r) for i, p in enumerate(peers)],
-            )
-            q = await timed(
-                "plain + matchmaking",
-                lambda r: [p.plain.average(xs[i], ws[i], r) for i, p in enumerate(peers)],
-            )
-            if not all(torch.equal(a.vector, s[0].vector) for a in s + q):
-                raise RuntimeError("the peers' results differ")
+            for path, group in peers.items():
+                forms: list[Group] = await timed(
+                    path,
+                    "matchmaking only",
+                    lambda r, g=group: [p.former.form_group(r) for p in g],  # type: ignore[misc]
+                )
+                members = forms[0].members
+                for mode in ("secure", "plain"):
+                    one = functools.partial(on_group, group, mode, members)
+                    await timed(path, f"{mode} all-reduce", one)
+                s = await timed(
+                    path,
+                    "secure + matchmaking",
+                    lambda r, g=group: [  # type: ignore[misc]
+                        p.secure.average(xs[i], ws[i], r) for i, p in enumerate(g)
+                    ],
+                )
+                q = await timed(
+                    path,
+                    "plain + matchmaking",
+                    lambda r, g=group: [  # type: ignore[misc]
+                        p.plain.average(xs[i], ws[i], r) for i, p in enumerate(g)
+                    ],
+                )
+                if not all(torch.equal(a.vector, s[0].vector) for a in s + q):
+                    raise RuntimeError("the peers' results differ")
             if rep == 0:
-                times, cpus = {}, {}
+                times = {path: {} for path in paths}
+                cpus = {path: {} for path in paths}
     finally:
-        for t in transports:
+        for t in everything:
             await t.aclose()
-    times["_incomplete"] = [float(sum(incomplete.values()))]
-    times.update({f"_cpu {k}": v for k, v in cpus.items()})
+    for path in paths:
+        times[path]["_incomplete"] = [float(incomplete[path])]
+        times[path].update({f"_cpu {k}": v for k, v in cpus[path].items()})
     return times
 
 
 class _Sync:
     """What the 8 peer processes share: a barrier, the next start instant, round outcomes."""
 
-    def __init__(self, ctx: Any) -> None:
+    def __init__(self, ctx: Any, paths: int) -> None:
         self.barrier = ctx.Barrier(N)
         self.start_at = ctx.Value("d", 0.0)
         self.ok = ctx.Array("b", N)
-        self.ports = ctx.Array("i", N)
+        self.ports = ctx.Array("i", N * paths)
 
     async def wait(self) -> None:
         """Wait for all peers at the barrier while this process's event loop keeps serving."""
         await asyncio.to_thread(self.barrier.wait, 120.0)
 
 
-async def _peer_process(rank: int, d: int, reps: int, path: str, sync: _Sync, out: Any) -> None:
+_Outcome = tuple[
+    int,
+    dict[str, dict[str, list[float]]],
+    dict[str, dict[str, list[float]]],
+    list[float],
+    list[str],
+    int,
+]
+
+
+async def _peer_process(
+    rank: int, d: int, reps: int, paths: list[str], sync: _Sync, out: Any
+) -> None:
     identity = _identity(rank)
-    transport = _transport(identity, path)
-    await transport.start()
-    sync.ports[rank] = int(transport.addresses[0].rsplit(":", 1)[1])
+    view = StaticView([_identity(r).peer_id for r in range(N)])
+    transports = [_transport(identity, path) for path in paths]
+    for k, transport in enumerate(transports):
+        await transport.start()
+        sync.ports[k * N + rank] = int(transport.addresses[0].rsplit(":", 1)[1])
     await sync.wait()
-    for r in range(N):
-        transport.set_addresses(_identity(r).peer_id, [f"127.0.0.1:{sync.ports[r]}"])
-    peer = _Peer(rank, identity, transport, StaticView([_identity(r).peer_id for r in range(N)]))
+    peers: dict[str, _Peer] = {}
+    for k, (path, transport) in enumerate(zip(paths, transports, strict=True)):
+        for r in range(N):
+            transport.set_addresses(_identity(r).peer_id, [f"127.0.0.1:{sync.ports[k * N + r]}"])
+        peers[path] = _Peer(rank, identity, transport, view)
     xs, ws = _data(d)
     x, w = xs[rank], ws[rank]
-    ends: dict[str, list[float]] = {}
-    cpus: dict[str, list[float]] = {}
+    ends: dict[str, dict[str, list[float]]] = {path: {} for path in paths}
+    cpus: dict[str, dict[str, list[float]]] = {path: {} for path in paths}
     late: list[float] = []
     digests: list[str] = []
     incomplete = 0
     rnd = 0
 
-    async def timed(name: str, make: Callable[[int], Awaitable[Any]]) -> Any:
+    async def timed(path: str, name: str, make: Callable[[int], Awaitable[Any]]) -> Any:
         """One round started by all peers at the same instant; redone if a group was short."""
         nonlocal rnd, incomplete
         for _ in range(5):
@@ -214,8 +252,8 @@ async def _peer_process(rank: int, d: int, reps: int, path: str, sync: _Sync, ou
             sync.ok[rank] = size == N
             await sync.wait()
             if all(sync.ok[:]):
-                ends.setdefault(name, []).append(end)
-                cpus.setdefault(name, []).append(cpu)
+                ends[path].setdefault(name, []).append(end)
+                cpus[path].setdefault(name, []).append(cpu)
                 return result
             incomplete += 1
             if rank == 0:
@@ -225,58 +263,75 @@ async def _peer_process(rank: int, d: int, reps: int, path: str, sync: _Sync, ou
 
     try:
         await sync.wait()
-        await peer.reducer.plain(_warm_group(), torch.zeros(8), 1.0)
+        for peer in peers.values():
+            await peer.reducer.plain(_warm_group(), torch.zeros(8), 1.0)
         for rep in range(reps + 1):
-            group = await timed("matchmaking only", peer.former.form_group)
-            for mode in ("secure", "plain"):
-                one = functools.partial(_on_group, peer, mode, group.members, x=x, w=w)
-                await timed(f"{mode} all-reduce", one)
-            s = await timed("secure + matchmaking", lambda r: peer.secure.average(x, w, r))
-            q = await timed("plain + matchmaking", lambda r: peer.plain.average(x, w, r))
-            if not torch.equal(s.vector, q.vector):
-                raise RuntimeError(f"peer {rank}: secure and plain results differ")
-            digests.append(hashlib.sha256(s.vector.numpy().tobytes()).hexdigest())
+            for path, peer in peers.items():
+                group = await timed(path, "matchmaking only", peer.former.form_group)
+                for mode in ("secure", "plain"):
+                    one = functools.partial(_on_group, peer, mode, group.members, x=x, w=w)
+                    await timed(path, f"{mode} all-reduce", one)
+                s = await timed(
+                    path, "secure + matchmaking", functools.partial(peer.secure.average, x, w)
+                )
+                q = await timed(
+                    path, "plain + matchmaking", functools.partial(peer.plain.average, x, w)
+                )
+                if not torch.equal(s.vector, q.vector):
+                    raise RuntimeError(f"peer {rank}: secure and plain results differ")
+                digests.append(hashlib.sha256(s.vector.numpy().tobytes()).hexdigest())
             if rep == 0:
-                ends, cpus, late = {}, {}, []
+                ends = {path: {} for path in paths}
+                cpus = {path: {} for path in paths}
+                late = []
         await sync.wait()  # nobody closes while others still talk
     finally:
-        await transport.aclose()
+        for transport in transports:
+            await transport.aclose()
     out.put((rank, ends, cpus, late, digests, incomplete))
 
 
-def _peer_main(rank: int, d: int, reps: int, path: str, sync: _Sync, out: Any, tuned: bool) -> None:
+def _peer_main(
+    rank: int, d: int, reps: int, paths: list[str], sync: _Sync, out: Any, tuned: bool
+) -> None:
     torch.set_num_threads(1)
     if tuned:
         tune_malloc()
-    asyncio.run(_peer_process(rank, d, reps, path, sync, out))
+    asyncio.run(_peer_process(rank, d, reps, paths, sync, out))
 
 
-def _ours_processes(d: int, reps: int, path: str, tuned: bool) -> dict[str, list[float]]:
+def _ours_processes(
+    d: int, reps: int, paths: list[str], tuned: bool
+) -> dict[str, dict[str, list[float]]]:
     """One spawned process per peer; a round lasts from the common start to the last finish."""
     ctx = mp.get_context("spawn")
-    sync = _Sync(ctx)
+    sync = _Sync(ctx, len(paths))
     out = ctx.SimpleQueue()
     procs = [
-        ctx.Process(target=_peer_main, args=(r, d, reps, path, sync, out, tuned), daemon=True)
+        ctx.Process(target=_peer_main, args=(r, d, reps, paths, sync, out, tuned), daemon=True)
         for r in range(N)
     ]
     for proc in procs:
         proc.start()
-    results = [out.get() for _ in range(N)]
+    results: list[_Outcome] = [out.get() for _ in range(N)]
     for proc in procs:
         proc.join(30)
     results.sort(key=lambda item: item[0])
     if len({tuple(r[4]) for r in results}) != 1:
         raise RuntimeError("the peers' results differ")
-    times: dict[str, list[float]] = {}
-    for name in results[0][1]:
-        rounds = zip(*(r[1][name] for r in results), strict=True)
-        times[name] = [max(ends) for ends in rounds]
-        cpu_rounds = zip(*(r[2][name] for r in results), strict=True)
-        times[f"_cpu {name}"] = [sum(c) for c in cpu_rounds]
-    times["_incomplete"] = [float(results[0][5])]
-    times["_late"] = [max(late) for late in zip(*(r[3] for r in results), strict=True)]
-    return times
+    late = [max(values) for values in zip(*(r[3] for r in results), strict=True)]
+    runs: dict[str, dict[str, list[float]]] = {}
+    for path in paths:
+        times: dict[str, list[float]] = {}
+        for name in results[0][1][path]:
+            rounds = zip(*(r[1][path][name] for r in results), strict=True)
+            times[name] = [max(ends) for ends in rounds]
+            cpu_rounds = zip(*(r[2][path][name] for r in results), strict=True)
+            times[f"_cpu {name}"] = [sum(c) for c in cpu_rounds]
+        times["_incomplete"] = [float(results[0][5])]
+        times["_late"] = late
+        runs[path] = times
+    return runs
 
 
 def _free_port() -> int:
@@ -438,11 +493,12 @@ def main() -> None:
         tune_malloc()  # what `murmur start` does (large bodies: no fresh mmap per buffer)
     start = time.perf_counter()
     runs: dict[str, dict[str, list[float]]] = {}
-    for path in args.paths:
-        if args.mode in ("both", "processes"):
-            runs[f"processes/{path}"] = _ours_processes(args.d, args.reps, path, args.tuned)
-        if args.mode in ("both", "one"):
-            runs[f"one/{path}"] = asyncio.run(_ours(args.d, args.reps, path))
+    if args.mode in ("both", "processes"):
+        for path, times in _ours_processes(args.d, args.reps, args.paths, args.tuned).items():
+            runs[f"processes/{path}"] = times
+    if args.mode in ("both", "one"):
+        for path, times in asyncio.run(_ours(args.d, args.reps, args.paths)).items():
+            runs[f"one/{path}"] = times
     runs["gloo"] = _gloo(args.d, args.reps)
     text = _report(runs, args, time.perf_counter() - start)
     print(text)
