@@ -192,6 +192,7 @@ class MemberState:
         self._receipts: dict[bytes, ReceiptView] = {}
         self._live: frozenset[bytes] = frozenset()
         self._counted: frozenset[bytes] | None = None
+        self._counted_hash: bytes | None = None
         self._dropped: frozenset[bytes] = frozenset()
         self._revealed: dict[bytes, str] = {}  # peer -> "b" or "s": the ledger
         self._views: dict[bytes, bytes] = {}  # member -> digest of its view (mine included)
@@ -324,10 +325,14 @@ class MemberState:
 
     def _counted_digest(self) -> bytes:
         """BLAKE2b-256 of the sorted counted ids (what a ``ChunkSum`` is a sum over)."""
-        h = hashlib.blake2b(b"murmur.secagg.counted.v1", digest_size=32)
-        for m in sorted(self._counted or ()):
-            h.update(m)
-        return h.digest()
+        if self._counted_hash is None:
+            h = hashlib.blake2b(b"murmur.secagg.counted.v1", digest_size=32)
+            for m in sorted(self._counted or ()):
+                h.update(m)
+            if self._counted is None:
+                return h.digest()
+            self._counted_hash = h.digest()  # the counted set is final once decided
+        return self._counted_hash
 
     def _check_slice(self, chunk: int, data: Tensor) -> None:
         """Refuse a slice of the wrong ring, rank or length (checked before buffering)."""
