@@ -274,6 +274,10 @@ class SimNetwork:
         last_message, last_auth, last_size = last if last is not None else (None, Auth.MAC, 0)
         seq = self._seq
         sent = count = dropped = 0
+        # The last bucket used and its tick's time span: most messages of one output land in
+        # the same tick, and then need no bucket lookup.
+        bucket: list[_Entry] = []
+        low = high = -1.0
         try:
             for target, message in out:
                 recipient = target if index is None else index[target]
@@ -293,12 +297,17 @@ class SimNetwork:
                     dropped += 1
                     continue
                 arrival = free + latency(sender, recipient)
-                tick_index = math.ceil(arrival / tick - 1e-9)
-                bucket = buckets.get(tick_index)
-                if bucket is None:
-                    bucket = buckets[tick_index] = []
-                    loop.call_at(tick_index * tick, self._flush, tick_index)
-                    self.timers += 1
+                if not low < arrival <= high:
+                    tick_index = math.ceil(arrival / tick - 1e-9)
+                    found = buckets.get(tick_index)
+                    if found is None:
+                        found = buckets[tick_index] = []
+                        loop.call_at(tick_index * tick, self._flush, tick_index)
+                        self.timers += 1
+                    bucket = found
+                    # Strictly inside the tick's span, the index is the same (with margin
+                    # for the rounding of the ceil above).
+                    low, high = (tick_index - 1) * tick + 1e-9, tick_index * tick - 1e-9
                 seq += 1
                 bucket.append((arrival, seq, None, sender, recipient, message, size))
         finally:
