@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import gc
 import hashlib
 import os
 import platform
@@ -69,8 +70,20 @@ class _Peer:
         self.plain = GroupAverager(self.former, self.reducer, secure=False)
 
 
-def _identity(rank: int) -> Identity:
-    return Identity.from_seed(bytes([rank + 1]) * 32)
+def _settle(freeze: bool) -> None:
+    """After set-up: collect, and optionally freeze what is alive (imports, caches, peers)
+    so that full collections during the rounds do not rescan it. Without this, one process
+    holds ~250,000 objects after importing torch and a full collection takes ~130 ms here,
+    landing in whichever round happens to trigger it."""
+    gc.collect()
+    if freeze:
+        gc.freeze()
+
+
+def _identity(rank: int, k: int = 0) -> Identity:
+    """Peer ``rank`` of the ``k``-th path: each path has its own 8 identities, so that nothing
+    cached per identity or group in one process (mpc, matchmaking) is shared between paths."""
+    return Identity.from_seed(bytes([k * N + rank + 1]) * 32)
 
 
 def _transport(identity: Identity, path: str) -> HttpTransport:
@@ -78,8 +91,8 @@ def _transport(identity: Identity, path: str) -> HttpTransport:
     return HttpTransport(EnvelopeCodec(identity), listen="127.0.0.1:0", config=config)
 
 
-def _warm_group() -> Group:
-    members = tuple(sorted((_identity(r).peer_id for r in range(N)), key=lambda p: p.raw))
+def _warm_group(k: int) -> Group:
+    members = tuple(sorted((_identity(r, k).peer_id for r in range(N)), key=lambda p: p.raw))
     return Group(0, b"w" * 16, members)
 
 
@@ -90,17 +103,19 @@ def _on_group(
     return getattr(peer.reducer, mode)(group, x, w)
 
 
-async def _ours(d: int, reps: int, paths: list[str]) -> dict[str, dict[str, list[float]]]:
+async def _ours(
+    d: int, reps: int, paths: list[str], freeze: bool
+) -> dict[str, dict[str, list[float]]]:
     """All 8 peers in this process and event loop; one set of 8 transports per path.
 
     The paths run interleaved (every repetition runs all variants on each path in turn), so
     that a change in the machine's load hits them alike.
     """
-    idents = [_identity(r) for r in range(N)]
-    view = StaticView([i.peer_id for i in idents])
     everything: list[HttpTransport] = []
     peers: dict[str, list[_Peer]] = {}
-    for path in paths:
+    for k, path in enumerate(paths):
+        idents = [_identity(r, k) for r in range(N)]
+        view = StaticView([i.peer_id for i in idents])
         transports = [_transport(i, path) for i in idents]
         everything += transports
         for t in transports:
@@ -139,10 +154,11 @@ async def _ours(d: int, reps: int, paths: list[str]) -> dict[str, dict[str, list
         return [_on_group(p, mode, members, r, x=xs[i], w=ws[i]) for i, p in enumerate(group)]
 
     try:
-        for group in peers.values():  # open the connections between all pairs
+        for k, group in enumerate(peers.values()):  # open the connections between all pairs
             await asyncio.gather(
-                *(p.reducer.plain(_warm_group(), torch.zeros(8), 1.0) for p in group)
+                *(p.reducer.plain(_warm_group(k), torch.zeros(8), 1.0) for p in group)
             )
+        _settle(freeze)
         for rep in range(reps + 1):  # the first repetition warms up connections and caches
             for path, group in peers.items():
                 forms: list[Group] = await timed(
@@ -207,11 +223,10 @@ _Outcome = tuple[
 
 
 async def _peer_process(
-    rank: int, d: int, reps: int, paths: list[str], sync: _Sync, out: Any
+    rank: int, d: int, reps: int, paths: list[str], sync: _Sync, out: Any, freeze: bool
 ) -> None:
-    identity = _identity(rank)
-    view = StaticView([_identity(r).peer_id for r in range(N)])
-    transports = [_transport(identity, path) for path in paths]
+    identities = [_identity(rank, k) for k in range(len(paths))]
+    transports = [_transport(identities[k], path) for k, path in enumerate(paths)]
     for k, transport in enumerate(transports):
         await transport.start()
         sync.ports[k * N + rank] = int(transport.addresses[0].rsplit(":", 1)[1])
@@ -219,8 +234,10 @@ async def _peer_process(
     peers: dict[str, _Peer] = {}
     for k, (path, transport) in enumerate(zip(paths, transports, strict=True)):
         for r in range(N):
-            transport.set_addresses(_identity(r).peer_id, [f"127.0.0.1:{sync.ports[k * N + r]}"])
-        peers[path] = _Peer(rank, identity, transport, view)
+            address = f"127.0.0.1:{sync.ports[k * N + r]}"
+            transport.set_addresses(_identity(r, k).peer_id, [address])
+        view = StaticView([_identity(r, k).peer_id for r in range(N)])
+        peers[path] = _Peer(rank, identities[k], transport, view)
     xs, ws = _data(d)
     x, w = xs[rank], ws[rank]
     ends: dict[str, dict[str, list[float]]] = {path: {} for path in paths}
@@ -263,8 +280,9 @@ async def _peer_process(
 
     try:
         await sync.wait()
-        for peer in peers.values():
-            await peer.reducer.plain(_warm_group(), torch.zeros(8), 1.0)
+        for k, peer in enumerate(peers.values()):
+            await peer.reducer.plain(_warm_group(k), torch.zeros(8), 1.0)
+        _settle(freeze)
         for rep in range(reps + 1):
             for path, peer in peers.items():
                 group = await timed(path, "matchmaking only", peer.former.form_group)
@@ -292,23 +310,24 @@ async def _peer_process(
 
 
 def _peer_main(
-    rank: int, d: int, reps: int, paths: list[str], sync: _Sync, out: Any, tuned: bool
+    rank: int, d: int, reps: int, paths: list[str], sync: _Sync, out: Any, env: tuple[bool, bool]
 ) -> None:
+    tuned, freeze = env
     torch.set_num_threads(1)
     if tuned:
         tune_malloc()
-    asyncio.run(_peer_process(rank, d, reps, paths, sync, out))
+    asyncio.run(_peer_process(rank, d, reps, paths, sync, out, freeze))
 
 
 def _ours_processes(
-    d: int, reps: int, paths: list[str], tuned: bool
+    d: int, reps: int, paths: list[str], env: tuple[bool, bool]
 ) -> dict[str, dict[str, list[float]]]:
     """One spawned process per peer; a round lasts from the common start to the last finish."""
     ctx = mp.get_context("spawn")
     sync = _Sync(ctx, len(paths))
     out = ctx.SimpleQueue()
     procs = [
-        ctx.Process(target=_peer_main, args=(r, d, reps, paths, sync, out, tuned), daemon=True)
+        ctx.Process(target=_peer_main, args=(r, d, reps, paths, sync, out, env), daemon=True)
         for r in range(N)
     ]
     for proc in procs:
@@ -389,6 +408,14 @@ MALLOC = {
 }
 
 
+GC = {
+    "freeze": "`gc.collect(); gc.freeze()` after set-up in every peer process, as the simulator"
+    " does (the ~250,000 objects alive after importing torch are not rescanned by full"
+    " collections, which took ~130 ms each).",
+    "default": "Python's default (a full collection, ~130 ms here, lands in some rounds).",
+}
+
+
 def _med(values: list[float]) -> float:
     return statistics.median(values) * 1000
 
@@ -402,7 +429,8 @@ def _report(runs: dict[str, dict[str, list[float]]], args: argparse.Namespace, w
         "## gossip: one group round of 8 peers over aiohttp on loopback",
         "",
         f"Command: `python -m bench.bench_group_round --d {args.d} --reps {args.reps}"
-        f" --mode {args.mode} --paths {','.join(args.paths)} --malloc {args.malloc}` (median"
+        f" --mode {args.mode} --paths {','.join(args.paths)} --malloc {args.malloc}"
+        f" --gc {args.gc}` (median"
         f" of {args.reps} after one warm-up; whole run {wall:.0f} s wall).",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores shared with other engineers'"
         f" jobs (load average {args.load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at"
@@ -418,7 +446,7 @@ def _report(runs: dict[str, dict[str, list[float]]], args: argparse.Namespace, w
         " CPU ms per peer = the 8 peers' process CPU for the round / 8. Paths: *stream* ="
         " envelopes up to 256 KiB over one WebSocket per peer pair, larger ones by POST"
         " (the default); *POST* = every envelope one `POST /v1/envelope`. Malloc"
-        f" {args.malloc}: {MALLOC[args.malloc]}",
+        f" {args.malloc}: {MALLOC[args.malloc]} GC {args.gc}: {GC[args.gc]}",
         "",
     ]
     head = "| variant | path |"
@@ -482,6 +510,12 @@ def main() -> None:
         default="tuned",
         help="tuned: p2p.daemon.tune_malloc() in every peer process, as the daemon does",
     )
+    parser.add_argument(
+        "--gc",
+        choices=("freeze", "default"),
+        default="freeze",
+        help="freeze: gc.freeze() after set-up in every peer process (as the simulator does)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     args.load_start = os.getloadavg()[0]
@@ -494,10 +528,14 @@ def main() -> None:
     start = time.perf_counter()
     runs: dict[str, dict[str, list[float]]] = {}
     if args.mode in ("both", "processes"):
-        for path, times in _ours_processes(args.d, args.reps, args.paths, args.tuned).items():
+        for path, times in _ours_processes(
+            args.d, args.reps, args.paths, (args.tuned, args.gc == "freeze")
+        ).items():
             runs[f"processes/{path}"] = times
     if args.mode in ("both", "one"):
-        for path, times in asyncio.run(_ours(args.d, args.reps, args.paths)).items():
+        for path, times in asyncio.run(
+            _ours(args.d, args.reps, args.paths, args.gc == "freeze")
+        ).items():
             runs[f"one/{path}"] = times
     runs["gloo"] = _gloo(args.d, args.reps)
     text = _report(runs, args, time.perf_counter() - start)
