@@ -199,7 +199,7 @@ class MurmurSender:
 SMALL_PATHS = {"POST": False, "stream": True}
 
 
-async def _small_peers(n: int, stream: bool) -> list[Any]:
+async def _small_peers(n: int, stream: bool, first_seed: int = 1) -> list[Any]:
     from p2p.config import HttpTransportConfig
     from p2p.envelope import EnvelopeCodec
     from p2p.identity import Identity
@@ -208,8 +208,8 @@ async def _small_peers(n: int, stream: bool) -> list[Any]:
 
     config = HttpTransportConfig(stream=stream)
     peers = [
-        HttpTransport(EnvelopeCodec(Identity.from_seed(bytes([i + 1]) * 32)), config=config)
-        for i in range(n)
+        HttpTransport(EnvelopeCodec(Identity.from_seed(bytes([i]) * 32)), config=config)
+        for i in range(first_seed, first_seed + n)
     ]
 
     async def pong(received: Any) -> Any:
@@ -253,6 +253,57 @@ async def small_rate(n: int, stream: bool, per_pair: int, window: int, auth_name
         for t in peers:
             await t.aclose()
     return cpu / (per_pair * len(pairs)) * 1e6
+
+
+def _latency_server(address: Any, stream: bool) -> None:
+    """Child process: a Pong server; puts its address on ``address`` and serves for a minute."""
+
+    async def serve() -> None:
+        peers = await _small_peers(1, stream)
+        address.put(peers[0].addresses[0])
+        await asyncio.sleep(60)
+
+    asyncio.run(serve())
+
+
+async def _latency_client(address: str, stream: bool, count: int) -> list[float]:
+    from p2p.identity import Identity
+    from p2p.messages import Ping
+
+    (client,) = await _small_peers(1, stream, first_seed=2)  # the server process is seed 1
+    server = Identity.from_seed(b"\x01" * 32).peer_id
+    client.set_addresses(server, [address])
+    try:
+        for seq in range(50):  # warm up (opens the connection or stream)
+            await client.request(server, Ping(seq=seq))
+        times = []
+        for seq in range(count):
+            t0 = time.perf_counter()
+            await client.request(server, Ping(seq=seq))
+            times.append(time.perf_counter() - t0)
+        return times
+    finally:
+        await client.aclose()
+
+
+def latency(rounds: int, count: int = 2000) -> dict[str, list[float]]:
+    """Round-trip time of sequential SEALED requests between two processes, per path."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    result: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        for path, stream in SMALL_PATHS.items():
+            queue = ctx.SimpleQueue()
+            proc = ctx.Process(target=_latency_server, args=(queue, stream), daemon=True)
+            proc.start()
+            try:
+                times = asyncio.run(_latency_client(queue.get(), stream, count))
+            finally:
+                proc.kill()
+                proc.join()
+            result.setdefault(path, []).append(statistics.median(times) * 1e6)
+    return result
 
 
 def codec_floor(auth_name: str, count: int = 4000) -> float:
@@ -312,6 +363,15 @@ def small_main(rounds: int) -> None:
     for auth, values in floor.items():
         med = statistics.median(values)
         print(f"| codec only (no transport) | {auth} | {med:.0f} / {min(values):.0f} | - | - |")
+    lat = latency(rounds)
+    post, strm = statistics.median(lat["POST"]), statistics.median(lat["stream"])
+    print(
+        "\nRound-trip latency of one SEALED request at a time between two processes (median"
+        f" of 2,000 per run, median / best of {rounds} runs):\n"
+    )
+    print("| path | round trip us (median / best) |\n|---|---:|")
+    print(f"| POST | {post:.0f} / {min(lat['POST']):.0f} |")
+    print(f"| stream | {strm:.0f} / {min(lat['stream']):.0f} |")
 
 
 # -- orchestration ------------------------------------------------------------------------------
