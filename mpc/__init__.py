@@ -51,6 +51,7 @@ from mpc.prg import (
 )
 from mpc.protocol import Member, Outgoing, Stage, default_threshold
 from mpc.shamir import MAX_SHARES, PRIME, SECRET_BYTES, SHARE_BYTES, Share, combine, split
+from mpc.state import warm_pair_roots
 from murmur.errors import AggregationAborted
 
 __all__ = [
@@ -113,4 +114,5 @@ __all__ = [
     "secure_sum_ring",
     "split",
     "u64",
+    "warm_pair_roots",
 ]

@@ -32,7 +32,10 @@ checked on opening, so a sealed share cannot be replayed into another round, gro
 
 from __future__ import annotations
 
+import contextlib
 import hmac
+import threading
+from collections.abc import Iterable
 from typing import TypeVar
 
 import nacl.bindings
@@ -51,6 +54,7 @@ __all__ = [
     "open_with",
     "pair_root",
     "seal_with",
+    "warm_pair_roots",
 ]
 
 KEY_BYTES = 32
@@ -72,10 +76,14 @@ _ROOTS: dict[tuple[bytes, bytes], bytes] = {}  # (lower id, higher id) -> pair r
 _CURVE_PUBLIC: dict[bytes, bytes] = {}  # Ed25519 id -> X25519 public key (public data)
 
 
+_LOCK = threading.Lock()  # warm_pair_roots fills the caches from a second thread
+
+
 def _remember(cache: dict[_V, bytes], key: _V, value: bytes) -> None:
-    if len(cache) >= CACHE_ENTRIES:
-        del cache[next(iter(cache))]  # dicts keep insertion order: the oldest entry
-    cache[key] = value
+    with _LOCK:
+        if len(cache) >= CACHE_ENTRIES:
+            cache.pop(next(iter(cache)), None)  # dicts keep insertion order: the oldest entry
+        cache[key] = value
 
 
 def _enc(part: bytes) -> bytes:
@@ -115,16 +123,59 @@ def pair_root(signing_key: nacl.signing.SigningKey, peer: bytes, *, me: bytes = 
     lo, hi = (me, peer) if me < peer else (peer, me)
     root = _ROOTS.get((lo, hi))
     if root is None:
-        private = nacl.bindings.crypto_sign_ed25519_sk_to_curve25519(
-            bytes(signing_key) + me  # libsodium's 64-byte secret key: seed || public key
-        )
-        try:
-            raw = nacl.bindings.crypto_scalarmult(private, _curve_public(peer))
-        except nacl.exceptions.CryptoError as exc:
-            raise MalformedMessage("a member id is a low-order point") from exc
-        root = derive(raw, PAIR_ROOT_LABEL, lo, hi)
-        _remember(_ROOTS, (lo, hi), root)
+        root = _compute_root(signing_key, me, peer, lo, hi)
     return root
+
+
+def _compute_root(
+    signing_key: nacl.signing.SigningKey, me: bytes, peer: bytes, lo: bytes, hi: bytes
+) -> bytes:
+    private = nacl.bindings.crypto_sign_ed25519_sk_to_curve25519(
+        bytes(signing_key) + me  # libsodium's 64-byte secret key: seed || public key
+    )
+    try:
+        raw = nacl.bindings.crypto_scalarmult(private, _curve_public(peer))
+    except nacl.exceptions.CryptoError as exc:
+        raise MalformedMessage("a member id is a low-order point") from exc
+    root = derive(raw, PAIR_ROOT_LABEL, lo, hi)
+    _remember(_ROOTS, (lo, hi), root)
+    return root
+
+
+def warm_pair_roots(
+    pairs: Iterable[tuple[nacl.signing.SigningKey, bytes, bytes]], *, threads: int = 2
+) -> int:
+    """Compute and cache the roots of ``(signing key, own id, peer id)`` pairs not cached yet.
+
+    For a simulator that knows a round's groups before running them: the X25519 work is split
+    between the caller and ``threads - 1`` helper threads (libsodium releases the GIL), and later
+    ``pair_root`` calls find the results. Ids that are not usable keys are skipped here (the
+    protocol refuses them when it needs them). Returns how many roots were computed.
+    """
+    todo: dict[tuple[bytes, bytes], tuple[nacl.signing.SigningKey, bytes, bytes]] = {}
+    for key, me, peer in pairs:
+        if me == peer:
+            continue
+        lo, hi = (me, peer) if me < peer else (peer, me)
+        if (lo, hi) not in _ROOTS:
+            todo.setdefault((lo, hi), (key, me, peer))
+    jobs = [(key, me, peer, lo, hi) for (lo, hi), (key, me, peer) in todo.items()]
+
+    def run(part: list[tuple[nacl.signing.SigningKey, bytes, bytes, bytes, bytes]]) -> None:
+        for job in part:
+            with contextlib.suppress(MalformedMessage):
+                _compute_root(*job)
+
+    workers = [
+        threading.Thread(target=run, args=(jobs[i :: max(threads, 1)],), daemon=True)
+        for i in range(1, max(threads, 1))
+    ]
+    for worker in workers:
+        worker.start()
+    run(jobs[:: max(threads, 1)])
+    for worker in workers:
+        worker.join()
+    return len(jobs)
 
 
 def _context(*, round: int, group: bytes, sender: bytes, recipient: bytes) -> bytes:

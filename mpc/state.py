@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -42,7 +42,14 @@ from murmur.errors import (
     ProtocolError,
 )
 
-__all__ = ["STAGE_OF", "MemberState", "Outgoing", "Stage", "default_threshold"]
+__all__ = [
+    "STAGE_OF",
+    "MemberState",
+    "Outgoing",
+    "Stage",
+    "default_threshold",
+    "warm_pair_roots",
+]
 
 Outgoing = list[tuple[bytes, Message]]
 """Messages to send: ``(recipient member id, message)`` pairs."""
@@ -98,6 +105,14 @@ def _graph(
 ) -> dict[bytes, frozenset[bytes]]:
     """``mask_graph``, computed once per group in a process (the members of an in-memory run)."""
     return mask_graph(members, degree=degree, seed=seed)
+
+
+def warm_pair_roots(members: Iterable[MemberState], *, threads: int = 2) -> int:
+    """Compute the pair roots the given members will need, ``threads`` at a time (a simulator
+    calls this when it forms a round's groups); returns how many were computed."""
+    return mkeys.warm_pair_roots(
+        ((m._signing_key, m.id, v) for m in members for v in m._graph[m.id]), threads=threads
+    )
 
 
 def default_threshold(k: int) -> int:

@@ -195,3 +195,36 @@ def test_seal_and_open_round_trip_with_context_binding() -> None:
         keys.open_with(key, tampered, **ctx)  # type: ignore[arg-type]
     with pytest.raises(BadSeal):
         keys.open_with(key, sealed[:10], **ctx)  # type: ignore[arg-type]
+
+
+def test_warm_pair_roots_fills_the_cache_with_the_same_roots_from_two_threads() -> None:
+    signers = [_identity(40 + i) for i in range(12)]
+    ids = [bytes(s.verify_key) for s in signers]
+    pairs = [(s, me, peer) for s, me in zip(signers, ids, strict=True) for peer in ids]
+    expected = {
+        tuple(sorted((me, peer))): keys.pair_root(s, peer) for s, me, peer in pairs if me != peer
+    }
+    keys._ROOTS.clear()
+    assert keys.warm_pair_roots(pairs, threads=2) == len(expected) == 66  # each pair once
+    assert {k: v for k, v in keys._ROOTS.items() if k in expected} == expected
+    assert keys.warm_pair_roots(pairs, threads=2) == 0  # nothing left to compute
+    bad = [(signers[0], ids[0], bytes(32))]  # a low-order point: skipped, refused when used
+    assert keys.warm_pair_roots(bad, threads=1) == 1
+    with pytest.raises(MalformedMessage):
+        keys.pair_root(signers[0], bytes(32))
+
+
+def test_warm_pair_roots_of_members_covers_their_mask_graph() -> None:
+    import torch
+
+    import mpc
+
+    signers = [_identity(60 + i) for i in range(8)]
+    ids = [bytes(s.verify_key) for s in signers]
+    vec = torch.zeros(4, dtype=torch.int64)
+    full = [mpc.Member(s, ids, group=b"w", round=1, vector=vec) for s in signers]
+    keys._ROOTS.clear()
+    assert mpc.warm_pair_roots(full) == 28  # every pair of 8, once
+    sparse = [mpc.Member(s, ids, group=b"w", round=2, vector=vec, degree=3) for s in signers]
+    keys._ROOTS.clear()
+    assert mpc.warm_pair_roots(sparse, threads=1) == 12  # a 3-regular graph on 8 has 12 edges
