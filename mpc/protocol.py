@@ -112,6 +112,8 @@ from murmur.errors import (
 __all__ = ["Member", "Outgoing", "Stage", "default_threshold"]
 
 _CHUNKED = frozenset({Input, Backup, ReassignedChunk, ChunkSum})
+_NEXT = {stage: Stage(stage + 1) for stage in Stage if stage < Stage.DONE}
+"""Each running stage's successor (an enum lookup by value costs ~5 us)."""
 
 
 class Member(MemberState):
@@ -207,7 +209,7 @@ class Member(MemberState):
             self._abort(str(exc))  # before anything of this stage was sent
             return []
         if self._stage is stage:  # the entry function did not abort or finish
-            self._stage = Stage(stage + 1)
+            self._stage = _NEXT[stage]
             for sender, msg in self._pending.pop(self._stage, []):
                 try:
                     self._handle(sender, msg)
