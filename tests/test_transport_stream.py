@@ -352,3 +352,30 @@ async def test_a_peer_without_the_stream_endpoint_is_reached_by_post(make: MAKE)
         assert streams(a) == 0 and inbound(b) == 0
     finally:
         await runner.cleanup()
+
+
+async def test_a_chunked_post_body_is_read_whole(make: MAKE) -> None:
+    """The POST path without Content-Length (chunked transfer) reassembles the envelope."""
+    a, b = await make(1), await make(2)
+    got: list[torch.Tensor] = []
+
+    async def keep(received: Received) -> None:
+        assert isinstance(received.message, Blob)
+        got.append(received.message.data)
+
+    b.register(Blob, keep)
+    data = torch.rand(30_000)
+    envelope = a._codec.encode(Blob(tag=1, data=data), recipient=b.local_id, auth=Auth.MAC)
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for start in range(0, len(envelope), 7_000):
+            yield envelope[start : start + 7_000]
+            await asyncio.sleep(0)
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"http://{b.addresses[0]}/v1/envelope", data=pieces()) as resp,
+    ):
+        assert resp.status == 204
+        assert "Content-Length" not in resp.request_info.headers
+    assert len(got) == 1 and torch.equal(got[0], data)

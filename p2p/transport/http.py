@@ -127,6 +127,18 @@ def is_loopback(remote: str | None) -> bool:
         return False
 
 
+async def _next_chunk(content: aiohttp.StreamReader) -> bytes:
+    """The next buffered body chunk as aiohttp received it (b"" at the end of the body).
+
+    ``readany()`` would join every chunk buffered so far into one new ``bytes`` (a copy that
+    ``read_body`` makes anyway); ``readchunk()`` hands them over one by one.
+    """
+    while True:
+        chunk, end_of_http_chunk = await content.readchunk()
+        if chunk or not end_of_http_chunk:
+            return chunk
+
+
 async def read_body(content: aiohttp.StreamReader, length: int | None, cap: int) -> bytearray:
     """Read a whole body into one buffer, refusing more than ``cap`` bytes.
 
@@ -140,7 +152,7 @@ async def read_body(content: aiohttp.StreamReader, length: int | None, cap: int)
         view = memoryview(buf)
         pos = 0
         while pos < length:
-            chunk = await content.readany()
+            chunk = await _next_chunk(content)
             if not chunk:
                 raise PeerUnreachable("the body ended early")
             end = pos + len(chunk)
@@ -151,7 +163,7 @@ async def read_body(content: aiohttp.StreamReader, length: int | None, cap: int)
         view.release()
         return buf
     buf = bytearray()
-    while chunk := await content.readany():
+    while chunk := await _next_chunk(content):
         buf += chunk
         if len(buf) > cap:
             raise MessageTooLarge(f"body exceeds the cap of {cap} bytes")
