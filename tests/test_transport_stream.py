@@ -379,3 +379,30 @@ async def test_a_chunked_post_body_is_read_whole(make: MAKE) -> None:
         assert resp.status == 204
         assert "Content-Length" not in resp.request_info.headers
     assert len(got) == 1 and torch.equal(got[0], data)
+
+
+async def test_stream_count_is_capped_idle_ones_evicted_busy_ones_kept(make: MAKE) -> None:
+    a = await make(1, max_connections=1)
+    b, c = await make(2), await make(3)
+    introduce(a, b)
+    introduce(a, c)
+    b.register(Ping, pong)
+    release = asyncio.Event()
+
+    async def stuck_then_pong(received: Received) -> Pong:
+        assert isinstance(received.message, Ping)
+        if received.message.seq == 0:
+            await release.wait()
+        return Pong(seq=received.message.seq)
+
+    c.register(Ping, stuck_then_pong)
+    assert (await a.request(b.local_id, Ping(seq=1))).message == Pong(seq=1)
+    assert list(a._streams) == [b.addresses[0]]
+    assert (await a.request(c.local_id, Ping(seq=2))).message == Pong(seq=2)
+    assert list(a._streams) == [c.addresses[0]]  # b's idle stream made room
+    pending = asyncio.ensure_future(a.request(c.local_id, Ping(seq=0)))
+    await asyncio.sleep(0.05)
+    assert (await a.request(b.local_id, Ping(seq=3))).message == Pong(seq=3)  # by POST
+    assert list(a._streams) == [c.addresses[0]]
+    release.set()
+    assert (await pending).message == Pong(seq=0)

@@ -278,7 +278,9 @@ class HttpTransport(Transport):
                 async with asyncio.timeout_at(deadline):
                     for _ in range(2):  # a stream that closed under us is replaced once
                         stream = self._streams.get(address)
-                        if stream is None or stream.closed:
+                        if stream is not None and not stream.closed:
+                            self._streams.move_to_end(address)  # least recently used first
+                        else:
                             stream = await self._stream_to(address)
                             if stream is None:
                                 break
