@@ -104,9 +104,14 @@ class Averager(Protocol):
 class AllReduceConfig:
     """Group all-reduce parameters (public: every member must use the same)."""
 
-    bits: Bits = 64
+    bits: Bits | None = 64
+    """Ring width (32 or 64); ``None`` picks the narrower ring that still gives ``resolution``."""
     bound: float = 1e4
     """Public bound on every |w * x| and on w; a larger value is refused (``RingOverflow``)."""
+    resolution: float = 2.0**-20
+    """With ``bits=None``: the coarsest fixed-point step accepted (1 / scale). Z_2^32 is used
+    when its scale for ``bound`` and the group size is at least ``1 / resolution``: half the
+    bytes and half the mask work of Z_2^64."""
     stage_timeout_s: float = 1.0
     """Deadline of each protocol stage on the loop's clock."""
     threshold: int | None = None
@@ -119,6 +124,17 @@ class AllReduceConfig:
             raise ConfigError(f"bound must be positive and finite, got {self.bound!r}")
         if not self.stage_timeout_s > 0:
             raise ConfigError(f"stage_timeout_s must be > 0, got {self.stage_timeout_s!r}")
+        if self.bits not in (32, 64, None):
+            raise ConfigError(f"bits must be 32, 64 or None, got {self.bits!r}")
+        if not (math.isfinite(self.resolution) and 0 < self.resolution < 1):
+            raise ConfigError(f"resolution must be in (0, 1), got {self.resolution!r}")
+
+    def ring_bits(self, k: int) -> Bits:
+        """The ring width a group of ``k`` uses (every member derives the same)."""
+        if self.bits is not None:
+            return self.bits
+        narrow = max_scale(bound=self.bound, members=k, bits=32)
+        return 32 if narrow * self.resolution >= 1 else 64
 
 
 @dataclass
@@ -226,8 +242,9 @@ class GroupAllReduce:
     def scale(self, k: int) -> float:
         """The fixed-point scale for a group of ``k``: the largest the ring allows for ``bound``."""
         cfg = self.config
-        scale = max_scale(bound=cfg.bound, members=k, bits=cfg.bits)
-        check_capacity(bound=cfg.bound, members=k, scale=scale, bits=cfg.bits)
+        bits = cfg.ring_bits(k)
+        scale = max_scale(bound=cfg.bound, members=k, bits=bits)
+        check_capacity(bound=cfg.bound, members=k, scale=scale, bits=bits)
         return scale
 
     def _encode(self, vector: Tensor, weight: float, k: int) -> tuple[Tensor, float]:
@@ -244,7 +261,7 @@ class GroupAllReduce:
         if not worst <= self.config.bound:
             raise RingOverflow(f"|w x| or w = {worst:.6g} exceeds the public bound")
         scale = self.scale(k)
-        return encode(contribution, scale=scale, bits=self.config.bits), scale
+        return encode(contribution, scale=scale, bits=self.config.ring_bits(k)), scale
 
     def _result(
         self,
@@ -254,7 +271,7 @@ class GroupAllReduce:
         contributors: tuple[PeerId, ...],
         like: Tensor,
     ) -> AverageResult:
-        total = decode(ring, scale=scale, bits=self.config.bits)
+        total = decode(ring, scale=scale, bits=self.config.ring_bits(group.size))
         weight = float(total[-1])
         if not weight > 0:
             raise self._fail(group, "the group's total weight is not positive")
@@ -445,7 +462,7 @@ class GroupAllReduce:
             sender in group.members
             and msg.round == group.round
             and isinstance(msg.data, Tensor)
-            and msg.data.dtype == ring_dtype(self.config.bits)
+            and msg.data.dtype == ring_dtype(self.config.ring_bits(group.size))
             and msg.data.dim() == 1
             and msg.data.numel() == hi - lo
         )

@@ -594,3 +594,43 @@ def test_messages_for_a_finished_round_are_refused_and_early_ones_are_kept() -> 
         await peers.aclose()
 
     run(main)
+
+
+def test_auto_ring_width_picks_32_bits_only_when_the_resolution_allows() -> None:
+    auto = AllReduceConfig(bits=None, bound=64.0)
+    assert auto.ring_bits(8) == 32  # scale 2^22 >= 2^20
+    assert AllReduceConfig(bits=None, bound=1e4).ring_bits(8) == 64  # 32 bits: scale 2^14
+    assert AllReduceConfig(bits=None, bound=64.0, resolution=2.0**-30).ring_bits(8) == 64
+    assert AllReduceConfig(bits=64, bound=64.0).ring_bits(8) == 64
+    assert AllReduceConfig(bits=32, bound=1e4).ring_bits(8) == 32
+    with pytest.raises(ConfigError):
+        AllReduceConfig(bits=16)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        AllReduceConfig(bits=None, resolution=0.0)
+    gen = torch.Generator().manual_seed(8)
+    xs = [torch.randn(29, generator=gen, dtype=torch.float64) for _ in range(8)]
+
+    async def main() -> list[AverageResult]:
+        peers = Peers(
+            8, seed=8, config=AllReduceConfig(bits=None, bound=64.0, stage_timeout_s=STAGE)
+        )
+        out = []
+        for mode, gid in (("secure", b"s" * 16), ("plain", b"p" * 16)):
+            group = peers.group(range(8), gid=gid)
+            out += await asyncio.gather(
+                *(getattr(r, mode)(group, x, 3.0) for r, x in zip(peers.reducers, xs, strict=True))
+            )
+        await peers.aclose()
+        return out
+
+    results = run(main)
+    scale = max_scale(bound=64.0, members=8, bits=32)
+    ring = sum(
+        encode(torch.cat([x * 3.0, torch.tensor([3.0], dtype=torch.float64)]), scale=scale, bits=32)
+        for x in xs
+    )
+    assert isinstance(ring, torch.Tensor) and ring.dtype == torch.int32
+    for r in results:
+        assert r.scale == scale and r.total is not None
+        assert torch.equal(r.total, decode(ring, scale=scale, bits=32))  # exact, in Z_2^32
+        assert torch.allclose(r.vector, sum(xs) / 8, atol=8 / scale)
