@@ -58,6 +58,15 @@ def _data(d: int) -> tuple[list[torch.Tensor], list[float]]:
     return [torch.randn(d, generator=gen) for _ in range(N)], [float(i + 1) for i in range(N)]
 
 
+RINGS = {
+    "64": {"bits": 64, "bound": 1e4},
+    "auto": {"bits": None, "bound": 64.0},
+}
+"""``--ring``: 64 = Z_2^64 at the library's default public bound; auto = ``bits=None`` with the
+public bound 64 (every |w x| here is < 45), for which a group of 8 picks Z_2^32 (scale 2^22)."""
+_RING = "64"  # set by main() and by every peer process
+
+
 class _Peer:
     """One peer of ours: network adapter, matchmaker, all-reduce, and the two averagers."""
 
@@ -65,7 +74,8 @@ class _Peer:
         self.net = TransportNetwork(transport, view)
         match = MatchConfig(target_size=N)  # defaults: min 3, back-off <= 50 ms
         self.former = Matchmaker(self.net, match, rng=random.Random(rank))
-        self.reducer = GroupAllReduce(self.net, identity, AllReduceConfig(stage_timeout_s=10.0))
+        config = AllReduceConfig(stage_timeout_s=10.0, **RINGS[_RING])  # type: ignore[arg-type]
+        self.reducer = GroupAllReduce(self.net, identity, config)
         self.secure = GroupAverager(self.former, self.reducer)
         self.plain = GroupAverager(self.former, self.reducer, secure=False)
 
@@ -310,9 +320,16 @@ async def _peer_process(
 
 
 def _peer_main(
-    rank: int, d: int, reps: int, paths: list[str], sync: _Sync, out: Any, env: tuple[bool, bool]
+    rank: int,
+    d: int,
+    reps: int,
+    paths: list[str],
+    sync: _Sync,
+    out: Any,
+    env: tuple[bool, bool, str],
 ) -> None:
-    tuned, freeze = env
+    global _RING
+    tuned, freeze, _RING = env
     torch.set_num_threads(1)
     if tuned:
         tune_malloc()
@@ -320,7 +337,7 @@ def _peer_main(
 
 
 def _ours_processes(
-    d: int, reps: int, paths: list[str], env: tuple[bool, bool]
+    d: int, reps: int, paths: list[str], env: tuple[bool, bool, str]
 ) -> dict[str, dict[str, list[float]]]:
     """One spawned process per peer; a round lasts from the common start to the last finish."""
     ctx = mp.get_context("spawn")
@@ -430,14 +447,20 @@ def _report(runs: dict[str, dict[str, list[float]]], args: argparse.Namespace, w
         "",
         f"Command: `python -m bench.bench_group_round --d {args.d} --reps {args.reps}"
         f" --mode {args.mode} --paths {','.join(args.paths)} --malloc {args.malloc}"
-        f" --gc {args.gc}` (median"
+        f" --gc {args.gc} --ring {args.ring}` (median"
         f" of {args.reps} after one warm-up; whole run {wall:.0f} s wall).",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores shared with other engineers'"
         f" jobs (load average {args.load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at"
         f" the end); Python {platform.python_version()}, torch {torch.__version__}.",
         "",
         f"Data: 8 float32 vectors of d = {args.d:,}, weights 1..8; ours encodes `[w x, w]`"
-        " in Z_2^64 (8 bytes per element: the int64 gloo row moves the same bytes). *processes*:"
+        + (
+            " in Z_2^64 (8 bytes per element: the int64 gloo row moves the same bytes)."
+            if args.ring == "64"
+            else " with `AllReduceConfig(bits=None, bound=64)`: the group picks Z_2^32 (4 bytes"
+            " per element, the float32 gloo row's bytes; fixed-point step 2^-22)."
+        )
+        + " *processes*:"
         " each"
         " of our 8 peers in its own process (spawn) with its own event loop and `HttpTransport`"
         " (real sockets on 127.0.0.1, full envelopes), rounds started at a common instant, time"
@@ -516,8 +539,16 @@ def main() -> None:
         default="freeze",
         help="freeze: gc.freeze() after set-up in every peer process (as the simulator does)",
     )
+    parser.add_argument(
+        "--ring",
+        choices=tuple(RINGS),
+        default="64",
+        help="64: Z_2^64, public bound 1e4 (the defaults); auto: bits=None, bound 64 (Z_2^32)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    global _RING
+    _RING = args.ring
     args.load_start = os.getloadavg()[0]
     if not set(args.paths) <= {"stream", "post"}:
         parser.error("--paths takes stream and/or post")
@@ -529,7 +560,7 @@ def main() -> None:
     runs: dict[str, dict[str, list[float]]] = {}
     if args.mode in ("both", "processes"):
         for path, times in _ours_processes(
-            args.d, args.reps, args.paths, (args.tuned, args.gc == "freeze")
+            args.d, args.reps, args.paths, (args.tuned, args.gc == "freeze", args.ring)
         ).items():
             runs[f"processes/{path}"] = times
     if args.mode in ("both", "one"):
