@@ -34,7 +34,7 @@ from torch import Tensor
 from gossip.matchmaking import Group, GroupFormer
 from gossip.messages import PlainChunk, PlainChunkSum
 from gossip.network import Network, Poster
-from mpc.fixedpoint import Bits, check_capacity, decode, encode, max_scale, ring_dtype
+from mpc.fixedpoint import Bits, check_capacity, decode, encode_, max_scale, ring_dtype
 from mpc.messages import MESSAGE_TYPES as MPC_TYPES
 from mpc.protocol import Member, Stage, default_threshold
 from mpc.survivors import chunk_bounds
@@ -255,13 +255,14 @@ class GroupAllReduce:
         contribution = torch.empty(vector.numel() + 1, dtype=torch.float64)
         torch.mul(vector.detach(), weight, out=contribution[:-1])
         contribution[-1] = weight
-        worst = float(contribution.abs().max())  # NaN if any is NaN
-        if math.isnan(worst):
+        lo, hi = (float(v) for v in torch.aminmax(contribution))  # NaN if any is NaN
+        worst = max(-lo, hi)
+        if math.isnan(lo) or math.isnan(hi):
             raise ConfigError("vector holds NaN")
         if not worst <= self.config.bound:
             raise RingOverflow(f"|w x| or w = {worst:.6g} exceeds the public bound")
         scale = self.scale(k)
-        return encode(contribution, scale=scale, bits=self.config.ring_bits(k)), scale
+        return encode_(contribution, scale=scale, bits=self.config.ring_bits(k)), scale
 
     def _result(
         self,

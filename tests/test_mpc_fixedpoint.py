@@ -268,3 +268,21 @@ def test_max_scale_is_accepted_and_tight(bits: int, members: int, bound: float) 
     fp.check_capacity(bound=bound, members=members, scale=scale, bits=bits)  # type: ignore[arg-type]
     with pytest.raises(RingOverflow):
         fp.check_capacity(bound=bound, members=members, scale=2 * scale, bits=bits)  # type: ignore[arg-type]
+
+
+def test_encode_in_place_matches_encode() -> None:
+    gen = torch.Generator().manual_seed(3)
+    for bits in (32, 64):
+        x = torch.randn(1001, generator=gen, dtype=torch.float64) * 100
+        x[::7] += 0.5  # ties: both round half to even
+        scale = 2.0**12
+        expected = fp.encode(x, scale=scale, bits=bits)
+        got = fp.encode_(x.clone(), scale=scale, bits=bits)
+        assert got.dtype == expected.dtype and torch.equal(got, expected)
+    with pytest.raises(ConfigError):
+        fp.encode_(torch.zeros(3, dtype=torch.float32), scale=2.0, bits=32)
+    with pytest.raises(ConfigError):
+        fp.encode_(torch.tensor([1.0, float("nan")], dtype=torch.float64), scale=2.0, bits=32)
+    with pytest.raises(RingOverflow):
+        fp.encode_(torch.tensor([1e9], dtype=torch.float64), scale=4.0, bits=32)
+    assert fp.encode_(torch.zeros(0, dtype=torch.float64), scale=2.0, bits=64).numel() == 0
