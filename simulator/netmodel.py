@@ -6,7 +6,8 @@ exactly. Models:
 
 * latency of one message from ``s`` to ``r``: the link's mean ``(a_s + a_r) / 2`` where each
   peer's access latency ``a`` is ``latency_ms`` times a lognormal factor (``link_spread``), then
-  per message a draw from ``latency_dist`` around that mean with spread ``latency_jitter_ms``;
+  per message a draw from ``latency_dist`` around that mean with spread ``latency_jitter_ms``
+  (from its own numpy stream, a block of standard variates at a time);
 * bandwidth: each peer's uplink is ``bandwidth_mbps`` times a lognormal factor; a message
   occupies the sender's uplink for ``size / bandwidth`` (messages queue behind each other);
 * loss: each message is lost with probability ``loss``;

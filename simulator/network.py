@@ -8,6 +8,11 @@ calling the recipient's handler directly (sans-IO: ``handler(sender_index, messa
 is both the fastest shape and the one ``mpc.Member`` is written for. Scheduled callbacks
 (``call_at``: a peer finishing local training, leaving, ...) go through the same buckets.
 
+The per-message path is kept short (at 1,000 peers a run sends ~36,000 messages per round):
+``post_many`` sends a member's whole output in one loop, and a message nobody waits on is a
+flat bucket entry that the tick's flush delivers inline; ``post`` with ``on_result`` or
+``deliver_to`` (the gossip engine's sends and requests) takes the general path.
+
 Two fidelity levels, same protocol logic:
 
 * ``wire``: the sender's ``p2p.envelope.EnvelopeCodec`` encodes and authenticates the envelope
