@@ -57,7 +57,7 @@ def _row(
     run = run_group(ring, threshold=t, degree=degree, dropped=dropped)
     # PRG bytes the protocol must produce: each member's self mask and pair masks, and the
     # reducers' removal of the counted self masks (one d-vector each, over all chunks).
-    masks = sum(len(m._mine) + 1 for m in run.members if m._mine) + len(run.counted)
+    masks = sum(len(m._graph[m.id]) + 1 for m in run.members) + len(run.counted)
     buf = bytearray(d * 8)
     seed = bytes(32)
     prg = _median_seconds(lambda: [keystream_into(seed, buf) for _ in range(masks)], repeat)
