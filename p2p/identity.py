@@ -171,7 +171,7 @@ class Identity:
         return self._signing_key.sign(data).signature
 
     def x25519_private(self) -> bytes:
-        """The Curve25519 secret key (secret; for per-round key agreement in mpc)."""
+        """The Curve25519 secret key (secret; p2p pair keys are derived from it)."""
         return self._curve_secret
 
     def pair_key(self, other: PeerId) -> bytes:
