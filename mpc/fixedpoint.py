@@ -49,6 +49,22 @@ def _check_scale(scale: float) -> None:
         raise ConfigError(f"scale must be a positive finite number, got {scale!r}")
 
 
+def _to_ring(r: Tensor, *, scale: float, bits: Bits) -> Tensor:
+    """Rounded float64 values ``r`` as ring elements; refuse NaN and values outside the ring."""
+    limit = float(2 ** (bits - 1))
+    lo_t, hi_t = torch.aminmax(r)  # one pass; NaN propagates into both
+    lo, hi = float(lo_t), float(hi_t)
+    if math.isnan(lo) or math.isnan(hi):
+        raise ConfigError("cannot encode NaN")
+    if hi >= limit or lo < -limit:
+        worst = hi if abs(hi) >= abs(lo) else lo
+        raise RingOverflow(
+            f"value {worst / scale:.6g} at scale {scale:.6g} encodes to {worst:.6g}, outside the "
+            f"signed range of Z_2^{bits} [-2^{bits - 1}, 2^{bits - 1})"
+        )
+    return r.to(ring_dtype(bits))
+
+
 def encode(
     x: Tensor, *, scale: float, bits: Bits, generator: torch.Generator | None = None
 ) -> Tensor:
@@ -74,18 +90,7 @@ def encode(
         low = torch.floor(y)
         u = torch.rand(y.shape, generator=generator, dtype=torch.float64, device=y.device)
         r = low + (u < (y - low)).to(torch.float64)
-    limit = float(2 ** (bits - 1))
-    lo_t, hi_t = torch.aminmax(r)  # one pass; NaN propagates into both
-    lo, hi = float(lo_t), float(hi_t)
-    if math.isnan(lo) or math.isnan(hi):
-        raise ConfigError("cannot encode NaN")
-    if hi >= limit or lo < -limit:
-        worst = hi if abs(hi) >= abs(lo) else lo
-        raise RingOverflow(
-            f"value {worst / scale:.6g} at scale {scale:.6g} encodes to {worst:.6g}, outside the "
-            f"signed range of Z_2^{bits} [-2^{bits - 1}, 2^{bits - 1})"
-        )
-    return r.to(dtype)
+    return _to_ring(r, scale=scale, bits=bits)
 
 
 def encode_(x: Tensor, *, scale: float, bits: Bits) -> Tensor:
@@ -102,18 +107,7 @@ def encode_(x: Tensor, *, scale: float, bits: Bits) -> Tensor:
     if x.numel() == 0:
         return torch.zeros(x.shape, dtype=dtype)
     x.mul_(scale).round_()
-    limit = float(2 ** (bits - 1))
-    lo_t, hi_t = torch.aminmax(x)  # one pass; NaN propagates into both
-    lo, hi = float(lo_t), float(hi_t)
-    if math.isnan(lo) or math.isnan(hi):
-        raise ConfigError("cannot encode NaN")
-    if hi >= limit or lo < -limit:
-        worst = hi if abs(hi) >= abs(lo) else lo
-        raise RingOverflow(
-            f"value {worst / scale:.6g} at scale {scale:.6g} encodes to {worst:.6g}, outside the "
-            f"signed range of Z_2^{bits} [-2^{bits - 1}, 2^{bits - 1})"
-        )
-    return x.to(dtype)
+    return _to_ring(x, scale=scale, bits=bits)
 
 
 def decode(v: Tensor, *, scale: float, bits: Bits) -> Tensor:

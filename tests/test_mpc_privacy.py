@@ -285,35 +285,47 @@ def test_a_chunk_sum_over_another_counted_set_is_refused() -> None:
 # ---------------------------------------------------------------- the view check
 
 
-def run_with_equivocation(members: list[mpc.Member], liar: int, victim: int, fooled: int) -> Held:
-    """Run the round while ``liar`` tells ``fooled`` that ``victim``'s chunk never came.
-
-    Returns every message delivered. Members still running when nothing is in flight have
-    their deadline pass (``advance()``), like the in-memory driver.
-    """
-    ids = [m.id for m in members]
+def run_round(
+    members: list[mpc.Member],
+    *,
+    route: Callable[[bytes, bytes, mpc.Message], mpc.Message | None] = lambda s, r, m: m,
+    silent: frozenset[bytes] = frozenset(),
+) -> Held:
+    """Deliver FIFO; ``route`` may change a message or drop it (None); ``silent`` members get
+    nothing. When nothing is in flight, the running members at the earliest stage have their
+    deadline pass (``advance()``), as in the in-memory driver. Returns what was delivered."""
     by_id = {m.id: m for m in members}
     queue: Held = [(m.id, r, msg) for m in members for r, msg in m.start()]
     delivered: Held = []
     for _ in range(20):
         while queue:
-            sender, recipient, msg = queue.pop(0)
-            if sender == ids[liar] and recipient == ids[fooled] and isinstance(msg, mpc.Receipt):
-                received = tuple(x for x in msg.received if x != ids[victim])
-                msg = mpc.Receipt(msg.group, msg.round, received, msg.backup)
-            if by_id[recipient].finished:
+            sender, recipient, original = queue.pop(0)
+            msg = route(sender, recipient, original)
+            if msg is None or recipient in silent or by_id[recipient].finished:
                 continue
             delivered.append((sender, recipient, msg))
-            try:
-                out = by_id[recipient].receive(sender, msg)
-            except mpc.AggregationAborted:
-                out = []
-            queue += [(recipient, r, o) for r, o in out]
-        if all(m.finished for m in members):
+            queue += [(recipient, r, o) for r, o in by_id[recipient].receive(sender, msg)]
+        waiting = [m for m in members if m.id not in silent and not m.finished]
+        if not waiting:
             break
-        for m in members:
-            queue += [(m.id, r, o) for r, o in m.advance()]
+        earliest = min(m.stage for m in waiting)
+        for m in waiting:
+            if m.stage == earliest:
+                queue += [(m.id, r, o) for r, o in m.advance()]
     return delivered
+
+
+def run_with_equivocation(members: list[mpc.Member], liar: int, victim: int, fooled: int) -> Held:
+    """Run the round while ``liar`` tells ``fooled`` that ``victim``'s chunk never came."""
+    ids = [m.id for m in members]
+
+    def route(sender: bytes, recipient: bytes, msg: mpc.Message) -> mpc.Message:
+        if sender == ids[liar] and recipient == ids[fooled] and isinstance(msg, mpc.Receipt):
+            received = tuple(x for x in msg.received if x != ids[victim])
+            return mpc.Receipt(msg.group, msg.round, received, msg.backup)
+        return msg
+
+    return run_round(members, route=route)
 
 
 def test_members_with_different_receipts_reveal_nothing() -> None:
@@ -412,25 +424,13 @@ def test_a_dropped_members_revealed_pair_seeds_leave_its_self_mask() -> None:
     still holds only ``x + PRG(b)``: the self-mask share of a dropped member is never revealed."""
     members, _, vectors = make_group(5, d=20, threshold=3)
     gone, reducer, missed = members[4], members[0], members[1]
-    by_id = {m.id: m for m in members}
-    queue: Held = [(m.id, r, msg) for m in members for r, msg in m.start()]
-    delivered: Held = []
-    for _ in range(20):
-        while queue:
-            sender, recipient, msg = queue.pop(0)
-            if sender == gone.id and (not isinstance(msg, mpc.Input) or recipient == missed.id):
-                continue  # gone's chunk never reaches `missed`, and gone sends nothing else
-            if recipient == gone.id or by_id[recipient].finished:
-                continue
-            delivered.append((sender, recipient, msg))
-            queue += [(recipient, r, o) for r, o in by_id[recipient].receive(sender, msg)]
-        waiting = [m for m in members if m is not gone and not m.finished]
-        if not waiting:
-            break
-        earliest = min(m.stage for m in waiting)  # deadlines pass in stage order (as the driver)
-        for m in waiting:
-            if m.stage == earliest:
-                queue += [(m.id, r, o) for r, o in m.advance()]
+
+    def route(sender: bytes, recipient: bytes, msg: mpc.Message) -> mpc.Message | None:
+        if sender == gone.id and (not isinstance(msg, mpc.Input) or recipient == missed.id):
+            return None  # gone's chunk never reaches `missed`, and gone sends nothing else
+        return msg
+
+    delivered = run_round(members, route=route, silent=frozenset({gone.id}))
     others = frozenset(m.id for m in members if m is not gone)
     assert all(m.stage is mpc.Stage.DONE and m.counted == others for m in members if m is not gone)
     reveals = [msg for _, _, msg in delivered if isinstance(msg, mpc.Reveal)]
