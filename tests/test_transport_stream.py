@@ -406,3 +406,34 @@ async def test_stream_count_is_capped_idle_ones_evicted_busy_ones_kept(make: MAK
     assert list(a._streams) == [c.addresses[0]]
     release.set()
     assert (await pending).message == Pong(seq=0)
+
+
+async def test_envelopes_over_the_stream_frame_limit_go_by_post(make: MAKE) -> None:
+    # a sender configured to stream bigger envelopes than a receiver reads on a stream (1 MiB)
+    a, b = await make(1, stream_max_body=4 * 2**20), await make(2)
+    introduce(a, b)
+    got: list[torch.Tensor] = []
+
+    async def keep(received: Received) -> None:
+        assert isinstance(received.message, Blob)
+        got.append(received.message.data)
+
+    b.register(Blob, keep)
+    data = torch.rand(400_000)  # 1.6 MB: under the envelope cap, over the stream frame limit
+    await a.send(b.local_id, Blob(tag=1, data=data), auth=Auth.MAC)
+    assert len(got) == 1 and torch.equal(got[0], data)
+    assert streams(a) == 0 and inbound(b) == 0  # the sender clamps: it went by POST
+    await a.send(b.local_id, Blob(tag=2, data=torch.rand(10)), auth=Auth.MAC)
+    assert len(got) == 2 and streams(a) == 1  # small ones still use the stream
+
+
+async def test_inbound_streams_are_capped_and_the_rest_use_post(make: MAKE) -> None:
+    b = await make(3, max_connections=1)
+    b.register(Ping, pong)
+    first, second = await make(4), await make(5)
+    introduce(first, b)
+    introduce(second, b)
+    assert (await first.request(b.local_id, Ping(seq=1))).message == Pong(seq=1)
+    assert (await second.request(b.local_id, Ping(seq=2))).message == Pong(seq=2)
+    assert inbound(b) == 1 and streams(first) == 1 and streams(second) == 0
+    assert b.accepted == 2 and b.refused == 0

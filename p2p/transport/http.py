@@ -75,9 +75,12 @@ _STATUS: dict[RefusalCode, int] = {
 _WRITE_CHUNK = 1 << 20
 _STREAM_HEARTBEAT_S = 15.0
 """Client streams ping at this interval; one that gets no pong within half of it is closed."""
-_STREAM_MIN_FRAME = 1 << 20
-"""The server reads stream messages up to max(cap, this) so that an envelope over the cap is
-refused as TOO_LARGE rather than ending the stream."""
+_STREAM_MAX_FRAME = 1 << 20
+"""The server reads stream frames up to this size, whatever its envelope cap: an envelope over a
+smaller cap is refused as TOO_LARGE without ending the stream, and a frame over it ends the
+stream, so one stream holds at most ``stream_max_inflight`` x 1 MiB of unanswered frames.
+Senders never stream an envelope above it (``stream_max_body`` is clamped): those go by POST,
+whose bodies are checked against the cap as they arrive."""
 
 
 class EnvelopePayload(Payload):
@@ -271,7 +274,7 @@ class HttpTransport(Transport):
     async def _post(
         self, address: str, data: bytes, timeout: float
     ) -> bytes | bytearray | memoryview:
-        if self.config.stream and len(data) <= self.config.stream_max_body:
+        if self.config.stream and len(data) <= min(self.config.stream_max_body, _STREAM_MAX_FRAME):
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout
             try:
@@ -375,8 +378,9 @@ class HttpTransport(Transport):
         except aiohttp.WSServerHandshakeError as exc:
             if exc.status == 503:  # the peer is shutting down
                 raise PeerUnreachable(f"{address} is closing") from None
-            # A peer without the stream endpoint (or behind something that refuses the
-            # upgrade): POST only, for the lifetime of this transport.
+            # A peer without the stream endpoint, behind something that refuses the upgrade,
+            # or holding as many streams as it takes (429): POST only, for the lifetime of
+            # this transport.
             log.info("event=no_stream address=%s status=%s", address, exc.status)
             self._no_stream.add(address)
             return None
@@ -429,10 +433,13 @@ class HttpTransport(Transport):
             compress=False,
             heartbeat=2 * _STREAM_HEARTBEAT_S,
             timeout=self.config.shutdown_timeout_s,
-            max_msg_size=max(self.config.max_message_size, _STREAM_MIN_FRAME) + FRAME.size,
+            max_msg_size=_STREAM_MAX_FRAME + FRAME.size,
         )
         if not ws.can_prepare(request).ok:
             return web.Response(status=400, text="expected a murmur-stream-v1 WebSocket")
+        if len(self._inbound) >= self.config.max_connections:
+            log.info("event=stream_refused reason=too_many_streams remote=%s", request.remote)
+            return web.Response(status=429, text="too many streams: use POST")
         await ws.prepare(request)
         self._inbound.add(ws)
         slots = asyncio.Semaphore(self.config.stream_max_inflight)
