@@ -34,7 +34,7 @@ from torch import Tensor
 from gossip.matchmaking import Group, GroupFormer
 from gossip.messages import PlainChunk, PlainChunkSum
 from gossip.network import Network, Poster
-from mpc.fixedpoint import Bits, check_capacity, decode, encode_, max_scale, ring_dtype
+from mpc.fixedpoint import Bits, check_capacity, decode, encode_, max_scale
 from mpc.messages import MESSAGE_TYPES as MPC_TYPES
 from mpc.protocol import Member, Stage, default_threshold
 from mpc.survivors import chunk_bounds
@@ -241,10 +241,12 @@ class GroupAllReduce:
 
     def scale(self, k: int) -> float:
         """The fixed-point scale for a group of ``k``: the largest the ring allows for ``bound``."""
-        cfg = self.config
-        bits = cfg.ring_bits(k)
-        scale = max_scale(bound=cfg.bound, members=k, bits=bits)
-        check_capacity(bound=cfg.bound, members=k, scale=scale, bits=bits)
+        return self._scale(k, self.config.ring_bits(k))
+
+    def _scale(self, k: int, bits: Bits) -> float:
+        bound = self.config.bound
+        scale = max_scale(bound=bound, members=k, bits=bits)
+        check_capacity(bound=bound, members=k, scale=scale, bits=bits)
         return scale
 
     def _encode(self, vector: Tensor, weight: float, k: int) -> tuple[Tensor, float]:
@@ -261,8 +263,9 @@ class GroupAllReduce:
             raise ConfigError("vector holds NaN")
         if not worst <= self.config.bound:
             raise RingOverflow(f"|w x| or w = {worst:.6g} exceeds the public bound")
-        scale = self.scale(k)
-        return encode_(contribution, scale=scale, bits=self.config.ring_bits(k)), scale
+        bits = self.config.ring_bits(k)  # the round's ring: later steps read it off the dtype
+        scale = self._scale(k, bits)
+        return encode_(contribution, scale=scale, bits=bits), scale
 
     def _result(
         self,
@@ -272,7 +275,7 @@ class GroupAllReduce:
         contributors: tuple[PeerId, ...],
         like: Tensor,
     ) -> AverageResult:
-        total = decode(ring, scale=scale, bits=self.config.ring_bits(group.size))
+        total = decode(ring, scale=scale, bits=32 if ring.dtype == torch.int32 else 64)
         weight = float(total[-1])
         if not weight > 0:
             raise self._fail(group, "the group's total weight is not positive")
@@ -416,7 +419,7 @@ class GroupAllReduce:
             item = await self._next(session, deadline)
             if item is None:
                 break
-            self._plain_accept(item, group, me, bounds, mine, sums, reducing=True)
+            self._plain_accept(item, group, me, bounds, ring.dtype, mine, sums, reducing=True)
         contributors = tuple(sorted(mine, key=lambda p: p.raw))
         mine_sum = torch.stack([mine[p] for p in contributors]).sum(dim=0, dtype=ring.dtype)
         own = PlainChunkSum(group.id, rnd, me, mine_sum, contributors)
@@ -427,7 +430,7 @@ class GroupAllReduce:
             item = await self._next(session, deadline)
             if item is None:
                 break
-            self._plain_accept(item, group, me, bounds, mine, sums, reducing=False)
+            self._plain_accept(item, group, me, bounds, ring.dtype, mine, sums, reducing=False)
         if session.tasks:
             await asyncio.wait(set(session.tasks), timeout=timeout)
         if len(sums) < k:
@@ -451,6 +454,7 @@ class GroupAllReduce:
         group: Group,
         me: int,
         bounds: list[tuple[int, int]],
+        dtype: torch.dtype,
         mine: dict[PeerId, Tensor],
         sums: dict[int, PlainChunkSum],
         *,
@@ -463,7 +467,7 @@ class GroupAllReduce:
             sender in group.members
             and msg.round == group.round
             and isinstance(msg.data, Tensor)
-            and msg.data.dtype == ring_dtype(self.config.ring_bits(group.size))
+            and msg.data.dtype == dtype
             and msg.data.dim() == 1
             and msg.data.numel() == hi - lo
         )
