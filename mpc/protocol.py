@@ -140,12 +140,7 @@ class Member(MemberState):
         except (ProtocolError, AggregationAborted) as exc:  # e.g. a member id that is no key
             self._abort(str(exc))
             return []
-        pending = self._pending.pop(Stage.INPUT, [])
-        for sender, msg in pending:
-            try:
-                self._handle(sender, msg)
-            except ProtocolError as exc:
-                self.refused.append((sender, exc))
+        self._handle_pending(Stage.INPUT)
         return out + self._complete_stages()
 
     def advance(self) -> Outgoing:
@@ -210,11 +205,7 @@ class Member(MemberState):
             return []
         if self._stage is stage:  # the entry function did not abort or finish
             self._stage = _NEXT[stage]
-            for sender, msg in self._pending.pop(self._stage, []):
-                try:
-                    self._handle(sender, msg)
-                except ProtocolError as exc:
-                    self.refused.append((sender, exc))
+            self._handle_pending(self._stage)
         return out
 
     def _abort(self, reason: str) -> None:
@@ -295,6 +286,7 @@ class Member(MemberState):
         counted = counted_set(self.members, self._receipts, self._graph)
         dropped = dropped_set(counted, self._graph)
         self._counted, self._dropped = counted, dropped
+        self._counted_digest = self._counted_digest_of(counted)
         if len(counted) < self.threshold:
             raise AggregationAborted(f"{len(counted)} inputs counted, threshold {self.threshold}")
         for u in sorted(counted):
@@ -379,7 +371,7 @@ class Member(MemberState):
                 np.add(acc, got[u].numpy(), out=acc)
             add_masks_(total, plan, offset=lo)
             self._sums[j] = total
-            msg = ChunkSum(self.group, self.round, j, total, self._counted_digest())
+            msg = ChunkSum(self.group, self.round, j, total, self._counted_digest)
             out += [(m, msg) for m in sorted(self._live) if m != self.id]
         self._self_seed = b""
         return out

@@ -207,7 +207,7 @@ class MemberState:
         self._receipts: dict[bytes, ReceiptView] = {}
         self._live: frozenset[bytes] = frozenset()
         self._counted: frozenset[bytes] | None = None
-        self._counted_hash: bytes | None = None
+        self._counted_digest = b""  # BLAKE2b of the counted set, once decided (VIEW)
         self._dropped: frozenset[bytes] = frozenset()
         self._revealed: dict[bytes, str] = {}  # peer -> "b" or "s": the ledger
         self._views: dict[bytes, bytes] = {}  # member -> digest of its view (mine included)
@@ -338,16 +338,21 @@ class MemberState:
         counted = counted_set(self.members, receipts, self._graph)
         self._check_ledger(self._kinds(counted, dropped_set(counted, self._graph)))
 
-    def _counted_digest(self) -> bytes:
+    @staticmethod
+    def _counted_digest_of(counted: frozenset[bytes]) -> bytes:
         """BLAKE2b-256 of the sorted counted ids (what a ``ChunkSum`` is a sum over)."""
-        if self._counted_hash is None:
-            h = hashlib.blake2b(b"murmur.secagg.counted.v1", digest_size=32)
-            for m in sorted(self._counted or ()):
-                h.update(m)
-            if self._counted is None:
-                return h.digest()
-            self._counted_hash = h.digest()  # the counted set is final once decided
-        return self._counted_hash
+        h = hashlib.blake2b(b"murmur.secagg.counted.v1", digest_size=32)
+        for m in sorted(counted):
+            h.update(m)
+        return h.digest()
+
+    def _handle_pending(self, stage: Stage) -> None:
+        """Handle the messages buffered for ``stage`` (now current); keep their refusals."""
+        for sender, msg in self._pending.pop(stage, []):
+            try:
+                self._handle(sender, msg)
+            except ProtocolError as exc:
+                self.refused.append((sender, exc))
 
     def _check_slice(self, chunk: int, data: Tensor) -> None:
         """Refuse a slice of the wrong ring, rank or length (checked before buffering)."""
@@ -433,7 +438,7 @@ class MemberState:
     def _on_chunk_sum(self, sender: bytes, msg: ChunkSum) -> None:
         if fallback_reducer(msg.chunk, self.members, self._live) != sender:
             raise InconsistentMessage(f"chunk {msg.chunk} is not reduced by this sender")
-        if not hmac.compare_digest(bytes(msg.counted), self._counted_digest()):
+        if not hmac.compare_digest(bytes(msg.counted), self._counted_digest):
             raise InconsistentMessage("the chunk sum covers another set of members than ours")
         self._sums[msg.chunk] = msg.data
 
