@@ -226,7 +226,10 @@ class TrainingSession:
         """A flat summary for ``GET /v1/status`` and the API (no secret, no private count)."""
         learner = self.learner
         budget = learner.budget
-        if learner.budget_spent:
+        # from the recorded rounds, not the learner: the learner learns it mid-round (in the
+        # executor), and a status read then must not say "budget spent" before the round counts
+        spent = self._counts["budget_spent"] > 0
+        if spent:
             state = "budget_spent"
         elif self._round >= self.rounds:
             state = "done"
@@ -244,7 +247,7 @@ class TrainingSession:
             "epsilon_spent": learner.epsilon_spent,
             "epsilon_budget": None if cap is None else float(cap),
             "delta": learner.status()["delta"],
-            "budget_spent": learner.budget_spent,
+            "budget_spent": spent,
             "contributions": learner.rounds_contributed,
             "accuracy": self._accuracy,
             "loss": self._loss,

@@ -38,6 +38,7 @@ from gossip.service import (
 from gossip.tasks import Task, make_task
 from murmur.errors import (
     AggregationAborted,
+    BudgetExhausted,
     ConfigError,
     GroupFormationFailed,
     PeerUnreachable,
@@ -308,6 +309,35 @@ def test_spent_budget_stops_contributing(digits: Task, caplog: pytest.LogCapture
     assert session.finished and "event=budget_spent" in caplog.text
     with pytest.raises(ConfigError):
         run(session.run_round)
+
+
+def test_status_says_budget_spent_only_once_that_round_is_counted(digits: Task) -> None:
+    """The learner finds the budget spent mid-round (in the executor); a status read at that
+    moment must still say the round is running, not "budget spent" with the round uncounted."""
+    z, delta = 2.0, 1e-5
+    one = compute_epsilon(noise_multiplier=z, rounds=1, delta=delta, sample_rate=1.0)
+    two = compute_epsilon(noise_multiplier=z, rounds=2, delta=delta, sample_rate=1.0)
+    learner = one_learner(
+        digits, unit=PrivacyUnit.PEER, epsilon=(one + two) / 2, noise_multiplier=z, delta=delta
+    )
+    seen: list[dict[str, object]] = []
+    session = TrainingSession(NoNet(), learner, Scripted({}), rounds=4, executor=InlineExecutor())
+    update = learner.local_update
+
+    def watched() -> Any:
+        try:
+            return update()
+        except BudgetExhausted:
+            seen.append(session.status())  # the learner knows; the round is not counted yet
+            raise
+
+    learner.local_update = watched  # type: ignore[method-assign]
+    reports = run(session.run)
+    assert [r.status for r in reports] == ["ok", "budget_spent"]
+    assert seen and seen[0]["training"] == "training" and seen[0]["budget_spent"] is False
+    assert seen[0]["round"] == 1
+    st = session.status()
+    assert st["training"] == "budget_spent" and st["budget_spent"] is True and st["round"] == 2
 
 
 def test_diverged_training_is_an_aborted_round(digits: Task) -> None:
