@@ -49,7 +49,7 @@ class _AutojumpSelector(selectors.BaseSelector):
             # Nothing scheduled: only a real event (another thread, a real socket) can wake us.
             return self._inner.select(None)
         if timeout > 0:
-            self._loop.advance(timeout)
+            self._loop.jump(timeout)
         return []
 
     def close(self) -> None:
@@ -71,6 +71,24 @@ class VirtualClockLoop(asyncio.SelectorEventLoop):
 
     def time(self) -> float:
         return self._virtual_now
+
+    def jump(self, timeout: float) -> None:
+        """Move the clock to the next timer's due time exactly (``timeout`` is how far away the
+        loop computed it to be; it may be capped, then only that far).
+
+        Setting the clock to the due time, rather than adding ``timeout``, makes virtual times
+        independent of the path taken to them: two loops that ran different timers before
+        reach a timer due at t with the clock at exactly t (the simulator's group workers rely
+        on this to give the same results however the groups are split among them).
+        """
+        now = self._virtual_now
+        scheduled: list[asyncio.TimerHandle] = getattr(self, "_scheduled", [])
+        if scheduled:
+            when = scheduled[0].when()
+            if now < when <= now + timeout + 1e-9:
+                self._virtual_now = when
+                return
+        self.advance(timeout)
 
     def advance(self, seconds: float) -> None:
         """Move the virtual clock forward (never backward)."""

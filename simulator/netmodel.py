@@ -28,37 +28,34 @@ import numpy as np
 
 from simulator.config import Scenario
 
-__all__ = ["NetModel", "Population"]
+__all__ = ["LinkStream", "NetModel", "Population"]
 
 _BLOCK = 1 << 16
 
 
-class NetModel:
-    """Per-message latency, per-peer bandwidth, loss and partitions for ``n`` peers."""
+class LinkStream:
+    """One stream of per-message randomness: loss draws and latency draws.
 
-    def __init__(self, scenario: Scenario, n: int, seed: int) -> None:
-        s = scenario
-        gen = np.random.default_rng([seed, 0x4E4554])
-        spread = s.link_spread
-        # A mean-preserving lognormal factor per peer.
-        access = s.latency_ms / 1000.0 * np.exp(spread * gen.standard_normal(n) - spread**2 / 2)
-        self.access: list[float] = access.tolist()
-        bw = s.bandwidth_mbps * 1e6 / 8.0 * np.exp(s.bandwidth_spread * gen.standard_normal(n))
-        self.seconds_per_byte: list[float] = (1.0 / bw).tolist()
-        self.loss = s.loss
-        self.jitter = s.latency_jitter_ms / 1000.0
-        self.dist = s.latency_dist
-        self.partition = (s.partition_start_s, s.partition_end_s)
-        cut = gen.permutation(n)[: round(s.partition_fraction * n)]
-        self.side = np.zeros(n, dtype=bool)
-        self.side[cut] = True
-        self.side_list: list[bool] = self.side.tolist()
-        self.rng = random.Random(seed * 7919 + 17)  # loss
-        # Latency draws come from their own stream, a block of standard variates at a time
-        # (per-message Python draws were ~2 us each at 1,000 peers).
-        kinds = {"lognormal": 1, "normal": 2, "uniform": 3, "exponential": 4}
-        self._kind = 0 if s.latency_dist == "constant" or self.jitter == 0.0 else kinds[self.dist]
-        self._draws = np.random.default_rng([seed, 0x4C4154])
+    The network has one default stream; a group round gives each group its own, seeded from
+    the group, so a group's messages see the same draws whatever else runs beside it (which
+    is what lets the simulator split a round's groups among worker processes).
+    """
+
+    __slots__ = ("_block", "_buffer", "_draws", "_kind", "_next", "access", "jitter", "rng")
+
+    def __init__(
+        self,
+        access: list[float],
+        kind: int,
+        jitter: float,
+        loss_seed: int | bytes,
+        draw_seed: list[int],
+        block: int = _BLOCK,
+    ) -> None:
+        self.access, self._kind, self.jitter = access, kind, jitter
+        self.rng = random.Random(loss_seed)
+        self._draws = np.random.default_rng(draw_seed)
+        self._block = block
         self._buffer: list[float] = []
         self._next = 0
 
@@ -89,19 +86,66 @@ class NetModel:
 
     def _refill(self) -> None:
         """The next block of standard draws for the latency distribution (numpy, in one go)."""
-        gen = self._draws
+        gen, block = self._draws, self._block
         if self._kind in (1, 2):
-            block = gen.standard_normal(_BLOCK)
+            values = gen.standard_normal(block)
         elif self._kind == 3:
-            block = gen.uniform(-1.0, 1.0, _BLOCK)
+            values = gen.uniform(-1.0, 1.0, block)
         else:
-            block = gen.standard_exponential(_BLOCK)
-        self._buffer = block.tolist()
+            values = gen.standard_exponential(block)
+        self._buffer = values.tolist()
         self._next = 0
 
+
+class NetModel:
+    """Per-message latency, per-peer bandwidth, loss and partitions for ``n`` peers."""
+
+    def __init__(self, scenario: Scenario, n: int, seed: int) -> None:
+        s = scenario
+        gen = np.random.default_rng([seed, 0x4E4554])
+        spread = s.link_spread
+        # A mean-preserving lognormal factor per peer.
+        access = s.latency_ms / 1000.0 * np.exp(spread * gen.standard_normal(n) - spread**2 / 2)
+        self.access: list[float] = access.tolist()
+        bw = s.bandwidth_mbps * 1e6 / 8.0 * np.exp(s.bandwidth_spread * gen.standard_normal(n))
+        self.seconds_per_byte: list[float] = (1.0 / bw).tolist()
+        self.seed = seed
+        self.loss = s.loss
+        self.jitter = s.latency_jitter_ms / 1000.0
+        self.dist = s.latency_dist
+        self.partition = (s.partition_start_s, s.partition_end_s)
+        cut = gen.permutation(n)[: round(s.partition_fraction * n)]
+        self.side = np.zeros(n, dtype=bool)
+        self.side[cut] = True
+        self.side_list: list[bool] = self.side.tolist()
+        # Latency draws come from their own numpy stream, a block of standard variates at a
+        # time (per-message Python draws were ~2 us each at 1,000 peers); loss has its own.
+        kinds = {"lognormal": 1, "normal": 2, "uniform": 3, "exponential": 4}
+        self._kind = 0 if s.latency_dist == "constant" or self.jitter == 0.0 else kinds[self.dist]
+        self.stream = LinkStream(
+            self.access, self._kind, self.jitter, seed * 7919 + 17, [seed, 0x4C4154]
+        )
+
+    def group_stream(self, key: bytes) -> LinkStream:
+        """A stream of its own for the group ``key`` (its id: unique per round), with a small
+        block (a group of 8 sends ~300 messages a round)."""
+        words = [int.from_bytes(key[i : i + 4], "big") for i in range(0, len(key), 4)]
+        return LinkStream(
+            self.access,
+            self._kind,
+            self.jitter,
+            self.seed.to_bytes(8, "big") + key,
+            [self.seed, 0x47524F, *words],
+            block=512,
+        )
+
+    def latency(self, sender: int, recipient: int) -> float:
+        """One message's latency in seconds, from the default stream."""
+        return self.stream.latency(sender, recipient)
+
     def lost(self) -> bool:
-        """Whether the next message is lost."""
-        return self.loss > 0.0 and self.rng.random() < self.loss
+        """Whether the next message is lost (default stream)."""
+        return self.loss > 0.0 and self.stream.rng.random() < self.loss
 
     def partitioned(self, sender: int, recipient: int, now: float) -> bool:
         """Whether a partition separates the two peers at virtual time ``now``."""

@@ -40,7 +40,7 @@ from p2p.envelope import Auth, EnvelopeCodec
 from p2p.identity import Identity, PeerId
 from simulator.config import Scenario
 from simulator.messages import auth_for, registry, wire_size
-from simulator.netmodel import NetModel
+from simulator.netmodel import LinkStream, NetModel
 
 __all__ = ["EPOCH", "Handler", "SimNetwork", "peer_seed"]
 
@@ -93,6 +93,7 @@ class SimNetwork:
         self._buckets: dict[int, list[_Entry]] = {}
         self._seq = 0
         self._uplink_free = [0.0] * n
+        self._streams: list[LinkStream] = [self.model.stream] * n
         self._codecs: list[EnvelopeCodec | None] = [None] * n
         self._registry = registry() if self.wire else None
         self._last: tuple[object, Auth, int] | None = None
@@ -109,6 +110,20 @@ class SimNetwork:
     def register(self, peer: int, message_type: type, handler: Handler) -> None:
         """Call ``handler(sender, message)`` for messages of ``message_type`` sent to ``peer``."""
         self.handlers[peer][message_type] = handler
+
+    def use_stream(self, peers: Iterable[int], stream: LinkStream) -> None:
+        """Draw the loss and latency of messages sent by ``peers`` from ``stream`` (a group's
+        own; see ``NetModel.group_stream``) until told otherwise."""
+        for p in peers:
+            self._streams[p] = stream
+
+    def idle_uplinks(self, peers: Iterable[int]) -> None:
+        """Forget what ``peers``' uplinks still had to send: a group round starts each member
+        with an idle uplink, so that a round does not depend on what its members did in other
+        groups before (a transmission from before still arrives when it was due)."""
+        free = self._uplink_free
+        for p in peers:
+            free[p] = 0.0
 
     def codec(self, peer: int) -> EnvelopeCodec:
         """The envelope codec of ``peer`` (wire fidelity), on the virtual clock."""
@@ -242,15 +257,18 @@ class SimNetwork:
         self.bytes_sent += size
         self.messages_sent += 1
         model = self.model
+        stream = self._streams[sender]
         start = max(now, self._uplink_free[sender])
         done = start + size * model.seconds_per_byte[sender]
         self._uplink_free[sender] = done
-        if model.lost() or model.partitioned(sender, recipient, now):
+        if (model.loss > 0.0 and stream.rng.random() < model.loss) or model.partitioned(
+            sender, recipient, now
+        ):
             self.messages_lost += 1
             if on_result is not None:
                 self.call_at(done, on_result, False, None)
             return
-        arrival = done + model.latency(sender, recipient)
+        arrival = done + stream.latency(sender, recipient)
         self.call_at(
             arrival, self._deliver, sender, recipient, payload, size, on_result, deliver_to
         )
@@ -271,7 +289,8 @@ class SimNetwork:
         now = loop.time()
         spb = model.seconds_per_byte[sender]
         free = self._uplink_free[sender]
-        loss, rng, latency = model.loss, model.rng, model.latency
+        stream = self._streams[sender]
+        loss, rng, latency = model.loss, stream.rng, stream.latency
         p_start, p_end = model.partition
         cut = p_start <= now < p_end
         side = model.side_list
