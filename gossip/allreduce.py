@@ -216,7 +216,7 @@ class GroupAllReduce:
 
     def _dispatch(self, session: _Session, out: list[tuple[PeerId, Any]]) -> None:
         post = self._post
-        if post is not None:  # the network sends without a task per message (the simulator)
+        if post is not None:  # no task per message (the simulator, the aiohttp stream)
             timeout = self.config.stage_timeout_s
             for peer, msg in out:
                 post(peer, msg, timeout=timeout, on_failure=self._send_failed)

@@ -88,8 +88,12 @@ class Poster(Protocol):
 
     ``post(peer, message, timeout=..., on_failure=...)`` starts delivering ``message`` and
     returns at once; if delivery fails (or is refused) by ``timeout``, ``on_failure(message,
-    error)`` is called with a ``murmur.errors`` error. gossip uses it when a network has it (the
-    simulator's, so that a message costs no task); otherwise it awaits ``send`` in a task.
+    error)`` is called with a ``murmur.errors`` error. No call means no failure was seen: a
+    network may report a failure it cannot rule out (e.g. the connection closed before a
+    refusal could come back), and may leave a refusal that arrives after ``timeout`` unreported.
+    ``on_failure`` may be called before ``post`` returns (no address, closed network). gossip
+    uses it when a network has it (the simulator's, and ``TransportNetwork`` over a stream, so
+    that a message costs no task); otherwise it awaits ``send`` in a task.
     """
 
     def __call__(
@@ -135,7 +139,7 @@ class TransportNetwork:
         self._transport = transport
         self._view = view
         self.sent = 0
-        """Messages this peer sent (send and request)."""
+        """Messages this peer sent (send, post and request)."""
 
     @property
     def local_id(self) -> PeerId:
@@ -151,6 +155,24 @@ class TransportNetwork:
         """Deliver ``message`` (sealed or MACed by ``auth_for``) and wait for its acceptance."""
         self.sent += 1
         await self._transport.send(peer, message, auth=auth_for(message), timeout=timeout)
+
+    def post(
+        self,
+        peer: PeerId,
+        message: Any,
+        *,
+        timeout: float | None = None,
+        on_failure: Callable[[Any, MurmurError], None] | None = None,
+    ) -> None:
+        """Deliver ``message`` one-way without waiting (``Poster``; ``Transport.post``).
+
+        Over an open stream of the aiohttp transport it is one frame with no acknowledgement
+        and no task; otherwise the transport awaits the usual delivery in a task.
+        """
+        self.sent += 1
+        self._transport.post(
+            peer, message, auth=auth_for(message), timeout=timeout, on_failure=on_failure
+        )
 
     async def request(self, peer: PeerId, message: Any, *, timeout: float | None = None) -> Any:
         """Send ``message`` and return the reply message (authenticated as the request was)."""

@@ -14,11 +14,12 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from murmur.errors import (
     ConfigError,
     MalformedMessage,
+    MurmurError,
     NetworkError,
     PeerUnreachable,
     ProtocolError,
@@ -32,12 +33,15 @@ from p2p.envelope import Auth, EnvelopeCodec, Received
 from p2p.identity import PeerId
 from p2p.messages import Message
 
-__all__ = ["ContactListener", "Handler", "Transport", "reply_auth"]
+__all__ = ["ContactListener", "Handler", "PostFailure", "Transport", "reply_auth"]
 
 log = logging.getLogger("murmur.transport")
 
 Handler = Callable[[Received], Awaitable[Message | None]]
 """Handles one received message; returns the reply (for requests) or None."""
+
+PostFailure = Callable[[Any, MurmurError], None]
+"""``on_failure(message, error)`` of ``Transport.post``."""
 
 ContactListener = Callable[[PeerId], None]
 """Called with the sender of every envelope that passed all checks (inbound or a reply)."""
@@ -81,6 +85,7 @@ class Transport(abc.ABC):
         self._addresses: dict[PeerId, tuple[str, ...]] = {}
         self._listeners: list[ContactListener] = []
         self._waiters: set[asyncio.Task[object]] = set()
+        self._posting: set[asyncio.Task[None]] = set()
         self._closed_waiters: set[asyncio.Task[object]] = set()
         self._closed = False
         self.accepted = 0
@@ -151,6 +156,67 @@ class Transport(abc.ABC):
         """Deliver ``message`` to ``peer`` and wait until its handler accepted it."""
         await self._to_peer(peer, message, auth, timeout)
 
+    def post(
+        self,
+        peer: PeerId,
+        message: Message,
+        *,
+        auth: Auth = Auth.SEALED,
+        timeout: float | None = None,
+        on_failure: PostFailure | None = None,
+    ) -> None:
+        """Start delivering ``message`` to ``peer`` one-way and return at once.
+
+        ``on_failure(message, error)`` hears of a failure within ``timeout``: a ``murmur.errors``
+        error (``RemoteRefused`` with the peer's code, ``PeerUnreachable``, ``Timeout``,
+        ``TransportClosed``), called at once when the message cannot even start (no address,
+        closed transport), else later from the event loop. No call means no failure was seen.
+        Subclasses may send without a task (``_post_now``); otherwise, and when they cannot,
+        a task awaits the same delivery as ``send``.
+        """
+        try:
+            self._check_open()
+            addresses = self._addresses.get(peer)
+            if not addresses:
+                raise PeerUnreachable(f"no known address for peer {peer.short()}")
+            data = self._codec.encode(message, recipient=peer, auth=auth)
+        except MurmurError as exc:
+            if on_failure is not None:
+                on_failure(message, exc)
+            return
+        wait = self._default_timeout if timeout is None else timeout
+        if self._post_now(addresses, data, wait, message, on_failure):
+            return
+        task = asyncio.create_task(self._post_later(addresses, data, wait, message, on_failure))
+        self._posting.add(task)
+        task.add_done_callback(self._posting.discard)
+
+    def _post_now(
+        self,
+        addresses: tuple[str, ...],
+        data: bytes,
+        timeout: float,
+        message: Message,
+        on_failure: PostFailure | None,
+    ) -> bool:
+        """Send ``data`` one-way without a task if this transport can; False: it cannot."""
+        return False
+
+    async def _post_later(
+        self,
+        addresses: tuple[str, ...],
+        data: bytes,
+        timeout: float,
+        message: Message,
+        on_failure: PostFailure | None,
+    ) -> None:
+        try:
+            self._check_open()
+            await self._deliver(addresses, data, timeout)
+        except MurmurError as exc:
+            if on_failure is not None:
+                on_failure(message, exc)
+
     async def request(
         self,
         peer: PeerId,
@@ -185,6 +251,12 @@ class Transport(abc.ABC):
         if not addresses:
             raise PeerUnreachable(f"no known address for peer {peer.short()}")
         data = self._codec.encode(message, recipient=peer, auth=auth)
+        return await self._deliver(addresses, data, timeout)
+
+    async def _deliver(
+        self, addresses: tuple[str, ...], data: bytes, timeout: float | None
+    ) -> bytes | bytearray | memoryview:
+        """Exchange ``data`` with the first of ``addresses`` that answers."""
         last: NetworkError | None = None
         for address in addresses:
             try:
@@ -244,10 +316,13 @@ class Transport(abc.ABC):
         """
 
     # -- receiving -------------------------------------------------------------------------
-    async def _serve_envelope(self, data: bytes | bytearray | memoryview) -> bytes:
+    async def _serve_envelope(
+        self, data: bytes | bytearray | memoryview, *, reply_wanted: bool = True
+    ) -> bytes:
         """Check and handle one inbound envelope; return the encoded reply (b"" for none).
 
-        Raises ``ProtocolError`` (with its refusal code) when the envelope is refused.
+        Raises ``ProtocolError`` (with its refusal code) when the envelope is refused. With
+        ``reply_wanted=False`` (a one-way post) a handler's reply is dropped unencoded.
         """
         self.bytes_received += len(data)
         try:
@@ -269,7 +344,7 @@ class Transport(abc.ABC):
             self.refused += 1
             raise
         self.accepted += 1
-        if reply is None:
+        if reply is None or not reply_wanted:
             return b""
         encoded = self._codec.encode(
             reply, recipient=received.sender, auth=reply_auth(received.auth)
@@ -300,6 +375,8 @@ class Transport(abc.ABC):
             self._closed_waiters.add(task)
             task.cancel()
         await self._close_io()
+        if self._posting:  # posts that never reached _exchange fail as closed
+            await asyncio.gather(*self._posting, return_exceptions=True)
 
     @abc.abstractmethod
     async def _close_io(self) -> None:

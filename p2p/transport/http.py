@@ -5,7 +5,8 @@ the reply envelope, ``204`` when there is no reply, or a refusal: an HTTP error 
 ``RefusalCode`` in the ``Murmur-Refusal`` header. ``GET /v1/stream``: a WebSocket carrying many
 envelopes and their replies (``p2p.transport.stream``); the sender uses it for envelopes up to
 ``stream_max_body`` bytes (per-message cost ~3x lower than a POST) and POST for larger ones and
-for peers without the endpoint. aiohttp errors become ``murmur.errors`` types here and in
+for peers without the endpoint; ``post`` (one-way, no acknowledgement) writes straight to an open
+stream, without a task. aiohttp errors become ``murmur.errors`` types here and in
 ``stream.py`` and nowhere else.
 """
 
@@ -32,20 +33,24 @@ from murmur.errors import (
     RefusalCode,
     RemoteRefused,
     Timeout,
+    TransportClosed,
 )
 from p2p.config import HttpTransportConfig, format_address, parse_address
 from p2p.envelope import EnvelopeCodec
 from p2p.identity import PeerId
-from p2p.transport.base import Transport
+from p2p.messages import Message
+from p2p.transport.base import PostFailure, Transport
 from p2p.transport.stream import (
     FRAME,
     KIND_ENVELOPE,
+    KIND_POST,
     KIND_REPLY,
     STREAM_PATH,
     STREAM_PROTOCOL,
     ClientStream,
     StreamGone,
     refusal_frame,
+    start_eagerly,
 )
 
 __all__ = [
@@ -296,6 +301,35 @@ class HttpTransport(Transport):
             timeout = max(deadline - loop.time(), 1e-3)
         return await self._post_http(address, data, timeout)
 
+    def _post_now(
+        self,
+        addresses: tuple[str, ...],
+        data: bytes,
+        timeout: float,
+        message: Message,
+        on_failure: PostFailure | None,
+    ) -> bool:
+        """One-way frame on an already open stream to the first address that has one.
+
+        False (the caller falls back to a task awaiting the usual delivery) when streams are off,
+        the envelope is too large for the stream, or no stream is open yet or it just closed.
+        """
+        config = self.config
+        if not config.stream or len(data) > min(config.stream_max_body, _STREAM_MAX_FRAME):
+            return False
+        streams = self._streams
+        for address in addresses:
+            stream = streams.get(address)
+            if stream is None or stream.closed:
+                continue
+            deadline = asyncio.get_running_loop().time() + timeout
+            if not stream.post(data, message, deadline, on_failure):
+                return False
+            streams.move_to_end(address)
+            self.bytes_sent += len(data)
+            return True
+        return False
+
     async def _post_http(self, address: str, data: bytes, timeout: float) -> bytes | bytearray:
         url = f"http://{address}{ENVELOPE_PATH}"
         session = self._client()
@@ -425,7 +459,12 @@ class HttpTransport(Transport):
         return web.Response(status=200, body=reply, content_type=CONTENT_TYPE)
 
     async def _on_stream(self, request: web.Request) -> web.StreamResponse:
-        """Serve one inbound stream: each ENVELOPE frame is handled in its own task."""
+        """Serve one inbound stream, frames in order.
+
+        Each ENVELOPE or POST frame is handled right here up to the handler's first suspension
+        (gossip's handlers never suspend: no task at all); a frame whose handling suspends
+        goes on in its own task, so a slow handler does not hold up the others.
+        """
         if self._closed:
             return web.Response(status=503)
         ws = web.WebSocketResponse(
@@ -448,22 +487,25 @@ class HttpTransport(Transport):
                 await slots.acquire()
                 msg = await ws.receive()
                 data = msg.data
-                if (
-                    msg.type != WSMsgType.BINARY
-                    or len(data) < FRAME.size
-                    or data[FRAME.size - 1] != KIND_ENVELOPE
-                ):
+                if msg.type != WSMsgType.BINARY or len(data) < FRAME.size:
+                    kind = 0
+                else:
+                    request_id, kind = FRAME.unpack_from(data)
+                if kind != KIND_ENVELOPE and kind != KIND_POST:
                     slots.release()
                     if msg.type in (WSMsgType.BINARY, WSMsgType.TEXT):
                         log.debug("event=stream_garbage remote=%s", request.remote)
                         await ws.close(code=aiohttp.WSCloseCode.PROTOCOL_ERROR)
                     break
-                (request_id,) = FRAME.unpack_from(data)[:1]
-                task = asyncio.create_task(
-                    self._serve_frame(ws, request_id, memoryview(data)[FRAME.size :], slots)
+                rest = start_eagerly(
+                    self._serve_frame(
+                        ws, request_id, memoryview(data)[FRAME.size :], slots, kind == KIND_POST
+                    )
                 )
-                self._serving.add(task)
-                task.add_done_callback(self._serving.discard)
+                if rest is not None:
+                    task = asyncio.create_task(rest)
+                    self._serving.add(task)
+                    task.add_done_callback(self._serving.discard)
         finally:
             self._inbound.discard(ws)
         return ws
@@ -474,14 +516,23 @@ class HttpTransport(Transport):
         request_id: int,
         envelope: memoryview,
         slots: asyncio.Semaphore,
+        one_way: bool,
     ) -> None:
+        """Handle one frame; answer an ENVELOPE always, a POST only with a refusal."""
         try:
             try:
-                reply = await self._serve_envelope(envelope)
+                reply = await self._serve_envelope(envelope, reply_wanted=not one_way)
+                if one_way:
+                    return
                 frame = FRAME.pack(request_id, KIND_REPLY) + reply
             except ProtocolError as exc:
                 log.debug("event=refused code=%d reason=%s", int(exc.code), exc)
                 frame = refusal_frame(request_id, exc)
+            except Exception:  # a bug must not end the stream (frames are handled in its loop)
+                log.exception("event=stream_frame_failed")
+                frame = refusal_frame(
+                    request_id, ProtocolError("internal error", code=RefusalCode.INTERNAL)
+                )
             if not ws.closed:
                 await ws.send_bytes(frame)
         except (ConnectionError, aiohttp.ClientError, RuntimeError):
@@ -496,8 +547,9 @@ class HttpTransport(Transport):
             task.cancel()
         streams = list(self._streams.values())
         self._streams.clear()
+        closed = TransportClosed("the transport was closed")
         await asyncio.gather(
-            *(s.aclose() for s in streams),
+            *(s.aclose(closed) for s in streams),
             *(ws.close(code=aiohttp.WSCloseCode.GOING_AWAY) for ws in list(self._inbound)),
             *self._connecting.values(),
             *self._serving,

@@ -3,31 +3,42 @@
 ``GET /v1/stream`` upgrades to a WebSocket (subprotocol ``murmur-stream-v1``). Every WebSocket
 message is one binary frame ``request id (u32 LE) | kind (u8) | payload``:
 
-* client -> server, kind 1 ``ENVELOPE``: payload = one encoded envelope;
+* client -> server, kind 1 ``ENVELOPE``: payload = one encoded envelope; the server answers with
+  kind 2 or 3;
 * server -> client, kind 2 ``REPLY``: the envelope was accepted; payload = the reply envelope,
   empty when there is none (a one-way send);
-* server -> client, kind 3 ``REFUSAL``: payload = ``code (u16 LE) | "CODE_NAME: reason"``.
+* server -> client, kind 3 ``REFUSAL``: payload = ``code (u16 LE) | "CODE_NAME: reason"``;
+* client -> server, kind 4 ``POST``: payload = one encoded envelope, one-way: the server answers
+  only when it refused the envelope (or its handler failed), with a kind 3 frame naming the id;
+  silence is success, and a handler's reply to a post is dropped.
 
 Replies are matched to requests by id, so many requests are in flight on one stream and a slow
 handler does not hold up the others. Each envelope gets exactly the checks of the POST path
 (``Transport._serve_envelope``). A frame that is not binary, too short or of an unknown kind
 closes the stream; an undecodable envelope in a well-formed frame is refused like any other.
-This module holds the framing and the client side; the server side is in ``http.py``.
+
+Frames are written in the order ``exchange`` and ``post`` are called, without a task: the write
+is started in the caller and completes at once unless the socket is congested; then that frame's
+flow-control wait, and every frame written after it, go to one drain task per stream. This
+module holds the framing and the client side; the server side is in ``http.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import aiohttp
 from aiohttp import WSMsgType
 
 from murmur.errors import (
     MessageTooLarge,
+    MurmurError,
     NetworkError,
     PeerUnreachable,
     ProtocolError,
@@ -38,13 +49,16 @@ from murmur.errors import (
 __all__ = [
     "FRAME",
     "KIND_ENVELOPE",
+    "KIND_POST",
     "KIND_REFUSAL",
     "KIND_REPLY",
     "STREAM_PATH",
     "STREAM_PROTOCOL",
     "ClientStream",
+    "PostFailure",
     "StreamGone",
     "refusal_frame",
+    "start_eagerly",
 ]
 
 log = logging.getLogger("murmur.transport")
@@ -56,9 +70,15 @@ FRAME = struct.Struct("<IB")
 KIND_ENVELOPE = 1
 KIND_REPLY = 2
 KIND_REFUSAL = 3
+KIND_POST = 4
 _CODE = struct.Struct("<H")
 _MAX_REASON = 200
 _IDS = 1 << 32
+MAX_BACKLOG = 4096
+"""Frames a congested stream holds before new posts fail at once (``PeerUnreachable``)."""
+
+PostFailure = Callable[[Any, MurmurError], None]
+"""``on_failure(message, error)`` of a one-way post (``gossip.network.Poster``)."""
 
 
 class StreamGone(Exception):
@@ -83,12 +103,47 @@ def _refused(address: str, payload: memoryview) -> NetworkError:
     return RemoteRefused(f"{address} refused ({code.name}): {reason}", code=code)
 
 
+def start_eagerly(coro: Coroutine[Any, Any, None]) -> Coroutine[Any, Any, None] | None:
+    """Run ``coro`` up to its first suspension in the caller, as an eager task would.
+
+    Returns None when it finished there (the common case: nothing to schedule), else a coroutine
+    that drives it to its end, to run as a task. Exceptions of the first step propagate.
+    """
+    try:
+        yielded = coro.send(None)
+    except StopIteration:
+        return None
+    return _resume(coro, yielded)
+
+
+async def _resume(coro: Coroutine[Any, Any, None], yielded: Any) -> None:
+    """Drive a coroutine that suspended on ``yielded`` (a future, or None) to its end."""
+    while True:
+        try:
+            if yielded is None:
+                await asyncio.sleep(0)
+            else:
+                await asyncio.wait((yielded,))
+                yielded._asyncio_future_blocking = False
+        except asyncio.CancelledError:
+            coro.close()  # runs its finally blocks
+            raise
+        try:
+            yielded = coro.send(None)
+        except StopIteration:
+            return
+
+
+_WRITE_ERRORS = (ConnectionError, aiohttp.ClientError, RuntimeError)
+
+
 class ClientStream:
     """Our side of one stream to ``address``: sends envelopes, matches replies by request id.
 
     A reader task owns the receiving side; when the stream ends (peer closed, error, garbage)
     every pending request fails with ``PeerUnreachable`` (or ``MessageTooLarge`` for a reply
-    over our cap) and ``on_close`` is called once.
+    over our cap), so does every post still within its timeout that asked to hear of failures,
+    and ``on_close`` is called once.
     """
 
     def __init__(
@@ -101,8 +156,13 @@ class ClientStream:
         self._ws = ws
         self._on_close = on_close
         self._pending: dict[int, asyncio.Future[memoryview]] = {}
+        self._posts: dict[int, tuple[Any, PostFailure, float]] = {}
+        self._expiry: collections.deque[tuple[float, int]] = collections.deque()
+        self._backlog: collections.deque[bytes] = collections.deque()
+        self._drain: asyncio.Task[None] | None = None
         self._next_id = 0
         self._closed = False
+        self._loop = asyncio.get_running_loop()
         self._reader = asyncio.create_task(self._read(), name=f"murmur-stream {address}")
 
     @property
@@ -112,8 +172,46 @@ class ClientStream:
 
     @property
     def idle(self) -> bool:
-        """Whether no request is waiting for a reply."""
-        return not self._pending
+        """Whether no request waits for a reply and no post can still be refused."""
+        self._expire()
+        return not self._pending and not self._posts and self._drain is None
+
+    def _take_id(self) -> int:
+        request_id = self._next_id
+        self._next_id = (request_id + 1) % _IDS
+        return request_id
+
+    # -- writing ---------------------------------------------------------------------------
+    def _write(self, frame: bytes) -> None:
+        """Write ``frame`` now, or queue it behind a congested socket; StreamGone if closed."""
+        if self.closed:
+            raise StreamGone(self.address)
+        if self._drain is not None:
+            self._backlog.append(frame)
+            return
+        try:
+            rest = start_eagerly(self._ws.send_bytes(frame))
+        except _WRITE_ERRORS:
+            raise StreamGone(self.address) from None
+        if rest is not None:
+            # The frame is in the socket's buffer; the socket is congested. Later frames queue
+            # behind the flow-control wait, so they keep their order.
+            name = f"murmur-drain {self.address}"
+            self._drain = asyncio.create_task(self._flush(rest), name=name)
+
+    async def _flush(self, rest: Coroutine[Any, Any, None]) -> None:
+        try:
+            await rest
+            while self._backlog and not self.closed:
+                await self._ws.send_bytes(self._backlog.popleft())
+        except _WRITE_ERRORS as exc:
+            log.debug("event=stream_write_failed address=%s error=%r", self.address, exc)
+            self._finish(PeerUnreachable(f"the stream to {self.address} broke while writing"))
+            with contextlib.suppress(*_WRITE_ERRORS, TimeoutError):
+                await self._ws.close()
+        finally:
+            self._backlog.clear()
+            self._drain = None
 
     async def exchange(self, data: bytes) -> memoryview:
         """Send one envelope; return the reply payload (empty: accepted, no reply).
@@ -121,21 +219,54 @@ class ClientStream:
         Raises ``StreamGone`` if nothing could be written, ``RemoteRefused`` for a refusal,
         ``PeerUnreachable`` if the stream ended while waiting. The caller bounds the wait.
         """
-        if self.closed:
-            raise StreamGone(self.address)
-        request_id = self._next_id
-        self._next_id = (request_id + 1) % _IDS
-        future: asyncio.Future[memoryview] = asyncio.get_running_loop().create_future()
+        request_id = self._take_id()
+        self._write(FRAME.pack(request_id, KIND_ENVELOPE) + data)
+        future: asyncio.Future[memoryview] = self._loop.create_future()
         self._pending[request_id] = future
         try:
-            try:
-                await self._ws.send_bytes(FRAME.pack(request_id, KIND_ENVELOPE) + data)
-            except (ConnectionError, aiohttp.ClientError, RuntimeError):
-                raise StreamGone(self.address) from None
             return await future
         finally:
             self._pending.pop(request_id, None)
 
+    def post(
+        self, data: bytes, message: Any, deadline: float, on_failure: PostFailure | None
+    ) -> bool:
+        """Send one envelope one-way (kind ``POST``); False if the stream cannot take it.
+
+        No task and no future: the frame is written at once. If the peer refuses it by
+        ``deadline`` (the loop's clock), or the stream ends before then,
+        ``on_failure(message, error)`` is called (from the stream's reader): ``RemoteRefused``
+        with the peer's code, ``PeerUnreachable`` for a stream that ended (the post may or may
+        not have been handled). A refusal that arrives after the deadline may go unreported.
+        """
+        if self.closed:
+            return False
+        if len(self._backlog) >= MAX_BACKLOG:
+            if on_failure is not None:
+                on_failure(message, PeerUnreachable(f"the stream to {self.address} is congested"))
+            return True
+        request_id = self._take_id()
+        try:
+            self._write(FRAME.pack(request_id, KIND_POST) + data)
+        except StreamGone:
+            return False
+        if on_failure is not None:
+            self._expire()
+            self._posts[request_id] = (message, on_failure, deadline)
+            self._expiry.append((deadline, request_id))
+        return True
+
+    def _expire(self) -> None:
+        """Forget posts past their deadline (their refusals are no longer reported)."""
+        expiry = self._expiry
+        if not expiry:
+            return
+        now = self._loop.time()
+        posts = self._posts
+        while expiry and expiry[0][0] < now:
+            posts.pop(expiry.popleft()[1], None)
+
+    # -- reading ---------------------------------------------------------------------------
     async def _read(self) -> None:
         error: NetworkError | ProtocolError = PeerUnreachable(
             f"the stream to {self.address} closed"
@@ -155,17 +286,22 @@ class ClientStream:
                     log.debug("event=stream_garbage address=%s", self.address)
                     break
                 request_id, kind = FRAME.unpack_from(data)
-                future = self._pending.get(request_id)
-                if future is None or future.done():
-                    continue  # the reply to a request that timed out
-                payload = memoryview(data)[FRAME.size :]
-                if kind == KIND_REPLY:
-                    future.set_result(payload)
-                elif kind == KIND_REFUSAL:
-                    future.set_exception(_refused(self.address, payload))
-                else:
+                if kind != KIND_REPLY and kind != KIND_REFUSAL:
                     log.debug("event=stream_garbage address=%s kind=%d", self.address, kind)
                     break
+                payload = memoryview(data)[FRAME.size :]
+                future = self._pending.get(request_id)
+                if future is None:
+                    posted = self._posts.pop(request_id, None)
+                    if posted is not None and kind == KIND_REFUSAL:
+                        _call(posted, _refused(self.address, payload))
+                    continue  # else the reply to a request that timed out, or a late refusal
+                if future.done():
+                    continue
+                if kind == KIND_REPLY:
+                    future.set_result(payload)
+                else:
+                    future.set_exception(_refused(self.address, payload))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the reader must end cleanly whatever aiohttp raised
@@ -179,12 +315,29 @@ class ClientStream:
             for future in self._pending.values():
                 if not future.done():
                     future.set_exception(error)
+            now = self._loop.time()
+            posts = [p for p in self._posts.values() if p[2] >= now]
+            self._posts.clear()
+            self._expiry.clear()
+            for posted in posts:
+                _call(posted, error)
             self._on_close(self)
 
-    async def aclose(self) -> None:
-        """Close the WebSocket and stop the reader; pending requests fail."""
-        self._finish(PeerUnreachable(f"the stream to {self.address} was closed"))
+    async def aclose(self, error: NetworkError | None = None) -> None:
+        """Close the WebSocket and stop the reader; pending requests and posts fail with
+        ``error`` (default ``PeerUnreachable``)."""
+        self._finish(error or PeerUnreachable(f"the stream to {self.address} was closed"))
         with contextlib.suppress(ConnectionError, aiohttp.ClientError, RuntimeError, TimeoutError):
             await self._ws.close()
-        self._reader.cancel()
-        await asyncio.gather(self._reader, return_exceptions=True)
+        tasks = [self._reader] if self._drain is None else [self._reader, self._drain]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _call(posted: tuple[Any, PostFailure, float], error: MurmurError) -> None:
+    message, on_failure, _ = posted
+    try:
+        on_failure(message, error)
+    except Exception:  # a failing callback must not end the stream's reader
+        log.exception("event=post_callback_failed")
