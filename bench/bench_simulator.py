@@ -26,7 +26,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def one(
-    peers: int, rounds: int, algorithm: str, profile: bool, engine: str = "direct"
+    peers: int,
+    rounds: int,
+    algorithm: str,
+    profile: bool,
+    engine: str = "direct",
+    workers: int = 0,
 ) -> dict[str, object]:
     """Run one size in this process; return its measurements."""
     t0 = time.perf_counter()
@@ -43,6 +48,7 @@ def one(
         fidelity="object",
         eval_peers=32,
         engine=engine,
+        workers=workers,
     )
     t1 = time.perf_counter()
     sim = Simulation(scenario)
@@ -58,6 +64,7 @@ def one(
         "rounds": rounds,
         "algorithm": algorithm,
         "engine": engine,
+        "workers": result.stats.get("group_workers", 1),
         "import_s": round(t1 - t0, 2),
         "build_s": round(t2 - t1, 2),
         "run_s": round(result.wall_time_s, 2),
@@ -76,7 +83,12 @@ def one(
 
 
 def spawn(
-    peers: int, rounds: int, algorithm: str, profile: bool = False, engine: str = "direct"
+    peers: int,
+    rounds: int,
+    algorithm: str,
+    profile: bool = False,
+    engine: str = "direct",
+    workers: int = 0,
 ) -> dict[str, object]:
     """Run one size in a fresh process (its own peak RSS)."""
     cmd = [
@@ -88,6 +100,8 @@ def spawn(
         str(rounds),
         algorithm,
         engine,
+        "--workers",
+        str(workers),
     ]
     if profile:
         cmd.append("--profile")
@@ -107,10 +121,16 @@ def main() -> None:
     parser.add_argument("--engines", default="direct,gossip")
     parser.add_argument("--full", action="store_true", help="also 1000 peers x 100 rounds")
     parser.add_argument("--one", nargs=4, default=None)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="processes for a round's groups (direct engine); 0 = the simulator's default",
+    )
     args = parser.parse_args()
     if args.one is not None:
         peers, rounds, algorithm = int(args.one[0]), int(args.one[1]), args.one[2]
-        print(json.dumps(one(peers, rounds, algorithm, args.profile, args.one[3])))
+        print(json.dumps(one(peers, rounds, algorithm, args.profile, args.one[3], args.workers)))
         return
     rows = []
     engines = args.engines.split(",")

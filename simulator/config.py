@@ -67,6 +67,12 @@ class Scenario:
     engine: str = _f(
         "run", "gossip", "gossip (the daemon's gossip/ averagers) or direct (sans-IO, for scale)"
     )
+    workers: int = _f(
+        "run",
+        0,
+        "processes for a round's groups (engine = direct, secure-group or group); "
+        "0 = one per core from 400 peers; results do not depend on it",
+    )
     # [task]
     task: str = _f("task", "digits", "digits, breast_cancer or credit")
     model: str = _f("task", "logreg", "logreg or mlp")
@@ -135,6 +141,13 @@ class Scenario:
         need(self.rounds >= 1, "rounds", "must be at least 1")
         need(self.seed >= 0, "seed", "must be >= 0")
         need(self.eval_peers >= 0, "eval_peers", "must be >= 0")
+        need(self.workers >= 0, "workers", "must be >= 0")
+        need(
+            self.workers <= 1
+            or (self.engine == "direct" and self.algorithm in ("secure-group", "group")),
+            "workers",
+            "above 1 needs engine = direct and algorithm secure-group or group",
+        )
         need(self.alpha > 0, "alpha", "must be > 0")
         need(self.labels_per_peer >= 1, "labels_per_peer", "must be at least 1")
         need(self.local_steps >= 1, "local_steps", "must be at least 1")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import math
+import os
 import resource
 import time
 from collections.abc import Callable
@@ -44,13 +45,22 @@ from simulator.budget import SharedAccountant, SimBudget
 from simulator.clock import new_virtual_loop
 from simulator.config import Scenario
 from simulator.gossipnet import GossipRound
-from simulator.groups import GroupRound, hash_groups
+from simulator.groups import hash_groups
 from simulator.neighbours import NeighbourRound, topology
 from simulator.netmodel import Population
 from simulator.network import SimNetwork
+from simulator.parallel import GroupPool, Tally
 from simulator.training import PerPeerTrainer, StackedTrainer, Trainer, stackable
 
-__all__ = ["COLUMNS", "RoundRecord", "RunResult", "Simulation", "build_task", "run_scenario"]
+__all__ = [
+    "COLUMNS",
+    "RoundRecord",
+    "RunResult",
+    "Simulation",
+    "build_task",
+    "group_workers",
+    "run_scenario",
+]
 
 
 @dataclass(frozen=True)
@@ -232,17 +242,81 @@ class Simulation:
         gc.freeze()
         gc.set_threshold(20_000, 20, 20)
         start = time.perf_counter()
+        peak = 0.0
         try:
-            with asyncio.Runner(loop_factory=new_virtual_loop) as runner:
-                records, stats = runner.run(self._main(on_round))
+            if _grouped(self.scenario):
+                records, stats, peak = self._run_groups(on_round)
+            else:
+                with asyncio.Runner(loop_factory=new_virtual_loop) as runner:
+                    records, stats = runner.run(self._main(on_round))
         finally:
             gc.set_threshold(*thresholds)
             gc.unfreeze()
             torch.set_num_threads(threads)
         wall = time.perf_counter() - start
         return RunResult(
-            self.scenario, records, wall, _peak_rss_mib(), self.task.metric_name, stats
+            self.scenario, records, wall, max(peak, _peak_rss_mib()), self.task.metric_name, stats
         )
+
+    def _run_groups(
+        self, on_round: Callable[[RoundRecord], None] | None
+    ) -> tuple[list[RoundRecord], dict[str, Any], float]:
+        """The direct engine's group rounds, on ``simulator.parallel``'s group workers.
+
+        The engine keeps the clock between rounds: a round starts at ``t0`` (the previous
+        round's end), runs every group to its end in the workers, and ends at the latest
+        group's end; departures due by then are applied here too.
+        """
+        s = self.scenario
+        n = s.peers
+        online = self.population.online
+        limit = s.compute_s * s.straggler_slowdown + 12 * s.stage_timeout_s + 60.0
+        pending: dict[int, float] = {}  # peer -> when it leaves (not yet due)
+        aborted = forced = 0
+        workers = group_workers(s)
+        with GroupPool(s, workers) as pool:
+            raw_ids = pool.local.net.raw_ids
+            tally = Tally()
+            records = [self._record(0, 0.0, tally, n, 0)]
+            if on_round is not None:
+                on_round(records[0])
+            t = 0.0
+            for rnd in range(1, s.rounds + 1):
+                t0 = t
+                for p, when in self.population.round_start(t0):
+                    pending[p] = min(when, pending.get(p, math.inf))
+                active = [p for p in range(n) if online[p]]
+                contributions = self.trainer.contribute(active)
+                ready = {p: t0 + self.population.compute_time(p) for p in active}
+                groups = hash_groups(active, raw_ids, s.group_size, s.seed, rnd)
+                leaves = sorted(pending.items(), key=lambda item: (item[1], item[0]))
+                outcome = pool.run(rnd, t0, limit, groups, contributions, ready, online, leaves)
+                t = outcome.finish
+                tally = pool.settle(t)
+                for p, when in leaves:
+                    if when <= t:
+                        online[p] = False
+                        del pending[p]
+                forced += outcome.forced
+                aborted += outcome.aborted
+                for peers, row in outcome.results:
+                    theta = torch.from_numpy(row)
+                    for p in peers:
+                        self.trainer.apply(p, theta)
+                dropped = len(active) - len(outcome.counted & set(active))
+                record = self._record(rnd, t, tally, len(active), dropped)
+                records.append(record)
+                if on_round is not None:
+                    on_round(record)
+        stats = {
+            "timers": tally.timers,
+            "refused": tally.refused,
+            "messages_delivered": tally.messages_delivered,
+            "aborted_groups": aborted,
+            "forced_rounds": forced,
+            "group_workers": workers,
+        }
+        return records, stats, tally.peak_rss_mib
 
     async def _main(
         self, on_round: Callable[[RoundRecord], None] | None
@@ -252,7 +326,7 @@ class Simulation:
         n = s.peers
         online = self.population.online
         net = SimNetwork(loop, s, n, online)
-        protocol: GroupRound | NeighbourRound | GossipRound
+        protocol: NeighbourRound | GossipRound
         if s.engine == "gossip":
             graph = None
             if s.algorithm == "dpsgd":
@@ -261,14 +335,6 @@ class Simulation:
                 for i, near in enumerate(topology(s.topology, n, s.topology_degree, s.seed)):
                     graph.add_edges_from((i, j) for j in near)
             protocol = GossipRound(net, s, graph)
-        elif s.algorithm in ("secure-group", "group"):
-            protocol = GroupRound(
-                net,
-                secure=s.algorithm == "secure-group",
-                timeout=s.stage_timeout_s,
-                threshold=s.threshold,
-                degree=s.degree,
-            )
         else:
             graph = (
                 topology(s.topology, n, s.topology_degree, s.seed) if s.algorithm == "dpsgd" else []
@@ -299,11 +365,7 @@ class Simulation:
                 if not fut.done():
                     fut.set_result(None)
 
-            if isinstance(protocol, GroupRound):
-                groups = hash_groups(active, net.raw_ids, s.group_size, s.seed, rnd)
-                protocol.begin(rnd, groups, contributions, ready, done)
-            else:
-                protocol.begin(rnd, active, contributions, ready, done)
+            protocol.begin(rnd, active, contributions, ready, done)
             for p, when in leaving:
                 net.call_at(when, leave, p)
             cap = loop.call_at(t0 + limit, protocol.force_finish)
@@ -313,7 +375,7 @@ class Simulation:
             cap.cancel()
             for p, theta in protocol.results.items():
                 self.trainer.apply(p, theta)
-            if isinstance(protocol, GroupRound | GossipRound):
+            if isinstance(protocol, GossipRound):
                 aborted += protocol.aborted_groups
             dropped = len(active) - len(protocol.counted & set(active))
             record = self._record(rnd, loop.time(), net, len(active), dropped)
@@ -332,7 +394,7 @@ class Simulation:
     # ------------------------------------------------------------------ metrics
 
     def _record(
-        self, rnd: int, now: float, net: SimNetwork, active: int, dropped: int
+        self, rnd: int, now: float, net: SimNetwork | Tally, active: int, dropped: int
     ) -> RoundRecord:
         s = self.scenario
         online = [p for p in range(s.peers) if self.population.online[p]]
@@ -366,6 +428,21 @@ class Simulation:
             messages_sent=net.messages_sent,
             messages_lost=net.messages_lost,
         )
+
+
+def _grouped(s: Scenario) -> bool:
+    """Whether the run's rounds are the direct engine's group rounds (``simulator.parallel``)."""
+    return s.engine == "direct" and s.algorithm in ("secure-group", "group")
+
+
+def group_workers(s: Scenario) -> int:
+    """How many processes run a round's groups: ``workers``, or with 0 one per core (at most
+    8, and at most one per 250 peers: a spawned worker costs ~1 s of start-up)."""
+    if not _grouped(s):
+        return 1
+    if s.workers:
+        return s.workers
+    return max(1, min(len(os.sched_getaffinity(0)), 8, s.peers // 250))
 
 
 def _r(x: float) -> float:

@@ -19,7 +19,6 @@ group's earliest stage ``advance()``, which is how peers that left or straggle a
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import hashlib
 from collections.abc import Callable, Sequence
@@ -180,7 +179,8 @@ class _Group:
     members: dict[int, MemberLike]
     min_stage: int = 0
     at_min: int = 0  # live members at min_stage
-    timer: asyncio.TimerHandle | None = None
+    timer: int = 0  # the armed deadline's number (an older deadline that fires is ignored)
+    armed: bool = False
     done: bool = False
 
 
@@ -188,9 +188,17 @@ class GroupRound:
     """Runs one round of group averaging among the online peers (secure or plaintext)."""
 
     def __init__(
-        self, net: SimNetwork, *, secure: bool, timeout: float, threshold: int, degree: int
+        self,
+        net: SimNetwork,
+        *,
+        secure: bool,
+        timeout: float,
+        threshold: int,
+        degree: int,
+        warm_threads: int = 2,
     ) -> None:
         self.net, self.secure, self.timeout = net, secure, timeout
+        self.warm_threads = warm_threads
         self.threshold, self.degree = threshold, degree
         self._groups: list[_Group] = []
         self._of: dict[int, _Group] = {}
@@ -247,15 +255,18 @@ class GroupRound:
                         net.raw_ids[p], ids, group=gid, round=rnd, vector=vector, weight=weight
                     )
             group = _Group(gid, list(peers), members)
+            # The group's own loss and latency draws, and idle uplinks: a group's round depends
+            # on nothing outside it, so groups can run in any process, in any mix.
+            net.use_stream(peers, net.model.group_stream(gid))
+            net.idle_uplinks(peers)
             self._groups.append(group)
             for p in peers:
                 self._of[p] = group
         if self.secure:
             # The round's new pair keys (X25519, ~3,500 per 1,000 peers) on two threads at once,
             # before any member needs them (the results are the same: only faster).
-            warm_pair_roots(
-                m for group in self._groups for m in group.members.values() if isinstance(m, Member)
-            )
+            every = (m for g in self._groups for m in g.members.values())
+            warm_pair_roots((m for m in every if isinstance(m, Member)), threads=self.warm_threads)
         self._open = len(self._groups)
         for group in self._groups:
             for p in group.peers:
@@ -343,22 +354,29 @@ class GroupRound:
             self._arm(group)
 
     def _arm(self, group: _Group) -> None:
-        if group.timer is not None:
-            group.timer.cancel()
-        loop = self.net.loop
-        group.timer = loop.call_at(loop.time() + self.timeout, self._deadline, group)
-        self.net.timers += 1
+        # Deadlines go through the network's tick buckets, ordered by (time, scheduling order)
+        # like every other event of the group (a loop timer due at the same instant as a tick
+        # could run before or after it depending on the other timers in the heap).
+        group.timer += 1
+        group.armed = True
+        net = self.net
+        net.call_at(net.loop.time() + self.timeout, self._deadline, group, group.timer)
 
-    def _deadline(self, group: _Group) -> None:
-        group.timer = None
-        if group.done:
+    def _deadline(self, group: _Group, number: int) -> None:
+        if group.done or number != group.timer:
             return
+        group.armed = False
         for p, m in self._live(group):
             if m.stage == group.min_stage:
                 self._send(p, m.advance())
         self._update(group)
-        if not group.done and group.timer is None:
+        if not group.done and not group.armed:
             self._arm(group)
+
+    @property
+    def all_done(self) -> bool:
+        """True once every group of the round has ended."""
+        return self._open == 0
 
     def force_finish(self) -> None:
         """End every open group now (the round's hard limit passed)."""
@@ -368,9 +386,7 @@ class GroupRound:
 
     def _finish(self, group: _Group) -> None:
         group.done = True
-        if group.timer is not None:
-            group.timer.cancel()
-            group.timer = None
+        group.timer += 1
         result: Tensor | None = None
         counted: frozenset[bytes] = frozenset()
         for p, m in group.members.items():
