@@ -75,3 +75,21 @@ def test_clock_never_goes_backward() -> None:
             loop.advance(-1)
     finally:
         loop.close()
+
+
+def test_the_clock_lands_exactly_on_a_timer_whatever_came_before() -> None:
+    # A clock that added up its jumps would reach a timer due at 0.459 at 0.45899999999999996
+    # after stops at 0.136 and 0.204 (0.136 + 0.068 + 0.255 in floating point).
+    async def main(stops: list[float]) -> float:
+        loop = asyncio.get_running_loop()
+        for when in stops:
+            loop.call_at(when, lambda: None)
+        reached = loop.create_future()
+        loop.call_at(0.459, lambda: reached.set_result(loop.time()))
+        return await reached
+
+    with asyncio.Runner(loop_factory=new_virtual_loop) as runner:
+        direct = runner.run(main([]))
+    with asyncio.Runner(loop_factory=new_virtual_loop) as runner:
+        stepped = runner.run(main([0.136, 0.204]))
+    assert direct == stepped == 0.459
