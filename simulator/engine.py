@@ -12,7 +12,8 @@ Each round, on one ``simulator.clock.VirtualClockLoop``:
    averagers from ``gossip/`` (``simulator.gossipnet``); ``engine = "direct"`` drives the
    sans-IO cores straight from the network's tick callbacks (``simulator.groups``: the same
    ``mpc.Member``; ``simulator.neighbours``: simulator versions of the plaintext baselines), with
-   no future or task per message, for scale;
+   no future or task per message, for scale. Its group rounds run on ``simulator.parallel``'s
+   group workers (several cores; the same results for any number of workers);
 4. peers apply their results; a metrics row is recorded.
 
 A round that has not ended ``round_limit`` virtual seconds after it began is ended by force
