@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import functools
 import gc
 import hashlib
@@ -233,7 +234,14 @@ _Outcome = tuple[
 
 
 async def _peer_process(
-    rank: int, d: int, reps: int, paths: list[str], sync: _Sync, out: Any, freeze: bool
+    rank: int,
+    d: int,
+    reps: int,
+    paths: list[str],
+    sync: _Sync,
+    out: Any,
+    freeze: bool,
+    profile: str = "",
 ) -> None:
     identities = [_identity(rank, k) for k in range(len(paths))]
     transports = [_transport(identities[k], path) for k, path in enumerate(paths)]
@@ -256,6 +264,7 @@ async def _peer_process(
     digests: list[str] = []
     incomplete = 0
     rnd = 0
+    profiles: dict[str, cProfile.Profile] = {}
 
     async def timed(path: str, name: str, make: Callable[[int], Awaitable[Any]]) -> Any:
         """One round started by all peers at the same instant; redone if a group was short."""
@@ -269,12 +278,17 @@ async def _peer_process(
             start_at = sync.start_at.value
             await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
             late.append(time.perf_counter() - start_at)
+            prof = profiles.setdefault(f"{path} {name}", cProfile.Profile()) if profile else None
             cpu = time.process_time()
+            if prof is not None:
+                prof.enable()
             try:
                 result = await make(rnd)
             except Exception as exc:  # a failed round is counted and redone
                 result = exc
             end, cpu = time.perf_counter() - start_at, time.process_time() - cpu
+            if prof is not None:
+                prof.disable()
             size = getattr(result, "size", getattr(result, "group_size", 0))
             sync.ok[rank] = size == N
             await sync.wait()
@@ -316,6 +330,8 @@ async def _peer_process(
     finally:
         for transport in transports:
             await transport.aclose()
+    for key, prof in profiles.items():
+        prof.dump_stats(Path(profile) / f"peer{rank} {key}.prof")
     out.put((rank, ends, cpus, late, digests, incomplete))
 
 
@@ -326,18 +342,18 @@ def _peer_main(
     paths: list[str],
     sync: _Sync,
     out: Any,
-    env: tuple[bool, bool, str],
+    env: tuple[bool, bool, str, str],
 ) -> None:
     global _RING
-    tuned, freeze, _RING = env
+    tuned, freeze, _RING, profile = env
     torch.set_num_threads(1)
     if tuned:
         tune_malloc()
-    asyncio.run(_peer_process(rank, d, reps, paths, sync, out, freeze))
+    asyncio.run(_peer_process(rank, d, reps, paths, sync, out, freeze, profile))
 
 
 def _ours_processes(
-    d: int, reps: int, paths: list[str], env: tuple[bool, bool, str]
+    d: int, reps: int, paths: list[str], env: tuple[bool, bool, str, str]
 ) -> dict[str, dict[str, list[float]]]:
     """One spawned process per peer; a round lasts from the common start to the last finish."""
     ctx = mp.get_context("spawn")
@@ -553,6 +569,13 @@ def main() -> None:
         help="64: Z_2^64, public bound 1e4 (the defaults); auto: bits=None, bound 64 (Z_2^32)",
     )
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="processes mode: every peer writes a cProfile of each variant's rounds to this"
+        " directory ('peerR PATH VARIANT.prof'; profiling slows the rounds: not for timing)",
+    )
     args = parser.parse_args()
     global _RING
     _RING = args.ring
@@ -566,9 +589,10 @@ def main() -> None:
     start = time.perf_counter()
     runs: dict[str, dict[str, list[float]]] = {}
     if args.mode in ("both", "processes"):
-        for path, times in _ours_processes(
-            args.d, args.reps, args.paths, (args.tuned, args.gc == "freeze", args.ring)
-        ).items():
+        if args.profile is not None:
+            args.profile.mkdir(parents=True, exist_ok=True)
+        env = (args.tuned, args.gc == "freeze", args.ring, str(args.profile or ""))
+        for path, times in _ours_processes(args.d, args.reps, args.paths, env).items():
             runs[f"processes/{path}"] = times
     if args.mode in ("both", "one"):
         for path, times in asyncio.run(
