@@ -39,6 +39,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -88,6 +89,7 @@ class GroupOutcome:
     results: list[tuple[list[int], np.ndarray]] = field(default_factory=list)
     counted: set[int] = field(default_factory=set)
     aborted: int = 0
+    busy_s: float = 0.0  # wall seconds the worker spent on the job (for balancing only)
 
     def merge(self, other: GroupOutcome) -> None:
         """Add another worker's outcome of the same round."""
@@ -163,7 +165,10 @@ class GroupWorker:
 
     def run(self, job: GroupJob) -> GroupOutcome:
         """Run ``job``'s groups from ``job.t0`` until they all ended (or the round's limit)."""
-        return self.loop.run_until_complete(self._run(job))
+        start = time.perf_counter()
+        outcome = self.loop.run_until_complete(self._run(job))
+        outcome.busy_s = time.perf_counter() - start
+        return outcome
 
     def settle(self, t_end: float) -> Tally:
         """Advance to the round's end ``t_end`` (delivering what arrives by then); counters."""
@@ -327,6 +332,11 @@ class GroupPool:
 
     def __init__(self, scenario: Scenario, workers: int) -> None:
         self.workers = max(1, workers)
+        # Balancing: wall seconds per member of group work, and this process's own work
+        # between two rounds (training, metrics), which the other workers do not share.
+        self._per_member = 0.0
+        self._serial = 0.0
+        self._returned: float | None = None
         self._remotes = [_Remote(scenario, i) for i in range(1, self.workers)]
         try:
             self.local = GroupWorker(scenario, warm_threads=2 if self.workers == 1 else 1)
@@ -360,17 +370,51 @@ class GroupPool:
         leaves: list[tuple[int, float]],
     ) -> GroupOutcome:
         """Run one round's groups, split among the workers; the merged outcome."""
-        w = self.workers
-        parts = [list(groups[i::w]) for i in range(w)]
+        if self._returned is not None:
+            self._serial = _smooth(self._serial, time.perf_counter() - self._returned)
+        parts = self._split(groups)
         jobs = [
             self._job(rnd, t0, limit, part, contributions, ready, online, leaves) for part in parts
         ]
         for remote, job in zip(self._remotes, jobs[1:], strict=True):
             remote.send("run", job)
         outcome = self.local.run(jobs[0])
-        for remote in self._remotes:
-            outcome.merge(remote.receive())
+        members = sum(len(g) for g in parts[0])
+        busy = outcome.busy_s
+        for remote, part in zip(self._remotes, parts[1:], strict=True):
+            other = remote.receive()
+            busy += other.busy_s
+            members += sum(len(g) for g in part)
+            outcome.merge(other)
+        if members:
+            self._per_member = _smooth(self._per_member, busy / members)
+        self._returned = time.perf_counter()
         return outcome
+
+    def _split(self, groups: Sequence[list[int]]) -> list[list[list[int]]]:
+        """Deal the groups out so that every worker finishes at about the same time: this
+        process also does the work between rounds, so it takes fewer members. (Which worker
+        runs a group never changes the results.)"""
+        w = self.workers
+        if w == 1:
+            return [list(groups)]
+        total = sum(len(g) for g in groups)
+        work = self._per_member * total
+        share = 1.0 / w
+        if work > 0.0:
+            # local * work + serial = remote * work, local + (w - 1) * remote = 1
+            remote = min(1.0 / (w - 1), (1.0 + self._serial / work) / w)
+            share = max(0.0, 1.0 - (w - 1) * remote)
+        parts: list[list[list[int]]] = [[] for _ in range(w)]
+        target, taken, turn = share * total, 0, 0
+        for group in groups:
+            if taken + len(group) / 2 <= target:
+                parts[0].append(group)
+                taken += len(group)
+            else:
+                parts[1 + turn % (w - 1)].append(group)
+                turn += 1
+        return parts
 
     def settle(self, t_end: float) -> Tally:
         """End the round at ``t_end`` in every worker; the summed counters."""
@@ -413,3 +457,8 @@ class GroupPool:
 def serve_fd(fd: int) -> None:
     """Serve the engine on the socket ``fd`` (the worker process's entry point)."""
     _serve(Connection(fd))
+
+
+def _smooth(old: float, new: float) -> float:
+    """An exponential moving average (the first value taken as is)."""
+    return new if old == 0.0 else 0.7 * old + 0.3 * new
