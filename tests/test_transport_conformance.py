@@ -317,6 +317,62 @@ async def test_addresses_are_validated(make: MAKE) -> None:
     assert a.addresses_of(b.local_id) == ()
 
 
+async def test_post_delivers_in_order_and_reports_failures(make: MAKE) -> None:
+    """``post`` on every transport: delivered with the usual checks, failures typed."""
+    key = bytes(range(32))
+    a, b, stranger = await make(network_key=key), await make(network_key=key), await make()
+    introduce(a, b)
+    introduce(stranger, b)
+    got: list[tuple[PeerId, int]] = []
+    done = asyncio.Event()
+
+    async def keep(received: Received) -> None:
+        assert isinstance(received.message, Ping)
+        got.append((received.sender, received.message.seq))
+        if len(got) == 60:
+            done.set()
+
+    async def refuse(received: Received) -> None:
+        raise OutOfStage("not now")
+
+    b.register(Ping, keep)
+    b.register(Pong, refuse)
+    failures: list[tuple[object, Exception]] = []
+    failed = asyncio.Event()
+
+    def on_failure(message: object, error: Exception) -> None:
+        failures.append((message, error))
+        failed.set()
+
+    await a.send(b.local_id, Ping(seq=-1))  # the first envelope opens any stream
+    got.clear()
+    for seq in range(60):
+        a.post(b.local_id, Ping(seq=seq), auth=Auth.MAC, on_failure=on_failure)
+    async with asyncio.timeout(10):
+        await done.wait()
+    assert got == [(a.local_id, seq) for seq in range(60)] and failures == []
+    refused = Pong(seq=1)
+    a.post(b.local_id, refused, on_failure=on_failure)
+    async with asyncio.timeout(10):
+        await failed.wait()
+    assert failures[0][0] is refused
+    error = failures[0][1]
+    assert isinstance(error, RemoteRefused) and error.code == RefusalCode.OUT_OF_STAGE
+    failed.clear()
+    stranger.post(b.local_id, Ping(seq=1), on_failure=on_failure)  # no network key
+    async with asyncio.timeout(10):
+        await failed.wait()
+    error = failures[1][1]
+    assert isinstance(error, RemoteRefused) and error.code == RefusalCode.UNAUTHORIZED
+    a.post(stranger.local_id, Ping(seq=1), on_failure=on_failure)  # no address: at once
+    assert isinstance(failures[2][1], PeerUnreachable)
+    a.post(b.local_id, Ping(seq=99))  # no callback wanted: no error either
+    await a.aclose()
+    a.post(b.local_id, Ping(seq=1), on_failure=on_failure)
+    assert isinstance(failures[3][1], TransportClosed)
+    assert len(got) == 60 or got[60:] == [(a.local_id, 99)]
+
+
 async def test_close_leaves_no_tasks(make: MAKE) -> None:
     a, b = await make(), await make()
     introduce(a, b)
