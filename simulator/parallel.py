@@ -35,6 +35,7 @@ import gc
 import os
 import pickle
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -234,6 +235,8 @@ class GroupWorker:
 def _serve(conn: Connection) -> None:
     """A worker process's main loop: a scenario first, then ``("run", job)`` /
     ``("settle", t_end)`` until ``("stop", None)`` or the pipe closes."""
+    # Ctrl-C reaches the whole process group: the engine handles it and stops this worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     scenario = _load(conn.recv_bytes())
     worker = GroupWorker(Scenario(**scenario), warm_threads=1)
@@ -248,10 +251,13 @@ def _serve(conn: Connection) -> None:
         if kind == "stop":
             return
         try:
-            reply: Any = worker.run(arg) if kind == "run" else worker.settle(arg)
-            conn.send_bytes(pickle.dumps(("ok", reply), protocol=5))
-        except BaseException:
-            conn.send_bytes(pickle.dumps(("error", traceback.format_exc()), protocol=5))
+            reply: Any = ("ok", worker.run(arg) if kind == "run" else worker.settle(arg))
+        except Exception:  # reported to the engine, which raises it as WorkerFailed
+            reply = ("error", traceback.format_exc())
+        try:
+            conn.send_bytes(pickle.dumps(reply, protocol=5))
+        except OSError:  # the engine is gone (it stopped, or failed elsewhere)
+            return
 
 
 def _load(data: bytes) -> Any:
