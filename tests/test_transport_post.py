@@ -10,9 +10,11 @@ import struct
 from typing import Any
 
 import aiohttp
+import pytest
 import torch
 from aiohttp import web
 
+import p2p.transport.stream as stream_module
 from gossip.network import StaticView, TransportNetwork
 from murmur.errors import (
     MurmurError,
@@ -326,9 +328,16 @@ async def test_a_post_frame_over_the_stream_limit_ends_only_that_stream(make: MA
     assert (await a.request(b.local_id, Ping(seq=1))).message == Pong(seq=1)
 
 
-async def test_a_congested_stream_queues_posts_in_order() -> None:
-    """A peer that does not read: frames queue behind the socket's flow control, in order."""
+@pytest.mark.parametrize("cap", [None, 2**20])
+async def test_a_congested_stream_queues_posts_in_order(
+    cap: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer that does not read: frames queue behind the socket's flow control, in order;
+    beyond the queue's cap, posts fail at once (``PeerUnreachable``) and are not sent."""
+    if cap is not None:
+        monkeypatch.setattr(stream_module, "MAX_BACKLOG_BYTES", cap)
     reading = asyncio.Event()
+    failures = Failures()
     seen: list[tuple[int, int]] = []
     done = asyncio.Event()
     total = 80
@@ -337,7 +346,7 @@ async def test_a_congested_stream_queues_posts_in_order() -> None:
         ws = web.WebSocketResponse(protocols=(STREAM_PROTOCOL,), max_msg_size=0)
         await ws.prepare(request)
         await reading.wait()
-        while len(seen) < total:
+        while len(seen) < total - len(failures.seen):
             msg = await ws.receive()
             if msg.type != aiohttp.WSMsgType.BINARY:
                 break
@@ -361,7 +370,6 @@ async def test_a_congested_stream_queues_posts_in_order() -> None:
         a.set_addresses(b_id, [f"127.0.0.1:{port}"])
         stream = await a._stream_to(f"127.0.0.1:{port}")
         assert stream is not None
-        failures = Failures()
         for tag in range(total):  # 200 KB each: the socket's buffers fill up
             a.post(b_id, blob(tag, n=50_000), auth=Auth.MAC, on_failure=failures)
         assert stream._drain is not None and stream._backlog  # congested: queued
@@ -369,10 +377,16 @@ async def test_a_congested_stream_queues_posts_in_order() -> None:
         reading.set()
         async with asyncio.timeout(20):
             await done.wait()
-        assert [kind for _, kind in seen] == [KIND_POST] * total
+        sent = total - len(failures.seen)
+        assert [kind for _, kind in seen] == [KIND_POST] * sent
         ids = [rid for rid, _ in seen]
-        assert ids == sorted(ids) and len(set(ids)) == total
-        assert failures.seen == []
+        assert ids == sorted(ids) and len(set(ids)) == sent
+        if cap is None:
+            assert failures.seen == []
+        else:  # the first frames went out, the rest failed at once
+            assert 0 < sent < total
+            assert [m.tag for m, _ in failures.seen] == list(range(sent, total))
+            assert all(isinstance(e, PeerUnreachable) for _, e in failures.seen)
     finally:
         await a.aclose()
         await runner.cleanup()

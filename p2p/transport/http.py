@@ -312,7 +312,8 @@ class HttpTransport(Transport):
         """One-way frame on an already open stream to the first address that has one.
 
         False (the caller falls back to a task awaiting the usual delivery) when streams are off,
-        the envelope is too large for the stream, or no stream is open yet or it just closed.
+        the envelope is too large for the stream, or no stream is open yet or it just closed. A
+        post to a stream whose queue is full (the peer stopped reading) fails at once.
         """
         config = self.config
         if not config.stream or len(data) > min(config.stream_max_body, _STREAM_MAX_FRAME):
@@ -322,6 +323,10 @@ class HttpTransport(Transport):
             stream = streams.get(address)
             if stream is None or stream.closed:
                 continue
+            if stream.congested(len(data)):  # the peer stopped reading: do not queue more
+                if on_failure is not None:
+                    on_failure(message, PeerUnreachable(f"the stream to {address} is congested"))
+                return True
             deadline = asyncio.get_running_loop().time() + timeout
             if not stream.post(data, message, deadline, on_failure):
                 return False

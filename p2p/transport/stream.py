@@ -52,6 +52,7 @@ __all__ = [
     "KIND_POST",
     "KIND_REFUSAL",
     "KIND_REPLY",
+    "MAX_BACKLOG_BYTES",
     "STREAM_PATH",
     "STREAM_PROTOCOL",
     "ClientStream",
@@ -74,8 +75,8 @@ KIND_POST = 4
 _CODE = struct.Struct("<H")
 _MAX_REASON = 200
 _IDS = 1 << 32
-MAX_BACKLOG = 4096
-"""Frames a congested stream holds before new posts fail at once (``PeerUnreachable``)."""
+MAX_BACKLOG_BYTES = 32 * 2**20
+"""Frame bytes a congested stream queues before new posts to it fail at once."""
 
 PostFailure = Callable[[Any, MurmurError], None]
 """``on_failure(message, error)`` of a one-way post (``gossip.network.Poster``)."""
@@ -159,6 +160,7 @@ class ClientStream:
         self._posts: dict[int, tuple[Any, PostFailure, float]] = {}
         self._expiry: collections.deque[tuple[float, int]] = collections.deque()
         self._backlog: collections.deque[bytes] = collections.deque()
+        self._backlog_bytes = 0
         self._drain: asyncio.Task[None] | None = None
         self._next_id = 0
         self._closed = False
@@ -188,6 +190,7 @@ class ClientStream:
             raise StreamGone(self.address)
         if self._drain is not None:
             self._backlog.append(frame)
+            self._backlog_bytes += len(frame)
             return
         try:
             rest = start_eagerly(self._ws.send_bytes(frame))
@@ -203,7 +206,9 @@ class ClientStream:
         try:
             await rest
             while self._backlog and not self.closed:
-                await self._ws.send_bytes(self._backlog.popleft())
+                frame = self._backlog.popleft()
+                self._backlog_bytes -= len(frame)
+                await self._ws.send_bytes(frame)
         except _WRITE_ERRORS as exc:
             log.debug("event=stream_write_failed address=%s error=%r", self.address, exc)
             self._finish(PeerUnreachable(f"the stream to {self.address} broke while writing"))
@@ -211,6 +216,7 @@ class ClientStream:
                 await self._ws.close()
         finally:
             self._backlog.clear()
+            self._backlog_bytes = 0
             self._drain = None
 
     async def exchange(self, data: bytes) -> memoryview:
@@ -228,6 +234,11 @@ class ClientStream:
         finally:
             self._pending.pop(request_id, None)
 
+    def congested(self, size: int) -> bool:
+        """Whether ``size`` more bytes would take the queue of a congested stream over its cap
+        (``MAX_BACKLOG_BYTES``): the peer has not been reading for a while."""
+        return self._backlog_bytes + size > MAX_BACKLOG_BYTES
+
     def post(
         self, data: bytes, message: Any, deadline: float, on_failure: PostFailure | None
     ) -> bool:
@@ -241,10 +252,6 @@ class ClientStream:
         """
         if self.closed:
             return False
-        if len(self._backlog) >= MAX_BACKLOG:
-            if on_failure is not None:
-                on_failure(message, PeerUnreachable(f"the stream to {self.address} is congested"))
-            return True
         request_id = self._take_id()
         try:
             self._write(FRAME.pack(request_id, KIND_POST) + data)
