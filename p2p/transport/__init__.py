@@ -4,7 +4,7 @@ The aiohttp implementation is ``p2p.transport.http.HttpTransport``; it is not im
 that code above the transport (gossip) never pulls in aiohttp.
 """
 
-from p2p.transport.base import ContactListener, Handler, Transport, reply_auth
+from p2p.transport.base import ContactListener, Handler, PostFailure, Transport, reply_auth
 from p2p.transport.memory import MemoryNetwork, MemoryTransport
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "Handler",
     "MemoryNetwork",
     "MemoryTransport",
+    "PostFailure",
     "Transport",
     "reply_auth",
 ]
