@@ -397,6 +397,7 @@ def test_transport_package_api_and_no_aiohttp_below_http() -> None:
         "Handler",
         "MemoryNetwork",
         "MemoryTransport",
+        "PostFailure",
         "Transport",
         "reply_auth",
     ]
