@@ -179,8 +179,8 @@ class _Group:
     members: dict[int, MemberLike]
     min_stage: int = 0
     at_min: int = 0  # live members at min_stage
-    timer: int = 0  # the armed deadline's number (an older deadline that fires is ignored)
-    armed: bool = False
+    deadline: float = 0.0  # when the group's lowest live stage times out
+    checking: bool = False  # a deadline check is scheduled
     done: bool = False
 
 
@@ -356,21 +356,29 @@ class GroupRound:
     def _arm(self, group: _Group) -> None:
         # Deadlines go through the network's tick buckets, ordered by (time, scheduling order)
         # like every other event of the group (a loop timer due at the same instant as a tick
-        # could run before or after it depending on the other timers in the heap).
-        group.timer += 1
-        group.armed = True
+        # could run before or after it depending on the other timers in the heap). A stage
+        # change only moves the deadline later, so one scheduled check per group suffices: a
+        # check that finds the deadline moved schedules itself again for the new one.
         net = self.net
-        net.call_at(net.loop.time() + self.timeout, self._deadline, group, group.timer)
+        group.deadline = net.loop.time() + self.timeout
+        if not group.checking:
+            group.checking = True
+            net.call_at(group.deadline, self._deadline, group)
 
-    def _deadline(self, group: _Group, number: int) -> None:
-        if group.done or number != group.timer:
+    def _deadline(self, group: _Group) -> None:
+        group.checking = False
+        if group.done:
             return
-        group.armed = False
+        net = self.net
+        if net.tick_of(net.loop.time()) < net.tick_of(group.deadline):
+            group.checking = True  # the stage changed since: check again at its deadline
+            net.call_at(group.deadline, self._deadline, group)
+            return
         for p, m in self._live(group):
             if m.stage == group.min_stage:
                 self._send(p, m.advance())
         self._update(group)
-        if not group.done and not group.armed:
+        if not group.done and not group.checking:
             self._arm(group)
 
     @property
@@ -386,7 +394,6 @@ class GroupRound:
 
     def _finish(self, group: _Group) -> None:
         group.done = True
-        group.timer += 1
         result: Tensor | None = None
         counted: frozenset[bytes] = frozenset()
         for p, m in group.members.items():
@@ -413,6 +420,9 @@ class GroupRound:
             self.aborted_groups += 1
         index = self.net.index
         self.counted.update(index[c] for c in counted)
+        # Let the members (their chunks, shares and views) go now: a deadline check still
+        # scheduled for this group holds the group, not them.
+        group.members = {}
         self._open -= 1
         if self._open == 0:
             self._on_done()

@@ -141,6 +141,10 @@ class SimNetwork:
 
     # ------------------------------------------------------------------ scheduling
 
+    def tick_of(self, when: float) -> int:
+        """The index of the delivery tick that virtual time ``when`` belongs to."""
+        return math.ceil(when / self._tick - 1e-9)
+
     def _bucket(self, when: float) -> list[_Entry]:
         """The bucket of the tick ``when`` falls in; a new bucket gets the tick's one timer."""
         index = math.ceil(when / self._tick - 1e-9)

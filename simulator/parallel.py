@@ -72,7 +72,9 @@ class GroupJob:
     t0: float
     limit: float  # the round is ended by force at t0 + limit
     groups: list[list[int]]
-    vectors: np.ndarray  # one row per member, in the order of ``groups`` flattened
+    # One row per member, in the order of ``groups`` flattened; None for this process's own
+    # worker, which is handed the engine's tensors as they are (``GroupWorker.run``).
+    vectors: np.ndarray | None
     weights: list[float]
     ready: list[float]  # when each member is ready (same order)
     online: list[bool]  # every peer, at t0
@@ -164,10 +166,13 @@ class GroupWorker:
         """Close the loop."""
         self.loop.close()
 
-    def run(self, job: GroupJob) -> GroupOutcome:
-        """Run ``job``'s groups from ``job.t0`` until they all ended (or the round's limit)."""
+    def run(self, job: GroupJob, vectors: dict[int, torch.Tensor] | None = None) -> GroupOutcome:
+        """Run ``job``'s groups from ``job.t0`` until they all ended (or the round's limit).
+
+        ``vectors`` (peer -> contribution) replaces ``job.vectors`` in the engine's process.
+        """
         start = time.perf_counter()
-        outcome = self.loop.run_until_complete(self._run(job))
+        outcome = self.loop.run_until_complete(self._run(job, vectors))
         outcome.busy_s = time.perf_counter() - start
         return outcome
 
@@ -183,7 +188,7 @@ class GroupWorker:
             loop.call_at(when, reached.set_result, None)
             await reached
 
-    async def _run(self, job: GroupJob) -> GroupOutcome:
+    async def _run(self, job: GroupJob, vectors: dict[int, torch.Tensor] | None) -> GroupOutcome:
         loop, net, rnd = self.loop, self.net, self.round
         await self._until(job.t0)
         self.online[:] = job.online
@@ -198,7 +203,13 @@ class GroupWorker:
                 ended.set_result(None)
 
         order = [p for peers in job.groups for p in peers]
-        rows = torch.from_numpy(job.vectors).unbind(0) if order else ()
+        rows: Sequence[torch.Tensor]
+        if vectors is not None:
+            rows = [vectors[p] for p in order]
+        elif job.vectors is not None and order:
+            rows = torch.from_numpy(job.vectors).unbind(0)
+        else:
+            rows = ()
         contributions = {p: (row, w) for p, row, w in zip(order, rows, job.weights, strict=True)}
         ready = dict(zip(order, job.ready, strict=True))
         rnd.begin(job.rnd, job.groups, contributions, ready, done)
@@ -380,11 +391,13 @@ class GroupPool:
             self._serial = _smooth(self._serial, time.perf_counter() - self._returned)
         parts = self._split(groups)
         jobs = [
-            self._job(rnd, t0, limit, part, contributions, ready, online, leaves) for part in parts
+            self._job(rnd, t0, limit, part, contributions, ready, online, leaves, i > 0)
+            for i, part in enumerate(parts)
         ]
         for remote, job in zip(self._remotes, jobs[1:], strict=True):
             remote.send("run", job)
-        outcome = self.local.run(jobs[0])
+        mine = {p: contributions[p][0] for g in parts[0] for p in g}
+        outcome = self.local.run(jobs[0], mine)
         members = sum(len(g) for g in parts[0])
         busy = outcome.busy_s
         for remote, part in zip(self._remotes, parts[1:], strict=True):
@@ -441,12 +454,16 @@ class GroupPool:
         ready: dict[int, float],
         online: list[bool],
         leaves: list[tuple[int, float]],
+        remote: bool,
     ) -> GroupJob:
         order = [p for peers in groups for p in peers]
-        if order:
-            vectors = torch.stack([contributions[p][0] for p in order]).numpy()
-        else:
-            vectors = np.zeros((0, 0), dtype=np.float32)
+        vectors = None
+        if remote:
+            vectors = (
+                torch.stack([contributions[p][0] for p in order]).numpy()
+                if order
+                else np.zeros((0, 0), dtype=np.float32)
+            )
         return GroupJob(
             rnd,
             t0,
