@@ -78,9 +78,20 @@ class HttpTransportConfig:
     """Largest envelope sent over the stream; larger ones go by POST (no masking cost)."""
     stream_max_inflight: int = 256
     """Inbound requests handled concurrently per stream; reading pauses above this."""
+    stream_heartbeat_s: float = 15.0
+    """Ping interval on an idle stream (the server side allows twice this before closing)."""
+    stream_retry_s: float = 60.0
+    """After a peer refused a stream (no endpoint, 429: it holds all the streams it takes),
+    its envelopes go by POST for this long, then the next one tries a stream again."""
 
     def __post_init__(self) -> None:
-        for name in ("request_timeout_s", "connect_timeout_s", "shutdown_timeout_s"):
+        for name in (
+            "request_timeout_s",
+            "connect_timeout_s",
+            "shutdown_timeout_s",
+            "stream_heartbeat_s",
+            "stream_retry_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"transport.{name} must be > 0")
         if not 256 <= self.max_message_size < 2**32:

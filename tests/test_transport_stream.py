@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from murmur.errors import (
+    ConfigError,
     OutOfStage,
     PeerUnreachable,
     RefusalCode,
@@ -425,6 +426,33 @@ async def test_envelopes_over_the_stream_frame_limit_go_by_post(make: MAKE) -> N
     assert streams(a) == 0 and inbound(b) == 0  # the sender clamps: it went by POST
     await a.send(b.local_id, Blob(tag=2, data=torch.rand(10)), auth=Auth.MAC)
     assert len(got) == 2 and streams(a) == 1  # small ones still use the stream
+
+
+async def test_a_refused_stream_is_tried_again_after_stream_retry_s(make: MAKE) -> None:
+    b = await make(3, max_connections=1)
+    b.register(Ping, pong)
+    first, second = await make(4), await make(5, stream_retry_s=0.2)
+    introduce(first, b)
+    introduce(second, b)
+    assert (await first.request(b.local_id, Ping(seq=1))).message == Pong(seq=1)
+    assert (await second.request(b.local_id, Ping(seq=2))).message == Pong(seq=2)
+    assert streams(second) == 0  # refused (429): POST for now
+    await first.aclose()  # b's one stream slot frees up
+    for _ in range(200):
+        if inbound(b) == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert (await second.request(b.local_id, Ping(seq=3))).message == Pong(seq=3)
+    assert streams(second) == 0  # still within stream_retry_s: no new attempt yet
+    await asyncio.sleep(0.25)
+    assert (await second.request(b.local_id, Ping(seq=4))).message == Pong(seq=4)
+    assert streams(second) == 1 and inbound(b) == 1
+
+
+def test_stream_timings_must_be_positive() -> None:
+    for name in ("stream_heartbeat_s", "stream_retry_s"):
+        with pytest.raises(ConfigError, match=name):
+            HttpTransportConfig(**{name: 0.0})  # type: ignore[arg-type]
 
 
 async def test_inbound_streams_are_capped_and_the_rest_use_post(make: MAKE) -> None:

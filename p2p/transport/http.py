@@ -78,7 +78,6 @@ _STATUS: dict[RefusalCode, int] = {
 
 
 _WRITE_CHUNK = 1 << 20
-_STREAM_HEARTBEAT_S = 15.0
 """Client streams ping at this interval; one that gets no pong within half of it is closed."""
 _STREAM_MAX_FRAME = 1 << 20
 """The server reads stream frames up to this size, whatever its envelope cap: an envelope over a
@@ -210,7 +209,7 @@ class HttpTransport(Transport):
         self._stream_session: aiohttp.ClientSession | None = None
         self._streams: OrderedDict[str, ClientStream] = OrderedDict()
         self._connecting: dict[str, asyncio.Task[ClientStream | None]] = {}
-        self._no_stream: set[str] = set()
+        self._no_stream: dict[str, float] = {}  # address -> loop time to try a stream again
         self._inbound: set[web.WebSocketResponse] = set()
         self._serving: set[asyncio.Task[None]] = set()
         self._bound: tuple[str, ...] = ()
@@ -364,8 +363,11 @@ class HttpTransport(Transport):
         if stream is not None and not stream.closed:
             self._streams.move_to_end(address)
             return stream
-        if address in self._no_stream:
-            return None
+        retry_at = self._no_stream.get(address)
+        if retry_at is not None:
+            if asyncio.get_running_loop().time() < retry_at:
+                return None
+            del self._no_stream[address]
         task = self._connecting.get(address)
         if task is None:
             if len(self._streams) >= self.config.max_connections and not self._evict_idle():
@@ -374,6 +376,10 @@ class HttpTransport(Transport):
             self._connecting[address] = task
             task.add_done_callback(self._connected)
         return await asyncio.shield(task)
+
+    def _no_stream_for_now(self, address: str) -> None:
+        retry_at = asyncio.get_running_loop().time() + self.config.stream_retry_s
+        self._no_stream[address] = retry_at
 
     def _connected(self, task: asyncio.Task[ClientStream | None]) -> None:
         for address, pending in list(self._connecting.items()):
@@ -410,7 +416,7 @@ class HttpTransport(Transport):
                     timeout=aiohttp.ClientWSTimeout(
                         ws_receive=None, ws_close=self.config.shutdown_timeout_s
                     ),
-                    heartbeat=_STREAM_HEARTBEAT_S,
+                    heartbeat=self.config.stream_heartbeat_s,
                     max_msg_size=self.config.max_message_size + FRAME.size,
                     compress=0,
                 )
@@ -418,10 +424,9 @@ class HttpTransport(Transport):
             if exc.status == 503:  # the peer is shutting down
                 raise PeerUnreachable(f"{address} is closing") from None
             # A peer without the stream endpoint, behind something that refuses the upgrade,
-            # or holding as many streams as it takes (429): POST only, for the lifetime of
-            # this transport.
+            # or holding as many streams as it takes (429): POST only for a while.
             log.info("event=no_stream address=%s status=%s", address, exc.status)
-            self._no_stream.add(address)
+            self._no_stream_for_now(address)
             return None
         except TimeoutError:
             raise Timeout(f"no stream to {address} within the request timeout") from None
@@ -429,7 +434,7 @@ class HttpTransport(Transport):
             raise PeerUnreachable(f"cannot reach {address}: {type(exc).__name__}: {exc}") from None
         if ws.protocol != STREAM_PROTOCOL:
             await ws.close()
-            self._no_stream.add(address)
+            self._no_stream_for_now(address)
             return None
         if self._closed:
             await ws.close()
@@ -475,7 +480,7 @@ class HttpTransport(Transport):
         ws = web.WebSocketResponse(
             protocols=(STREAM_PROTOCOL,),
             compress=False,
-            heartbeat=2 * _STREAM_HEARTBEAT_S,
+            heartbeat=2 * self.config.stream_heartbeat_s,
             timeout=self.config.shutdown_timeout_s,
             max_msg_size=_STREAM_MAX_FRAME + FRAME.size,
         )
