@@ -265,6 +265,7 @@ class GroupAllReduce:
             raise RingOverflow(f"|w x| or w = {worst:.6g} exceeds the public bound")
         bits = self.config.ring_bits(k)  # the round's ring: later steps read it off the dtype
         scale = self._scale(k, bits)
+        log.debug("event=encode k=%d ring_bits=%d scale=2^%d", k, bits, round(math.log2(scale)))
         return encode_(contribution, scale=scale, bits=bits), scale
 
     def _result(

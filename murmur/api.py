@@ -107,6 +107,14 @@ class Averaging:
     min_group_size: int = MIN_GROUP_SIZE
     stage_timeout_s: float = 2.0
     """Deadline of each secure-aggregation stage (a member that misses it is dropped)."""
+    ring: str = "64"
+    """Ring of group averaging on a network: ``"64"``, ``"32"`` or ``"auto"`` (32 bits when
+    ``value_bound`` and the group size leave a fixed-point step of at most 2^-20). The
+    simulator always models the 64-bit ring: the ring changes speed and precision, not what
+    is learned or revealed."""
+    value_bound: float = 1e6
+    """Public bound on every |w x| and w a peer contributes (w: its row count, or 1 under DP);
+    a larger value fails that peer's round with ``RingOverflow``."""
 
     _SIM_NAMES = {
         "secure": "secure-group",
@@ -134,6 +142,15 @@ class Averaging:
                 )
         if not self.stage_timeout_s > 0:
             raise ConfigError(f"stage_timeout_s must be > 0, got {self.stage_timeout_s}")
+        if self.ring not in ("64", "32", "auto"):
+            raise ConfigError(f"ring must be '64', '32' or 'auto'; got {self.ring!r}")
+        if not (math.isfinite(self.value_bound) and self.value_bound > 0):
+            raise ConfigError(f"value_bound must be positive and finite; got {self.value_bound!r}")
+
+    @property
+    def ring_bits(self) -> Literal[32, 64] | None:
+        """``ring`` as ``gossip.AllReduceConfig.bits`` (None: auto)."""
+        return None if self.ring == "auto" else (32 if self.ring == "32" else 64)
 
     @property
     def simulator_name(self) -> str:
@@ -142,11 +159,19 @@ class Averaging:
 
 
 def SecureGroups(
-    size: int = 8, *, min_size: int = MIN_GROUP_SIZE, stage_timeout_s: float = 2.0
+    size: int = 8,
+    *,
+    min_size: int = MIN_GROUP_SIZE,
+    stage_timeout_s: float = 2.0,
+    ring: str = "64",
+    value_bound: float = 1e6,
 ) -> Averaging:
     """Secure aggregation in groups of ``size`` peers (at least ``min_size``): each peer's
-    update is hidden by pairwise masks; only the group's weighted mean is revealed."""
-    return Averaging("secure", size, min_size, stage_timeout_s)
+    update is hidden by pairwise masks; only the group's weighted mean is revealed.
+
+    ``ring="auto"`` with a small ``value_bound`` (e.g. 100 when DP sets every weight to 1)
+    uses Z_2^32: half the bytes and mask work of the default Z_2^64."""
+    return Averaging("secure", size, min_size, stage_timeout_s, ring, value_bound)
 
 
 def Baseline(name: str, *, group_size: int = 8) -> Averaging:

@@ -50,8 +50,6 @@ BUDGET_FILE = "privacy_budget.json"
 QUICK_MEMBERSHIP = MembershipConfig(exchange_interval_s=1.0, ping_interval_s=1.0)
 """A peer's default membership: peer lists exchanged every second (the daemon's default is 5 s)
 so that a small network assembles, and its peers start training together, within seconds."""
-ALLREDUCE_BOUND = 1e6
-"""Public bound on every |w x| and w of group averaging (w = local rows), as the daemon's."""
 
 
 class Peer:
@@ -258,7 +256,9 @@ class Peer:
             identity=daemon.identity,
             match=MatchConfig(target_size=averaging.group_size, min_size=averaging.min_group_size),
             allreduce=AllReduceConfig(
-                bound=ALLREDUCE_BOUND, stage_timeout_s=averaging.stage_timeout_s
+                bound=averaging.value_bound,
+                bits=averaging.ring_bits,
+                stage_timeout_s=averaging.stage_timeout_s,
             ),
         )
         evaluate = _evaluator(training) if training.eval_data is not None else None

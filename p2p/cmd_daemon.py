@@ -21,6 +21,7 @@ from p2p.config import (
     DAEMON_ALGORITHMS,
     PARTITIONS,
     PRIVACY_UNITS,
+    RINGS,
     TASKS,
     DaemonConfig,
     load_config,
@@ -62,6 +63,10 @@ def register(subparsers: Any) -> None:
     train.add_argument("--seed", type=int, metavar="S", help="data split and initial model")
     train.add_argument("--shard", metavar="I/N", help="this peer's part of the data (e.g. 0/5)")
     train.add_argument("--partition", choices=PARTITIONS, help="how the data is cut")
+    train.add_argument("--ring", choices=RINGS, help="ring of group averaging (default 64)")
+    train.add_argument(
+        "--value-bound", type=float, metavar="B", help="public bound on |w x| (default 1e6)"
+    )
     start.set_defaults(func=cmd_start)
     for name, func, text in (
         ("status", cmd_status, "show a running daemon's status"),
@@ -130,7 +135,7 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 def _training_flags(args: argparse.Namespace) -> dict[str, Any] | None:
     names: tuple[str, ...] = ("task", "rounds", "group_size", "epsilon", "delta")
-    names += ("privacy_unit", "algorithm", "seed", "shard", "partition")
+    names += ("privacy_unit", "algorithm", "seed", "shard", "partition", "ring", "value_bound")
     given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     return given or None
 

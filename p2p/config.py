@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from murmur.errors import ConfigError
 from p2p.identity import PeerId
@@ -156,6 +157,9 @@ class MembershipConfig:
 # gossip.baselines.AVERAGERS hold the same; dpsgd needs a fixed topology: simulator only).
 TASKS = ("breast_cancer", "credit", "digits")
 DAEMON_ALGORITHMS = ("secure", "plain", "pairwise", "push_sum")
+RINGS = ("64", "32", "auto")
+"""Ring widths of group averaging: Z_2^64, Z_2^32, or ``auto`` (32 bits when ``value_bound`` and
+the group size still leave a fixed-point step of at most 2^-20, else 64)."""
 PRIVACY_UNITS = ("record", "peer", "none")
 PARTITIONS = ("iid", "dirichlet", "label")
 
@@ -225,6 +229,13 @@ class TrainingConfig:
     """An inviter closes (or dissolves) its group this long after it starts inviting."""
     stage_timeout_s: float = 1.0
     """Deadline of each secure-aggregation stage."""
+    ring: str = "64"
+    """Ring of group averaging: 64, 32 or auto (see ``RINGS``; the same on all peers)."""
+    value_bound: float = 1e6
+    """Public bound on every |w x| and w a peer contributes to group averaging (the same on
+    all peers; w is the local row count, or 1 under DP). A larger value fails the round for
+    that peer with RingOverflow. A smaller bound gives a finer fixed-point step, and with
+    ``ring = auto`` (bound <= ~250 at k = 8) the 32-bit ring: half the bytes and mask work."""
     round_timeout_s: float = 60.0
     """Backstop deadline of a whole averaging step."""
     period_s: float = 1.0
@@ -256,6 +267,10 @@ class TrainingConfig:
             raise ConfigError("training: need epsilon > 0, 0 < delta < 1 and clip > 0")
         if not self.lr > 0 or not 0 < self.sample_rate <= 1 or not self.alpha > 0:
             raise ConfigError("training: need lr > 0, 0 < sample_rate <= 1 and alpha > 0")
+        if self.ring not in RINGS:
+            raise ConfigError(f"training.ring must be one of {', '.join(RINGS)}, got {self.ring!r}")
+        if not (math.isfinite(self.value_bound) and self.value_bound > 0):
+            raise ConfigError(f"training.value_bound must be > 0, got {self.value_bound!r}")
         if self.wait_peers is not None and self.wait_peers < 0:
             raise ConfigError("training.wait_peers must be >= 0")
         for name in (
@@ -268,6 +283,11 @@ class TrainingConfig:
         ):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"training.{name} must be > 0")
+
+    @property
+    def ring_bits(self) -> Literal[32, 64] | None:
+        """``ring`` as ``AllReduceConfig.bits`` (None: auto)."""
+        return None if self.ring == "auto" else (32 if self.ring == "32" else 64)
 
     @property
     def peers_to_wait_for(self) -> int:

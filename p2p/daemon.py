@@ -54,8 +54,6 @@ log = logging.getLogger("murmur.daemon")
 NETWORK_KEY_SIZE = 32
 BUDGET_FILE = "privacy_budget.json"
 MODEL_FILE = "model.pt"
-# Public bound on every |w x| and w in group averaging (w = local rows): the same on all peers.
-ALLREDUCE_BOUND = 1e6
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -257,7 +255,9 @@ class Daemon:
                 form_timeout_s=cfg.form_timeout_s,
                 round_timeout_s=cfg.match_timeout_s,
             ),
-            allreduce=AllReduceConfig(bound=ALLREDUCE_BOUND, stage_timeout_s=cfg.stage_timeout_s),
+            allreduce=AllReduceConfig(
+                bound=cfg.value_bound, bits=cfg.ring_bits, stage_timeout_s=cfg.stage_timeout_s
+            ),
             period_s=cfg.period_s,
         )
 

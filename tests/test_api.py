@@ -130,6 +130,21 @@ def test_group_size_below_the_minimum_says_what_to_use() -> None:
         murmur.Baseline("gossip-magic")
 
 
+def test_the_ring_option_maps_to_the_all_reduce_and_bad_values_say_so() -> None:
+    from gossip.allreduce import AllReduceConfig
+
+    auto = murmur.SecureGroups(size=8, ring="auto", value_bound=64.0)
+    assert auto.ring_bits is None
+    assert AllReduceConfig(bound=auto.value_bound, bits=auto.ring_bits).ring_bits(8) == 32
+    wide = murmur.SecureGroups(size=8, ring="auto")  # the default bound 1e6 needs 64 bits
+    assert AllReduceConfig(bound=wide.value_bound, bits=wide.ring_bits).ring_bits(8) == 64
+    assert murmur.SecureGroups().ring_bits == 64 and murmur.SecureGroups(ring="32").ring_bits == 32
+    with pytest.raises(ConfigError, match="ring must be"):
+        murmur.SecureGroups(ring="16")
+    with pytest.raises(ConfigError, match="value_bound must be"):
+        murmur.SecureGroups(value_bound=0.0)
+
+
 def test_impossible_budgets_are_refused_up_front() -> None:
     with pytest.raises(PrivacyError, match="Raise epsilon, or lower rounds"):
         _training(privacy=murmur.Privacy(epsilon=0.01), rounds=200, local_steps=10).check()

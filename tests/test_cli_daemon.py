@@ -16,6 +16,7 @@ from test_daemon_support import CLI, ROOT, DaemonProc, free_port, run_cli, spawn
 from murmur.errors import ConfigError
 from p2p import cmd_daemon
 from p2p.admin import PEERS_PATH, STATUS_PATH
+from p2p.cli import build_parser
 from p2p.config import DaemonConfig, load_config, parse_address
 
 __all__ = ["spawn"]
@@ -144,9 +145,26 @@ def test_config_precedence_file_env_flags(tmp_path: Path) -> None:
     assert load_config() == DaemonConfig()
 
 
+def test_the_ring_and_value_bound_come_from_file_env_or_flags(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[training]\ntask = "digits"\nring = "32"\nvalue_bound = 100.0\n')
+    config = load_config(path, {})
+    assert config.training.ring == "32" and config.training.ring_bits == 32
+    assert config.training.value_bound == 100.0
+    config = load_config(
+        path, {"MURMUR_TRAINING_RING": "auto"}, {"training": {"value_bound": 50.0}}
+    )
+    assert config.training.ring_bits is None and config.training.value_bound == 50.0
+    assert load_config().training.ring_bits == 64 and load_config().training.value_bound == 1e6
+    args = build_parser().parse_args(["start", "--ring", "auto", "--value-bound", "64"])
+    assert cmd_daemon._training_flags(args) == {"ring": "auto", "value_bound": 64.0}
+
+
 @pytest.mark.parametrize(
     ("text", "env"),
     [
+        ('[training]\nring = "16"\n', {}),
+        ("", {"MURMUR_TRAINING_VALUE_BOUND": "0"}),
         ("nonsense = 1\n", {}),
         ("[membership]\nnope = 1\n", {}),
         ('[membership]\nping_interval_s = "fast"\n', {}),
