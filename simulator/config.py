@@ -107,6 +107,12 @@ class Scenario:
     bandwidth_mbps: float = _f("network", 100.0, "mean uplink bandwidth per peer, Mbit/s")
     bandwidth_spread: float = _f("network", 0.0, "per-peer bandwidth spread (lognormal sigma)")
     loss: float = _f("network", 0.0, "probability that a message is lost")
+    retransmit_ms: float = _f(
+        "network",
+        0.0,
+        "TCP-like recovery: a lost message is sent again this many ms later (each try lost "
+        "with probability loss, at most 8 tries); 0 = a lost message stays lost",
+    )
     partition_start_s: float = _f("network", 0.0, "start of a network partition, virtual s")
     partition_end_s: float = _f("network", 0.0, "end of the partition (<= start: none)")
     partition_fraction: float = _f("network", 0.5, "fraction of peers cut off by the partition")
@@ -168,6 +174,7 @@ class Scenario:
         need(self.bandwidth_mbps > 0, "bandwidth_mbps", "must be > 0")
         need(self.bandwidth_spread >= 0, "bandwidth_spread", "must be >= 0")
         need(0 <= self.loss < 1, "loss", "must be in [0, 1)")
+        need(self.retransmit_ms >= 0, "retransmit_ms", "must be >= 0")
         need(0 <= self.partition_fraction <= 1, "partition_fraction", "must be in [0, 1]")
         need(self.tick_ms > 0, "tick_ms", "must be > 0")
         need(0 <= self.churn < 1, "churn", "must be in [0, 1)")

@@ -313,6 +313,7 @@ class Simulation:
             "timers": tally.timers,
             "refused": tally.refused,
             "messages_delivered": tally.messages_delivered,
+            "retransmissions": tally.retransmissions,
             "aborted_groups": aborted,
             "forced_rounds": forced,
             "group_workers": workers,
@@ -387,6 +388,7 @@ class Simulation:
             "timers": net.timers,
             "refused": net.refused,
             "messages_delivered": net.messages_delivered,
+            "retransmissions": net.retransmissions,
             "aborted_groups": aborted,
             "forced_rounds": forced,
         }

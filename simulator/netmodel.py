@@ -10,7 +10,9 @@ exactly. Models:
   (from its own numpy stream, a block of standard variates at a time);
 * bandwidth: each peer's uplink is ``bandwidth_mbps`` times a lognormal factor; a message
   occupies the sender's uplink for ``size / bandwidth`` (messages queue behind each other);
-* loss: each message is lost with probability ``loss``;
+* loss: each message is lost with probability ``loss``; with ``retransmit_ms`` > 0 a lost
+  message is sent again that much later instead (TCP-like; every try is lost with probability
+  ``loss``, and after ``MAX_TRIES`` lost tries it stays lost);
 * partition: during ``[partition_start_s, partition_end_s)`` a fixed ``partition_fraction`` of
   the peers cannot exchange messages with the rest;
 * churn: at each round start every online peer leaves with probability ``churn`` (at a uniform
@@ -28,9 +30,11 @@ import numpy as np
 
 from simulator.config import Scenario
 
-__all__ = ["LinkStream", "NetModel", "Population"]
+__all__ = ["MAX_TRIES", "LinkStream", "NetModel", "Population"]
 
 _BLOCK = 1 << 16
+MAX_TRIES = 8
+"""With retransmission, a message whose every one of this many tries is lost stays lost."""
 
 
 class LinkStream:
@@ -84,6 +88,14 @@ class LinkStream:
             value = mean - j + j * z if mean > j else mean * z
         return value if value > 0.0 else 0.0
 
+    def lost_tries(self, loss: float) -> int:
+        """After a first try was lost: how many more tries are lost before one gets through
+        (``MAX_TRIES`` if every try is lost)."""
+        rng, tries = self.rng, 1
+        while tries < MAX_TRIES and rng.random() < loss:
+            tries += 1
+        return tries
+
     def _refill(self) -> None:
         """The next block of standard draws for the latency distribution (numpy, in one go)."""
         gen, block = self._draws, self._block
@@ -111,6 +123,7 @@ class NetModel:
         self.seconds_per_byte: list[float] = (1.0 / bw).tolist()
         self.seed = seed
         self.loss = s.loss
+        self.retransmit_s = s.retransmit_ms / 1000.0
         self.jitter = s.latency_jitter_ms / 1000.0
         self.dist = s.latency_dist
         self.partition = (s.partition_start_s, s.partition_end_s)

@@ -40,7 +40,7 @@ from p2p.envelope import Auth, EnvelopeCodec
 from p2p.identity import Identity, PeerId
 from simulator.config import Scenario
 from simulator.messages import auth_for, registry, wire_size
-from simulator.netmodel import LinkStream, NetModel
+from simulator.netmodel import MAX_TRIES, LinkStream, NetModel
 
 __all__ = ["EPOCH", "Handler", "SimNetwork", "peer_seed"]
 
@@ -104,6 +104,7 @@ class SimNetwork:
         self.messages_lost = 0
         self.refused = 0
         self.timers = 0
+        self.retransmissions = 0
 
     # ------------------------------------------------------------------ wiring
 
@@ -265,14 +266,22 @@ class SimNetwork:
         start = max(now, self._uplink_free[sender])
         done = start + size * model.seconds_per_byte[sender]
         self._uplink_free[sender] = done
-        if (model.loss > 0.0 and stream.rng.random() < model.loss) or model.partitioned(
-            sender, recipient, now
-        ):
+        delay = 0.0
+        lost = model.partitioned(sender, recipient, now)
+        if not lost and model.loss > 0.0 and stream.rng.random() < model.loss:
+            lost = True
+            if model.retransmit_s > 0.0:
+                tries = stream.lost_tries(model.loss)
+                self.retransmissions += tries - 1 if tries == MAX_TRIES else tries
+                self.bytes_sent += size * (tries - 1 if tries == MAX_TRIES else tries)
+                lost = tries == MAX_TRIES
+                delay = tries * model.retransmit_s
+        if lost:
             self.messages_lost += 1
             if on_result is not None:
-                self.call_at(done, on_result, False, None)
+                self.call_at(done + delay, on_result, False, None)
             return
-        arrival = done + stream.latency(sender, recipient)
+        arrival = done + delay + stream.latency(sender, recipient)
         self.call_at(
             arrival, self._deliver, sender, recipient, payload, size, on_result, deliver_to
         )
@@ -295,6 +304,8 @@ class SimNetwork:
         free = self._uplink_free[sender]
         stream = self._streams[sender]
         loss, rng, latency = model.loss, stream.rng, stream.latency
+        retry = model.retransmit_s
+        resent = 0
         p_start, p_end = model.partition
         cut = p_start <= now < p_end
         side = model.side_list
@@ -319,12 +330,24 @@ class SimNetwork:
                 count += 1
                 start = now if now > free else free
                 free = start + size * spb
-                if (loss > 0.0 and rng.random() < loss) or (
-                    cut and side[sender] != side[recipient]
-                ):
+                if cut and side[sender] != side[recipient]:
                     dropped += 1
                     continue
-                arrival = free + latency(sender, recipient)
+                arrival = free
+                if loss > 0.0 and rng.random() < loss:
+                    if retry <= 0.0:
+                        dropped += 1
+                        continue
+                    tries = stream.lost_tries(loss)
+                    if tries == MAX_TRIES:  # every try lost: MAX_TRIES - 1 resends
+                        resent += tries - 1
+                        sent += size * (tries - 1)
+                        dropped += 1
+                        continue
+                    resent += tries
+                    sent += size * tries
+                    arrival += tries * retry
+                arrival += latency(sender, recipient)
                 if not low < arrival <= high:
                     tick_index = math.ceil(arrival / tick - 1e-9)
                     found = buckets.get(tick_index)
@@ -343,6 +366,7 @@ class SimNetwork:
             self._uplink_free[sender] = free
             self.bytes_sent += sent
             self.messages_sent += count
+            self.retransmissions += resent
             self.messages_lost += dropped
             if last_message is not None:
                 self._last = (last_message, last_auth, last_size)

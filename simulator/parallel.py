@@ -114,6 +114,7 @@ class Tally:
     messages_lost: int = 0
     refused: int = 0
     timers: int = 0
+    retransmissions: int = 0
     peak_rss_mib: float = 0.0
 
     @classmethod
@@ -127,6 +128,7 @@ class Tally:
             net.messages_lost,
             net.refused,
             net.timers,
+            net.retransmissions,
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         )
 
@@ -139,6 +141,7 @@ class Tally:
         self.messages_lost += other.messages_lost
         self.refused += other.refused
         self.timers += other.timers
+        self.retransmissions += other.retransmissions
         self.peak_rss_mib += other.peak_rss_mib
 
 

@@ -164,3 +164,27 @@ def test_a_group_result_is_the_weighted_mean_of_its_members() -> None:
         assert outcome.counted == set(range(8)) and not outcome.forced
         tally = pool.settle(outcome.finish)
         assert tally.messages_sent == tally.messages_delivered > 0
+
+
+def test_retransmission_recovers_lost_messages_at_the_cost_of_time_and_bytes() -> None:
+    base = Scenario(peers=32, rounds=3, group_size=8, engine="direct", workers=1, loss=0.05)
+    lossy = run_scenario(base)
+    resent = run_scenario(base.replace(retransmit_ms=200.0))
+    clean = run_scenario(base.replace(loss=0.0))
+    # Without retransmission a lost receipt or view aborts a secure group; with it, the
+    # messages arrive late and the groups complete.
+    assert sum(r.dropped for r in lossy.records) > sum(r.dropped for r in resent.records)
+    assert resent.stats["retransmissions"] > 0 and lossy.stats["retransmissions"] == 0
+    last = resent.final()
+    assert last.bytes_sent > last.bytes_received  # resent copies leave the sender only
+    assert clean.final().bytes_sent == clean.final().bytes_received
+    assert last.virtual_time_s > clean.final().virtual_time_s
+    assert last.accuracy > resent.records[0].accuracy
+    # Still one result for any number of workers.
+    two = run_scenario(base.replace(retransmit_ms=200.0, workers=2))
+    assert [r for r in two.records] == [r for r in resent.records]
+
+
+def test_retransmit_ms_must_not_be_negative() -> None:
+    with pytest.raises(ConfigError, match="retransmit_ms must be >= 0"):
+        Scenario(retransmit_ms=-1.0)
