@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import math
 import os
 import resource
@@ -239,6 +240,13 @@ class Simulation:
         # allocates millions of short-lived messages: collect the young generation every
         # 20,000 allocations instead of 700, and the older ones rarely (GC time per 1,000-peer
         # round 69 -> 28 ms).
+        # The simulated peers run the daemon's code, which logs a warning per aborted group
+        # round and peer: thousands of lines at scale, all counted in the metrics and stats
+        # already (dropped, aborted_groups). Keep them off the console while the run lasts.
+        quiet = [logging.getLogger(name) for name in ("murmur.gossip", "murmur.mpc")]
+        levels = [logger.level for logger in quiet]
+        for logger in quiet:
+            logger.setLevel(max(logger.getEffectiveLevel(), logging.ERROR))
         thresholds = gc.get_threshold()
         gc.freeze()
         gc.set_threshold(20_000, 20, 20)
@@ -251,6 +259,8 @@ class Simulation:
                 with asyncio.Runner(loop_factory=new_virtual_loop) as runner:
                     records, stats = runner.run(self._main(on_round))
         finally:
+            for logger, level in zip(quiet, levels, strict=True):
+                logger.setLevel(level)
             gc.set_threshold(*thresholds)
             gc.unfreeze()
             torch.set_num_threads(threads)

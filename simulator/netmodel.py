@@ -12,7 +12,8 @@ exactly. Models:
   occupies the sender's uplink for ``size / bandwidth`` (messages queue behind each other);
 * loss: each message is lost with probability ``loss``; with ``retransmit_ms`` > 0 a lost
   message is sent again that much later instead (TCP-like; every try is lost with probability
-  ``loss``, and after ``MAX_TRIES`` lost tries it stays lost);
+  ``loss``, and after ``MAX_TRIES`` lost tries it stays lost; a resent copy counts as sent
+  bytes but does not hold the uplink again);
 * partition: during ``[partition_start_s, partition_end_s)`` a fixed ``partition_fraction`` of
   the peers cannot exchange messages with the rest;
 * churn: at each round start every online peer leaves with probability ``churn`` (at a uniform

@@ -188,3 +188,16 @@ def test_retransmission_recovers_lost_messages_at_the_cost_of_time_and_bytes() -
 def test_retransmit_ms_must_not_be_negative() -> None:
     with pytest.raises(ConfigError, match="retransmit_ms must be >= 0"):
         Scenario(retransmit_ms=-1.0)
+
+
+def test_a_run_keeps_the_peers_protocol_warnings_off_the_console(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    before = logging.getLogger("murmur.gossip").level
+    with caplog.at_level(logging.WARNING):
+        result = run_scenario(Scenario(peers=16, rounds=1, group_size=8, loss=0.1))
+    assert result.stats["aborted_groups"] > 0  # the aborts are counted ...
+    assert not [r for r in caplog.records if r.name.startswith("murmur.gossip")]  # ... not logged
+    assert logging.getLogger("murmur.gossip").level == before
