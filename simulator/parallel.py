@@ -357,8 +357,10 @@ class GroupPool:
         self._per_member = 0.0
         self._serial = 0.0
         self._returned: float | None = None
-        self._remotes = [_Remote(scenario, i) for i in range(1, self.workers)]
+        self._remotes: list[_Remote] = []
         try:
+            for i in range(1, self.workers):
+                self._remotes.append(_Remote(scenario, i))
             self.local = GroupWorker(scenario, warm_threads=2 if self.workers == 1 else 1)
         except BaseException:
             self.close()
