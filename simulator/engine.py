@@ -455,7 +455,8 @@ def group_workers(s: Scenario) -> int:
         return 1
     if s.workers:
         return s.workers
-    return max(1, min(len(os.sched_getaffinity(0)), 8, s.peers // 250))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cores or 1, 8, s.peers // 250))
 
 
 def _r(x: float) -> float:
