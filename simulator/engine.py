@@ -281,7 +281,7 @@ class Simulation:
         s = self.scenario
         n = s.peers
         online = self.population.online
-        limit = s.compute_s * s.straggler_slowdown + 12 * s.stage_timeout_s + 60.0
+        limit = self._round_limit()
         pending: dict[int, float] = {}  # peer -> when it leaves (not yet due)
         aborted = forced = 0
         workers = group_workers(s)
@@ -314,20 +314,8 @@ class Simulation:
                     theta = torch.from_numpy(row)
                     for p in peers:
                         self.trainer.apply(p, theta)
-                dropped = len(active) - len(outcome.counted & set(active))
-                record = self._record(rnd, t, tally, len(active), dropped)
-                records.append(record)
-                if on_round is not None:
-                    on_round(record)
-        stats = {
-            "timers": tally.timers,
-            "refused": tally.refused,
-            "messages_delivered": tally.messages_delivered,
-            "retransmissions": tally.retransmissions,
-            "aborted_groups": aborted,
-            "forced_rounds": forced,
-            "group_workers": workers,
-        }
+                self._close_round(rnd, t, tally, active, outcome.counted, records, on_round)
+        stats = {**_stats(tally, aborted, forced), "group_workers": workers}
         return records, stats, tally.peak_rss_mib
 
     async def _main(
@@ -358,7 +346,7 @@ class Simulation:
         if on_round is not None:
             on_round(records[0])
         aborted = forced = 0
-        limit = s.compute_s * s.straggler_slowdown + 12 * s.stage_timeout_s + 60.0
+        limit = self._round_limit()
 
         def leave(p: int) -> None:
             if online[p]:
@@ -389,22 +377,32 @@ class Simulation:
                 self.trainer.apply(p, theta)
             if isinstance(protocol, GossipRound):
                 aborted += protocol.aborted_groups
-            dropped = len(active) - len(protocol.counted & set(active))
-            record = self._record(rnd, loop.time(), net, len(active), dropped)
-            records.append(record)
-            if on_round is not None:
-                on_round(record)
-        stats = {
-            "timers": net.timers,
-            "refused": net.refused,
-            "messages_delivered": net.messages_delivered,
-            "retransmissions": net.retransmissions,
-            "aborted_groups": aborted,
-            "forced_rounds": forced,
-        }
-        return records, stats
+            self._close_round(rnd, loop.time(), net, active, protocol.counted, records, on_round)
+        return records, _stats(net, aborted, forced)
+
+    def _round_limit(self) -> float:
+        """Virtual seconds after which a round is ended by force (no round can hang)."""
+        s = self.scenario
+        return s.compute_s * s.straggler_slowdown + 12 * s.stage_timeout_s + 60.0
 
     # ------------------------------------------------------------------ metrics
+
+    def _close_round(
+        self,
+        rnd: int,
+        now: float,
+        net: SimNetwork | Tally,
+        active: list[int],
+        counted: set[int],
+        records: list[RoundRecord],
+        on_round: Callable[[RoundRecord], None] | None,
+    ) -> None:
+        """Record round ``rnd`` (``active`` peers, of which ``counted`` were averaged)."""
+        dropped = len(active) - len(counted & set(active))
+        record = self._record(rnd, now, net, len(active), dropped)
+        records.append(record)
+        if on_round is not None:
+            on_round(record)
 
     def _record(
         self, rnd: int, now: float, net: SimNetwork | Tally, active: int, dropped: int
@@ -441,6 +439,18 @@ class Simulation:
             messages_sent=net.messages_sent,
             messages_lost=net.messages_lost,
         )
+
+
+def _stats(net: SimNetwork | Tally, aborted: int, forced: int) -> dict[str, Any]:
+    """A run's counters for ``RunResult.stats``."""
+    return {
+        "timers": net.timers,
+        "refused": net.refused,
+        "messages_delivered": net.messages_delivered,
+        "retransmissions": net.retransmissions,
+        "aborted_groups": aborted,
+        "forced_rounds": forced,
+    }
 
 
 def _grouped(s: Scenario) -> bool:
