@@ -69,6 +69,18 @@ async def pong(received: Received) -> Pong:
     return Pong(seq=received.message.seq)
 
 
+def pong_after(release: asyncio.Event) -> Callable[[Received], Awaitable[Pong]]:
+    """A Ping handler that holds Ping 0 until ``release`` is set and answers others at once."""
+
+    async def handler(received: Received) -> Pong:
+        assert isinstance(received.message, Ping)
+        if received.message.seq == 0:
+            await release.wait()
+        return Pong(seq=received.message.seq)
+
+    return handler
+
+
 def streams(t: HttpTransport) -> int:
     """Open outbound streams of ``t``."""
     return len(t._streams)
@@ -207,14 +219,7 @@ async def test_a_timed_out_request_leaves_the_stream_usable(make: MAKE) -> None:
     a, b = await make(1), await make(2)
     introduce(a, b)
     release = asyncio.Event()
-
-    async def slow_first(received: Received) -> Pong:
-        assert isinstance(received.message, Ping)
-        if received.message.seq == 0:
-            await release.wait()
-        return Pong(seq=received.message.seq)
-
-    b.register(Ping, slow_first)
+    b.register(Ping, pong_after(release))
     with pytest.raises(Timeout):
         await a.request(b.local_id, Ping(seq=0), timeout=0.2)
     release.set()  # its late reply arrives and is dropped
@@ -389,14 +394,7 @@ async def test_stream_count_is_capped_idle_ones_evicted_busy_ones_kept(make: MAK
     introduce(a, c)
     b.register(Ping, pong)
     release = asyncio.Event()
-
-    async def stuck_then_pong(received: Received) -> Pong:
-        assert isinstance(received.message, Ping)
-        if received.message.seq == 0:
-            await release.wait()
-        return Pong(seq=received.message.seq)
-
-    c.register(Ping, stuck_then_pong)
+    c.register(Ping, pong_after(release))
     assert (await a.request(b.local_id, Ping(seq=1))).message == Pong(seq=1)
     assert list(a._streams) == [b.addresses[0]]
     assert (await a.request(c.local_id, Ping(seq=2))).message == Pong(seq=2)
