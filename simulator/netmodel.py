@@ -89,13 +89,14 @@ class LinkStream:
             value = mean - j + j * z if mean > j else mean * z
         return value if value > 0.0 else 0.0
 
-    def lost_tries(self, loss: float) -> int:
-        """After a first try was lost: how many more tries are lost before one gets through
-        (``MAX_TRIES`` if every try is lost)."""
+    def resends(self, loss: float) -> tuple[int, bool]:
+        """After a first try was lost: ``(copies sent again, lost for good)``. A copy that gets
+        through after ``r`` resends arrives ``r`` retransmission delays late; after
+        ``MAX_TRIES`` lost tries (``MAX_TRIES - 1`` resends) the message stays lost."""
         rng, tries = self.rng, 1
         while tries < MAX_TRIES and rng.random() < loss:
             tries += 1
-        return tries
+        return (tries - 1, True) if tries == MAX_TRIES else (tries, False)
 
     def _refill(self) -> None:
         """The next block of standard draws for the latency distribution (numpy, in one go)."""

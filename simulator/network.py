@@ -40,7 +40,7 @@ from p2p.envelope import Auth, EnvelopeCodec
 from p2p.identity import Identity, PeerId
 from simulator.config import Scenario
 from simulator.messages import auth_for, registry, wire_size
-from simulator.netmodel import MAX_TRIES, LinkStream, NetModel
+from simulator.netmodel import LinkStream, NetModel
 
 __all__ = ["EPOCH", "Handler", "SimNetwork", "peer_seed"]
 
@@ -271,11 +271,10 @@ class SimNetwork:
         if not lost and model.loss > 0.0 and stream.rng.random() < model.loss:
             lost = True
             if model.retransmit_s > 0.0:
-                tries = stream.lost_tries(model.loss)
-                self.retransmissions += tries - 1 if tries == MAX_TRIES else tries
-                self.bytes_sent += size * (tries - 1 if tries == MAX_TRIES else tries)
-                lost = tries == MAX_TRIES
-                delay = tries * model.retransmit_s
+                copies, lost = stream.resends(model.loss)
+                self.retransmissions += copies
+                self.bytes_sent += size * copies
+                delay = copies * model.retransmit_s
         if lost:
             self.messages_lost += 1
             if on_result is not None:
@@ -338,15 +337,13 @@ class SimNetwork:
                     if retry <= 0.0:
                         dropped += 1
                         continue
-                    tries = stream.lost_tries(loss)
-                    if tries == MAX_TRIES:  # every try lost: MAX_TRIES - 1 resends
-                        resent += tries - 1
-                        sent += size * (tries - 1)
+                    copies, gone = stream.resends(loss)
+                    resent += copies
+                    sent += size * copies
+                    if gone:
                         dropped += 1
                         continue
-                    resent += tries
-                    sent += size * tries
-                    arrival += tries * retry
+                    arrival += copies * retry
                 arrival += latency(sender, recipient)
                 if not low < arrival <= high:
                     tick_index = math.ceil(arrival / tick - 1e-9)
