@@ -154,14 +154,6 @@ class NetModel:
             block=512,
         )
 
-    def latency(self, sender: int, recipient: int) -> float:
-        """One message's latency in seconds, from the default stream."""
-        return self.stream.latency(sender, recipient)
-
-    def lost(self) -> bool:
-        """Whether the next message is lost (default stream)."""
-        return self.loss > 0.0 and self.stream.rng.random() < self.loss
-
     def partitioned(self, sender: int, recipient: int, now: float) -> bool:
         """Whether a partition separates the two peers at virtual time ``now``."""
         start, end = self.partition
