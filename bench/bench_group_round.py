@@ -43,12 +43,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from floor.envelope import EnvelopeCodec
+from floor.identity import Identity, PeerId
 from gossip.allreduce import AllReduceConfig, GroupAllReduce, GroupAverager
 from gossip.matchmaking import Group, MatchConfig, Matchmaker
 from gossip.network import StaticView, TransportNetwork
 from p2p.daemon import tune_malloc
-from p2p.envelope import EnvelopeCodec
-from p2p.identity import Identity, PeerId
+from p2p.messages import MESSAGE_TYPES
 from p2p.transport.http import HttpTransport, HttpTransportConfig
 
 N = 8
@@ -99,7 +100,9 @@ def _identity(rank: int, k: int = 0) -> Identity:
 
 def _transport(identity: Identity, path: str) -> HttpTransport:
     config = HttpTransportConfig(stream=path == "stream")
-    return HttpTransport(EnvelopeCodec(identity), listen="127.0.0.1:0", config=config)
+    return HttpTransport(
+        EnvelopeCodec(identity, message_types=MESSAGE_TYPES), listen="127.0.0.1:0", config=config
+    )
 
 
 def _warm_group(k: int) -> Group:

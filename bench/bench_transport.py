@@ -140,11 +140,12 @@ class Blob:
 
 
 def _codec(seed: bytes) -> Any:
-    from p2p.envelope import EnvelopeCodec
-    from p2p.identity import Identity
-    from p2p.messages import Message, build_registry
+    from floor.envelope import EnvelopeCodec
+    from floor.identity import Identity
+    from floor.messages import build_registry
+    from p2p.messages import MESSAGE_TYPES
 
-    registry = build_registry([*Message.__args__, Blob])
+    registry = build_registry([*MESSAGE_TYPES.values(), Blob])
     return EnvelopeCodec(Identity.from_seed(seed), message_types=registry), Blob
 
 
@@ -169,9 +170,9 @@ class MurmurSender:
     """``HttpTransport.send`` of a tensor message with the given authentication."""
 
     def __init__(self, port: int, auth_name: str, stream_all: bool = False) -> None:
+        from floor.envelope import Auth
+        from floor.identity import Identity
         from p2p.config import HttpTransportConfig
-        from p2p.envelope import Auth
-        from p2p.identity import Identity
         from p2p.transport.http import HttpTransport
 
         codec, blob = _codec(CLIENT_SEED)
@@ -200,15 +201,18 @@ SMALL_PATHS = {"POST": False, "stream": True}
 
 
 async def _small_peers(n: int, stream: bool, first_seed: int = 1) -> list[Any]:
+    from floor.envelope import EnvelopeCodec
+    from floor.identity import Identity
     from p2p.config import HttpTransportConfig
-    from p2p.envelope import EnvelopeCodec
-    from p2p.identity import Identity
-    from p2p.messages import Ping, Pong
+    from p2p.messages import MESSAGE_TYPES, Ping, Pong
     from p2p.transport.http import HttpTransport
 
     config = HttpTransportConfig(stream=stream)
     peers = [
-        HttpTransport(EnvelopeCodec(Identity.from_seed(bytes([i]) * 32)), config=config)
+        HttpTransport(
+            EnvelopeCodec(Identity.from_seed(bytes([i]) * 32), message_types=MESSAGE_TYPES),
+            config=config,
+        )
         for i in range(first_seed, first_seed + n)
     ]
 
@@ -230,7 +234,7 @@ async def small_rate(n: int, stream: bool, per_pair: int, window: int, auth_name
     Every ordered pair runs ``per_pair`` SEALED/MAC ``Ping`` -> ``Pong`` requests, ``window``
     at a time per pair. Envelopes are ~130 bytes.
     """
-    from p2p.envelope import Auth
+    from floor.envelope import Auth
     from p2p.messages import Ping
 
     auth = Auth[auth_name]
@@ -267,7 +271,7 @@ def _latency_server(address: Any, stream: bool) -> None:
 
 
 async def _latency_client(address: str, stream: bool, count: int) -> list[float]:
-    from p2p.identity import Identity
+    from floor.identity import Identity
     from p2p.messages import Ping
 
     (client,) = await _small_peers(1, stream, first_seed=2)  # the server process is seed 1
@@ -308,13 +312,13 @@ def latency(rounds: int, count: int = 2000) -> dict[str, list[float]]:
 
 def codec_floor(auth_name: str, count: int = 4000) -> float:
     """CPU microseconds to encode and decode one request and its reply, with no transport."""
-    from p2p.envelope import Auth, EnvelopeCodec
-    from p2p.identity import Identity
-    from p2p.messages import Ping, Pong
+    from floor.envelope import Auth, EnvelopeCodec
+    from floor.identity import Identity
+    from p2p.messages import MESSAGE_TYPES, Ping, Pong
 
     auth = Auth[auth_name]
-    a = EnvelopeCodec(Identity.from_seed(b"\x01" * 32))
-    b = EnvelopeCodec(Identity.from_seed(b"\x02" * 32))
+    a = EnvelopeCodec(Identity.from_seed(b"\x01" * 32), message_types=MESSAGE_TYPES)
+    b = EnvelopeCodec(Identity.from_seed(b"\x02" * 32), message_types=MESSAGE_TYPES)
     cpu = time.process_time()
     for seq in range(count):
         got = b.decode(a.encode(Ping(seq=seq), recipient=b.identity.peer_id, auth=auth))

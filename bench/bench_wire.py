@@ -24,10 +24,11 @@ from typing import Any, ClassVar
 import msgpack
 import torch
 
-from p2p.envelope import Auth, EnvelopeCodec
-from p2p.identity import Identity
-from p2p.messages import MESSAGE_TYPES, build_registry
-from p2p.replay import ReplayCache
+from floor.envelope import Auth, EnvelopeCodec
+from floor.identity import Identity
+from floor.messages import build_registry
+from floor.replay import ReplayCache
+from p2p.messages import MESSAGE_TYPES
 
 
 @dataclass(frozen=True, slots=True)

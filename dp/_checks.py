@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 
-from murmur.errors import AccountingError
+from floor.errors import AccountingError
 
 __all__ = ["check_delta", "check_int", "check_positive", "check_probability"]
 

@@ -26,7 +26,7 @@ from dp_accounting.pld.privacy_loss_distribution import PrivacyLossDistribution
 from scipy import optimize
 
 from dp._checks import check_delta, check_int, check_positive, check_probability
-from murmur.errors import AccountingError
+from floor.errors import AccountingError
 
 __all__ = [
     "EventLike",

@@ -20,7 +20,7 @@ from typing import Any
 
 from dp._checks import check_delta, check_positive
 from dp.accounting import EventLike, PrivacyEvent, compose_epsilon, group_events
-from murmur.errors import AccountingError, BudgetExhausted, BudgetStateError
+from floor.errors import AccountingError, BudgetExhausted, BudgetStateError
 
 __all__ = ["Budget"]
 

@@ -17,7 +17,7 @@ import torch
 
 from dp._checks import check_positive, check_probability
 from dp.noise import gaussian_noise
-from murmur.errors import AccountingError
+from floor.errors import AccountingError
 
 __all__ = [
     "AdaptiveClipper",

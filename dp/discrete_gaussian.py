@@ -24,7 +24,7 @@ import numpy.typing as npt
 import torch
 
 from dp._checks import check_int
-from murmur.errors import AccountingError
+from floor.errors import AccountingError
 
 __all__ = [
     "RandomBits",

@@ -23,7 +23,7 @@ from torch import nn
 from dp._checks import check_int, check_positive, check_probability
 from dp.accounting import PrivacyEvent
 from dp.noise import gaussian_noise
-from murmur.errors import TrainingError
+from floor.errors import TrainingError
 
 # Opacus's hooks on the first layer fire with no input gradients and torch warns, harmlessly.
 # A filter installed once, not ``warnings.catch_warnings()`` around each backward pass: that

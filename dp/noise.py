@@ -20,7 +20,7 @@ from typing import overload
 import torch
 
 from dp._checks import check_int, check_positive
-from murmur.errors import AccountingError
+from floor.errors import AccountingError
 
 __all__ = [
     "add_gaussian_noise",

@@ -31,14 +31,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from gossip.matchmaking import Group, GroupFormer
-from gossip.messages import PlainChunk, PlainChunkSum
-from gossip.network import Network, Poster
-from mpc.fixedpoint import Bits, check_capacity, decode, encode_, max_scale
-from mpc.messages import MESSAGE_TYPES as MPC_TYPES
-from mpc.protocol import Member, Stage, default_threshold
-from mpc.survivors import chunk_bounds
-from murmur.errors import (
+from floor.errors import (
     AggregationAborted,
     ConfigError,
     MurmurError,
@@ -46,7 +39,14 @@ from murmur.errors import (
     ProtocolError,
     RingOverflow,
 )
-from p2p.identity import Identity, PeerId
+from floor.identity import Identity, PeerId
+from gossip.matchmaking import Group, GroupFormer
+from gossip.messages import PlainChunk, PlainChunkSum
+from gossip.network import Network, Poster
+from mpc.fixedpoint import Bits, check_capacity, decode, encode_, max_scale
+from mpc.messages import MESSAGE_TYPES as MPC_TYPES
+from mpc.protocol import Member, Stage, default_threshold
+from mpc.survivors import chunk_bounds
 
 __all__ = [
     "AllReduceConfig",

@@ -25,12 +25,12 @@ import networkx as nx
 import torch
 from torch import Tensor
 
+from floor.errors import ConfigError, MalformedMessage, MurmurError
+from floor.identity import Identity, PeerId
 from gossip.allreduce import AllReduceConfig, Averager, AverageResult, GroupAllReduce, GroupAverager
 from gossip.matchmaking import HashMatchmaker, MatchConfig, Matchmaker
 from gossip.messages import DpsgdParams, PairwiseOffer, PairwiseReply, PushSumShare
 from gossip.network import Network
-from murmur.errors import ConfigError, MalformedMessage, MurmurError
-from p2p.identity import Identity, PeerId
 
 __all__ = [
     "AVERAGERS",

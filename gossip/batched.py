@@ -11,7 +11,7 @@ own (:meth:`Learner.check_budget`, :meth:`Learner.release`).
 
 Stacked only: models without buffers (a batch-norm peer keeps local statistics that a vmapped
 step would not update) and without dropout; the rest is trained one by one. A model whose
-``forward`` cannot run under ``vmap`` raises :class:`~murmur.errors.TrainingError`: train it
+``forward`` cannot run under ``vmap`` raises :class:`~floor.errors.TrainingError`: train it
 with :meth:`Learner.local_update`.
 """
 
@@ -26,9 +26,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.utils.rnn import pad_sequence
 
+from floor.errors import BudgetExhausted, TrainingError
 from gossip.learner import Contribution, Learner
 from gossip.privacy import PrivacyUnit
-from murmur.errors import BudgetExhausted, TrainingError
 
 __all__ = ["local_update_many"]
 

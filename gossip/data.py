@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from murmur.errors import ConfigError
+from floor.errors import ConfigError
 
 __all__ = ["Scheme", "partition", "peer_shards"]
 

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from floor.errors import BudgetExhausted, ConfigError
 from gossip.batched import local_update_many
 from gossip.data import Scheme, partition, peer_shards
 from gossip.learner import Contribution, Learner, TrainConfig
 from gossip.model import restore
 from gossip.privacy import PrivacyConfig
 from gossip.tasks import Evaluation, Task
-from murmur.errors import BudgetExhausted, ConfigError
 
 __all__ = [
     "IdealResult",

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from dp.accounting import PrivacyEvent, compute_epsilon
 from dp.budget import Budget
 from dp.dpsgd import dp_sgd_train
+from floor.errors import BudgetExhausted, ConfigError, TrainingError
 from gossip.model import Layout, flatten, restore
 from gossip.privacy import (
     PrivacyConfig,
@@ -43,7 +44,6 @@ from gossip.privacy import (
     plan_privacy,
     privatize_delta,
 )
-from murmur.errors import BudgetExhausted, ConfigError, TrainingError
 
 __all__ = ["BudgetLike", "Contribution", "Learner", "TrainConfig"]
 
@@ -262,14 +262,14 @@ class Learner:
     def local_update(self) -> Contribution:
         """Train, privatize and return this round's contribution.
 
-        Raises :class:`~murmur.errors.BudgetExhausted` (and sets :attr:`budget_spent`) if the
+        Raises :class:`~floor.errors.BudgetExhausted` (and sets :attr:`budget_spent`) if the
         contribution would exceed the privacy budget; the check happens before any training.
         """
         self.check_budget()
         return self.release(self._train())
 
     def check_budget(self) -> None:
-        """Raise :class:`~murmur.errors.BudgetExhausted` (and set :attr:`budget_spent`) if the
+        """Raise :class:`~floor.errors.BudgetExhausted` (and set :attr:`budget_spent`) if the
         next contribution would exceed the budget. First half of :meth:`local_update`, public
         so that a trainer of many peers at once (:mod:`gossip.batched`) can split it."""
         event = self.plan.event

@@ -26,15 +26,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from gossip.messages import GroupCancelled, GroupFormed, Invite, InviteReply
-from gossip.network import Network
-from murmur.errors import (
+from floor.errors import (
     ConfigError,
     GroupFormationFailed,
     InconsistentMessage,
     MurmurError,
 )
-from p2p.identity import PeerId
+from floor.identity import PeerId
+from gossip.messages import GroupCancelled, GroupFormed, Invite, InviteReply
+from gossip.network import Network
 
 __all__ = [
     "Group",

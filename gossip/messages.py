@@ -1,7 +1,7 @@
 """gossip's own wire messages: matchmaking, plaintext group all-reduce and the baselines.
 
 Each is a frozen, slotted dataclass with a ``TYPE`` tag ``"gossip.*"`` and only the field types
-``p2p.codec`` carries (int, float, bool, bytes, Tensor, PeerId, tuples of those). ``SECRET``
+``floor.codec`` carries (int, float, bool, bytes, Tensor, PeerId, tuples of those). ``SECRET``
 tells the network adapter how to authenticate a message (as in ``mpc.messages``):
 ``True`` -> sealed (encrypted and authenticated to its recipient), ``False`` -> MAC (integrity
 only, cheap for large tensors). The secure all-reduce itself uses ``mpc.messages``.
@@ -9,15 +9,19 @@ only, cheap for large tensors). The secure all-reduce itself uses ``mpc.messages
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
 from torch import Tensor
 
-from p2p.identity import PeerId
+from floor.identity import PeerId
+from floor.messages import FLOOR_MESSAGES, build_registry
+from mpc.messages import MESSAGE_TYPES as MPC_MESSAGE_TYPES
 
 __all__ = [
     "MESSAGE_CLASSES",
+    "MESSAGE_TYPES",
     "DpsgdParams",
     "GroupCancelled",
     "GroupFormed",
@@ -176,4 +180,10 @@ MESSAGE_CLASSES: tuple[type, ...] = (
     PushSumShare,
     DpsgdParams,
 )
-"""Every gossip message class, for the wire registry (``p2p.messages``)."""
+"""Every gossip message class (in the union below)."""
+
+MESSAGE_TYPES: Mapping[str, type] = build_registry(
+    [*FLOOR_MESSAGES, *MPC_MESSAGE_TYPES.values(), *MESSAGE_CLASSES]
+)
+"""The training world's union: what a peer's averaging exchanges (the floor's ``Refusal``,
+``mpc``'s secure aggregation and the classes above). The daemon adds membership to it."""

@@ -8,7 +8,7 @@ the learner allows it only without differential privacy. Integer buffers
 (``num_batches_tracked``) always stay local.
 
 A :class:`Layout` records names, shapes and dtypes once; a model whose shapes change between
-rounds is refused with a :class:`~murmur.errors.TrainingError` that says what to change.
+rounds is refused with a :class:`~floor.errors.TrainingError` that says what to change.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from murmur.errors import TrainingError
+from floor.errors import TrainingError
 
 __all__ = ["Layout", "LayoutEntry", "flatten", "restore"]
 

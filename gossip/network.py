@@ -16,17 +16,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
-from murmur.errors import MurmurError
-from p2p.identity import PeerId
-
-if TYPE_CHECKING:
-    # Not imported at run time: p2p.messages imports gossip.messages (the wire union), so a
-    # module-level import of the envelope here would make ``import p2p.messages`` circular
-    # whenever gossip/__init__ imports this module.
-    from p2p.envelope import Auth, Received
-    from p2p.transport.base import Transport
+from floor.envelope import Auth, Received
+from floor.errors import MurmurError
+from floor.identity import PeerId
+from floor.transport.base import Transport
 
 __all__ = [
     "GossipHandler",
@@ -41,7 +36,7 @@ GossipHandler = Callable[[PeerId, Any], Awaitable[Any | None]]
 """Handles one message from a peer: ``handler(sender, message)`` -> reply (for requests) or None.
 
 A handler should return quickly (queue the work): the sender may be waiting for it. Raising a
-``murmur.errors.ProtocolError`` refuses the message (the sender sees ``RemoteRefused``).
+``floor.errors.ProtocolError`` refuses the message (the sender sees ``RemoteRefused``).
 """
 
 
@@ -49,7 +44,7 @@ A handler should return quickly (queue the work): the sender may be waiting for 
 class Network(Protocol):
     """What gossip needs from a network. Every wait is bounded by ``timeout`` (seconds).
 
-    Failures are ``murmur.errors`` types: ``PeerUnreachable``, ``Timeout``, ``TransportClosed``,
+    Failures are ``floor.errors`` types: ``PeerUnreachable``, ``Timeout``, ``TransportClosed``,
     ``RemoteRefused``, or a ``ProtocolError`` for a reply that fails the checks.
     """
 
@@ -88,7 +83,7 @@ class Poster(Protocol):
 
     ``post(peer, message, timeout=..., on_failure=...)`` starts delivering ``message`` and
     returns at once; if delivery fails (or is refused) by ``timeout``, ``on_failure(message,
-    error)`` is called with a ``murmur.errors`` error. No call means no failure was seen: a
+    error)`` is called with a ``floor.errors`` error. No call means no failure was seen: a
     network may report a failure it cannot rule out (e.g. the connection closed before a
     refusal could come back), and may leave a refusal that arrives after ``timeout`` unreported.
     ``on_failure`` may be called before ``post`` returns (no address, closed network). gossip
@@ -108,8 +103,6 @@ class Poster(Protocol):
 
 def auth_for(message: object) -> Auth:
     """How to authenticate ``message``: sealed if its class says ``SECRET`` (default), else MAC."""
-    from p2p.envelope import Auth
-
     return Auth.SEALED if getattr(type(message), "SECRET", True) else Auth.MAC
 
 

@@ -25,7 +25,7 @@ from torch import Tensor
 from dp.accounting import PrivacyEvent, calibrate_noise
 from dp.noise import secure_generator
 from dp.privatize import privatize_update
-from murmur.errors import ConfigError
+from floor.errors import ConfigError
 
 __all__ = [
     "PrivacyConfig",

@@ -49,15 +49,15 @@ from typing import Any, Literal, TypeVar
 import torch
 from torch import Tensor, nn
 
-from gossip.allreduce import Averager, AverageResult
-from gossip.learner import Contribution, Learner
-from gossip.network import Network
-from murmur.errors import (
+from floor.errors import (
     BudgetExhausted,
     ConfigError,
     GroupFormationFailed,
     MurmurError,
 )
+from gossip.allreduce import Averager, AverageResult
+from gossip.learner import Contribution, Learner
+from gossip.network import Network
 
 __all__ = [
     "ANY_ROUND",

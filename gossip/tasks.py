@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from murmur.errors import ConfigError
+from floor.errors import ConfigError
 
 __all__ = [
     "CREDIT_FEATURES",

@@ -5,6 +5,7 @@
 (fixed point, mask PRG, KDF, Shamir, pair keys, mask graphs) are re-exported here too.
 """
 
+from floor.errors import AggregationAborted
 from mpc.driver import DROP_STAGES, GroupRun, run_group, secure_sum, secure_sum_ring
 from mpc.fixedpoint import (
     Bits,
@@ -52,7 +53,6 @@ from mpc.prg import (
 from mpc.protocol import Member, Outgoing, Stage, default_threshold
 from mpc.shamir import MAX_SHARES, PRIME, SECRET_BYTES, SHARE_BYTES, Share, combine, split
 from mpc.state import warm_pair_roots
-from murmur.errors import AggregationAborted
 
 __all__ = [
     "CHUNK_BYTES",

@@ -26,6 +26,7 @@ import nacl.signing
 import torch
 from torch import Tensor
 
+from floor.errors import AggregationAborted, AggregationError, ConfigError
 from mpc.fixedpoint import Bits, check_capacity, decode, encode, ring_dtype
 from mpc.messages import (
     Backup,
@@ -38,7 +39,6 @@ from mpc.messages import (
     View,
 )
 from mpc.protocol import Member, Stage
-from murmur.errors import AggregationAborted, AggregationError, ConfigError
 
 __all__ = ["DROP_STAGES", "GroupRun", "run_group", "secure_sum", "secure_sum_ring"]
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from murmur.errors import ConfigError, RingOverflow
+from floor.errors import ConfigError, RingOverflow
 
 __all__ = [
     "Bits",

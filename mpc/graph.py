@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 import networkx as nx
 
+from floor.errors import ConfigError
 from mpc.kdf import derive, u64
-from murmur.errors import ConfigError
 
 __all__ = ["GRAPH_LABEL", "default_degree", "mask_graph"]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 
-from murmur.errors import ConfigError
+from floor.errors import ConfigError
 
 __all__ = ["PAIR_KEYS_LABEL", "PAIR_SEED_LABEL", "derive", "pair_keys", "pair_seed", "u64"]
 

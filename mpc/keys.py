@@ -43,8 +43,8 @@ import nacl.exceptions
 import nacl.signing
 import nacl.utils
 
+from floor.errors import BadSeal, ConfigError, MalformedMessage
 from mpc.kdf import derive, u64
-from murmur.errors import BadSeal, ConfigError, MalformedMessage
 
 _V = TypeVar("_V")
 

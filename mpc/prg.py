@@ -40,8 +40,8 @@ except (ImportError, AttributeError):  # pragma: no cover - a cryptography witho
     _new_context = None
 from torch import Tensor
 
+from floor.errors import ConfigError
 from mpc.fixedpoint import Bits, ring_dtype
-from murmur.errors import ConfigError
 
 __all__ = [
     "CHUNK_BYTES",

@@ -85,6 +85,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from floor.errors import (
+    AggregationAborted,
+    DuplicateMessage,
+    InconsistentMessage,
+    OutOfStage,
+    ProtocolError,
+    UnknownMessageType,
+)
 from mpc import keys as mkeys
 from mpc.messages import (
     Backup,
@@ -100,14 +108,6 @@ from mpc.prg import add_masks_, masked, new_seed
 from mpc.shamir import split
 from mpc.state import STAGE_OF, MemberState, Outgoing, Stage, default_threshold
 from mpc.survivors import ReceiptView, counted_set, dropped_set, fallback_reducer
-from murmur.errors import (
-    AggregationAborted,
-    DuplicateMessage,
-    InconsistentMessage,
-    OutOfStage,
-    ProtocolError,
-    UnknownMessageType,
-)
 
 __all__ = ["Member", "Outgoing", "Stage", "default_threshold"]
 

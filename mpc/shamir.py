@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from murmur.errors import AggregationAborted, ConfigError, InconsistentMessage
+from floor.errors import AggregationAborted, ConfigError, InconsistentMessage
 
 __all__ = ["MAX_SHARES", "PRIME", "SECRET_BYTES", "SHARE_BYTES", "Share", "combine", "split"]
 

@@ -17,6 +17,14 @@ import nacl.signing
 import torch
 from torch import Tensor
 
+from floor.errors import (
+    AggregationAborted,
+    ConfigError,
+    InconsistentMessage,
+    MalformedMessage,
+    OutOfStage,
+    ProtocolError,
+)
 from mpc import keys as mkeys
 from mpc.graph import mask_graph
 from mpc.kdf import pair_keys
@@ -33,14 +41,6 @@ from mpc.messages import (
 from mpc.prg import SEED_BYTES
 from mpc.shamir import SHARE_BYTES, Share, combine
 from mpc.survivors import ReceiptView, chunk_bounds, counted_set, dropped_set, fallback_reducer
-from murmur.errors import (
-    AggregationAborted,
-    ConfigError,
-    InconsistentMessage,
-    MalformedMessage,
-    OutOfStage,
-    ProtocolError,
-)
 
 __all__ = [
     "STAGE_OF",

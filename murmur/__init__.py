@@ -14,49 +14,25 @@ The Python API, in a few lines (``murmur.api``, ``murmur.api_peer``, ``murmur.ap
 
     result = murmur.simulate(training, peers=50)     # the same description, simulated
 
-The API's names are exported lazily (PEP 562): ``import murmur`` and ``import murmur.errors``
+The API's names are exported lazily (PEP 562): ``import murmur`` and ``import floor.errors``
 (used by every layer, including ``dp`` and ``mpc``) import neither torch nor the network code.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from murmur._lazy import lazy_exports as _lazy_exports
-from murmur.errors import MurmurError
-
-if TYPE_CHECKING:
-    from murmur.api import (
-        MIN_GROUP_SIZE,
-        Averaging,
-        Baseline,
-        Privacy,
-        SecureGroups,
-        Training,
-        as_tensors,
-    )
-    from murmur.api_peer import Peer, RoundReport, SyncPeer, train
-    from murmur.api_sim import compare, plot, scenario_for, simulate
-
-__version__ = "0.1.0"
-
-_EXPORTS: dict[str, str] = {
-    "MIN_GROUP_SIZE": "murmur.api",
-    "Averaging": "murmur.api",
-    "Baseline": "murmur.api",
-    "Privacy": "murmur.api",
-    "SecureGroups": "murmur.api",
-    "Training": "murmur.api",
-    "as_tensors": "murmur.api",
-    "Peer": "murmur.api_peer",
-    "RoundReport": "murmur.api_peer",
-    "SyncPeer": "murmur.api_peer",
-    "train": "murmur.api_peer",
-    "compare": "murmur.api_sim",
-    "plot": "murmur.api_sim",
-    "scenario_for": "murmur.api_sim",
-    "simulate": "murmur.api_sim",
-}
+from floor import __version__
+from floor.errors import MurmurError
+from murmur.api import (
+    MIN_GROUP_SIZE,
+    Averaging,
+    Baseline,
+    Privacy,
+    SecureGroups,
+    Training,
+    as_tensors,
+)
+from murmur.api_peer import Peer, RoundReport, SyncPeer, train
+from murmur.api_sim import compare, plot, scenario_for, simulate
 
 __all__ = [
     "MIN_GROUP_SIZE",
@@ -77,6 +53,3 @@ __all__ = [
     "simulate",
     "train",
 ]
-
-
-__getattr__, __dir__ = _lazy_exports("murmur", _EXPORTS, globals())

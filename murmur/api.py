@@ -16,7 +16,7 @@ real network (:class:`murmur.Peer`, ``murmur.api_peer``) and in the simulator
     )
 
 Mistakes a user can make are found up front by :meth:`Training.check` (called by both runners)
-and raised as ``murmur.errors`` types whose message says what to change.
+and raised as ``floor.errors`` types whose message says what to change.
 """
 
 from __future__ import annotations
@@ -31,11 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dp.accounting import compose_epsilon
+from floor.errors import ConfigError, PrivacyError, TrainingError
 from gossip.learner import TrainConfig
 from gossip.model import Layout
 from gossip.privacy import PrivacyConfig, PrivacyUnit, plan_privacy
 from gossip.tasks import Task, accuracy
-from murmur.errors import ConfigError, PrivacyError, TrainingError
 
 __all__ = [
     "MIN_GROUP_SIZE",
@@ -355,8 +356,6 @@ class Training:
 
 
 def _epsilon(config: PrivacyConfig, train: TrainConfig, rounds: int) -> float:
-    from dp.accounting import compose_epsilon
-
     plan = plan_privacy(config, local_steps=train.local_steps, sample_rate=train.sample_rate)
     event = plan.event
     if event is None:

@@ -29,6 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from dp.budget import Budget
+from floor.errors import ConfigError, Timeout, TransportClosed
+from floor.identity import PeerId
 from gossip.allreduce import AllReduceConfig, Averager
 from gossip.baselines import build_averager
 from gossip.learner import Learner
@@ -36,10 +38,8 @@ from gossip.matchmaking import MatchConfig
 from gossip.network import TransportNetwork
 from gossip.service import Evaluate, RoundReport, TrainingSession
 from murmur.api import Training, as_tensors
-from murmur.errors import ConfigError, Timeout, TransportClosed
 from p2p.config import DaemonConfig, MembershipConfig
 from p2p.daemon import Daemon
-from p2p.identity import PeerId
 
 __all__ = ["Peer", "RoundReport", "SyncPeer", "train"]
 
@@ -152,7 +152,7 @@ class Peer:
     async def wait_for_peers(self, count: int, *, timeout: float = 60.0) -> int:
         """Wait until at least ``count`` other peers are alive in the view; returns how many.
 
-        Raises :class:`~murmur.errors.Timeout` saying how many were found.
+        Raises :class:`~floor.errors.Timeout` saying how many were found.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout

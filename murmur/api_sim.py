@@ -22,8 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from floor.errors import ConfigError
 from murmur.api import Training
-from murmur.errors import ConfigError
 from simulator.config import FIELD_NAMES, Scenario
 from simulator.engine import RoundRecord, RunResult, Simulation
 from simulator.output import plot_sweep

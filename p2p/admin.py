@@ -7,16 +7,26 @@ for strangers, and any later administrative action will sit behind the same chec
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from aiohttp import web
 
 from p2p.transport.http import is_loopback
 
-if TYPE_CHECKING:
-    from p2p.daemon import Daemon
+__all__ = ["PEERS_PATH", "STATUS_PATH", "AdminSource", "admin_routes"]
 
-__all__ = ["PEERS_PATH", "STATUS_PATH", "admin_routes"]
+
+class AdminSource(Protocol):
+    """What the endpoints show: the daemon (``p2p.daemon.Daemon``) is one."""
+
+    def status(self) -> dict[str, object]:
+        """The status document."""
+        ...
+
+    def peers(self) -> list[dict[str, object]]:
+        """The peers document."""
+        ...
+
 
 STATUS_PATH = "/v1/status"
 PEERS_PATH = "/v1/peers"
@@ -33,7 +43,7 @@ def _loopback_only(view: _View) -> _View:
     return guarded
 
 
-def admin_routes(daemon: Daemon) -> list[web.RouteDef]:
+def admin_routes(daemon: AdminSource) -> list[web.RouteDef]:
     """Routes serving ``daemon.status()`` and ``daemon.peers()`` as JSON."""
 
     async def status(request: web.Request) -> web.StreamResponse:

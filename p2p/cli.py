@@ -12,8 +12,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from murmur import __version__
-from murmur.errors import MurmurError
+from floor import __version__
+from floor.errors import MurmurError
 
 # Modules that each register one or more subcommands.
 _COMMAND_MODULES = ("p2p.cmd_keys", "p2p.cmd_daemon", "p2p.cmd_demo")

@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 
-from murmur.errors import ConfigError, NetworkError, PeerUnreachable, Timeout
+from floor.errors import ConfigError, NetworkError, PeerUnreachable, Timeout
 from p2p.config import (
     DAEMON_ALGORITHMS,
     PARTITIONS,

@@ -30,7 +30,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
-from murmur.errors import ConfigError, PeerUnreachable, Timeout
+from floor.errors import ConfigError, PeerUnreachable, Timeout
 from p2p.config import DAEMON_ALGORITHMS, PRIVACY_UNITS, TASKS
 
 __all__ = ["register"]

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from p2p.identity import Identity
-from p2p.keyfile import key_path
+from floor.identity import Identity
+from floor.keyfile import key_path
 
 __all__ = ["cmd_id", "cmd_keygen", "register"]
 

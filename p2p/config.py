@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from murmur.errors import ConfigError
-from p2p.identity import PeerId
+from floor.errors import ConfigError
+from floor.identity import PeerId
 
 __all__ = [
     "DaemonConfig",

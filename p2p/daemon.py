@@ -29,6 +29,10 @@ from typing import Any, Self, cast
 import torch
 
 from dp.budget import Budget
+from floor import __version__
+from floor.envelope import EnvelopeCodec
+from floor.errors import ConfigError, KeyFileError, TransportClosed
+from floor.identity import Identity, PeerId
 from gossip.allreduce import AllReduceConfig
 from gossip.baselines import build_averager
 from gossip.data import Scheme, partition
@@ -38,13 +42,10 @@ from gossip.network import TransportNetwork
 from gossip.privacy import PrivacyConfig, PrivacyUnit
 from gossip.service import TrainingSession, save_model
 from gossip.tasks import Task, make_task
-from murmur import __version__
-from murmur.errors import ConfigError, KeyFileError, TransportClosed
 from p2p.admin import admin_routes
 from p2p.config import DaemonConfig, TrainingConfig, parse_shard
-from p2p.envelope import EnvelopeCodec
-from p2p.identity import Identity, PeerId
 from p2p.membership import Membership
+from p2p.messages import MESSAGE_TYPES
 from p2p.transport.http import HttpTransport
 
 __all__ = ["Daemon", "load_network_key", "tune_malloc"]
@@ -186,6 +187,7 @@ class Daemon:
             network_key=network_key,
             max_message_size=cfg.transport.max_message_size,
             window_s=cfg.replay_window_s,
+            message_types=MESSAGE_TYPES,
         )
         self._transport = HttpTransport(
             codec,

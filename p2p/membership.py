@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from murmur.errors import (
+from floor.envelope import Received
+from floor.errors import (
     BadSignature,
     ConfigError,
     InconsistentMessage,
@@ -30,11 +31,10 @@ from murmur.errors import (
     RefusalCode,
     RemoteRefused,
 )
+from floor.identity import Identity, PeerId
+from floor.transport.base import Transport
 from p2p.config import MembershipConfig
-from p2p.envelope import Received
-from p2p.identity import Identity, PeerId
 from p2p.messages import Exchange, ExchangeReply, Join, JoinReply, PeerRecord, Ping, Pong
-from p2p.transport.base import Transport
 
 __all__ = ["Membership", "MembershipConfig", "PeerEntry", "PeerView"]
 

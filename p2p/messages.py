@@ -1,56 +1,38 @@
-"""The closed union of wire messages: every message type any peer may send, by its type tag.
+"""Membership's wire messages, and the daemon's closed union of wire messages.
 
-Each message is a frozen, slotted dataclass with a ``TYPE`` tag, encoded by ``p2p.codec``.
-Membership messages are defined here; mpc/ and gossip/ message classes are added to the union
-below (this module may import their message modules; never the other way round).
+Each message is a frozen, slotted dataclass with a ``TYPE`` tag, encoded by ``floor.codec``.
+Membership messages (signed peer records, join, peer exchange, ping) are defined here; the
+daemon's union (:data:`MESSAGE_TYPES`) adds them to the floor's ``Refusal`` and to what a
+training peer speaks (``gossip.messages.MESSAGE_TYPES``: matchmaking, group all-reduce, the
+baselines and ``mpc``'s secure aggregation). p2p sits above gossip, so it closes the union;
+nothing below imports this module.
 """
 
 from __future__ import annotations
 
 import math
-import types
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar, Union
+from typing import ClassVar
 
 import msgpack
 
-from gossip.messages import (
-    DpsgdParams,
-    GroupCancelled,
-    GroupFormed,
-    Invite,
-    InviteReply,
-    PairwiseOffer,
-    PairwiseReply,
-    PlainChunk,
-    PlainChunkSum,
-    PushSumShare,
-)
-from mpc.messages import (
-    Backup,
-    ChunkSum,
-    Input,
-    ReassignedChunk,
-    Receipt,
-    Reveal,
-    View,
-)
-from p2p.codec import schema_check
-from p2p.identity import Identity, PeerId, verify_signature
+from floor.errors import BadSignature
+from floor.identity import Identity, PeerId, verify_signature
+from floor.messages import Refusal, build_registry
+from gossip.messages import MESSAGE_TYPES as GOSSIP_MESSAGE_TYPES
 
 __all__ = [
+    "MEMBERSHIP_MESSAGES",
     "MESSAGE_TYPES",
     "Exchange",
     "ExchangeReply",
     "Join",
     "JoinReply",
-    "Message",
     "PeerRecord",
     "Ping",
     "Pong",
     "Refusal",
-    "build_registry",
 ]
 
 _RECORD_DOMAIN = "murmur-peer-record-v1"
@@ -83,8 +65,6 @@ class PeerRecord:
     def verify(self) -> None:
         """Check the signature by ``peer_id``; raises ``BadSignature``."""
         if not math.isfinite(self.timestamp):
-            from murmur.errors import BadSignature
-
             raise BadSignature("peer record timestamp is not finite")
         data = self.signed_bytes(self.peer_id, self.addresses, self.timestamp)
         verify_signature(self.peer_id, data, self.signature)
@@ -138,16 +118,7 @@ class Pong:
     seq: int
 
 
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    """A refusal sent back to a peer: a ``murmur.errors.RefusalCode`` number and a reason."""
-
-    TYPE: ClassVar[str] = "refusal"
-    code: int
-    reason: str
-
-
-Message = Union[  # noqa: UP007 - a named alias that other packages extend
+MEMBERSHIP_MESSAGES: tuple[type, ...] = (
     PeerRecord,
     Join,
     JoinReply,
@@ -155,40 +126,10 @@ Message = Union[  # noqa: UP007 - a named alias that other packages extend
     ExchangeReply,
     Ping,
     Pong,
-    Refusal,
-    # secure aggregation (mpc.messages)
-    Input,
-    Backup,
-    Receipt,
-    View,
-    Reveal,
-    ReassignedChunk,
-    ChunkSum,
-    # matchmaking, plaintext all-reduce and baselines (gossip.messages)
-    Invite,
-    InviteReply,
-    GroupFormed,
-    GroupCancelled,
-    PlainChunk,
-    PlainChunkSum,
-    PairwiseOffer,
-    PairwiseReply,
-    PushSumShare,
-    DpsgdParams,
-]
+)
+"""Membership's message classes."""
 
-
-def build_registry(classes: Iterable[type]) -> Mapping[str, type]:
-    """Tag -> class for ``classes``, each checked by the codec; TypeError on a duplicate tag."""
-    registry: dict[str, type] = {}
-    for cls in classes:
-        schema_check(cls)
-        tag: str = cls.TYPE  # type: ignore[attr-defined]
-        if tag in registry:
-            raise TypeError(f"duplicate message type tag {tag!r}")
-        registry[tag] = cls
-    return types.MappingProxyType(registry)
-
-
-#: Type tag -> message class, for every member of ``Message``.
-MESSAGE_TYPES: Mapping[str, type] = build_registry(Message.__args__)  # type: ignore[attr-defined]
+MESSAGE_TYPES: Mapping[str, type] = build_registry(
+    [*GOSSIP_MESSAGE_TYPES.values(), *MEMBERSHIP_MESSAGES]
+)
+"""Type tag -> message class for everything a daemon may receive (the daemon's world)."""

@@ -20,8 +20,8 @@ from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from dp_accounting.pld.privacy_loss_distribution import PrivacyLossDistribution
 
 import dp
+from floor.errors import BudgetExhausted
 from gossip.privacy import PrivacyPlan
-from murmur.errors import BudgetExhausted
 
 __all__ = ["SharedAccountant", "SimBudget"]
 

@@ -16,7 +16,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from murmur.errors import MurmurError
+from floor.errors import MurmurError
 from simulator.config import Scenario, load_scenario, load_sweep, parse_value
 
 DEFAULT_OUT = "murmur-sim-out"

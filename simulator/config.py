@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from murmur.errors import ConfigError
+from floor.errors import ConfigError
 
 __all__ = [
     "ALGORITHMS",

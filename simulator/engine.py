@@ -37,12 +37,12 @@ import networkx as nx
 import numpy as np
 import torch
 
+from floor.errors import ConfigError
 from gossip.data import partition, peer_shards
 from gossip.learner import Learner, TrainConfig
 from gossip.model import Layout, restore
 from gossip.privacy import PrivacyConfig, PrivacyUnit, plan_privacy
 from gossip.tasks import Task, make_task
-from murmur.errors import ConfigError
 from simulator.budget import SharedAccountant, SimBudget
 from simulator.clock import new_virtual_loop
 from simulator.config import Scenario

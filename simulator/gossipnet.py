@@ -26,11 +26,7 @@ from typing import Any
 import networkx as nx
 from torch import Tensor
 
-from gossip.allreduce import AllReduceConfig, Averager
-from gossip.baselines import build_averager
-from gossip.matchmaking import MatchConfig
-from gossip.network import GossipHandler
-from murmur.errors import (
+from floor.errors import (
     AggregationError,
     MurmurError,
     PeerUnreachable,
@@ -38,7 +34,11 @@ from murmur.errors import (
     RemoteRefused,
     Timeout,
 )
-from p2p.identity import PeerId
+from floor.identity import PeerId
+from gossip.allreduce import AllReduceConfig, Averager
+from gossip.baselines import build_averager
+from gossip.matchmaking import MatchConfig
+from gossip.network import GossipHandler
 from simulator.config import Scenario
 from simulator.network import SimNetwork
 

@@ -28,10 +28,10 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from floor.errors import ProtocolError
 from mpc import MESSAGE_TYPES as MPC_TYPES
 from mpc import Member, Stage, warm_pair_roots
 from mpc.fixedpoint import Bits, decode, encode
-from murmur.errors import ProtocolError
 from simulator.messages import PlainChunk, PlainSum
 from simulator.network import SimNetwork
 

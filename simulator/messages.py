@@ -5,9 +5,9 @@ neighbour-averaging baselines (pairwise, push-sum, D-PSGD) use the small datacla
 the same codec-checked form as every wire message, so ``wire`` fidelity encodes them for real.
 
 ``wire_size`` is the exact size in bytes of a message's authenticated envelope, computed without
-copying a tensor or running any cryptography: the body length from ``p2p.codec``'s own
+copying a tensor or running any cryptography: the body length from ``floor.codec``'s own
 ``encode_body_parts`` (msgpack of the small fields; tensors are only measured) plus the
-envelope framing, header and tags as ``p2p.envelope`` lays them out. Both fidelity levels count
+envelope framing, header and tags as ``floor.envelope`` lays them out. Both fidelity levels count
 bytes with it (``wire`` also checks it against the real encoding in the tests).
 """
 
@@ -22,12 +22,11 @@ from typing import Any, ClassVar
 import msgpack
 from torch import Tensor
 
-from mpc.messages import MESSAGE_TYPES as MPC_MESSAGE_TYPES
-from p2p.codec import TENSOR_ALIGN, encode_body_parts
-from p2p.envelope import Auth
-from p2p.identity import PeerId
-from p2p.messages import MESSAGE_TYPES as P2P_MESSAGE_TYPES
-from p2p.messages import build_registry
+from floor.codec import TENSOR_ALIGN, encode_body_parts
+from floor.envelope import Auth
+from floor.identity import PeerId
+from floor.messages import build_registry
+from gossip.messages import MESSAGE_TYPES as GOSSIP_MESSAGE_TYPES
 
 __all__ = [
     "SIM_MESSAGE_TYPES",
@@ -81,11 +80,9 @@ SIM_MESSAGE_TYPES: tuple[type, ...] = (PlainChunk, PlainSum, ModelShare)
 
 
 def registry() -> Mapping[str, type]:
-    """Tag -> class for every message a simulated peer may receive (p2p, mpc, simulator)."""
-    classes = [*P2P_MESSAGE_TYPES.values()]
-    classes += [c for c in MPC_MESSAGE_TYPES.values() if c not in classes]
-    classes += [c for c in SIM_MESSAGE_TYPES if c not in classes]
-    return build_registry(classes)
+    """Tag -> class for every message a simulated peer may receive (the training world's union
+    and the simulator's own)."""
+    return build_registry([*GOSSIP_MESSAGE_TYPES.values(), *SIM_MESSAGE_TYPES])
 
 
 _AUTH: dict[type, Auth] = {}
@@ -178,7 +175,7 @@ def _shape(value: Any) -> Any:
 
 
 def wire_size(message: object, auth: Auth = Auth.MAC, *, recipient: bool = True) -> int:
-    """The exact length of ``message``'s envelope as ``p2p.envelope.EnvelopeCodec`` encodes it.
+    """The exact length of ``message``'s envelope as ``floor.envelope.EnvelopeCodec`` encodes it.
 
     Cached on what decides the length (field types, byte and tuple lengths, tensor shapes,
     integer values), so most calls cost a few attribute reads instead of a msgpack encoding.

@@ -23,7 +23,7 @@ import networkx as nx
 import torch
 from torch import Tensor
 
-from murmur.errors import ConfigError
+from floor.errors import ConfigError
 from simulator.messages import ModelShare
 from simulator.network import SimNetwork
 

@@ -15,7 +15,7 @@ flat bucket entry that the tick's flush delivers inline; ``post`` with ``on_resu
 
 Two fidelity levels, same protocol logic:
 
-* ``wire``: the sender's ``p2p.envelope.EnvelopeCodec`` encodes and authenticates the envelope
+* ``wire``: the sender's ``floor.envelope.EnvelopeCodec`` encodes and authenticates the envelope
   (MAC for public data, sealed for secrets, as the daemon does) and the recipient's codec runs
   every check on it (door, recipient, timestamp window on the virtual clock, replay, MAC or
   seal, schema) before the handler sees the decoded message;
@@ -35,9 +35,9 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
-from murmur.errors import ConfigError, ProtocolError, RefusalCode, UnknownMessageType
-from p2p.envelope import Auth, EnvelopeCodec
-from p2p.identity import Identity, PeerId
+from floor.envelope import Auth, EnvelopeCodec
+from floor.errors import ConfigError, ProtocolError, RefusalCode, UnknownMessageType
+from floor.identity import Identity, PeerId
 from simulator.config import Scenario
 from simulator.messages import auth_for, registry, wire_size
 from simulator.netmodel import LinkStream, NetModel

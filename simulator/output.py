@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from murmur.errors import ConfigError
+from floor.errors import ConfigError
 from simulator.engine import COLUMNS, RoundRecord, RunResult
 
 __all__ = ["plot_metrics", "plot_sweep", "records_table", "write_run"]

@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from murmur.errors import MurmurError
+from floor.errors import MurmurError
 from simulator.clock import VirtualClockLoop
 from simulator.config import Scenario
 from simulator.groups import GroupRound

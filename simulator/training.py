@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from floor.errors import BudgetExhausted, TrainingError
 from gossip.learner import Learner
 from gossip.model import Layout, flatten
 from gossip.privacy import PrivacyPlan, PrivacyUnit
-from murmur.errors import BudgetExhausted, TrainingError
 from simulator.budget import SharedAccountant
 
 __all__ = ["PerPeerTrainer", "StackedTrainer", "Trainer", "stackable"]

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import murmur
-from murmur.errors import ConfigError, PrivacyError, TrainingError
+from floor.errors import ConfigError, PrivacyError, TrainingError
 
 
 def _data(n: int = 120, d: int = 6, seed: int = 0) -> tuple[Tensor, Tensor]:

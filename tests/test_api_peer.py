@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import murmur
+from floor.errors import ConfigError, Timeout
 from gossip.tasks import credit_task
-from murmur.errors import ConfigError, Timeout
 from p2p.config import MembershipConfig
 
 # In-process peers train in threads at once; torch's "Full backward hook" warning, which

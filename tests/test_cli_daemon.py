@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from test_daemon_support import CLI, ROOT, DaemonProc, free_port, run_cli, spawn
 
-from murmur.errors import ConfigError
+from floor.errors import ConfigError
 from p2p import cmd_daemon
 from p2p.admin import PEERS_PATH, STATUS_PATH
 from p2p.cli import build_parser

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from floor.identity import Identity, PeerId
+from floor.keyfile import key_path
 from p2p.cli import main
-from p2p.identity import Identity, PeerId
-from p2p.keyfile import key_path
 
 
 def test_keygen_creates_once_and_id_prints(

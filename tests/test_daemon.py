@@ -13,9 +13,9 @@ import aiohttp
 import pytest
 from test_daemon_support import DEAD_AFTER_S, DaemonProc, spawn, wait_until
 
-from p2p.envelope import Auth, EnvelopeCodec
-from p2p.identity import Identity, PeerId
-from p2p.messages import Join, PeerRecord, Ping
+from floor.envelope import Auth, EnvelopeCodec
+from floor.identity import Identity, PeerId
+from p2p.messages import MESSAGE_TYPES, Join, PeerRecord, Ping
 
 __all__ = ["spawn"]  # the fixture, imported for pytest
 
@@ -82,7 +82,7 @@ async def test_daemon_survives_garbage_and_accepts_none_of_it(spawn: Spawn) -> N
     target = PeerId.parse(status["peer_id"])
     me = Identity.from_seed(b"f" * 32)
     stranger = Identity.from_seed(b"s" * 32)
-    codec = EnvelopeCodec(me)
+    codec = EnvelopeCodec(me, message_types=MESSAGE_TYPES)
     url = f"http://{daemon.address}/v1/envelope"
     rng = random.Random(7)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from murmur.errors import KeyFileError, TransportClosed
+from floor.errors import KeyFileError, TransportClosed
 from p2p.config import DaemonConfig, MembershipConfig
 from p2p.daemon import Daemon, load_network_key
 from p2p.transport.http import is_loopback, local_ip_toward

@@ -17,9 +17,9 @@ import aiohttp
 import pytest
 from test_daemon_support import DaemonProc, spawn, wait_until
 
+from floor.errors import ConfigError
 from gossip.service import load_state
 from gossip.tasks import make_task
-from murmur.errors import ConfigError
 from p2p.config import DaemonConfig, MembershipConfig, TrainingConfig, load_config, parse_shard
 from p2p.daemon import Daemon
 

@@ -11,7 +11,7 @@ from dp_accounting.pld import pld_privacy_accountant
 from scipy import optimize, stats
 
 import dp
-from murmur.errors import AccountingError, PrivacyError
+from floor.errors import AccountingError, PrivacyError
 
 
 def pld_epsilon(events: list[tuple[float, float, int]], delta: float) -> float:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import dp
-from murmur.errors import AccountingError, BudgetExhausted, BudgetStateError
+from floor.errors import AccountingError, BudgetExhausted, BudgetStateError
 
 DELTA = 1e-5
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from scipy import stats
 
 import dp
-from murmur.errors import AccountingError
+from floor.errors import AccountingError
 
 shapes = st.lists(st.integers(min_value=1, max_value=6), min_size=1, max_size=3)
 floats = st.floats(min_value=-1e3, max_value=1e3, allow_nan=False, width=32)

@@ -8,7 +8,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import dp
-from murmur.errors import AccountingError, TrainingError
+from floor.errors import AccountingError, TrainingError
 
 
 def mlp(seed: int) -> nn.Module:

@@ -14,7 +14,7 @@ from scipy import stats
 
 import dp
 from dp import discrete_gaussian as dg
-from murmur.errors import AccountingError
+from floor.errors import AccountingError
 
 N = 100_000
 

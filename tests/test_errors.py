@@ -6,8 +6,8 @@ import inspect
 
 import pytest
 
-import murmur.errors as errors
-from murmur.errors import MurmurError, ProtocolError, RefusalCode
+import floor.errors as errors
+from floor.errors import MurmurError, ProtocolError, RefusalCode
 
 
 def _all_error_classes() -> list[type[BaseException]]:

@@ -18,13 +18,8 @@ from typing import Any
 import pytest
 import torch
 
-from gossip.allreduce import AllReduceConfig, AverageResult, GroupAllReduce, GroupAverager
-from gossip.matchmaking import Group, HashMatchmaker, MatchConfig, Matchmaker
-from gossip.messages import PlainChunk, PlainChunkSum
-from gossip.network import GossipHandler, StaticView, TransportNetwork
-from mpc.fixedpoint import decode, encode, max_scale
-from mpc.messages import ChunkSum, Input, Receipt, Reveal, View
-from murmur.errors import (
+from floor.envelope import EnvelopeCodec
+from floor.errors import (
     AggregationAborted,
     AggregationError,
     ConfigError,
@@ -33,9 +28,14 @@ from murmur.errors import (
     PeerUnreachable,
     RingOverflow,
 )
-from p2p.envelope import EnvelopeCodec
-from p2p.identity import Identity, PeerId
-from p2p.transport.memory import MemoryNetwork, MemoryTransport
+from floor.identity import Identity, PeerId
+from floor.transport.memory import MemoryNetwork, MemoryTransport
+from gossip.allreduce import AllReduceConfig, AverageResult, GroupAllReduce, GroupAverager
+from gossip.matchmaking import Group, HashMatchmaker, MatchConfig, Matchmaker
+from gossip.messages import MESSAGE_TYPES, PlainChunk, PlainChunkSum
+from gossip.network import GossipHandler, StaticView, TransportNetwork
+from mpc.fixedpoint import decode, encode, max_scale
+from mpc.messages import ChunkSum, Input, Receipt, Reveal, View
 from simulator.clock import new_virtual_loop
 
 STAGE = 1.0
@@ -103,7 +103,11 @@ class Peers:
             Identity.from_seed(hashlib.sha256(f"ar{seed}-{i}".encode()).digest()) for i in range(n)
         ]
         self.transports = [
-            MemoryTransport(EnvelopeCodec(ident), self.memory, default_timeout_s=STAGE)
+            MemoryTransport(
+                EnvelopeCodec(ident, message_types=MESSAGE_TYPES),
+                self.memory,
+                default_timeout_s=STAGE,
+            )
             for ident in self.identities
         ]
         for t in self.transports:
@@ -562,8 +566,8 @@ def test_secagg_plus_groups_give_the_exact_result_too() -> None:
 
 
 def test_messages_for_a_finished_round_are_refused_and_early_ones_are_kept() -> None:
+    from floor.errors import RemoteRefused
     from gossip.messages import PlainChunk as Chunk
-    from murmur.errors import RemoteRefused
 
     async def main() -> None:
         peers = Peers(3, seed=9)

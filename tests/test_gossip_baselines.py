@@ -12,6 +12,10 @@ import networkx as nx
 import pytest
 import torch
 
+from floor.envelope import EnvelopeCodec
+from floor.errors import ConfigError
+from floor.identity import Identity
+from floor.transport.memory import MemoryNetwork, MemoryTransport
 from gossip.allreduce import Averager, AverageResult, GroupAverager
 from gossip.baselines import (
     AVERAGERS,
@@ -22,11 +26,8 @@ from gossip.baselines import (
     metropolis_weights,
     topology,
 )
+from gossip.messages import MESSAGE_TYPES
 from gossip.network import StaticView, TransportNetwork
-from murmur.errors import ConfigError
-from p2p.envelope import EnvelopeCodec
-from p2p.identity import Identity
-from p2p.transport.memory import MemoryNetwork, MemoryTransport
 from simulator.clock import new_virtual_loop
 
 
@@ -42,7 +43,9 @@ def make(
     idents = [
         Identity.from_seed(hashlib.sha256(f"bl{seed}-{i}".encode()).digest()) for i in range(n)
     ]
-    transports = [MemoryTransport(EnvelopeCodec(i), memory) for i in idents]
+    transports = [
+        MemoryTransport(EnvelopeCodec(i, message_types=MESSAGE_TYPES), memory) for i in idents
+    ]
     for t in transports:
         for u in transports:
             t.set_addresses(u.local_id, u.addresses)

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dp.accounting import PrivacyEvent, calibrate_noise
+from floor.errors import BudgetExhausted, ConfigError, TrainingError
 from gossip.ideal import weighted_mean
 from gossip.learner import Contribution, Learner, TrainConfig
 from gossip.privacy import PrivacyConfig, PrivacyPlan, PrivacyUnit, plan_privacy, privatize_delta
-from murmur.errors import BudgetExhausted, ConfigError, TrainingError
 
 NO_DP = PrivacyConfig.none()
 

@@ -12,13 +12,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from floor.envelope import EnvelopeCodec
+from floor.errors import ConfigError, GroupFormationFailed, RemoteRefused
+from floor.identity import Identity, PeerId
+from floor.transport.memory import MemoryNetwork, MemoryTransport
 from gossip.matchmaking import Group, HashMatchmaker, MatchConfig, Matchmaker, hash_groups
-from gossip.messages import GroupFormed
+from gossip.messages import MESSAGE_TYPES, GroupFormed
 from gossip.network import Network, StaticView, TransportNetwork
-from murmur.errors import ConfigError, GroupFormationFailed, RemoteRefused
-from p2p.envelope import EnvelopeCodec
-from p2p.identity import Identity, PeerId
-from p2p.transport.memory import MemoryNetwork, MemoryTransport
 from simulator.clock import new_virtual_loop
 
 
@@ -32,7 +32,9 @@ def make(n: int, seed: int = 0) -> tuple[list[TransportNetwork], list[MemoryTran
     idents = [
         Identity.from_seed(hashlib.sha256(f"mm{seed}-{i}".encode()).digest()) for i in range(n)
     ]
-    transports = [MemoryTransport(EnvelopeCodec(i), memory) for i in idents]
+    transports = [
+        MemoryTransport(EnvelopeCodec(i, message_types=MESSAGE_TYPES), memory) for i in idents
+    ]
     for t in transports:
         for u in transports:
             t.set_addresses(u.local_id, u.addresses)

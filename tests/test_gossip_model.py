@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from floor.errors import TrainingError
 from gossip.model import Layout, flatten, restore
-from murmur.errors import TrainingError
 
 
 def _bn_net(hidden: int = 6) -> nn.Module:

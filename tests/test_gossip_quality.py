@@ -11,11 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from floor.errors import BudgetExhausted
 from gossip.ideal import build_learners, run_ideal, train_centralized
 from gossip.learner import TrainConfig
 from gossip.privacy import PrivacyConfig, PrivacyUnit
 from gossip.tasks import Task, digits_task, make_task
-from murmur.errors import BudgetExhausted
 
 TRAIN = TrainConfig(local_steps=5, lr=0.3, sample_rate=0.2)
 ROUNDS = 30

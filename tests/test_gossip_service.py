@@ -20,11 +20,22 @@ import torch
 from torch import Tensor, nn
 
 from dp.accounting import compute_epsilon
+from floor.envelope import EnvelopeCodec
+from floor.errors import (
+    AggregationAborted,
+    BudgetExhausted,
+    ConfigError,
+    GroupFormationFailed,
+    PeerUnreachable,
+)
+from floor.identity import Identity, PeerId
+from floor.transport.memory import MemoryNetwork, MemoryTransport
 from gossip.allreduce import AllReduceConfig, AverageResult
 from gossip.baselines import build_averager
 from gossip.ideal import build_learners
 from gossip.learner import Learner, TrainConfig
 from gossip.matchmaking import MatchConfig
+from gossip.messages import MESSAGE_TYPES
 from gossip.network import GossipHandler, StaticView, TransportNetwork
 from gossip.privacy import PrivacyConfig, PrivacyUnit
 from gossip.service import (
@@ -36,16 +47,6 @@ from gossip.service import (
     save_model,
 )
 from gossip.tasks import Task, make_task
-from murmur.errors import (
-    AggregationAborted,
-    BudgetExhausted,
-    ConfigError,
-    GroupFormationFailed,
-    PeerUnreachable,
-)
-from p2p.envelope import EnvelopeCodec
-from p2p.identity import Identity, PeerId
-from p2p.transport.memory import MemoryNetwork, MemoryTransport
 from simulator.clock import new_virtual_loop
 
 
@@ -135,7 +136,9 @@ def test_peers_train_with_secure_group_averaging(digits: Task) -> None:
     async def main() -> tuple[list[list[RoundReport]], list[TrainingSession], list[int], list[int]]:
         memory = MemoryNetwork()
         ids = [Identity.from_seed(hashlib.sha256(b"svc%d" % i).digest()) for i in range(n)]
-        transports = [MemoryTransport(EnvelopeCodec(i), memory) for i in ids]
+        transports = [
+            MemoryTransport(EnvelopeCodec(i, message_types=MESSAGE_TYPES), memory) for i in ids
+        ]
         for t in transports:
             for u in transports:
                 t.set_addresses(u.local_id, u.addresses)

@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from floor.errors import ConfigError
 from gossip.data import partition, peer_shards
 from gossip.ideal import train_centralized
 from gossip.tasks import TASK_NAMES, Task, accuracy, credit_task, make_task, roc_auc
-from murmur.errors import ConfigError
 
 
 @pytest.mark.parametrize("name", TASK_NAMES)

@@ -1,4 +1,10 @@
-"""The layer rules of ARCHITECTURE.md, checked on the source: arrows only point down."""
+"""The layer rules of ARCHITECTURE.md, checked on the source: arrows only point down.
+
+Every package of ours may import only the packages listed under it in ``MAY_IMPORT`` (and the
+third-party libraries it is not denied); the allowed imports form a DAG, so there can be no
+package cycle. There are no exceptions and no special modules: a rule holds for every file of
+its package.
+"""
 
 from __future__ import annotations
 
@@ -9,26 +15,26 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# package -> top-level names it must never import
-FORBIDDEN: dict[str, set[str]] = {
-    "murmur": {"p2p", "gossip", "mpc", "dp", "simulator", "aiohttp", "torch"},
-    "dp": {"p2p", "gossip", "mpc", "simulator", "aiohttp", "asyncio"},
-    "mpc": {"p2p", "gossip", "dp", "simulator", "aiohttp", "asyncio"},
-    "gossip": {"simulator", "aiohttp"},
-    "p2p": {"simulator"},
+OURS = {"floor", "dp", "mpc", "gossip", "p2p", "simulator", "murmur"}
+
+# package -> the packages of ours it may import (itself always)
+MAY_IMPORT: dict[str, set[str]] = {
+    "floor": set(),
+    "dp": {"floor"},
+    "mpc": {"floor"},
+    "gossip": {"floor", "dp", "mpc"},
+    "p2p": {"floor", "dp", "mpc", "gossip"},
+    "simulator": {"floor", "dp", "mpc", "gossip"},
+    "murmur": {"floor", "dp", "mpc", "gossip", "p2p", "simulator"},
 }
 
-# murmur/api*.py (the Python API) sits above every layer; the rest of murmur/ is the bottom.
-TOP_OF_MURMUR = ("api",)
-
-# p2p modules gossip may use: the bottom of p2p (identity, wire format, transport interface).
-GOSSIP_MAY_IMPORT_FROM_P2P = {
-    "p2p.identity",
-    "p2p.codec",
-    "p2p.messages",
-    "p2p.envelope",
-    "p2p.transport.base",
-    "p2p.transport.memory",
+# package -> third-party or stdlib names it must never import
+DENIED: dict[str, set[str]] = {
+    "floor": {"aiohttp"},
+    "dp": {"aiohttp", "asyncio"},
+    "mpc": {"aiohttp", "asyncio"},
+    "gossip": {"aiohttp"},
+    "simulator": {"aiohttp"},
 }
 
 
@@ -43,22 +49,51 @@ def _imports(path: Path) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+@pytest.mark.parametrize("package", sorted(MAY_IMPORT))
 def test_arrows_point_down(package: str) -> None:
+    allowed = MAY_IMPORT[package] | {package}
+    denied = DENIED.get(package, set())
     bad: list[str] = []
-    for path in sorted((ROOT / package).rglob("*.py")):
-        if package == "murmur" and path.stem.startswith(TOP_OF_MURMUR):
-            continue
+    files = sorted((ROOT / package).rglob("*.py"))
+    assert files, f"no package {package}"
+    for path in files:
         for name in _imports(path):
             top = name.split(".")[0]
-            if top in FORBIDDEN[package]:
+            if (top in OURS and top not in allowed) or top in denied:
                 bad.append(f"{path.relative_to(ROOT)} imports {name}")
-            if (
-                package == "gossip"
-                and top == "p2p"
-                and not any(
-                    name == m or name.startswith(m + ".") for m in GOSSIP_MAY_IMPORT_FROM_P2P
-                )
+    assert not bad, "\n".join(bad)
+
+
+def test_the_allowed_imports_have_no_cycle() -> None:
+    seen: dict[str, int] = {}  # 1: on the path, 2: done
+
+    def visit(package: str, path: tuple[str, ...]) -> None:
+        state = seen.get(package)
+        assert state != 1, "cycle: " + " -> ".join((*path, package))
+        if state == 2:
+            return
+        seen[package] = 1
+        for below in sorted(MAY_IMPORT[package]):
+            visit(below, (*path, package))
+        seen[package] = 2
+
+    for package in sorted(MAY_IMPORT):
+        visit(package, ())
+
+
+@pytest.mark.parametrize("package", sorted(MAY_IMPORT))
+def test_no_lazy_import_machinery(package: str) -> None:
+    """No module-level ``__getattr__`` and no imports hidden behind ``TYPE_CHECKING``."""
+    bad = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and node.name == "__getattr__":
+                bad.append(f"{path.relative_to(ROOT)}: module __getattr__")
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                bad.append(f"{path.relative_to(ROOT)}: imports under TYPE_CHECKING")
+            if isinstance(node, ast.Assign) and any(
+                isinstance(t, ast.Tuple) and "__getattr__" in ast.unparse(t) for t in node.targets
             ):
-                bad.append(f"{path.relative_to(ROOT)} imports {name} (above p2p's bottom)")
+                bad.append(f"{path.relative_to(ROOT)}: module __getattr__")
     assert not bad, "\n".join(bad)

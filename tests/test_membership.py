@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from murmur.errors import ConfigError, PeerUnreachable, RefusalCode, RemoteRefused
-from p2p.envelope import EnvelopeCodec
-from p2p.identity import Identity, PeerId
+from floor.envelope import EnvelopeCodec
+from floor.errors import ConfigError, PeerUnreachable, RefusalCode, RemoteRefused
+from floor.identity import Identity, PeerId
+from floor.transport.memory import MemoryNetwork, MemoryTransport
 from p2p.membership import (
     Membership,
     MembershipConfig,
@@ -20,8 +21,7 @@ from p2p.membership import (
     record_from_json,
     record_to_json,
 )
-from p2p.messages import PeerRecord
-from p2p.transport.memory import MemoryNetwork, MemoryTransport
+from p2p.messages import MESSAGE_TYPES, PeerRecord
 
 CONFIG = MembershipConfig(
     max_view=4,
@@ -164,7 +164,7 @@ class Node:
         self, n: int, network: MemoryNetwork, data_dir: Path | None = None, key: bytes | None = None
     ) -> None:
         self.identity = ident(n)
-        codec = EnvelopeCodec(self.identity, network_key=key)
+        codec = EnvelopeCodec(self.identity, network_key=key, message_types=MESSAGE_TYPES)
         self.transport = MemoryTransport(codec, network, name=f"n{n}-{id(self)}")
         self.membership = Membership(self.identity, self.transport, FAST, data_dir=data_dir)
         self.task: asyncio.Task[None] | None = None

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import mpc
+from floor.errors import ConfigError, OutOfStage, RingOverflow
 from mpc.driver import run_group
-from murmur.errors import ConfigError, OutOfStage, RingOverflow
 
 
 def test_float_sum_keeps_shape_and_dtype() -> None:

@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from floor.errors import ConfigError, RingOverflow
 from mpc import fixedpoint as fp
-from murmur.errors import ConfigError, RingOverflow
 
 BITS = st.sampled_from([32, 64])
 SCALES = st.sampled_from([1.0, 2.0**8, 2.0**16, 1000.0, 2.0**20])

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from floor.errors import ConfigError
 from mpc import graph
-from murmur.errors import ConfigError
 
 SEED = hashlib.sha256(b"round-1/group-a").digest()
 

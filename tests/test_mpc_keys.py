@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from floor.errors import BadSeal, ConfigError, MalformedMessage
 from mpc import kdf, keys
-from murmur.errors import BadSeal, ConfigError, MalformedMessage
 
 KAT = json.loads((Path(__file__).parent / "data" / "mpc_kdf_kat.json").read_text())
 GROUP = b"group-7"

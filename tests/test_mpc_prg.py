@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
+from floor.errors import ConfigError
 from mpc import kdf, prg
-from murmur.errors import ConfigError
 
 KAT = json.loads((Path(__file__).parent / "data" / "mpc_prg_kat.json").read_text())
 ALPHA = 1e-6  # chi-square tests run on deterministic seeds; a bug gives p-values near 0

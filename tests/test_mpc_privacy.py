@@ -14,8 +14,7 @@ import torch
 from scipy.stats import chisquare
 
 import mpc
-from mpc.driver import run_group
-from murmur.errors import (
+from floor.errors import (
     BadSeal,
     DuplicateMessage,
     InconsistentMessage,
@@ -23,6 +22,7 @@ from murmur.errors import (
     OutOfStage,
     UnknownMessageType,
 )
+from mpc.driver import run_group
 
 Held = list[tuple[bytes, bytes, mpc.Message]]
 

@@ -221,7 +221,7 @@ def test_messages_are_tagged_frozen_and_marked() -> None:
 
 
 def test_messages_cross_the_p2p_codec() -> None:
-    codec = pytest.importorskip("p2p.codec")
+    codec = pytest.importorskip("floor.codec")
     for cls in MESSAGE_TYPES.values():
         codec.schema_check(cls)
     msg = mpc.Input(b"g", 1, 2, torch.arange(5, dtype=torch.int64), b"sealed")
@@ -237,6 +237,6 @@ def test_exported_members() -> None:
     assert {"Member", "Stage", "secure_sum", "secure_sum_ring", "AggregationAborted"} <= set(
         mpc.__all__
     )
-    from murmur.errors import AggregationAborted
+    from floor.errors import AggregationAborted
 
     assert mpc.AggregationAborted is AggregationAborted

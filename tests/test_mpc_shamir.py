@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
+from floor.errors import AggregationAborted, ConfigError, InconsistentMessage
 from mpc import shamir
 from mpc.shamir import PRIME, SHARE_BYTES, Share
-from murmur.errors import AggregationAborted, ConfigError, InconsistentMessage
 
 ALPHA = 1e-6
 

@@ -14,10 +14,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from murmur.errors import MalformedMessage, RefusalCode, UnknownMessageType
-from p2p import codec
-from p2p.codec import decode_body, decode_body_as, encode_body
-from p2p.identity import Identity, PeerId
+from floor import codec
+from floor.codec import decode_body, decode_body_as, encode_body
+from floor.errors import MalformedMessage, RefusalCode, UnknownMessageType
+from floor.identity import Identity, PeerId
+from floor.messages import Refusal, build_registry
 from p2p.messages import (
     MESSAGE_TYPES,
     Exchange,
@@ -27,8 +28,6 @@ from p2p.messages import (
     PeerRecord,
     Ping,
     Pong,
-    Refusal,
-    build_registry,
 )
 
 SETTINGS = settings(max_examples=60, deadline=None)
@@ -129,7 +128,7 @@ def test_every_message_type_round_trips(cls: type, data: st.DataObject) -> None:
     message = data.draw(message_strategy(cls))
     body = encode_body(message)
     for buffer in (body, bytearray(body)):
-        out = decode_body(cls.TYPE, buffer)  # type: ignore[attr-defined]
+        out = decode_body(cls.TYPE, buffer, MESSAGE_TYPES)  # type: ignore[attr-defined]
         assert same(out, message)
     if not any(isinstance(v, torch.Tensor) for v in _leaves(message)):
         assert out == message
@@ -147,16 +146,16 @@ def _leaves(value: Any) -> list[Any]:
 
 def test_unknown_type_tag() -> None:
     with pytest.raises(UnknownMessageType):
-        decode_body("no_such_type", encode_body(Ping(1)))
+        decode_body("no_such_type", encode_body(Ping(1)), MESSAGE_TYPES)
 
 
 def test_peer_record_signature() -> None:
     ident = Identity.from_seed(b"r" * 32)
     record = PeerRecord.create(ident, ("127.0.0.1:7070", "[::1]:7070"), 1234.5)
     record.verify()
-    decoded = decode_body(PeerRecord.TYPE, encode_body(record))
+    decoded = decode_body(PeerRecord.TYPE, encode_body(record), MESSAGE_TYPES)
     decoded.verify()
-    from murmur.errors import BadSignature
+    from floor.errors import BadSignature
 
     for changed in (
         dataclasses.replace(record, addresses=("10.0.0.1:7070",)),
@@ -267,9 +266,9 @@ def test_large_tensor_aliases_writable_buffer() -> None:
 
 
 def test_int_enum_encodes_as_int() -> None:
-    from murmur.errors import RefusalCode
+    from floor.errors import RefusalCode
 
-    out = decode_body(Refusal.TYPE, encode_body(Refusal(RefusalCode.STALE, "old")))
+    out = decode_body(Refusal.TYPE, encode_body(Refusal(RefusalCode.STALE, "old")), MESSAGE_TYPES)
     assert out == Refusal(6, "old") and type(out.code) is int
 
 

@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_p2p_codec import ALL_TYPES, message_strategy, same
 
-from murmur.errors import (
+from floor.envelope import Auth, EnvelopeCodec
+from floor.errors import (
     BadSeal,
     BadSignature,
     ConfigError,
@@ -30,9 +31,9 @@ from murmur.errors import (
     UnsupportedVersion,
     WrongRecipient,
 )
-from p2p.envelope import Auth, EnvelopeCodec
-from p2p.identity import Identity
-from p2p.messages import MESSAGE_TYPES, Join, PeerRecord, Ping, Refusal, build_registry
+from floor.identity import Identity
+from floor.messages import Refusal, build_registry
+from p2p.messages import MESSAGE_TYPES, Join, PeerRecord, Ping
 
 NOW = 1_700_000_000.0
 PREFIX = struct.Struct("<3sBBBHI")
@@ -62,6 +63,7 @@ class Clock:
 
 def make(identity: Identity, clock: Clock | None = None, **kw: Any) -> EnvelopeCodec:
     kw.setdefault("message_types", EXTENDED)
+    kw.setdefault("message_types", MESSAGE_TYPES)
     return EnvelopeCodec(identity, clock=clock or Clock(), **kw)
 
 
@@ -198,13 +200,15 @@ def test_refuse_random_bytes() -> None:
 
 def test_refuse_unknown_type() -> None:
     a = make(ALICE)  # knows test_blob
-    b = EnvelopeCodec(BOB, clock=Clock())  # the closed union only
+    b = EnvelopeCodec(BOB, clock=Clock(), message_types=MESSAGE_TYPES)  # the closed union only
     data = a.encode(Blob(torch.zeros(1), ""), recipient=BOB.peer_id, auth=Auth.MAC)
     refused(UnknownMessageType, RefusalCode.UNKNOWN_TYPE, lambda: b.decode(data))
     patched = patch_header(a, a.encode(SAMPLE, recipient=BOB.peer_id), 0, "pinG")
     refused(UnknownMessageType, RefusalCode.UNKNOWN_TYPE, lambda: b.decode(patched))
     with pytest.raises(UnknownMessageType):
-        EnvelopeCodec(ALICE).encode(Blob(torch.zeros(1), ""), recipient=BOB.peer_id)
+        EnvelopeCodec(ALICE, message_types=MESSAGE_TYPES).encode(
+            Blob(torch.zeros(1), ""), recipient=BOB.peer_id
+        )
 
 
 def test_refuse_wrong_version() -> None:
@@ -376,7 +380,7 @@ def test_refuse_non_byte_buffer() -> None:
 
 
 def test_replay_cache_evicts_by_time() -> None:
-    from p2p.replay import ReplayCache
+    from floor.replay import ReplayCache
 
     cache = ReplayCache(window_s=10.0, capacity=100)
     cache.add(b"n1", 0.0, now=0.0)
@@ -390,7 +394,7 @@ def test_replay_cache_evicts_by_time() -> None:
 
 
 def test_replay_cache_full_raises_floor_instead_of_forgetting() -> None:
-    from p2p.replay import ReplayCache
+    from floor.replay import ReplayCache
 
     cache = ReplayCache(window_s=100.0, capacity=3)
     for i in range(3):
@@ -453,7 +457,7 @@ class SecretLookalike:
 def test_door_refuses_before_any_expensive_work(
     auth: Auth, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import p2p.envelope as envelope
+    import floor.envelope as envelope
 
     member = make(BOB, network_key=b"k" * 32)
     data = make(ALICE).encode(Blob(torch.zeros(10_000), "big"), recipient=BOB.peer_id, auth=auth)

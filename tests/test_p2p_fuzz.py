@@ -9,11 +9,12 @@ from typing import ClassVar
 
 import torch
 
-from murmur.errors import ProtocolError, RefusalCode
-from p2p.codec import decode_body_as, encode_body
-from p2p.envelope import Auth, EnvelopeCodec, Received
-from p2p.identity import Identity
-from p2p.messages import MESSAGE_TYPES, Exchange, Join, PeerRecord, Ping, Refusal, build_registry
+from floor.codec import decode_body_as, encode_body
+from floor.envelope import Auth, EnvelopeCodec, Received
+from floor.errors import ProtocolError, RefusalCode
+from floor.identity import Identity
+from floor.messages import Refusal, build_registry
+from p2p.messages import MESSAGE_TYPES, Exchange, Join, PeerRecord, Ping
 
 PREFIX = struct.Struct("<3sBBBHI")
 TAGS = {1: 64, 2: 16, 3: 16}

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from murmur.errors import BadSignature, ConfigError, KeyFileError, MalformedMessage
-from p2p.identity import PEER_ID_TEXT_LENGTH, Identity, PeerId, verify_signature
-from p2p.keyfile import key_path
+from floor.errors import BadSignature, ConfigError, KeyFileError, MalformedMessage
+from floor.identity import PEER_ID_TEXT_LENGTH, Identity, PeerId, verify_signature
+from floor.keyfile import key_path
 
 
 @settings(max_examples=100, deadline=None)

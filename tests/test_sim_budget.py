@@ -8,8 +8,8 @@ import dp_accounting
 import pytest
 from dp_accounting.pld import pld_privacy_accountant
 
+from floor.errors import BudgetExhausted
 from gossip.privacy import PrivacyPlan, PrivacyUnit
-from murmur.errors import BudgetExhausted
 from simulator.budget import SharedAccountant, SimBudget
 
 PLAN = PrivacyPlan(PrivacyUnit.RECORD, noise_multiplier=1.1, sample_rate=0.3, count=2, clip=1.0)

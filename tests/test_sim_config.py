@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from murmur.errors import ConfigError
+from floor.errors import ConfigError
 from simulator.cli import main
 from simulator.config import Scenario, load_scenario, load_sweep, parse_value
 

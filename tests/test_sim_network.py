@@ -12,10 +12,10 @@ from typing import Any
 import torch
 
 import mpc
+from floor.envelope import Auth, EnvelopeCodec
+from floor.errors import MurmurError
+from floor.identity import Identity, PeerId
 from gossip import messages as gossip_messages
-from murmur.errors import MurmurError
-from p2p.envelope import Auth, EnvelopeCodec
-from p2p.identity import Identity, PeerId
 from simulator.clock import new_virtual_loop
 from simulator.config import Scenario
 from simulator.messages import ModelShare, registry, wire_size
@@ -145,8 +145,8 @@ def test_wire_fidelity_delivers_checked_envelopes() -> None:
 
 
 def test_sim_peer_network_send_request_refusal_and_departure() -> None:
+    from floor.errors import MalformedMessage, PeerUnreachable, RemoteRefused
     from gossip.messages import PairwiseOffer, PairwiseReply
-    from murmur.errors import MalformedMessage, PeerUnreachable, RemoteRefused
     from simulator.gossipnet import SimPeerNetwork
 
     async def main() -> list[str]:
@@ -190,9 +190,9 @@ def test_sim_peer_network_send_request_refusal_and_departure() -> None:
 
 
 def test_sim_peer_network_post_reports_only_failures() -> None:
+    from floor.errors import MalformedMessage, PeerUnreachable, RemoteRefused
+    from floor.errors import Timeout as SendTimeout
     from gossip.messages import PairwiseOffer
-    from murmur.errors import MalformedMessage, PeerUnreachable, RemoteRefused
-    from murmur.errors import Timeout as SendTimeout
     from simulator.gossipnet import SimPeerNetwork
 
     failures: list[tuple[int, str]] = []

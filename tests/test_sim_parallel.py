@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from murmur.errors import ConfigError
+from floor.errors import ConfigError
 from simulator import Scenario, run_scenario, write_run
 from simulator.engine import group_workers
 from simulator.parallel import GroupJob, GroupPool, WorkerFailed

@@ -10,7 +10,8 @@ from typing import ClassVar
 import pytest
 import torch
 
-from murmur.errors import (
+from floor.envelope import Auth, EnvelopeCodec, Received
+from floor.errors import (
     ConfigError,
     OutOfStage,
     PeerUnreachable,
@@ -19,12 +20,12 @@ from murmur.errors import (
     Timeout,
     TransportClosed,
 )
-from p2p.envelope import Auth, EnvelopeCodec, Received
-from p2p.identity import Identity, PeerId
-from p2p.messages import Message, Ping, Pong, build_registry
-from p2p.transport.base import Transport
+from floor.identity import Identity, PeerId
+from floor.messages import build_registry
+from floor.transport.base import Transport
+from floor.transport.memory import MemoryNetwork, MemoryTransport
+from p2p.messages import MESSAGE_TYPES, Ping, Pong
 from p2p.transport.http import HttpTransport, HttpTransportConfig
-from p2p.transport.memory import MemoryNetwork, MemoryTransport
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +37,7 @@ class Blob:
     data: torch.Tensor
 
 
-REGISTRY = build_registry([*Message.__args__, Blob])  # type: ignore[attr-defined]
+REGISTRY = build_registry([*MESSAGE_TYPES.values(), Blob])
 MAKE = Callable[..., Awaitable[Transport]]
 
 
@@ -386,11 +387,11 @@ async def test_close_leaves_no_tasks(make: MAKE) -> None:
 
 
 def test_transport_package_api_and_no_aiohttp_below_http() -> None:
-    """gossip may import p2p.transport (base, memory): that must not pull in aiohttp."""
+    """gossip may import floor.transport (base, memory): that must not pull in aiohttp."""
     import subprocess
     import sys
 
-    import p2p.transport as package
+    import floor.transport as package
 
     assert sorted(package.__all__) == [
         "ContactListener",
@@ -402,6 +403,6 @@ def test_transport_package_api_and_no_aiohttp_below_http() -> None:
         "reply_auth",
     ]
     assert all(hasattr(package, name) for name in package.__all__)
-    code = "import sys, p2p.transport.memory; print('aiohttp' in sys.modules)"
+    code = "import sys, floor.transport.memory; print('aiohttp' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

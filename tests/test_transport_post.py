@@ -15,8 +15,8 @@ import torch
 from aiohttp import web
 
 import p2p.transport.stream as stream_module
-from gossip.network import StaticView, TransportNetwork
-from murmur.errors import (
+from floor.envelope import Auth, EnvelopeCodec, Received
+from floor.errors import (
     MurmurError,
     OutOfStage,
     PeerUnreachable,
@@ -24,8 +24,8 @@ from murmur.errors import (
     RemoteRefused,
     TransportClosed,
 )
-from p2p.envelope import Auth, EnvelopeCodec, Received
-from p2p.identity import Identity
+from floor.identity import Identity
+from gossip.network import StaticView, TransportNetwork
 from p2p.messages import Ping, Pong
 from p2p.transport.http import HttpTransport
 from p2p.transport.stream import (

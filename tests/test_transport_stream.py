@@ -13,7 +13,8 @@ import aiohttp
 import pytest
 import torch
 
-from murmur.errors import (
+from floor.envelope import Auth, EnvelopeCodec, Received
+from floor.errors import (
     ConfigError,
     OutOfStage,
     PeerUnreachable,
@@ -21,8 +22,7 @@ from murmur.errors import (
     RemoteRefused,
     Timeout,
 )
-from p2p.envelope import Auth, EnvelopeCodec, Received
-from p2p.identity import Identity
+from floor.identity import Identity
 from p2p.messages import Ping, Pong
 from p2p.transport.http import HttpTransport, HttpTransportConfig
 from p2p.transport.stream import FRAME, KIND_ENVELOPE, KIND_REFUSAL, STREAM_PATH, STREAM_PROTOCOL

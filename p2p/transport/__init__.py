@@ -1,18 +1,7 @@
-"""Transports: the small interface (``base``) and its in-memory implementation.
+"""The real network's transports: HTTP POST plus one WebSocket stream per peer pair.
 
-The aiohttp implementation is ``p2p.transport.http.HttpTransport``; it is not imported here so
-that code above the transport (gossip) never pulls in aiohttp.
+``p2p.transport.http.HttpTransport`` implements ``floor.transport.Transport`` over aiohttp;
+``p2p.transport.stream`` is its WebSocket binding. Import them from their modules.
 """
 
-from p2p.transport.base import ContactListener, Handler, PostFailure, Transport, reply_auth
-from p2p.transport.memory import MemoryNetwork, MemoryTransport
-
-__all__ = [
-    "ContactListener",
-    "Handler",
-    "MemoryNetwork",
-    "MemoryTransport",
-    "PostFailure",
-    "Transport",
-    "reply_auth",
-]
+__all__: list[str] = []

@@ -6,7 +6,7 @@ the reply envelope, ``204`` when there is no reply, or a refusal: an HTTP error 
 envelopes and their replies (``p2p.transport.stream``); the sender uses it for envelopes up to
 ``stream_max_body`` bytes (per-message cost ~3x lower than a POST) and POST for larger ones and
 for peers without the endpoint; ``post`` (one-way, no acknowledgement) writes straight to an open
-stream, without a task. aiohttp errors become ``murmur.errors`` types here and in
+stream, without a task. aiohttp errors become ``floor.errors`` types here and in
 ``stream.py`` and nowhere else.
 """
 
@@ -24,7 +24,8 @@ from aiohttp import WSMsgType, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.payload import Payload
 
-from murmur.errors import (
+from floor.envelope import EnvelopeCodec
+from floor.errors import (
     ConfigError,
     MessageTooLarge,
     NetworkError,
@@ -35,11 +36,10 @@ from murmur.errors import (
     Timeout,
     TransportClosed,
 )
+from floor.identity import PeerId
+from floor.messages import Message
+from floor.transport.base import PostFailure, Transport
 from p2p.config import HttpTransportConfig, format_address, parse_address
-from p2p.envelope import EnvelopeCodec
-from p2p.identity import PeerId
-from p2p.messages import Message
-from p2p.transport.base import PostFailure, Transport
 from p2p.transport.stream import (
     FRAME,
     KIND_ENVELOPE,

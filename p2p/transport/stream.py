@@ -36,7 +36,7 @@ from typing import Any
 import aiohttp
 from aiohttp import WSMsgType
 
-from murmur.errors import (
+from floor.errors import (
     MessageTooLarge,
     MurmurError,
     NetworkError,

@@ -16,7 +16,7 @@ import heapq
 import math
 import threading
 
-from murmur.errors import ConfigError, ReplayedMessage, StaleMessage
+from floor.errors import ConfigError, ReplayedMessage, StaleMessage
 
 __all__ = ["ReplayCache"]
 

@@ -12,16 +12,16 @@ import asyncio
 import itertools
 from collections.abc import Callable
 
-from murmur.errors import (
+from floor.envelope import EnvelopeCodec
+from floor.errors import (
     ConfigError,
     PeerUnreachable,
     ProtocolError,
     RemoteRefused,
     Timeout,
 )
-from p2p.envelope import EnvelopeCodec
-from p2p.identity import PeerId
-from p2p.transport.base import DEFAULT_TIMEOUT_S, Transport
+from floor.identity import PeerId
+from floor.transport.base import DEFAULT_TIMEOUT_S, Transport
 
 __all__ = ["MemoryNetwork", "MemoryTransport"]
 

@@ -1,6 +1,6 @@
 """The small transport interface the protocols need, and the logic both implementations share.
 
-A transport carries encoded, authenticated envelopes (``p2p.envelope``) between peers. It can
+A transport carries encoded, authenticated envelopes (``floor.envelope``) between peers. It can
 send a message to a peer id (delivered and accepted by the peer's handler, or an error),
 send a request and wait for the reply, contact an address whose peer id is not known yet
 (bootstrap), and dispatch incoming envelopes to one handler per message type. Subclasses only
@@ -16,7 +16,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any, Self
 
-from murmur.errors import (
+from floor.envelope import Auth, EnvelopeCodec, Received
+from floor.errors import (
     ConfigError,
     MalformedMessage,
     MurmurError,
@@ -29,9 +30,8 @@ from murmur.errors import (
     UnknownMessageType,
     WrongRecipient,
 )
-from p2p.envelope import Auth, EnvelopeCodec, Received
-from p2p.identity import PeerId
-from p2p.messages import Message
+from floor.identity import PeerId
+from floor.messages import Message
 
 __all__ = ["ContactListener", "Handler", "PostFailure", "Transport", "reply_auth"]
 
@@ -63,7 +63,7 @@ class Transport(abc.ABC):
     """Sends and receives envelopes for one local identity. Close with ``aclose()``.
 
     Every wait has a timeout (``timeout`` argument, or the transport's default). Failures are
-    ``murmur.errors`` types: ``PeerUnreachable``, ``Timeout``, ``TransportClosed``,
+    ``floor.errors`` types: ``PeerUnreachable``, ``Timeout``, ``TransportClosed``,
     ``RemoteRefused`` (the peer refused with a ``RefusalCode``), or a ``ProtocolError`` when a
     reply fails our own checks.
     """
@@ -167,7 +167,7 @@ class Transport(abc.ABC):
     ) -> None:
         """Start delivering ``message`` to ``peer`` one-way and return at once.
 
-        ``on_failure(message, error)`` hears of a failure within ``timeout``: a ``murmur.errors``
+        ``on_failure(message, error)`` hears of a failure within ``timeout``: a ``floor.errors``
         error (``RemoteRefused`` with the peer's code, ``PeerUnreachable``, ``Timeout``,
         ``TransportClosed``), called at once when the message cannot even start (no address,
         closed transport), else later from the event loop. No call means no failure was seen.

@@ -53,7 +53,7 @@ message sealed to or by that peer. Ephemeral session keys are planned.
 The receiver's checks, cheapest first: size cap; framing (magic, version, auth mode, lengths;
 the version comes before the door because it decides how the rest is read); door (network
 key); header decode; known type; recipient; timestamp window; replay (nonce not seen; see
-``p2p.replay``); signature/seal/MAC; body schema. Only ``ProtocolError`` subclasses escape
+``floor.replay``); signature/seal/MAC; body schema. Only ``ProtocolError`` subclasses escape
 ``decode``; the nonce is remembered only once authentication succeeded.
 """
 
@@ -77,7 +77,8 @@ from cryptography.hazmat.primitives.poly1305 import Poly1305
 from nacl._sodium import ffi as _ffi  # in-place SecretBox: PyNaCl's public API copies twice
 from nacl._sodium import lib as _lib
 
-from murmur.errors import (
+from floor.codec import TENSOR_ALIGN, decode_body_as, encode_body_parts
+from floor.errors import (
     BadSeal,
     ConfigError,
     MalformedMessage,
@@ -88,10 +89,9 @@ from murmur.errors import (
     UnsupportedVersion,
     WrongRecipient,
 )
-from p2p.codec import TENSOR_ALIGN, decode_body_as, encode_body_parts
-from p2p.identity import Identity, PeerId, verify_signature
-from p2p.messages import MESSAGE_TYPES, Message
-from p2p.replay import ReplayCache
+from floor.identity import Identity, PeerId, verify_signature
+from floor.messages import FLOOR_MESSAGES, Message, build_registry
+from floor.replay import ReplayCache
 
 __all__ = ["VERSION", "Auth", "EnvelopeCodec", "Received"]
 
@@ -150,6 +150,9 @@ def _open(boxed: memoryview, nonce: bytes, key: bytes) -> bytearray:
     return plain
 
 
+_FLOOR_TYPES = build_registry(FLOOR_MESSAGES)
+
+
 def _required(recipient: PeerId | None) -> PeerId:
     if recipient is None:
         raise ConfigError("a sealed or MACed envelope needs a recipient")
@@ -159,8 +162,9 @@ def _required(recipient: PeerId | None) -> PeerId:
 class EnvelopeCodec:
     """Encodes messages into authenticated envelopes from one identity, and checks incoming ones.
 
-    ``message_types`` replaces the closed union (``p2p.messages.MESSAGE_TYPES``), e.g. for tests
-    and benchmarks with extra types; build it with ``p2p.messages.build_registry``.
+    ``message_types`` is the world's closed union (``floor.messages.build_registry``): the
+    daemon passes ``p2p.messages.MESSAGE_TYPES``, a training peer ``gossip.messages.MESSAGE_TYPES``;
+    the default knows only the floor's own ``Refusal``.
     ``decode`` given a writable buffer (``bytearray``) returns tensors that alias it (no copy):
     hand the buffer over and do not reuse it. Given ``bytes``, tensors are copied once.
     """
@@ -181,7 +185,7 @@ class EnvelopeCodec:
         if max_message_size < 256 or max_message_size >= 2**32:
             raise ConfigError("max_message_size must be between 256 bytes and 4 GiB")
         self.identity = identity
-        self.message_types = MESSAGE_TYPES if message_types is None else message_types
+        self.message_types = _FLOOR_TYPES if message_types is None else message_types
         self.max_message_size = max_message_size
         self.window_s = float(window_s)
         self._clock = clock

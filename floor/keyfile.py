@@ -19,7 +19,7 @@ from typing import Final
 
 import nacl.signing
 
-from murmur.errors import KeyFileError
+from floor.errors import KeyFileError
 
 __all__ = ["KEY_FILE_NAME", "create_seed", "key_path", "read_seed"]
 

@@ -6,7 +6,7 @@ message exchange. These keys are static, so they give **no forward secrecy**: wh
 steals a peer's key file can decrypt every message sealed to or by that peer that they
 recorded. Ephemeral per-session or per-round keys are the planned fix.
 
-The key file format and its checks live in ``p2p.keyfile``.
+The key file format and its checks live in ``floor.keyfile``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import nacl.bindings
 import nacl.exceptions
 import nacl.signing
 
-from murmur.errors import BadSignature, ConfigError, MalformedMessage
+from floor import keyfile
+from floor.errors import BadSignature, ConfigError, MalformedMessage
 
 __all__ = ["PEER_ID_TEXT_LENGTH", "Identity", "PeerId", "verify_signature"]
 
@@ -144,8 +145,6 @@ class Identity:
     @classmethod
     def load(cls, data_dir: Path) -> Identity:
         """Load ``<data_dir>/identity.key``; ``KeyFileError`` if missing, unsafe or corrupt."""
-        from p2p import keyfile
-
         return cls.from_seed(keyfile.read_seed(Path(data_dir)))
 
     @classmethod
@@ -154,8 +153,6 @@ class Identity:
 
         An existing key file is never replaced: if it is unsafe or corrupt, ``KeyFileError``.
         """
-        from p2p import keyfile
-
         identity = cls.generate()
         created = keyfile.create_seed(Path(data_dir), bytes(identity._signing_key))
         if created:

@@ -29,14 +29,14 @@ import math
 import struct
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Final, Union
 
 import msgpack
 import torch
 
-from murmur.errors import MalformedMessage, UnknownMessageType
-from p2p.identity import PeerId
+from floor.errors import MalformedMessage, UnknownMessageType
+from floor.identity import PeerId
 
 __all__ = [
     "DTYPE_CODES",
@@ -438,14 +438,12 @@ def decode_body_as(cls: type, data: Buffer) -> Any:
     return message
 
 
-def decode_body(type_tag: str, data: Buffer) -> Any:
-    """Decode body bytes of the message type ``type_tag``.
+def decode_body(type_tag: str, data: Buffer, registry: Mapping[str, type]) -> Any:
+    """Decode body bytes of the message type ``type_tag`` of ``registry`` (tag -> class).
 
-    Raises ``UnknownMessageType`` for a tag outside the union, ``MalformedMessage`` otherwise.
+    Raises ``UnknownMessageType`` for a tag outside the registry, ``MalformedMessage`` otherwise.
     """
-    from p2p.messages import MESSAGE_TYPES
-
-    cls = MESSAGE_TYPES.get(type_tag)
+    cls = registry.get(type_tag)
     if cls is None:
         raise UnknownMessageType(f"unknown message type {type_tag!r}")
     return decode_body_as(cls, data)
