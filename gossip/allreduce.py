@@ -1,48 +1,58 @@
-"""Group all-reduce over a ``Network``: secure (``mpc.Member``) and plaintext, one result shape.
+"""Group averaging as sans-IO machines: form a group, then all-reduce inside it (secure or plain).
 
-Both compute the weighted mean ``sum(w x) / sum(w)`` of a formed group (``gossip.matchmaking``):
-each member contributes the vector ``[w * x, w]`` encoded in fixed point in Z_2^bits at a scale
-every member derives from public parameters (``bound`` and the group size, via
-``mpc.fixedpoint.max_scale`` and ``check_capacity``), so sums are exact integers and no weight
-is revealed by the secure variant.
+Both all-reduces compute the weighted mean ``sum(w x) / sum(w)`` of a formed group
+(``gossip.matchmaking``): each member contributes the vector ``[w * x, w]`` encoded in fixed
+point in Z_2^bits at a scale every member derives from public parameters (``bound`` and the group
+size, via ``mpc.fixedpoint.max_scale`` and ``check_capacity``), so sums are exact integers and the
+secure variant reveals no single weight.
 
-* ``GroupAllReduce.secure``: runs ``mpc.Member`` inside the group. Its messages go over the
-  network sealed when their class says ``SECRET`` (revealed shares), MACed otherwise (masked
-  data). A stage ends when everything arrived, or at its deadline (``stage_timeout_s``), when
-  ``member.advance()`` is called; dropouts are tolerated up to ``k - t``.
-* ``GroupAllReduce.plain``: butterfly reduce-scatter + all-gather of the same encoded vectors in
-  the clear (a baseline). Each chunk sum names its contributors; a member accepts the result
-  only if every chunk sum arrived and all name the same contributors.
+* :class:`SecureGroup` runs ``mpc.Member`` (pairwise masks, Shamir shares, butterfly reduce,
+  dropout recovery). Its messages travel sealed when their class says ``SECRET`` (revealed
+  shares), MACed otherwise (masked data);
+* :class:`PlainGroup` is the same butterfly reduce-scatter + all-gather in the clear (a
+  baseline). Each chunk sum names its contributors; a member accepts the result only if every
+  chunk sum arrived and all name the same contributors.
 
-Either every member that returns holds the exact group result, or the round fails loudly for
-it: ``AggregationAborted`` is raised, a warning is logged and ``stats.aborted`` grows. A chunk
-that is lost or late is never replaced by local values (Hivemind does that and reports success).
+A stage ends when everything it waits for arrived, or at its deadline: ``stage_timeout_s``
+after the later of the previous deadline and the moment the stage began (a member that finished
+a stage early still waits for one that waited the whole stage). Either every member that
+finishes holds the exact group result, or the round fails loudly for it
+(``AggregationAborted``): a chunk that is lost or late is never replaced by local values
+(Hivemind does that and reports success).
+
+:class:`GroupAveraging` is the long-lived machine of one peer (``gossip.machine.Machine``): its
+group former (``Invitations`` or ``HashGrouping``) and, once a group formed, that round's
+``SecureGroup`` or ``PlainGroup``. It routes group messages by group id, keeps messages of a
+group that has not started here yet (bounded) and refuses those of a group that is over.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from floor.errors import (
     AggregationAborted,
+    AggregationError,
     ConfigError,
-    MurmurError,
+    GroupFormationFailed,
+    InconsistentMessage,
+    MalformedMessage,
     OutOfStage,
     ProtocolError,
     RingOverflow,
 )
-from floor.identity import Identity, PeerId
+from floor.identity import PeerId
+from gossip.machine import AverageResult, Out, RoundJob, check_contribution
 from gossip.matchmaking import Group, GroupFormer
 from gossip.messages import PlainChunk, PlainChunkSum
-from gossip.network import Network, Poster
 from mpc.fixedpoint import Bits, check_capacity, decode, encode_, max_scale
 from mpc.messages import MESSAGE_TYPES as MPC_TYPES
 from mpc.protocol import Member, Stage, default_threshold
@@ -51,10 +61,11 @@ from mpc.survivors import chunk_bounds
 __all__ = [
     "AllReduceConfig",
     "AllReduceStats",
-    "AverageResult",
-    "Averager",
-    "GroupAllReduce",
-    "GroupAverager",
+    "GroupAveraging",
+    "PlainGroup",
+    "SecureGroup",
+    "decode_total",
+    "encode_contribution",
 ]
 
 log = logging.getLogger("murmur.gossip.allreduce")
@@ -65,55 +76,19 @@ _FINISHED_MEMORY = 1024
 
 
 @dataclass(frozen=True)
-class AverageResult:
-    """The outcome of one averaging step for one peer.
-
-    ``vector`` is the new value (the group's weighted mean, for group averaging); ``weight`` is
-    the peer's new weight (the group's mean weight ``sum(w) / size``, which conserves the
-    weighted total). ``group_size`` counts the inputs in the mean.
-    """
-
-    vector: Tensor
-    weight: float
-    group_size: int
-    round: int
-    group: bytes | None = None
-    contributors: tuple[PeerId, ...] = ()
-    """Whose inputs are in the mean (group averaging; empty for the baselines)."""
-    total: Tensor | None = None
-    """Group averaging: the exact group totals ``[sum w x, sum w]`` (decoded, float64)."""
-    scale: float | None = None
-    """Group averaging: the fixed-point scale the group encoded with."""
-
-
-class Averager(Protocol):
-    """The one shape every averaging algorithm has, so callers can pick one by name.
-
-    ``average`` raises ``AggregationAborted`` or ``GroupFormationFailed`` (both
-    ``AggregationError``) when the step failed for this peer: it keeps its model.
-    """
-
-    name: str
-
-    async def average(self, vector: Tensor, weight: float, round: int) -> AverageResult:
-        """Average ``vector`` (weight ``weight``) with other peers for ``round``."""
-        ...
-
-
-@dataclass(frozen=True)
 class AllReduceConfig:
     """Group all-reduce parameters (public: every member must use the same)."""
 
     bits: Bits | None = 64
     """Ring width (32 or 64); ``None`` picks the narrower ring that still gives ``resolution``."""
-    bound: float = 1e4
+    bound: float = 1e6
     """Public bound on every |w * x| and on w; a larger value is refused (``RingOverflow``)."""
     resolution: float = 2.0**-20
     """With ``bits=None``: the coarsest fixed-point step accepted (1 / scale). Z_2^32 is used
     when its scale for ``bound`` and the group size is at least ``1 / resolution``: half the
     bytes and half the mask work of Z_2^64."""
-    stage_timeout_s: float = 1.0
-    """Deadline of each protocol stage on the loop's clock."""
+    stage_timeout_s: float = 2.0
+    """Deadline of each protocol stage."""
     threshold: int | None = None
     """Least number of counted inputs (default ceil(2k/3))."""
     degree: int | None = None
@@ -121,13 +96,17 @@ class AllReduceConfig:
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.bound) and self.bound > 0):
-            raise ConfigError(f"bound must be positive and finite, got {self.bound!r}")
-        if not self.stage_timeout_s > 0:
+            raise ConfigError(f"value_bound must be positive and finite, got {self.bound!r}")
+        if not (math.isfinite(self.stage_timeout_s) and self.stage_timeout_s > 0):
             raise ConfigError(f"stage_timeout_s must be > 0, got {self.stage_timeout_s!r}")
         if self.bits not in (32, 64, None):
-            raise ConfigError(f"bits must be 32, 64 or None, got {self.bits!r}")
+            raise ConfigError(f"ring bits must be 32, 64 or None, got {self.bits!r}")
         if not (math.isfinite(self.resolution) and 0 < self.resolution < 1):
             raise ConfigError(f"resolution must be in (0, 1), got {self.resolution!r}")
+        if self.threshold is not None and self.threshold < 2:
+            raise ConfigError(f"threshold must be at least 2, got {self.threshold!r}")
+        if self.degree is not None and self.degree < 1:
+            raise ConfigError(f"degree must be at least 1, got {self.degree!r}")
 
     def ring_bits(self, k: int) -> Bits:
         """The ring width a group of ``k`` uses (every member derives the same)."""
@@ -135,6 +114,26 @@ class AllReduceConfig:
             return self.bits
         narrow = max_scale(bound=self.bound, members=k, bits=32)
         return 32 if narrow * self.resolution >= 1 else 64
+
+    def scale(self, k: int) -> float:
+        """The fixed-point scale of a group of ``k``: the largest the ring allows for ``bound``."""
+        bits = self.ring_bits(k)
+        scale = max_scale(bound=self.bound, members=k, bits=bits)
+        check_capacity(bound=self.bound, members=k, scale=scale, bits=bits)
+        return scale
+
+    def threshold_for(self, k: int) -> int:
+        """The threshold of a group of ``k``: ``threshold`` if it fits (more than k/2), else
+        ceil(2k/3)."""
+        t = self.threshold
+        if t is not None and k / 2 < t <= k:
+            return t
+        return default_threshold(k)
+
+    def degree_for(self, k: int) -> int | None:
+        """The SecAgg+ degree of a group of ``k`` (None: everyone masks with everyone)."""
+        d = self.degree
+        return d if d is not None and 0 < d < k - 1 else None
 
 
 @dataclass
@@ -145,152 +144,504 @@ class AllReduceStats:
     aborted: int = 0
     refused: int = 0
     """Inbound protocol messages refused (late, duplicate, inconsistent)."""
-    send_failures: int = 0
+    no_group: int = 0
+    """Rounds in which no group formed."""
     last_abort: str | None = None
 
 
-@dataclass
-class _Session:
-    queue: asyncio.Queue[tuple[PeerId, Any]] = field(default_factory=asyncio.Queue)
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+def check_bound(vector: Tensor, weight: float, bound: float) -> None:
+    """``RingOverflow`` if ``|w x|`` or ``w`` exceeds the public bound (or ``x`` holds NaN)."""
+    check_contribution(vector, weight)
+    lo, hi = (float(v) for v in torch.aminmax(vector.detach()))
+    if math.isnan(lo) or math.isnan(hi):
+        raise ConfigError("vector holds NaN")
+    worst = max(-lo, hi) * weight
+    if not (worst <= bound and weight <= bound):
+        raise RingOverflow(f"|w x| or w = {max(worst, weight):.6g} exceeds the public bound")
 
 
-class GroupAllReduce:
-    """Secure and plaintext group all-reduce for one peer. ``close()`` to unregister."""
+def encode_contribution(
+    vector: Tensor, weight: float, k: int, config: AllReduceConfig
+) -> tuple[Tensor, float]:
+    """``[w x, w]`` in the ring of a group of ``k``, and the scale; ``RingOverflow`` past the
+    public bound."""
+    check_bound(vector, weight, config.bound)
+    contribution = torch.empty(vector.numel() + 1, dtype=torch.float64)
+    torch.mul(vector.detach(), weight, out=contribution[:-1])
+    contribution[-1] = weight
+    scale, bits = config.scale(k), config.ring_bits(k)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("event=encode k=%d ring_bits=%d scale=2^%d", k, bits, round(math.log2(scale)))
+    return encode_(contribution, scale=scale, bits=bits), scale
+
+
+def decode_total(ring: Tensor, scale: float) -> Tensor:
+    """The decoded group totals ``[sum w x, sum w]`` (float64)."""
+    return decode(ring, scale=scale, bits=32 if ring.dtype == torch.int32 else 64)
+
+
+def _result(
+    group: Group, ring: Tensor, scale: float, contributors: tuple[bytes, ...], like: Tensor
+) -> AverageResult:
+    total = decode_total(ring, scale)
+    weight = float(total[-1])
+    if not weight > 0:
+        raise AggregationAborted("the group's total weight is not positive")
+    return AverageResult(
+        (total[:-1] / weight).to(like.dtype),
+        weight / len(contributors),
+        len(contributors),
+        group.round,
+        group.id,
+        contributors,
+        total,
+        scale,
+    )
+
+
+class _Stages:
+    """The deadline rule shared by both all-reduces (see the module docstring)."""
+
+    def __init__(self, now: float, timeout: float) -> None:
+        self.timeout = timeout
+        self.deadline = now + timeout
+
+    def moved(self, now: float) -> None:
+        self.deadline = max(now, self.deadline) + self.timeout
+
+
+class SecureGroup:
+    """One member's secure all-reduce for one formed group (``mpc.Member`` with deadlines)."""
+
+    message_types: tuple[type, ...] = tuple(MPC_TYPES.values())
 
     def __init__(
-        self, net: Network, identity: Identity, config: AllReduceConfig | None = None
+        self,
+        seed: bytes,
+        group: Group,
+        vector: Tensor,
+        weight: float,
+        config: AllReduceConfig,
     ) -> None:
-        if identity.peer_id != net.local_id:
-            raise ConfigError("the identity is not the network's local peer")
+        self.group = group
+        self._like = vector
+        self.ring, self.scale = encode_contribution(vector, weight, group.size, config)
+        self.member = Member(
+            seed,
+            group.members,
+            group=group.id,
+            round=group.round,
+            vector=self.ring,
+            threshold=config.threshold_for(group.size),
+            degree=config.degree_for(group.size),
+        )
+        self._timeout = config.stage_timeout_s
+        self._stages: _Stages | None = None
+        self._stage = Stage.INPUT
+
+    @property
+    def finished(self) -> bool:
+        """DONE or ABORTED."""
+        return self.member.finished
+
+    @property
+    def wake_at(self) -> float | None:
+        """The current stage's deadline."""
+        if self._stages is None or self.member.finished:
+            return None
+        return self._stages.deadline
+
+    def start(self, now: float) -> Out:
+        """Mask the input and send every member its chunk and share."""
+        self._stages = _Stages(now, self._timeout)
+        out = self.member.start()
+        self._moved(now)
+        return out
+
+    def receive(self, now: float, sender: bytes, message: Any) -> Out:
+        """One protocol message (a ``ProtocolError`` refuses it)."""
+        out = self.member.receive(sender, message)
+        self._moved(now)
+        return out
+
+    def wake(self, now: float) -> Out:
+        """Close the current stage with what arrived, if its deadline passed."""
+        stages = self._stages
+        if stages is None or self.member.finished or now < stages.deadline:
+            return []
+        out = self.member.advance()
+        self._moved(now)
+        return out
+
+    def _moved(self, now: float) -> None:
+        stage = self.member.stage
+        if stage is not self._stage:
+            self._stage = stage
+            if self._stages is not None:
+                self._stages.moved(now)
+
+    def cancel(self) -> None:
+        """Abort now and forget the pair secrets."""
+        self.member.cancel("the round's driver stopped")
+
+    def result(self) -> AverageResult:
+        """The group mean, or ``AggregationAborted`` with the member's reason."""
+        member = self.member
+        if member.stage is not Stage.DONE:
+            raise AggregationAborted(member.abort_reason or "did not finish")
+        counted = member.counted or frozenset()
+        contributors = tuple(m for m in self.group.members if m in counted)
+        return _result(self.group, member.output(), self.scale, contributors, self._like)
+
+
+class PlainGroup:
+    """One member's plaintext butterfly all-reduce for one formed group (a baseline).
+
+    Stage 1 (reduce): chunk j of every member's encoded input goes to member j; at the deadline
+    (or when all arrived) member j sends its chunk sum, naming its contributors, to everyone.
+    Stage 2 (gather): every chunk sum must arrive (by one more ``stage_timeout_s`` after the
+    first deadline) and all must name the same contributors, at least the threshold.
+    """
+
+    message_types: tuple[type, ...] = (PlainChunk, PlainChunkSum)
+
+    def __init__(
+        self, me: bytes, group: Group, vector: Tensor, weight: float, config: AllReduceConfig
+    ) -> None:
+        self.me, self.group = me, group
+        self._like = vector
+        self.ring, self.scale = encode_contribution(vector, weight, group.size, config)
+        self._k = group.size
+        self._index = {m: i for i, m in enumerate(group.members)}
+        self._j = self._index[me]
+        self._bounds = chunk_bounds(self.ring.numel(), self._k)
+        self._threshold = config.threshold_for(self._k)
+        self._timeout = config.stage_timeout_s
+        self._stage = 0  # 0 not started, 1 reduce, 2 gather, 3 done
+        self._deadline = 0.0
+        self._mine: dict[bytes, Tensor] = {}
+        self._sums: dict[int, tuple[Tensor, tuple[bytes, ...]]] = {}
+        self._contributors: tuple[bytes, ...] = ()
+        self._failure: str | None = None
+        self._result: AverageResult | None = None
+
+    @property
+    def finished(self) -> bool:
+        """The result (or failure) is known."""
+        return self._stage == 3
+
+    @property
+    def wake_at(self) -> float | None:
+        """The current stage's deadline."""
+        return self._deadline if self._stage in (1, 2) else None
+
+    def start(self, now: float) -> Out:
+        """Send chunk j of the encoded input to member j."""
+        self._stage = 1
+        self._deadline = now + self._timeout
+        g, ring = self.group, self.ring
+        out: Out = []
+        for j, m in enumerate(g.members):
+            lo, hi = self._bounds[j]
+            if j == self._j:
+                self._mine[m] = ring[lo:hi]
+            else:
+                out.append((m, PlainChunk(g.id, g.round, j, ring[lo:hi])))
+        return out + self._progress(now)
+
+    def receive(self, now: float, sender: bytes, message: Any) -> Out:
+        """A chunk (to reduce) or a chunk sum (to gather)."""
+        g = self.group
+        j = message.chunk
+        if sender not in self._index or message.round != g.round or j.__class__ is not int:
+            raise InconsistentMessage("not a message of this group round")
+        if not 0 <= j < self._k:
+            raise InconsistentMessage(f"no chunk {j} in a group of {self._k}")
+        data = message.data
+        lo, hi = self._bounds[j]
+        if not (
+            isinstance(data, Tensor)
+            and data.dtype == self.ring.dtype
+            and data.dim() == 1
+            and data.numel() == hi - lo
+        ):
+            raise MalformedMessage(f"chunk {j} must be {hi - lo} ring elements")
+        if type(message) is PlainChunk:
+            if self._stage != 1:
+                raise OutOfStage("a chunk after this member closed its reduce stage")
+            if j != self._j or sender in self._mine:
+                raise InconsistentMessage("a chunk this member does not reduce, or a second one")
+            self._mine[sender] = data
+        else:
+            if self._stage >= 3:
+                raise OutOfStage("a chunk sum after the round ended")
+            if g.members[j] != sender or j in self._sums:
+                raise InconsistentMessage("a chunk sum from another reducer, or a second one")
+            names = message.contributors
+            if not all(isinstance(p, PeerId) for p in names):
+                raise MalformedMessage("contributors must be peer ids")
+            contributors = tuple(p.raw for p in names)
+            if not set(contributors) <= self._index.keys():
+                raise InconsistentMessage("contributors outside the group")
+            self._sums[j] = (data, contributors)
+        return self._progress(now)
+
+    def wake(self, now: float) -> Out:
+        """Close the current stage if its deadline passed."""
+        if self._stage == 1 and now >= self._deadline:
+            return self._close_reduce(now)
+        if self._stage == 2 and now >= self._deadline:
+            self._finish()
+        return []
+
+    def _progress(self, now: float) -> Out:
+        if self._stage == 1 and len(self._mine) == self._k:
+            return self._close_reduce(now)
+        if self._stage == 2 and len(self._sums) == self._k:
+            self._finish()
+        return []
+
+    def _close_reduce(self, now: float) -> Out:
+        g = self.group
+        contributors = tuple(sorted(self._mine))
+        total = torch.stack([self._mine[p] for p in contributors]).sum(dim=0, dtype=self.ring.dtype)
+        self._contributors = contributors
+        self._sums[self._j] = (total, contributors)
+        names = tuple(PeerId(p) for p in contributors)
+        own = PlainChunkSum(g.id, g.round, self._j, total, names)
+        self._stage = 2
+        self._deadline += self._timeout  # a slower reducer may send at the end of stage 1
+        self._mine = {}
+        out: Out = [(m, own) for i, m in enumerate(g.members) if i != self._j]
+        return out + self._progress(now)
+
+    def _finish(self) -> None:
+        self._stage = 3
+        k = self._k
+        if len(self._sums) < k:
+            missing = sorted(set(range(k)) - set(self._sums))
+            self._failure = f"chunk sums {missing} never arrived"
+        elif any(c != self._contributors for _, c in self._sums.values()):
+            self._failure = "reducers disagree on the contributors"
+        elif len(self._contributors) < self._threshold:
+            self._failure = f"{len(self._contributors)} contributors, threshold {self._threshold}"
+        else:
+            ring = torch.cat([self._sums[j][0] for j in range(k)])
+            try:
+                self._result = _result(self.group, ring, self.scale, self._contributors, self._like)
+            except AggregationAborted as exc:
+                self._failure = str(exc)
+        self._sums = {}
+
+    def cancel(self) -> None:
+        """Stop now (the round fails for this member)."""
+        if self._stage != 3:
+            self._stage = 3
+            self._failure = "cancelled"
+
+    def result(self) -> AverageResult:
+        """The group mean, or ``AggregationAborted`` with the reason."""
+        if self._result is None:
+            raise AggregationAborted(self._failure or "did not finish")
+        return self._result
+
+
+GroupRun = SecureGroup | PlainGroup
+
+
+class GroupAveraging:
+    """One peer's averaging by groups (``gossip.machine.Machine``): form, then all-reduce.
+
+    ``secure=True`` (name ``"secure"``) runs :class:`SecureGroup`, else :class:`PlainGroup`.
+    ``seed`` is the peer's 32-byte Ed25519 identity seed (its pair keys come from it), ``me``
+    its raw id. A round whose group never formed ends with ``GroupFormationFailed`` (nothing
+    was sent: the caller may offer the same contribution again).
+    """
+
+    def __init__(
+        self,
+        seed: bytes,
+        me: bytes,
+        former: GroupFormer,
+        *,
+        secure: bool = True,
+        config: AllReduceConfig | None = None,
+    ) -> None:
+        self.name = "secure" if secure else "plain"
         self.config = config or AllReduceConfig()
         self.stats = AllReduceStats()
-        self._net = net
-        self._identity = identity
-        self._sessions: dict[bytes, _Session] = {}
-        self._early: OrderedDict[bytes, list[tuple[PeerId, Any]]] = OrderedDict()
+        self.former = former
+        self._seed, self.me, self._secure = seed, me, secure
+        kinds = SecureGroup.message_types if secure else PlainGroup.message_types
+        self._group_types = frozenset(kinds)
+        self.message_types: tuple[type, ...] = (*former.message_types, *kinds)
+        self._job: RoundJob | None = None
+        self._forming = False
+        self._run: GroupRun | None = None
+        self._done = False
+        self._outcome: AverageResult | AggregationError | None = None
+        self._early: OrderedDict[bytes, list[tuple[bytes, Any]]] = OrderedDict()
         self._finished: OrderedDict[bytes, None] = OrderedDict()
-        self._types = (*MPC_TYPES.values(), PlainChunk, PlainChunkSum)
-        self._post: Poster | None = getattr(net, "post", None)
-        for cls in self._types:
-            net.register(cls, self._on_message)
 
-    def close(self) -> None:
-        """Unregister the handlers."""
-        for cls in self._types:
-            self._net.unregister(cls)
+    # ------------------------------------------------------------------ the Machine interface
 
-    # ------------------------------------------------------------------ routing
+    @property
+    def wake_at(self) -> float | None:
+        """The former's or the group run's next deadline."""
+        run = self._run
+        if run is not None:
+            return run.wake_at
+        return self.former.wake_at
 
-    async def _on_message(self, sender: PeerId, msg: Any) -> None:
-        session = self._sessions.get(msg.group)
-        if session is not None:
-            session.queue.put_nowait((sender, msg))
-            return
-        if msg.group in self._finished:
+    @property
+    def done(self) -> bool:
+        """The round is over (``outcome()`` is ready)."""
+        return self._done
+
+    @property
+    def running(self) -> bool:
+        """A round is in progress."""
+        return self._job is not None
+
+    def begin(self, now: float, job: RoundJob) -> Out:
+        """Form this round's group (the contribution is checked against the bound first)."""
+        if self._job is not None or self._done:
+            raise ConfigError("a round is already running on this peer")
+        check_bound(job.vector, job.weight, self.config.bound)
+        self._job = job
+        self._forming = True
+        out = self.former.start(now, job.round, job.view)
+        return out + self._after_former(now)
+
+    def receive(self, now: float, sender: bytes, message: Any) -> Out:
+        """A matchmaking message, or a message of a group round (routed by group id)."""
+        cls = type(message)
+        if cls not in self._group_types:
+            out = self.former.receive(now, sender, message)
+            return out + self._after_former(now)
+        gid = message.group
+        run = self._run
+        if run is not None and gid == run.group.id:
+            out = run.receive(now, sender, message)
+            self._check_run()
+            return out
+        if gid in self._finished:
             raise OutOfStage("that group's round is over on this peer")
-        early = self._early.get(msg.group)
+        early = self._early.get(gid)
         if early is None:
             if len(self._early) >= _EARLY_GROUPS:
                 self._early.popitem(last=False)
-            early = self._early[msg.group] = []
+            early = self._early[gid] = []
         if len(early) >= _EARLY_PER_GROUP:
             raise OutOfStage("too many messages for a group round that has not started here")
-        early.append((sender, msg))
+        early.append((sender, message))
+        return []
 
-    def _open(self, group: bytes) -> _Session:
-        if group in self._sessions or group in self._finished:
-            raise ConfigError("this group's round already ran on this peer")
-        session = self._sessions[group] = _Session()
-        for item in self._early.pop(group, []):
-            session.queue.put_nowait(item)
-        return session
+    def wake(self, now: float) -> Out:
+        """Pass the deadline on to the group run, or to the former."""
+        run = self._run
+        if run is not None:
+            out = run.wake(now)
+            self._check_run()
+            return out
+        out = self.former.wake(now)
+        return out + self._after_former(now)
 
-    def _close(self, group: bytes) -> None:
-        session = self._sessions.pop(group)
-        for task in session.tasks:
-            task.cancel()
-        self._finished[group] = None
+    def outcome(self) -> AverageResult:
+        """The finished round's mean, or raise why it failed; readies the next ``begin``."""
+        if not self._done:
+            raise OutOfStage("the round is not over")
+        outcome, self._outcome, self._done = self._outcome, None, False
+        if isinstance(outcome, AggregationError):
+            raise outcome
+        assert outcome is not None
+        return outcome
+
+    def cancel(self, now: float) -> Out:
+        """End the running round now (the driver stopped, the peer left)."""
+        if self._job is None:
+            return []
+        out: Out = []
+        if self._forming:
+            out = self.former.stop()
+            self._forming = False
+        run = self._run
+        if run is not None:
+            run.cancel()
+            self._retire(run)
+        self._job = None
+        self._done, self._outcome = False, None
+        return out
+
+    # ------------------------------------------------------------------ transitions
+
+    def _after_former(self, now: float) -> Out:
+        if not self._forming:
+            return []
+        former = self.former
+        if former.failure is not None:
+            self._forming = False
+            self.stats.no_group += 1
+            reason, former.failure = former.failure, None
+            self._end(GroupFormationFailed(reason))
+            return []
+        group = former.formed
+        if group is None:
+            return []
+        former.formed = None
+        self._forming = False
+        return self._enter(now, group)
+
+    def _enter(self, now: float, group: Group) -> Out:
+        job = self._job
+        assert job is not None
+        if self.me not in group.members or group.id in self._finished:
+            self._end(self._fail(group, "an invalid group for this peer"))
+            return []
+        run: GroupRun
+        try:
+            if self._secure:
+                run = SecureGroup(self._seed, group, job.vector, job.weight, self.config)
+            else:
+                run = PlainGroup(self.me, group, job.vector, job.weight, self.config)
+        except (ConfigError, AggregationError, ProtocolError) as exc:
+            self._end(self._fail(group, str(exc)))
+            return []
+        self._run = run
+        out = run.start(now)
+        for sender, message in self._early.pop(group.id, []):
+            try:
+                out += run.receive(now, sender, message)
+            except ProtocolError:
+                self.stats.refused += 1
+            if run.finished:
+                break
+        self._check_run()
+        return out
+
+    def _check_run(self) -> None:
+        run = self._run
+        if run is None or not run.finished:
+            return
+        self._retire(run)
+        try:
+            result = run.result()
+        except AggregationAborted as exc:
+            self._end(self._fail(run.group, str(exc)))
+            return
+        self.stats.completed += 1
+        self._end(result)
+
+    def _retire(self, run: GroupRun) -> None:
+        self._run = None
+        self._finished[run.group.id] = None
         if len(self._finished) > _FINISHED_MEMORY:
             self._finished.popitem(last=False)
 
-    def _dispatch(self, session: _Session, out: list[tuple[PeerId, Any]]) -> None:
-        post = self._post
-        if post is not None:  # no task per message (the simulator, the aiohttp stream)
-            timeout = self.config.stage_timeout_s
-            for peer, msg in out:
-                post(peer, msg, timeout=timeout, on_failure=self._send_failed)
-            return
-        for peer, msg in out:
-            task = asyncio.ensure_future(self._send(peer, msg))
-            session.tasks.add(task)
-            task.add_done_callback(session.tasks.discard)
-
-    def _send_failed(self, msg: Any, exc: MurmurError) -> None:
-        self.stats.send_failures += 1
-        log.debug("event=send_failed type=%s error=%s", msg.TYPE, exc)
-
-    async def _send(self, peer: PeerId, msg: Any) -> None:
-        try:
-            await self._net.send(peer, msg, timeout=self.config.stage_timeout_s)
-        except MurmurError as exc:
-            self.stats.send_failures += 1
-            log.debug("event=send_failed type=%s peer=%s error=%s", msg.TYPE, peer.short(), exc)
-
-    # ------------------------------------------------------------------ encoding
-
-    def scale(self, k: int) -> float:
-        """The fixed-point scale for a group of ``k``: the largest the ring allows for ``bound``."""
-        return self._scale(k, self.config.ring_bits(k))
-
-    def _scale(self, k: int, bits: Bits) -> float:
-        bound = self.config.bound
-        scale = max_scale(bound=bound, members=k, bits=bits)
-        check_capacity(bound=bound, members=k, scale=scale, bits=bits)
-        return scale
-
-    def _encode(self, vector: Tensor, weight: float, k: int) -> tuple[Tensor, float]:
-        if vector.dim() != 1 or not vector.is_floating_point():
-            raise ConfigError("vector must be a 1-D floating-point tensor")
-        if not (math.isfinite(weight) and weight > 0):
-            raise ConfigError(f"weight must be positive and finite, got {weight!r}")
-        contribution = torch.empty(vector.numel() + 1, dtype=torch.float64)
-        torch.mul(vector.detach(), weight, out=contribution[:-1])
-        contribution[-1] = weight
-        lo, hi = (float(v) for v in torch.aminmax(contribution))  # NaN if any is NaN
-        worst = max(-lo, hi)
-        if math.isnan(lo) or math.isnan(hi):
-            raise ConfigError("vector holds NaN")
-        if not worst <= self.config.bound:
-            raise RingOverflow(f"|w x| or w = {worst:.6g} exceeds the public bound")
-        bits = self.config.ring_bits(k)  # the round's ring: later steps read it off the dtype
-        scale = self._scale(k, bits)
-        log.debug("event=encode k=%d ring_bits=%d scale=2^%d", k, bits, round(math.log2(scale)))
-        return encode_(contribution, scale=scale, bits=bits), scale
-
-    def _result(
-        self,
-        group: Group,
-        ring: Tensor,
-        scale: float,
-        contributors: tuple[PeerId, ...],
-        like: Tensor,
-    ) -> AverageResult:
-        total = decode(ring, scale=scale, bits=32 if ring.dtype == torch.int32 else 64)
-        weight = float(total[-1])
-        if not weight > 0:
-            raise self._fail(group, "the group's total weight is not positive")
-        self.stats.completed += 1
-        return AverageResult(
-            (total[:-1] / weight).to(like.dtype),
-            weight / len(contributors),
-            len(contributors),
-            group.round,
-            group.id,
-            contributors,
-            total,
-            scale,
-        )
+    def _end(self, outcome: AverageResult | AggregationError) -> None:
+        self._job = None
+        self._done = True
+        self._outcome = outcome
 
     def _fail(self, group: Group, reason: str) -> AggregationAborted:
         self.stats.aborted += 1
@@ -304,212 +655,7 @@ class GroupAllReduce:
         )
         return AggregationAborted(f"group round aborted: {reason}")
 
-    def _check_group(self, group: Group) -> None:
-        if self._net.local_id not in group.members:
-            raise ConfigError("this peer is not a member of the group")
 
-    # ------------------------------------------------------------------ secure
-
-    async def secure(self, group: Group, vector: Tensor, weight: float) -> AverageResult:
-        """The group's weighted mean by secure aggregation; ``AggregationAborted`` on failure."""
-        self._check_group(group)
-        ring, scale = self._encode(vector, weight, group.size)
-        cfg = self.config
-        member = Member(
-            self._identity.seed(),
-            [m.raw for m in group.members],
-            group=group.id,
-            round=group.round,
-            vector=ring,
-            threshold=default_threshold(group.size) if cfg.threshold is None else cfg.threshold,
-            degree=cfg.degree,
-        )
-        ids = {m.raw: m for m in group.members}
-        session = self._open(group.id)
-        try:
-            await self._drive(member, session, ids)
-        finally:
-            # cancelled or failed mid-round: the member must still forget its pair secrets
-            member.cancel("the round's driver stopped")
-            self._close(group.id)
-        if member.stage is not Stage.DONE:
-            raise self._fail(group, member.abort_reason or "did not finish")
-        counted = tuple(m for m in group.members if m.raw in (member.counted or ()))
-        return self._result(group, member.output(), scale, counted, vector)
-
-    async def _drive(self, member: Member, session: _Session, ids: dict[bytes, PeerId]) -> None:
-        def send(out: list[tuple[bytes, Any]]) -> None:
-            self._dispatch(session, [(ids[r], m) for r, m in out])
-
-        timeout = self.config.stage_timeout_s
-        send(member.start())
-        stage = member.stage
-        deadline = self._net.time() + timeout
-        queue = session.queue
-        while not member.finished:
-            if queue.empty():  # wait (bounded by the stage deadline) only when nothing is queued
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        sender, msg = await queue.get()
-                except TimeoutError:
-                    send(member.advance())
-                    sender = None
-            else:
-                sender, msg = queue.get_nowait()
-            if sender is not None:
-                try:
-                    send(member.receive(sender.raw, msg))
-                except ProtocolError as exc:
-                    self.stats.refused += 1
-                    log.debug("event=refused type=%s error=%s", msg.TYPE, exc)
-            if member.stage != stage:
-                # a member that finished a stage early still waits for one that waited the
-                # whole stage: the next deadline counts from the later of now and the old one
-                stage = member.stage
-                deadline = max(self._net.time(), deadline) + timeout
-        # let the last messages (chunk sums) leave before the session's sends are cancelled
-        if session.tasks:
-            await asyncio.wait(set(session.tasks), timeout=timeout)
-
-    # ------------------------------------------------------------------ plaintext
-
-    async def plain(self, group: Group, vector: Tensor, weight: float) -> AverageResult:
-        """The group's weighted mean by plaintext butterfly all-reduce (same encoding, exact)."""
-        self._check_group(group)
-        ring, scale = self._encode(vector, weight, group.size)
-        cfg = self.config
-        k = group.size
-        threshold = default_threshold(k) if cfg.threshold is None else cfg.threshold
-        me = group.members.index(self._net.local_id)
-        bounds = chunk_bounds(ring.numel(), k)
-        session = self._open(group.id)
-        try:
-            outcome = await self._plain_rounds(group, session, ring, me, bounds)
-        finally:
-            self._close(group.id)
-        if isinstance(outcome, str):
-            raise self._fail(group, outcome)
-        total, contributors = outcome
-        if len(contributors) < threshold:
-            raise self._fail(group, f"{len(contributors)} contributors, threshold {threshold}")
-        return self._result(group, total, scale, contributors, vector)
-
-    async def _plain_rounds(
-        self,
-        group: Group,
-        session: _Session,
-        ring: Tensor,
-        me: int,
-        bounds: list[tuple[int, int]],
-    ) -> tuple[Tensor, tuple[PeerId, ...]] | str:
-        members, k, rnd = group.members, group.size, group.round
-        self._dispatch(
-            session,
-            [
-                (m, PlainChunk(group.id, rnd, j, ring[bounds[j][0] : bounds[j][1]]))
-                for j, m in enumerate(members)
-                if j != me
-            ],
-        )
-        lo, hi = bounds[me]
-        mine: dict[PeerId, Tensor] = {members[me]: ring[lo:hi]}
-        sums: dict[int, PlainChunkSum] = {}
-        timeout = self.config.stage_timeout_s
-        deadline = self._net.time() + timeout
-        while len(mine) < k:  # reduce-scatter: collect my chunk from every member
-            item = await self._next(session, deadline)
-            if item is None:
-                break
-            self._plain_accept(item, group, me, bounds, ring.dtype, mine, sums, reducing=True)
-        contributors = tuple(sorted(mine, key=lambda p: p.raw))
-        mine_sum = torch.stack([mine[p] for p in contributors]).sum(dim=0, dtype=ring.dtype)
-        own = PlainChunkSum(group.id, rnd, me, mine_sum, contributors)
-        sums[me] = own
-        self._dispatch(session, [(m, own) for j, m in enumerate(members) if j != me])
-        deadline += timeout  # a slower reducer may send its sum at the end of the first stage
-        while len(sums) < k:  # all-gather: collect every chunk sum
-            item = await self._next(session, deadline)
-            if item is None:
-                break
-            self._plain_accept(item, group, me, bounds, ring.dtype, mine, sums, reducing=False)
-        if session.tasks:
-            await asyncio.wait(set(session.tasks), timeout=timeout)
-        if len(sums) < k:
-            return f"chunk sums {sorted(set(range(k)) - set(sums))} never arrived"
-        if any(s.contributors != contributors for s in sums.values()):
-            return "reducers disagree on the contributors"
-        return torch.cat([sums[j].data for j in range(k)]), contributors
-
-    async def _next(self, session: _Session, deadline: float) -> tuple[PeerId, Any] | None:
-        if not session.queue.empty():
-            return session.queue.get_nowait()
-        try:
-            async with asyncio.timeout_at(deadline):
-                return await session.queue.get()
-        except TimeoutError:
-            return None
-
-    def _plain_accept(
-        self,
-        item: tuple[PeerId, Any],
-        group: Group,
-        me: int,
-        bounds: list[tuple[int, int]],
-        dtype: torch.dtype,
-        mine: dict[PeerId, Tensor],
-        sums: dict[int, PlainChunkSum],
-        *,
-        reducing: bool,
-    ) -> None:
-        sender, msg = item
-        j = msg.chunk
-        lo, hi = bounds[j] if 0 <= j < group.size else (0, -1)
-        ok = (
-            sender in group.members
-            and msg.round == group.round
-            and isinstance(msg.data, Tensor)
-            and msg.data.dtype == dtype
-            and msg.data.dim() == 1
-            and msg.data.numel() == hi - lo
-        )
-        if ok and isinstance(msg, PlainChunk) and reducing and j == me and sender not in mine:
-            mine[sender] = msg.data
-        elif (
-            ok
-            and isinstance(msg, PlainChunkSum)
-            and group.members[j] == sender
-            and j not in sums
-            and set(msg.contributors) <= set(group.members)
-        ):
-            sums[j] = msg
-        else:  # late, duplicate or invalid: never used
-            self.stats.refused += 1
-            log.debug("event=refused type=%s sender=%s", msg.TYPE, sender.short())
-
-
-class GroupAverager:
-    """An ``Averager`` by groups: form a group (``GroupFormer``), then all-reduce inside it.
-
-    ``secure=True`` (name ``"secure"``) uses ``GroupAllReduce.secure``, else ``"plain"``.
-    """
-
-    def __init__(
-        self,
-        former: GroupFormer,
-        allreduce: GroupAllReduce,
-        *,
-        secure: bool = True,
-        match_timeout_s: float | None = None,
-    ) -> None:
-        self.name = "secure" if secure else "plain"
-        self.former = former
-        self.allreduce = allreduce
-        self._secure = secure
-        self._match_timeout = match_timeout_s
-
-    async def average(self, vector: Tensor, weight: float, round: int) -> AverageResult:
-        """Form this round's group and return its weighted mean (or raise an AggregationError)."""
-        group = await self.former.form_group(round, timeout=self._match_timeout)
-        if self._secure:
-            return await self.allreduce.secure(group, vector, weight)
-        return await self.allreduce.plain(group, vector, weight)
+def group_members(members: Sequence[PeerId]) -> tuple[bytes, ...]:
+    """Raw ids, sorted, of ``members`` (for building a ``Group`` by hand)."""
+    return tuple(sorted(m.raw for m in members))

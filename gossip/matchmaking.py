@@ -1,23 +1,28 @@
-"""Matchmaking without a server: ready peers form groups of a target size by invitation.
+"""Matchmaking without a server, sans-IO: ready peers form groups of a target size by invitation.
 
-``Matchmaker.form_group(round)`` (DESIGN.md, round step 2): the peer waits a random back-off; if
-an invitation for the same round arrives meanwhile it accepts the first one and waits for the
-inviter's verdict; otherwise it becomes an inviter, invites ready peers sampled from its view
-(more as invitees decline) and closes the group when full or at its deadline. A closed group
-gets a fresh random id and its sorted member list, sent sealed to each member; an attempt
-below the minimum size is cancelled and everyone in it retries until the round's deadline,
-then ``GroupFormationFailed`` (skip the round, keep the model). A peer accepts an invitation
-only while it is ready for that round, waiting, and in no other attempt, so it is in at most
-one group at a time. Every step has a deadline on the loop's clock.
+``Invitations`` (DESIGN.md, round step 2) is one peer's matchmaker. ``start(now, round, view,
+deadline)`` makes the peer ready: it waits a random back-off; an invitation for the same round
+that arrives meanwhile is accepted (the peer commits to it and waits for the inviter's verdict);
+otherwise it becomes an inviter: it invites ready peers sampled from its view (more as invitees
+decline), and closes the group when full or at its deadline. A closed group gets a fresh random
+id and its sorted member list, sent sealed to each member; an attempt below the minimum size is
+cancelled and everyone in it tries again until the deadline, then the round fails
+(``GroupFormationFailed``: skip the round, keep the model). A peer accepts an invitation only
+while it is ready for that round, in back-off or yielding, and committed nowhere else, so it is
+in at most one group at a time. Concurrent inviters resolve by invitation id: an inviter that has
+not closed its group yields to an invitation with a smaller id (of concurrent inviters the
+smallest never yields). Invitations and their answers are one-way messages; an unanswered
+invitation counts as declined at its deadline (``invite_timeout_s``).
 
-``HashMatchmaker`` is the deterministic option (``hash_groups``): the groups follow from the
-round number and the peer ids alone, with no messages; all peers must share one view.
+``HashGrouping`` is the deterministic option (:func:`hash_groups`): the groups follow from the
+round number and the view alone, with no messages; all peers must share one view.
+
+Both are used by ``gossip.allreduce.GroupAveraging`` and read time only from its arguments.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import enum
 import hashlib
 import logging
 import os
@@ -26,39 +31,36 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from floor.errors import (
-    ConfigError,
-    GroupFormationFailed,
-    InconsistentMessage,
-    MurmurError,
-)
+from floor.errors import ConfigError, GroupFormationFailed, InconsistentMessage, MalformedMessage
 from floor.identity import PeerId
+from gossip.machine import Out
 from gossip.messages import GroupCancelled, GroupFormed, Invite, InviteReply
-from gossip.network import Network
+from gossip.spec import MAX_GROUP_SIZE
 
 __all__ = [
+    "GROUP_ID_BYTES",
     "Group",
     "GroupFormer",
-    "HashMatchmaker",
+    "HashGrouping",
+    "Invitations",
     "MatchConfig",
-    "Matchmaker",
+    "group_id_of",
     "hash_groups",
 ]
 
 log = logging.getLogger("murmur.gossip.matchmaking")
 
 GROUP_ID_BYTES = 16
-MAX_GROUP_SIZE = 256
 
 
 @dataclass(frozen=True)
 class Group:
-    """A formed group: round, fresh group id, sorted member ids, and who invited (if anyone)."""
+    """A formed group: round, fresh group id, sorted member ids (raw), and who invited."""
 
     round: int
     id: bytes
-    members: tuple[PeerId, ...]
-    leader: PeerId | None = None
+    members: tuple[bytes, ...]
+    leader: bytes | None = None
 
     @property
     def size(self) -> int:
@@ -66,17 +68,9 @@ class Group:
         return len(self.members)
 
 
-class GroupFormer(Protocol):
-    """Anything that forms the group of one round: ``Matchmaker`` or ``HashMatchmaker``."""
-
-    async def form_group(self, round: int, *, timeout: float | None = None) -> Group:
-        """The group this peer is in for ``round``; ``GroupFormationFailed`` if none formed."""
-        ...
-
-
 @dataclass(frozen=True)
 class MatchConfig:
-    """Matchmaking parameters (seconds on the loop's clock)."""
+    """Matchmaking parameters (seconds on the driver's clock)."""
 
     target_size: int = 8
     """k: the inviter closes the group when it has this many members."""
@@ -89,13 +83,14 @@ class MatchConfig:
     form_timeout_s: float = 0.5
     """An inviter closes (or dissolves) its group at most this long after starting to invite."""
     round_timeout_s: float = 5.0
-    """Default deadline of ``form_group`` (all retries included)."""
+    """How long a peer tries to form a group for one round (all attempts included)."""
 
     def __post_init__(self) -> None:
-        if not 2 <= self.min_size <= self.target_size <= MAX_GROUP_SIZE:
+        if not 3 <= self.min_size <= self.target_size <= MAX_GROUP_SIZE:
             raise ConfigError(
-                f"need 2 <= min_size <= target_size <= {MAX_GROUP_SIZE}, "
-                f"got {self.min_size}, {self.target_size}"
+                f"group sizes: need 3 <= min_group_size <= group_size <= {MAX_GROUP_SIZE} "
+                f"(in a group of two the sum reveals the other member's update); got "
+                f"min_group_size={self.min_size}, group_size={self.target_size}"
             )
         for name in ("backoff_s", "invite_timeout_s", "form_timeout_s", "round_timeout_s"):
             value = getattr(self, name)
@@ -103,261 +98,50 @@ class MatchConfig:
                 raise ConfigError(f"{name} must be > 0, got {value!r}")
 
 
-def _sorted(peers: Sequence[PeerId]) -> tuple[PeerId, ...]:
-    return tuple(sorted(set(peers), key=lambda p: p.raw))
+class GroupFormer(Protocol):
+    """Sans-IO group formation for one peer: ``Invitations`` or ``HashGrouping``.
 
-
-class Matchmaker:
-    """Forms groups by invitation over a ``Network``. One per peer; ``close()`` to unregister.
-
-    ``rng`` drives back-offs, sampling and, when given, the invitation and group ids (so a
-    seeded simulation repeats exactly); without it, ids come from the OS CSPRNG.
+    ``start`` begins forming for a round; ``formed`` (a ``Group``) or ``failure`` (a reason)
+    is set once it ended; ``stop`` abandons it.
     """
 
-    def __init__(
-        self,
-        net: Network,
-        config: MatchConfig | None = None,
-        *,
-        rng: random.Random | None = None,
-    ) -> None:
-        self.config = config or MatchConfig()
-        self._net = net
-        self._rng = rng or random.Random(os.urandom(16))
-        # ids are public but must not collide; an injected rng (simulation) makes runs repeat
-        self._new_id: Callable[[int], bytes] = os.urandom if rng is None else rng.randbytes
-        self._ready: int | None = None  # the round we are forming a group for
-        self._waiting = False  # in back-off: may accept an invitation
-        self._inviting: bytes | None = None  # our own invitation id while we invite
-        self._yield: asyncio.Future[None] | None = None  # set when we yield to another inviter
-        self._wake: asyncio.Future[None] | None = None
-        self._commit: tuple[PeerId, bytes] | None = None  # (inviter, invite id) accepted
-        self._commit_expiry = 0.0
-        self._outcome: asyncio.Future[Group | None] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.formed = 0
-        """Groups this peer ended up in."""
-        self.dissolved = 0
-        """Attempts (ours or accepted) that were cancelled or expired."""
-        self.failed = 0
-        """Rounds for which no group formed by the deadline."""
-        net.register(Invite, self._on_invite)
-        net.register(GroupFormed, self._on_formed)
-        net.register(GroupCancelled, self._on_cancelled)
+    message_types: tuple[type, ...]
+    formed: Group | None
+    failure: str | None
 
-    def close(self) -> None:
-        """Unregister the handlers and cancel best-effort notifications."""
-        for cls in (Invite, GroupFormed, GroupCancelled):
-            self._net.unregister(cls)
-        for task in list(self._tasks):
-            task.cancel()
+    @property
+    def wake_at(self) -> float | None:
+        """When ``wake`` is due."""
+        ...
 
-    # ------------------------------------------------------------------ handlers
+    def start(self, now: float, round: int, view: Sequence[bytes]) -> Out:
+        """Begin forming this peer's group for ``round`` from ``view``."""
+        ...
 
-    async def _on_invite(self, sender: PeerId, msg: Invite) -> InviteReply:
-        # An inviter that has not closed its group yet yields to an invitation with a smaller
-        # id (a strict order: of concurrent inviters the smallest never yields, and the others
-        # end up in its group). A yielding inviter cancels its own attempt; the peers it had
-        # gathered are released, answer "busy" meanwhile, and are asked again by the winner.
-        yielding = (
-            self._inviting is not None
-            and self._yield is not None
-            and not self._yield.done()
-            and msg.invite < self._inviting
-        )
-        ok = (
-            self._ready == msg.round
-            and (self._waiting or yielding)
-            and self._commit is None
-            and 0 < msg.expires_in <= self.config.form_timeout_s + self.config.invite_timeout_s
-        )
-        if ok:
-            if yielding and self._yield is not None:
-                self._yield.set_result(None)
-            loop = asyncio.get_running_loop()
-            self._commit = (sender, msg.invite)
-            self._commit_expiry = self._net.time() + msg.expires_in + self.config.invite_timeout_s
-            self._outcome = loop.create_future()
-            if self._wake is not None and not self._wake.done():
-                self._wake.set_result(None)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "event=invite me=%s from=%s accept=%s yielding=%s waiting=%s",
-                self._net.local_id.short(),
-                sender.short(),
-                ok,
-                yielding,
-                self._waiting,
-            )
-        return InviteReply(msg.invite, ok, busy=not ok and self._ready == msg.round)
+    def receive(self, now: float, sender: bytes, message: Any) -> Out:
+        """A matchmaking message."""
+        ...
 
-    async def _on_formed(self, sender: PeerId, msg: GroupFormed) -> None:
-        if self._commit != (sender, msg.invite) or self._ready != msg.round:
-            raise InconsistentMessage("a group list for an invitation this peer did not accept")
-        members = _sorted(msg.members)
-        if (
-            len(members) != len(msg.members)
-            or self._net.local_id not in members
-            or sender not in members
-            or not self.config.min_size <= len(members) <= MAX_GROUP_SIZE
-            or len(msg.group) != GROUP_ID_BYTES
-        ):
-            raise InconsistentMessage("an invalid group list")
-        if self._outcome is not None and not self._outcome.done():
-            self._outcome.set_result(Group(msg.round, msg.group, members, sender))
+    def wake(self, now: float) -> Out:
+        """The deadline passed."""
+        ...
 
-    async def _on_cancelled(self, sender: PeerId, msg: GroupCancelled) -> None:
-        if self._commit == (sender, msg.invite) and self._outcome and not self._outcome.done():
-            self._outcome.set_result(None)
+    def stop(self) -> Out:
+        """Abandon forming (the round was cancelled)."""
+        ...
 
-    # ------------------------------------------------------------------ forming
 
-    async def form_group(self, round: int, *, timeout: float | None = None) -> Group:
-        """Form (or join) a group for ``round`` by ``timeout`` seconds from now.
+def _sorted(peers: Sequence[bytes]) -> tuple[bytes, ...]:
+    return tuple(sorted(set(peers)))
 
-        Raises ``GroupFormationFailed`` if no group of at least ``min_size`` formed in time.
-        An invitation accepted just before the deadline is waited for until it expires, so the
-        call can overrun ``timeout`` by at most ``form_timeout_s + invite_timeout_s``.
-        """
-        if self._ready is not None:
-            raise ConfigError("form_group is already running on this peer")
-        deadline = self._net.time() + (self.config.round_timeout_s if timeout is None else timeout)
-        self._ready = round
-        try:
-            while self._net.time() < deadline:
-                group = await self._attempt(round, deadline)
-                if group is not None:
-                    self.formed += 1
-                    return group
-            self.failed += 1
-            log.info("event=group_formation_failed round=%d", round)
-            raise GroupFormationFailed(f"no group of {self.config.min_size}+ formed in time")
-        finally:
-            self._ready = None
-            self._waiting = False
-            self._commit = None
-            self._outcome = None
 
-    async def _attempt(self, round: int, deadline: float) -> Group | None:
-        loop = asyncio.get_running_loop()
-        self._commit, self._outcome = None, None
-        self._wake = loop.create_future()
-        self._waiting = True
-        backoff = min(self._rng.uniform(0, self.config.backoff_s), deadline - self._net.time())
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._wake), max(backoff, 0.0))
-        self._waiting = False
-        if self._accepted():  # an invitation arrived during the back-off
-            return await self._await_verdict()
-        if self._net.time() >= deadline:
-            return None
-        group = await self._invite(round, deadline)
-        if group is None and self._accepted():  # we yielded to another inviter
-            return await self._await_verdict()
-        return group
-
-    def _accepted(self) -> bool:
-        return self._commit is not None
-
-    async def _await_verdict(self) -> Group | None:
-        assert self._outcome is not None
-        remaining = self._commit_expiry - self._net.time()
-        try:
-            group = await asyncio.wait_for(asyncio.shield(self._outcome), max(remaining, 0.0))
-        except TimeoutError:
-            group = None
-        if group is None:
-            self.dissolved += 1
-        self._commit, self._outcome = None, None
-        return group
-
-    async def _invite(self, round: int, deadline: float) -> Group | None:
-        invite_id = self._new_id(16)
-        self._inviting = invite_id
-        self._yield = asyncio.get_running_loop().create_future()
-        try:
-            return await self._invite_from(round, deadline, invite_id, self._yield)
-        finally:
-            self._inviting, self._yield = None, None
-
-    async def _invite_from(
-        self, round: int, deadline: float, invite_id: bytes, yielded: asyncio.Future[None]
-    ) -> Group | None:
-        cfg = self.config
-        close_at = min(self._net.time() + cfg.form_timeout_s, deadline)
-        candidates = list(self._net.view())
-        self._rng.shuffle(candidates)
-        need = cfg.target_size - 1
-        accepted: list[PeerId] = []
-        asked: dict[asyncio.Task[str], PeerId] = {}
-        msg = Invite(round, invite_id, close_at - self._net.time())
-
-        async def ask(peer: PeerId) -> str:
-            wait = min(cfg.invite_timeout_s, close_at - self._net.time())
-            try:
-                reply = await self._net.request(peer, msg, timeout=max(wait, 1e-6))
-            except MurmurError:
-                return "no"
-            if not isinstance(reply, InviteReply) or reply.invite != invite_id:
-                return "no"
-            return "yes" if reply.accept else "busy" if reply.busy else "no"
-
-        busy: list[PeerId] = []  # ready for this round, but inviting or committed elsewhere
-        while len(accepted) < need and self._net.time() < close_at and not yielded.done():
-            while candidates and len(asked) + len(accepted) < need:
-                peer = candidates.pop()
-                asked[asyncio.ensure_future(ask(peer))] = peer
-            if not asked:
-                if not busy:
-                    break
-                # a moment later, ask the busy ones again: their own attempt may have failed
-                candidates, busy = busy, []
-                with contextlib.suppress(TimeoutError):
-                    pause = min(cfg.backoff_s, close_at - self._net.time())
-                    await asyncio.wait_for(asyncio.shield(yielded), max(pause, 0.0))
-                continue
-            waiting: set[asyncio.Future[Any]] = {*asked, yielded}
-            done, _ = await asyncio.wait(
-                waiting, timeout=close_at - self._net.time(), return_when=asyncio.FIRST_COMPLETED
-            )
-            for task in [t for t in asked if t in done]:  # in asking order: deterministic
-                peer = asked.pop(task)
-                answer = task.result()
-                if answer == "yes":
-                    accepted.append(peer)
-                elif answer == "busy":
-                    busy.append(peer)
-        self._inviting = None  # closing: no more yielding from here on
-        for task, peer in asked.items():  # unanswered: they may have accepted; release them
-            task.cancel()
-            self._notify(peer, GroupCancelled(round, invite_id))
-        if len(accepted) + 1 < cfg.min_size or yielded.done():
-            for peer in accepted:
-                self._notify(peer, GroupCancelled(round, invite_id))
-            if accepted:
-                self.dissolved += 1
-            return None
-        members = _sorted([*accepted, self._net.local_id])
-        group = Group(round, self._new_id(GROUP_ID_BYTES), members, self._net.local_id)
-        formed = GroupFormed(round, invite_id, group.id, members)
-        await asyncio.gather(*(self._tell(p, formed) for p in accepted))
-        log.debug("event=group_formed round=%d size=%d", round, group.size)
-        return group
-
-    async def _tell(self, peer: PeerId, msg: GroupFormed | GroupCancelled) -> None:
-        with contextlib.suppress(MurmurError):
-            await self._net.send(peer, msg, timeout=self.config.invite_timeout_s)
-
-    def _notify(self, peer: PeerId, msg: GroupCancelled) -> None:
-        task = asyncio.ensure_future(self._tell(peer, msg))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+# ---------------------------------------------------------------------- deterministic groups
 
 
 def hash_groups(
-    round: int, peers: Sequence[PeerId], *, size: int, min_size: int = 3
-) -> list[tuple[PeerId, ...]]:
-    """Split ``peers`` into groups of about ``size`` from the round number and the ids alone.
+    round: int, peers: Sequence[bytes], *, size: int, min_size: int = 3
+) -> list[tuple[bytes, ...]]:
+    """Split ``peers`` (raw ids) into groups of about ``size`` from the round and ids alone.
 
     Peers are ordered by BLAKE2b(round, id), then dealt into ``max(1, n // size)`` groups of
     near-equal size (so every group has ``size`` to ``2 * size - 1`` members when ``n >= size``).
@@ -368,66 +152,365 @@ def hash_groups(
     unique = _sorted(peers)
     if len(unique) < min_size:
         raise GroupFormationFailed(f"{len(unique)} peers, fewer than the minimum {min_size}")
-    salt = round.to_bytes(8, "big")
-    order = sorted(
-        unique,
-        key=lambda p: hashlib.blake2b(b"murmur.gossip.hash-group" + salt + p.raw).digest(),
-    )
+    salt = b"murmur.gossip.hash-group" + round.to_bytes(8, "big")
+    order = sorted(unique, key=lambda p: hashlib.blake2b(salt + p, digest_size=16).digest())
     count = max(1, len(order) // size)
     return [_sorted(order[i::count]) for i in range(count)]
 
 
-_HASH_GROUP_ROUNDS = 16
-_HASH_GROUPS: dict[tuple[int, int, int, frozenset[bytes]], dict[bytes, Group]] = {}
-"""(round, size, min_size, the ids seen) -> member id -> its group: the ``hash_groups`` of one
-view computed once per process, not once per peer (the simulator runs every peer in one process
-and all of them see the same membership). Bounded: the oldest views go first."""
+def group_id_of(round: int, members: Sequence[bytes]) -> bytes:
+    """The id of a hash group: BLAKE2b-128 of the round and its sorted members."""
+    h = hashlib.blake2b(b"murmur.gossip.hash-group-id", digest_size=GROUP_ID_BYTES)
+    h.update(round.to_bytes(8, "big"))
+    for m in sorted(members):
+        h.update(m)
+    return h.digest()
 
 
-def _hash_groups_by_member(
-    round: int, peers: Sequence[PeerId], *, size: int, min_size: int
+_CACHE_ROUNDS = 8
+_CACHE: list[tuple[int, int, int, Sequence[bytes], dict[bytes, Group]]] = []
+"""The groups of the last views seen, by view identity: a simulator hands every peer the same
+view object, so the groups are computed once per process and round, not once per peer (and
+without hashing the whole view for every peer)."""
+
+
+def _groups_by_member(
+    round: int, view: Sequence[bytes], me: bytes, size: int, min_size: int
 ) -> dict[bytes, Group]:
-    key = (round, size, min_size, frozenset([p.raw for p in peers]))
-    found = _HASH_GROUPS.get(key)
-    if found is not None:
-        return found
+    for r, s, ms, v, found in _CACHE:
+        if (
+            v is view
+            and r == round
+            and s == size
+            and ms == min_size
+            and (me in found or me in view)
+        ):
+            return found
     by_member: dict[bytes, Group] = {}
+    peers = view if me in view else [me, *view]
     for members in hash_groups(round, peers, size=size, min_size=min_size):
-        gid = hashlib.blake2b(
-            b"murmur.gossip.hash-group-id"
-            + round.to_bytes(8, "big")
-            + b"".join(p.raw for p in members),
-            digest_size=GROUP_ID_BYTES,
-        ).digest()
-        group = Group(round, gid, members, None)
+        group = Group(round, group_id_of(round, members), members, None)
         for p in members:
-            by_member[p.raw] = group
-    if len(_HASH_GROUPS) >= _HASH_GROUP_ROUNDS:
-        del _HASH_GROUPS[next(iter(_HASH_GROUPS))]
-    _HASH_GROUPS[key] = by_member
+            by_member[p] = group
+    if me in view:  # a shared snapshot (every peer included): worth keeping for the others
+        if len(_CACHE) >= _CACHE_ROUNDS:
+            del _CACHE[0]
+        _CACHE.append((round, size, min_size, view, by_member))
     return by_member
 
 
-class HashMatchmaker:
-    """Deterministic grouping (``hash_groups``) of this peer and its view; no messages.
+class HashGrouping:
+    """Deterministic grouping (:func:`hash_groups`) of this peer and its view; no messages.
 
-    Every peer must see the same view (a static list, or the simulator's full membership). The
-    grouping of a view is computed once per process and round and shared by the peers that see
-    the same view (the simulator's peers): O(n log n) per round instead of per peer.
+    Every peer must see the same view (a static list, or the simulator's round snapshot).
     """
 
-    def __init__(self, net: Network, *, size: int = 8, min_size: int = 3) -> None:
+    message_types: tuple[type, ...] = ()
+
+    def __init__(self, me: bytes, *, size: int = 8, min_size: int = 3) -> None:
         if not 2 <= min_size <= size:
             raise ConfigError(f"need 2 <= min_size <= size, got {min_size}, {size}")
-        self._net, self.size, self.min_size = net, size, min_size
+        self.me, self.size, self.min_size = me, size, min_size
+        self.formed: Group | None = None
+        self.failure: str | None = None
 
-    async def form_group(self, round: int, *, timeout: float | None = None) -> Group:
-        """The hash group of this peer for ``round`` (``timeout`` is unused: no waiting)."""
-        me = self._net.local_id
-        by_member = _hash_groups_by_member(
-            round, [me, *self._net.view()], size=self.size, min_size=self.min_size
+    @property
+    def wake_at(self) -> float | None:
+        """Never: grouping is immediate."""
+        return None
+
+    def start(self, now: float, round: int, view: Sequence[bytes]) -> Out:
+        """Find this peer's hash group at once (or fail: too few peers)."""
+        self.formed, self.failure = None, None
+        try:
+            by_member = _groups_by_member(round, view, self.me, self.size, self.min_size)
+        except GroupFormationFailed as exc:
+            self.failure = str(exc)
+            return []
+        self.formed = by_member.get(self.me)
+        if self.formed is None:  # pragma: no cover - hash_groups places every peer
+            self.failure = "this peer is in no hash group"
+        return []
+
+    def receive(self, now: float, sender: bytes, message: Any) -> Out:
+        """No messages."""
+        raise InconsistentMessage("hash grouping exchanges no messages")
+
+    def wake(self, now: float) -> Out:
+        """Nothing to do."""
+        return []
+
+    def stop(self) -> Out:
+        """Nothing to abandon."""
+        return []
+
+
+# ---------------------------------------------------------------------- invitations
+
+
+class _State(enum.Enum):
+    IDLE = 0
+    BACKOFF = 1
+    COMMITTED = 2
+    INVITING = 3
+    PAUSED = 4  # inviting, between two passes over the busy ones
+
+
+class Invitations:
+    """One peer's matchmaker by invitation (see the module docstring). Sans-IO.
+
+    ``rng`` drives back-offs, sampling and, when given, the invitation and group ids (so a
+    seeded simulation repeats exactly); without it, ids come from the OS CSPRNG.
+    """
+
+    message_types: tuple[type, ...] = (Invite, InviteReply, GroupFormed, GroupCancelled)
+
+    def __init__(
+        self, me: bytes, config: MatchConfig | None = None, *, rng: random.Random | None = None
+    ) -> None:
+        self.me = me
+        self.config = config or MatchConfig()
+        self._rng = rng or random.Random(os.urandom(16))
+        self._new_id: Callable[[int], bytes] = os.urandom if rng is None else rng.randbytes
+        self._state = _State.IDLE
+        self._round: int | None = None
+        self._view: Sequence[bytes] = ()
+        self._deadline = 0.0
+        self._due = 0.0  # the current state's own deadline
+        self._commit: tuple[bytes, bytes] | None = None  # (inviter, invite id) accepted
+        self._invite: bytes | None = None  # our invitation id while inviting
+        self._close_at = 0.0
+        self._candidates: list[bytes] = []
+        self._asked: dict[bytes, float] = {}  # invitee -> when its answer is late
+        self._accepted: list[bytes] = []
+        self._busy: list[bytes] = []
+        self.formed: Group | None = None
+        self.failure: str | None = None
+        self.groups_formed = 0
+        """Groups this peer ended up in."""
+        self.dissolved = 0
+        """Attempts (ours or accepted) that were cancelled or expired."""
+        self.failed = 0
+        """Rounds for which no group formed by the deadline."""
+
+    # ------------------------------------------------------------------ driving
+
+    @property
+    def wake_at(self) -> float | None:
+        """The current state's deadline (None when idle)."""
+        if self._state is _State.IDLE:
+            return None
+        if self._state is _State.INVITING and self._asked:
+            return min(self._due, min(self._asked.values()))
+        return self._due
+
+    def start(self, now: float, round: int, view: Sequence[bytes]) -> Out:
+        """Become ready for ``round`` and try to form a group until ``round_timeout_s``."""
+        if self._state is not _State.IDLE:
+            raise ConfigError("this peer is already forming a group")
+        self.formed, self.failure = None, None
+        self._round = round
+        self._view = [p for p in view if p != self.me]
+        self._deadline = now + self.config.round_timeout_s
+        return self._next_attempt(now)
+
+    def stop(self) -> Out:
+        """Abandon forming: an inviter releases whoever it gathered."""
+        out = self._release_all() if self._state in (_State.INVITING, _State.PAUSED) else []
+        self._reset()
+        return out
+
+    def wake(self, now: float) -> Out:
+        """A deadline passed: back-off over, a verdict or an answer late, the attempt closes."""
+        state = self._state
+        if state is _State.BACKOFF and now >= self._due:
+            return self._end_backoff(now)
+        if state is _State.COMMITTED and now >= self._due:
+            self.dissolved += 1
+            self._commit = None
+            return self._next_attempt(now)
+        if state is _State.PAUSED and now >= self._due:
+            self._state = _State.INVITING
+            self._due = self._close_at  # the pause's own deadline is spent
+            self._candidates, self._busy = self._busy, []
+            return self._invite_more(now)
+        if state is _State.INVITING:
+            for peer, late in list(self._asked.items()):
+                if now >= late:
+                    del self._asked[peer]  # no answer in time: as declined
+            return self._invite_more(now)
+        return []
+
+    def receive(self, now: float, sender: bytes, message: Any) -> Out:
+        """An invitation, an answer to ours, or a verdict on the invitation we accepted."""
+        cls = type(message)
+        if cls is Invite:
+            return self._on_invite(now, sender, message)
+        if cls is InviteReply:
+            return self._on_reply(now, sender, message)
+        if cls is GroupFormed:
+            return self._on_formed(now, sender, message)
+        if cls is GroupCancelled:
+            if self._state is _State.COMMITTED and self._commit == (sender, message.invite):
+                self.dissolved += 1
+                self._commit = None
+                return self._next_attempt(now)
+            return []
+        raise MalformedMessage(f"not a matchmaking message: {cls.__name__}")
+
+    # ------------------------------------------------------------------ handlers
+
+    def _on_invite(self, now: float, sender: bytes, msg: Invite) -> Out:
+        cfg = self.config
+        state = self._state
+        yielding = (
+            state in (_State.INVITING, _State.PAUSED)
+            and self._invite is not None
+            and msg.invite < self._invite
         )
-        group = by_member.get(me.raw)
-        if group is None:  # pragma: no cover - hash_groups places every peer
-            raise GroupFormationFailed("this peer is in no hash group")
-        return group
+        ok = (
+            self._round == msg.round
+            and (state is _State.BACKOFF or yielding)
+            and self._commit is None
+            and isinstance(msg.expires_in, float)
+            and 0 < msg.expires_in <= cfg.form_timeout_s + cfg.invite_timeout_s
+        )
+        reply = InviteReply(msg.invite, ok, busy=not ok and self._round == msg.round)
+        if not ok:
+            return [(sender, reply)]
+        out = self._release_all() if yielding else []
+        self._commit = (sender, msg.invite)
+        self._state = _State.COMMITTED
+        self._due = now + msg.expires_in + cfg.invite_timeout_s
+        self._invite = None
+        return [*out, (sender, reply)]
+
+    def _on_reply(self, now: float, sender: bytes, msg: InviteReply) -> Out:
+        asking = self._state in (_State.INVITING, _State.PAUSED) and msg.invite == self._invite
+        if not asking or sender not in self._asked:
+            if msg.accept:  # it committed to an attempt we no longer run: release it
+                return [(sender, GroupCancelled(self._round or 0, msg.invite))]
+            return []
+        del self._asked[sender]
+        if msg.accept:
+            self._accepted.append(sender)
+        elif msg.busy:
+            self._busy.append(sender)
+        if self._state is _State.PAUSED:
+            return []
+        return self._invite_more(now)
+
+    def _on_formed(self, now: float, sender: bytes, msg: GroupFormed) -> Out:
+        if self._state is not _State.COMMITTED or self._commit != (sender, msg.invite):
+            raise InconsistentMessage("a group list for an invitation this peer did not accept")
+        if self._round != msg.round:
+            raise InconsistentMessage("a group list for another round")
+        raw = [m.raw if isinstance(m, PeerId) else None for m in msg.members]
+        if any(r is None for r in raw):
+            raise MalformedMessage("group members must be peer ids")
+        members = _sorted([r for r in raw if r is not None])
+        if (
+            len(members) != len(msg.members)
+            or self.me not in members
+            or sender not in members
+            or not self.config.min_size <= len(members) <= MAX_GROUP_SIZE
+            or len(msg.group) != GROUP_ID_BYTES
+        ):
+            raise InconsistentMessage("an invalid group list")
+        self._done(Group(msg.round, msg.group, members, sender))
+        return []
+
+    # ------------------------------------------------------------------ transitions
+
+    def _next_attempt(self, now: float) -> Out:
+        if now >= self._deadline:
+            self.failed += 1
+            log.info("event=group_formation_failed round=%s", self._round)
+            self._fail(f"no group of {self.config.min_size}+ formed in time")
+            return []
+        self._state = _State.BACKOFF
+        self._due = now + min(self._rng.uniform(0, self.config.backoff_s), self._deadline - now)
+        return []
+
+    def _end_backoff(self, now: float) -> Out:
+        if now >= self._deadline:
+            return self._next_attempt(now)
+        cfg = self.config
+        self._state = _State.INVITING
+        self._invite = self._new_id(16)
+        self._close_at = min(now + cfg.form_timeout_s, self._deadline)
+        self._due = self._close_at
+        self._candidates = list(self._view)
+        self._rng.shuffle(self._candidates)
+        self._asked, self._accepted, self._busy = {}, [], []
+        return self._invite_more(now)
+
+    def _invite_more(self, now: float) -> Out:
+        cfg = self.config
+        need = cfg.target_size - 1
+        out: Out = []
+        if len(self._accepted) < need and now < self._close_at:
+            assert self._invite is not None and self._round is not None
+            msg = Invite(self._round, self._invite, self._close_at - now)
+            wait = min(cfg.invite_timeout_s, self._close_at - now)
+            while self._candidates and len(self._asked) + len(self._accepted) < need:
+                peer = self._candidates.pop()
+                self._asked[peer] = now + wait
+                out.append((peer, msg))
+            if self._asked:
+                return out
+            if self._busy:
+                # a moment later, ask the busy ones again: their own attempt may have failed
+                self._state = _State.PAUSED
+                self._due = min(now + cfg.backoff_s, self._close_at)
+                return out
+        return out + self._close(now)
+
+    def _close(self, now: float) -> Out:
+        cfg = self.config
+        assert self._invite is not None and self._round is not None
+        invite, rnd = self._invite, self._round
+        out: Out = [(p, GroupCancelled(rnd, invite)) for p in self._asked]
+        accepted = self._accepted
+        if len(accepted) + 1 < cfg.min_size:
+            out += [(p, GroupCancelled(rnd, invite)) for p in accepted]
+            if accepted:
+                self.dissolved += 1
+            self._invite = None
+            self._asked, self._accepted, self._busy = {}, [], []
+            return out + self._next_attempt(now)
+        members = _sorted([*accepted, self.me])
+        group = Group(rnd, self._new_id(GROUP_ID_BYTES), members, self.me)
+        formed = GroupFormed(rnd, invite, group.id, tuple(PeerId(m) for m in members))
+        out += [(p, formed) for p in accepted]
+        log.debug("event=group_formed round=%d size=%d", rnd, group.size)
+        self._done(group)
+        return out
+
+    def _release_all(self) -> Out:
+        invite, rnd = self._invite, self._round
+        if invite is None or rnd is None:
+            return []
+        cancel = GroupCancelled(rnd, invite)
+        out: Out = [(p, cancel) for p in [*self._asked, *self._accepted]]
+        if self._accepted:
+            self.dissolved += 1
+        self._asked, self._accepted, self._busy, self._candidates = {}, [], [], []
+        self._invite = None
+        return out
+
+    def _done(self, group: Group) -> None:
+        self.groups_formed += 1
+        self._reset()
+        self.formed = group
+
+    def _fail(self, reason: str) -> None:
+        self._reset()
+        self.failure = reason
+
+    def _reset(self) -> None:
+        self._state = _State.IDLE
+        self._round = None
+        self._commit = None
+        self._invite = None
+        self._asked, self._accepted, self._busy, self._candidates = {}, [], [], []

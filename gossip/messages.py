@@ -37,7 +37,7 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class Invite:
-    """Matchmaking request: join my group for ``round``; answer with ``InviteReply``.
+    """Matchmaking request: join my group for ``round``; answered by an ``InviteReply`` message.
 
     ``invite`` is the inviter's random id for this attempt; ``expires_in`` the seconds (from
     sending) after which the inviter will have closed or dissolved the group.
@@ -123,7 +123,7 @@ class PlainChunkSum:
 
 @dataclass(frozen=True, slots=True)
 class PairwiseOffer:
-    """Randomized pairwise gossip: my state; answer with yours (``PairwiseReply``)."""
+    """Randomized pairwise gossip: my state; answered by a ``PairwiseReply`` message."""
 
     TYPE: ClassVar[str] = "gossip.pairwise_offer"
     SECRET: ClassVar[bool] = False
@@ -143,6 +143,7 @@ class PairwiseReply:
     accept: bool
     vector: Tensor
     weight: float
+    round: int
 
 
 @dataclass(frozen=True, slots=True)

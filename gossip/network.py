@@ -1,8 +1,10 @@
 """The network interface gossip needs, and its adapter over p2p's ``Transport``.
 
-gossip's algorithms talk to a ``Network``: the local peer id, ``send`` (one-way, returns once
+gossip's drivers talk to a ``Network``: the local peer id, ``send`` (one-way, returns once
 the peer's handler accepted the message) and ``request`` (returns the reply) to a peer id, one
-handler per message type, the current membership view, and the event loop's clock. The daemon
+handler per message type, the current membership view, and the event loop's clock; optionally
+``post`` (one-way without waiting, ``Poster``) and ``call_at`` (timers on the network's own
+schedule, which the simulator orders with its deliveries). The daemon
 uses ``TransportNetwork`` over its aiohttp transport and membership; tests use it over p2p's
 in-memory transport; the simulator provides its own implementation. Time is always the running
 loop's (``loop.time()``, ``asyncio.sleep``, timeouts), never the wall clock, so a virtual-clock
@@ -15,7 +17,8 @@ How a message is authenticated is the adapter's choice, from the class's ``SECRE
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+import inspect
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from floor.envelope import Auth, Received
@@ -32,10 +35,11 @@ __all__ = [
     "auth_for",
 ]
 
-GossipHandler = Callable[[PeerId, Any], Awaitable[Any | None]]
-"""Handles one message from a peer: ``handler(sender, message)`` -> reply (for requests) or None.
+GossipHandler = Callable[[PeerId, Any], Any]
+"""Handles one message from a peer: ``handler(sender, message)`` -> a reply (for requests),
+None, or an awaitable of either (awaited by the adapter).
 
-A handler should return quickly (queue the work): the sender may be waiting for it. Raising a
+A handler should return quickly: the averaging drivers' handlers are synchronous. Raising a
 ``floor.errors.ProtocolError`` refuses the message (the sender sees ``RemoteRefused``).
 """
 
@@ -179,7 +183,10 @@ class TransportNetwork:
         """Register ``handler`` for ``message_type`` on the transport."""
 
         async def adapter(received: Received) -> Any:
-            return await handler(received.sender, received.message)
+            reply = handler(received.sender, received.message)
+            if inspect.isawaitable(reply):
+                reply = await reply
+            return reply
 
         self._transport.register(message_type, adapter)
 
@@ -195,3 +202,7 @@ class TransportNetwork:
     def time(self) -> float:
         """The running loop's clock."""
         return asyncio.get_running_loop().time()
+
+    def call_at(self, when: float, callback: Callable[..., Any], *args: Any) -> None:
+        """Run ``callback(*args)`` at loop time ``when`` (the drivers' deadlines)."""
+        asyncio.get_running_loop().call_at(when, callback, *args)

@@ -55,8 +55,9 @@ from floor.errors import (
     GroupFormationFailed,
     MurmurError,
 )
-from gossip.allreduce import Averager, AverageResult
+from gossip.driver import Averager
 from gossip.learner import Contribution, Learner
+from gossip.machine import AverageResult
 from gossip.network import Network
 
 __all__ = [
@@ -392,11 +393,15 @@ class TrainingSession:
             )
 
     def close(self) -> None:
-        """Shut down the executor if the session made it (idempotent; a running training
-        step finishes in its thread)."""
+        """Close the averager (a ``Driver`` unregisters its machine) and shut down the
+        executor if the session made it (idempotent; a running training step finishes in its
+        thread)."""
         if self._closed:
             return
         self._closed = True
+        close = getattr(self.averager, "close", None)
+        if callable(close):
+            close()
         if self._own_executor:
             self._executor.shutdown(wait=False, cancel_futures=True)
 

@@ -36,6 +36,7 @@ from floor.errors import ConfigError, PrivacyError, TrainingError
 from gossip.learner import TrainConfig
 from gossip.model import Layout
 from gossip.privacy import PrivacyConfig, PrivacyUnit, plan_privacy
+from gossip.spec import ALGORITHMS, PRIVACY_UNITS, SPEC, RunSpec, algorithm_name
 from gossip.tasks import Task, accuracy
 
 __all__ = [
@@ -48,7 +49,7 @@ __all__ = [
     "as_tensors",
 ]
 
-MIN_GROUP_SIZE = 3
+MIN_GROUP_SIZE = SPEC.min_group_size
 """The smallest secure group: in a group of two, the sum reveals the other member's update."""
 
 MAX_NOISE_MULTIPLIER = 50.0
@@ -61,7 +62,7 @@ Data = Any
 
 @dataclass(frozen=True)
 class Privacy:
-    """Differential privacy of each peer's contribution.
+    """Differential privacy of each peer's contribution (``gossip.spec.RunSpec``'s defaults).
 
     ``unit``: ``"record"`` protects each row (DP-SGD during local training), ``"peer"`` all of a
     peer's data (its round update is clipped to ``clip`` and noised), ``"none"`` disables DP.
@@ -69,15 +70,17 @@ class Privacy:
     ``noise_multiplier`` (then ``epsilon`` is only a cap, or None for none).
     """
 
-    epsilon: float | None = 8.0
-    delta: float = 1e-5
-    clip: float = 1.0
+    epsilon: float | None = SPEC.epsilon
+    delta: float = SPEC.delta
+    clip: float = SPEC.clip
     unit: Literal["record", "peer", "none"] = "record"
     noise_multiplier: float | None = None
 
     def __post_init__(self) -> None:
-        if self.unit not in ("record", "peer", "none"):
+        if self.unit not in PRIVACY_UNITS:
             raise ConfigError(f"privacy unit must be 'record', 'peer' or 'none', got {self.unit!r}")
+        if self.unit != "none" and self.epsilon is None and not self.noise_multiplier:
+            raise ConfigError(f"privacy unit {self.unit}: give epsilon or noise_multiplier")
 
     @classmethod
     def off(cls) -> Privacy:
@@ -97,88 +100,91 @@ class Privacy:
             rounds=rounds,
         )
 
+    def spec_fields(self) -> dict[str, Any]:
+        """These settings as ``RunSpec`` fields (no cap: an infinite epsilon)."""
+        return {
+            "privacy": self.unit,
+            "epsilon": math.inf if self.epsilon is None else float(self.epsilon),
+            "delta": self.delta,
+            "clip": self.clip,
+            "noise_multiplier": float(self.noise_multiplier or 0.0),
+        }
+
 
 @dataclass(frozen=True)
 class Averaging:
-    """How peers average each round. Use :class:`SecureGroups` or :class:`Baseline`."""
+    """How peers average each round. Use :class:`SecureGroups` or :class:`Baseline`.
 
-    algorithm: str = "secure"
-    """``secure``, ``plain`` (groups without masks), ``pairwise``, ``push_sum`` or ``dpsgd``."""
-    group_size: int = 8
-    min_group_size: int = MIN_GROUP_SIZE
-    stage_timeout_s: float = 2.0
-    """Deadline of each secure-aggregation stage (a member that misses it is dropped)."""
-    ring: str = "64"
-    """Ring of group averaging on a network: ``"64"``, ``"32"`` or ``"auto"`` (32 bits when
-    ``value_bound`` and the group size leave a fixed-point step of at most 2^-20). The
-    simulator always models the 64-bit ring: the ring changes speed and precision, not what
-    is learned or revealed."""
-    value_bound: float = 1e6
+    The fields are ``gossip.spec.RunSpec``'s, with its names and defaults.
+    """
+
+    algorithm: str = SPEC.algorithm
+    """``secure``, ``plain`` (groups without masks), ``pairwise``, ``push-sum`` or ``dpsgd``."""
+    group_size: int = SPEC.group_size
+    min_group_size: int = SPEC.min_group_size
+    stage_timeout_s: float = SPEC.stage_timeout_s
+    """Deadline of each group stage (a member that misses it is dropped)."""
+    ring: str = SPEC.ring
+    """Ring of group averaging: ``"64"``, ``"32"`` or ``"auto"`` (32 bits when
+    ``value_bound`` and the group size leave a fixed-point step of at most 2^-20)."""
+    value_bound: float = SPEC.value_bound
     """Public bound on every |w x| and w a peer contributes (w: its row count, or 1 under DP);
     a larger value fails that peer's round with ``RingOverflow``."""
 
-    _SIM_NAMES = {
-        "secure": "secure-group",
-        "plain": "group",
-        "pairwise": "pairwise",
-        "push_sum": "push-sum",
-        "dpsgd": "dpsgd",
-    }
-
     def __post_init__(self) -> None:
-        if self.algorithm not in self._SIM_NAMES:
-            raise ConfigError(
-                f"averaging must be one of {', '.join(self._SIM_NAMES)}; got {self.algorithm!r}"
-            )
-        if self.algorithm in ("secure", "plain"):
-            if self.min_group_size < MIN_GROUP_SIZE:
-                raise ConfigError(
-                    f"min_group_size {self.min_group_size} is below {MIN_GROUP_SIZE}: in a group "
-                    "of two the sum reveals the other member's update; use 3 or more"
-                )
-            if self.group_size < self.min_group_size:
-                raise ConfigError(
-                    f"group size {self.group_size} is below the minimum of "
-                    f"{self.min_group_size}; use SecureGroups(size={self.min_group_size}) or more"
-                )
-        if not self.stage_timeout_s > 0:
-            raise ConfigError(f"stage_timeout_s must be > 0, got {self.stage_timeout_s}")
-        if self.ring not in ("64", "32", "auto"):
-            raise ConfigError(f"ring must be '64', '32' or 'auto'; got {self.ring!r}")
-        if not (math.isfinite(self.value_bound) and self.value_bound > 0):
-            raise ConfigError(f"value_bound must be positive and finite; got {self.value_bound!r}")
+        object.__setattr__(self, "algorithm", algorithm_name(self.algorithm))
+        RunSpec(**self.spec_fields())  # every check, with the field's name
+
+    def spec_fields(self) -> dict[str, Any]:
+        """These settings as ``RunSpec`` fields."""
+        return {
+            "algorithm": self.algorithm,
+            "group_size": self.group_size,
+            "min_group_size": self.min_group_size,
+            "stage_timeout_s": self.stage_timeout_s,
+            "ring": self.ring,
+            "value_bound": self.value_bound,
+        }
 
     @property
     def ring_bits(self) -> Literal[32, 64] | None:
-        """``ring`` as ``gossip.AllReduceConfig.bits`` (None: auto)."""
+        """``ring`` as ``gossip.allreduce.AllReduceConfig.bits`` (None: auto)."""
         return None if self.ring == "auto" else (32 if self.ring == "32" else 64)
-
-    @property
-    def simulator_name(self) -> str:
-        """The simulator's name of this algorithm (``Scenario.algorithm``)."""
-        return self._SIM_NAMES[self.algorithm]
 
 
 def SecureGroups(
-    size: int = 8,
+    size: int = SPEC.group_size,
     *,
-    min_size: int = MIN_GROUP_SIZE,
-    stage_timeout_s: float = 2.0,
-    ring: str = "64",
-    value_bound: float = 1e6,
+    min_size: int = SPEC.min_group_size,
+    stage_timeout_s: float = SPEC.stage_timeout_s,
+    ring: str = SPEC.ring,
+    value_bound: float = SPEC.value_bound,
 ) -> Averaging:
-    """Secure aggregation in groups of ``size`` peers (at least ``min_size``): each peer's
-    update is hidden by pairwise masks; only the group's weighted mean is revealed.
+    """Secure aggregation in groups of ``size`` peers (at least ``min_size``, at least 3): each
+    peer's update is hidden by pairwise masks; only the group's weighted mean is revealed.
 
     ``ring="auto"`` with a small ``value_bound`` (e.g. 100 when DP sets every weight to 1)
     uses Z_2^32: half the bytes and mask work of the default Z_2^64."""
+    if isinstance(size, int) and size < SPEC.min_group_size:
+        raise ConfigError(
+            f"group size {size} is below the minimum of {SPEC.min_group_size}; use "
+            f"SecureGroups(size={SPEC.min_group_size}) or larger (in a group of two, the sum "
+            f"reveals the other member's update)"
+        )
     return Averaging("secure", size, min_size, stage_timeout_s, ring, value_bound)
 
 
-def Baseline(name: str, *, group_size: int = 8) -> Averaging:
-    """A plaintext averaging baseline: ``plain`` groups, ``pairwise`` gossip, ``push_sum`` or
+def Baseline(name: str, *, group_size: int = SPEC.group_size) -> Averaging:
+    """A plaintext averaging baseline: ``plain`` groups, ``pairwise`` gossip, ``push-sum`` or
     ``dpsgd`` (simulator only). Updates travel unmasked: for research comparisons."""
-    if name == "secure":
+    try:
+        canonical = algorithm_name(name)
+    except ConfigError:
+        raise ConfigError(
+            f"averaging must be one of {', '.join(a for a in ALGORITHMS if a != 'secure')} "
+            f"(a baseline), or SecureGroups(size); got {name!r}"
+        ) from None
+    if canonical == "secure":
         raise ConfigError("'secure' is not a baseline; use SecureGroups(size)")
     return Averaging(name, group_size, MIN_GROUP_SIZE)
 
@@ -245,11 +251,24 @@ class Training:
     """How plots and summaries name ``metric`` (default: the function's name)."""
     averaging: Averaging = field(default_factory=SecureGroups)
     privacy: Privacy = field(default_factory=Privacy)
-    rounds: int = 10
-    local_steps: int = 5
-    sample_rate: float = 0.2
-    seed: int = 0
+    rounds: int = SPEC.rounds
+    local_steps: int = SPEC.local_steps
+    sample_rate: float = SPEC.sample_rate
+    seed: int = SPEC.seed
     name: str = "custom"
+
+    def spec(self) -> RunSpec:
+        """This run as the one run description (``ConfigError`` naming a bad field)."""
+        train = self.train_config()
+        return RunSpec(
+            rounds=self.rounds,
+            local_steps=self.local_steps,
+            lr=train.lr,
+            sample_rate=self.sample_rate,
+            seed=self.seed,
+            **self.privacy.spec_fields(),
+            **self.averaging.spec_fields(),
+        )
 
     @property
     def metric_label(self) -> str:

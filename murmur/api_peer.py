@@ -31,11 +31,8 @@ from torch import Tensor, nn
 from dp.budget import Budget
 from floor.errors import ConfigError, Timeout, TransportClosed
 from floor.identity import PeerId
-from gossip.allreduce import AllReduceConfig, Averager
-from gossip.baselines import build_averager
-from gossip.learner import Learner
-from gossip.matchmaking import MatchConfig
 from gossip.network import TransportNetwork
+from gossip.run import build_learner, build_session, privacy_config
 from gossip.service import Evaluate, RoundReport, TrainingSession
 from murmur.api import Training, as_tensors
 from p2p.config import DaemonConfig, MembershipConfig
@@ -193,7 +190,7 @@ class Peer:
         if self._training:
             raise ConfigError("this peer is already training; one training at a time")
         daemon = self.daemon
-        session, averager = self._session(training, daemon, round_timeout_s)
+        session = self._session(training, daemon, round_timeout_s)
         self._training = True
         try:
             need = wait_for_peers
@@ -205,7 +202,6 @@ class Peer:
         finally:
             self._training = False
             session.close()
-            _close(averager)
 
     async def run(
         self,
@@ -226,52 +222,39 @@ class Peer:
 
     def _session(
         self, training: Training, daemon: Daemon, round_timeout_s: float
-    ) -> tuple[TrainingSession, Averager]:
+    ) -> TrainingSession:
         x, y = training.check()
-        privacy = training.privacy.config(training.rounds)
+        spec = training.spec()
+        if spec.algorithm == "dpsgd":
+            raise ConfigError(
+                "dpsgd needs a fixed topology of known peers: run it in the simulator "
+                "(murmur.simulate), or use SecureGroups / Baseline('push-sum') on a network"
+            )
+        privacy = privacy_config(spec)
         budget = None
-        if self._tmp is None and privacy.epsilon is not None and privacy.unit != "none":
+        if self._tmp is None and privacy.epsilon is not None and spec.private:
             # A kept data dir keeps the spend: a restarted peer cannot spend its budget twice.
             path = self.config.data_dir / BUDGET_FILE
             budget = Budget.persistent(privacy.epsilon, privacy.delta, path)
-        learner = Learner(
+        learner = build_learner(
+            spec,
             training.build_model(),
             x,
             y,
-            train=training.train_config(),
-            privacy=privacy,
             loss_fn=training.loss,
             budget=budget,
+            momentum=training.train_config().momentum,
         )
         net = TransportNetwork(daemon.transport, self.peers)
-        averaging = training.averaging
-        if averaging.algorithm == "dpsgd":
-            raise ConfigError(
-                "dpsgd needs a fixed topology of known peers: run it in the simulator "
-                "(murmur.simulate), or use SecureGroups / Baseline('push_sum') on a network"
-            )
-        averager = build_averager(
-            averaging.algorithm,
-            net,
-            identity=daemon.identity,
-            match=MatchConfig(target_size=averaging.group_size, min_size=averaging.min_group_size),
-            allreduce=AllReduceConfig(
-                bound=averaging.value_bound,
-                bits=averaging.ring_bits,
-                stage_timeout_s=averaging.stage_timeout_s,
-            ),
-        )
         evaluate = _evaluator(training) if training.eval_data is not None else None
-        session = TrainingSession(
+        return build_session(
+            spec,
             net,
+            daemon.identity,
             learner,
-            averager,
-            rounds=training.rounds,
             evaluate=evaluate,
             round_timeout_s=round_timeout_s,
-            lockstep=False,  # peers start apart: any ready peers group, as in the daemon
         )
-        return session, averager
 
 
 def _evaluator(training: Training) -> Evaluate:
@@ -289,14 +272,6 @@ def _evaluator(training: Training) -> Evaluate:
         return float(loss_fn(out, y)), float(metric(out, y))
 
     return evaluate
-
-
-def _close(averager: Any) -> None:
-    """Unregister the averager's handlers (and its group former's and all-reduce's)."""
-    for part in (averager, getattr(averager, "former", None), getattr(averager, "allreduce", None)):
-        close = getattr(part, "close", None)
-        if callable(close):
-            close()
 
 
 class SyncPeer:

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from floor.errors import ConfigError
+from gossip.spec import SPEC_FIELDS
 from murmur.api import Training
 from simulator.config import FIELD_NAMES, Scenario
 from simulator.engine import RoundRecord, RunResult, Simulation
@@ -47,24 +49,13 @@ def scenario_for(training: Training, *, peers: int, **settings: Any) -> Scenario
             "the simulator trains with plain SGD steps: give lr (or an SGD optimizer without "
             "momentum) to simulate this training"
         )
-    privacy, averaging = training.privacy, training.averaging
-    described = {
-        "name": training.name,
-        "peers": peers,
-        "rounds": training.rounds,
-        "seed": training.seed,
-        "algorithm": averaging.simulator_name,
-        "group_size": averaging.group_size,
-        "stage_timeout_s": averaging.stage_timeout_s,
-        "local_steps": train.local_steps,
-        "lr": train.lr,
-        "sample_rate": train.sample_rate,
-        "privacy": privacy.unit,
-        "epsilon": float(privacy.epsilon) if privacy.epsilon is not None else _NO_CAP,
-        "delta": privacy.delta,
-        "clip": privacy.clip,
-        "noise_multiplier": float(privacy.noise_multiplier or 0.0),
+    spec = training.spec()
+    described: dict[str, Any] = {
+        name: getattr(spec, name) for name in SPEC_FIELDS if name in FIELD_NAMES
     }
+    if not math.isfinite(spec.epsilon):
+        described["epsilon"] = _NO_CAP
+    described.update(name=training.name, peers=peers)
     unknown = sorted(set(settings) - FIELD_NAMES)
     if unknown:
         raise ConfigError(f"unknown simulator setting {unknown[0]!r} (see simulator.Scenario)")

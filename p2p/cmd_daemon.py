@@ -58,7 +58,13 @@ def register(subparsers: Any) -> None:
     train.add_argument("--group-size", type=int, metavar="K", help="target group size")
     train.add_argument("--epsilon", type=float, metavar="E", help="privacy budget epsilon")
     train.add_argument("--delta", type=float, metavar="D", help="privacy budget delta")
-    train.add_argument("--privacy-unit", choices=PRIVACY_UNITS, help="whose data epsilon protects")
+    train.add_argument(
+        "--privacy",
+        "--privacy-unit",
+        dest="privacy",
+        choices=PRIVACY_UNITS,
+        help="whose data epsilon protects (record, peer or none)",
+    )
     train.add_argument("--algorithm", choices=DAEMON_ALGORITHMS, help="averaging algorithm")
     train.add_argument("--seed", type=int, metavar="S", help="data split and initial model")
     train.add_argument("--shard", metavar="I/N", help="this peer's part of the data (e.g. 0/5)")
@@ -135,7 +141,7 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 def _training_flags(args: argparse.Namespace) -> dict[str, Any] | None:
     names: tuple[str, ...] = ("task", "rounds", "group_size", "epsilon", "delta")
-    names += ("privacy_unit", "algorithm", "seed", "shard", "partition", "ring", "value_bound")
+    names += ("privacy", "algorithm", "seed", "shard", "partition", "ring", "value_bound")
     given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     return given or None
 

@@ -229,7 +229,7 @@ def _argv(
     argv += ["--data-dir", str(workdir / f"peer{index}"), "--config", str(workdir / "demo.toml")]
     argv += ["--task", args.task, "--rounds", str(args.rounds)]
     argv += ["--group-size", str(args.group_size), "--epsilon", str(args.epsilon)]
-    argv += ["--delta", str(args.delta), "--privacy-unit", args.privacy_unit]
+    argv += ["--delta", str(args.delta), "--privacy", args.privacy_unit]
     argv += ["--algorithm", args.algorithm, "--seed", str(args.seed)]
     argv += ["--shard", f"{index}/{args.peers}"]
     if boot is not None:

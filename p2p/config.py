@@ -11,17 +11,22 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from floor.errors import ConfigError
 from floor.identity import PeerId
+from gossip.spec import ALGORITHMS, PRIVACY_UNITS, RINGS, SPEC, SPEC_FIELDS, RunSpec
 
 __all__ = [
+    "DAEMON_ALGORITHMS",
+    "PARTITIONS",
+    "PRIVACY_UNITS",
+    "RINGS",
+    "TASKS",
     "DaemonConfig",
     "HttpTransportConfig",
     "MembershipConfig",
@@ -153,14 +158,11 @@ class MembershipConfig:
                 raise ConfigError(f"membership.{name} must be > 0")
 
 
-# Names only, so that config errors answer without importing torch (gossip.tasks.TASK_NAMES and
-# gossip.baselines.AVERAGERS hold the same; dpsgd needs a fixed topology: simulator only).
 TASKS = ("breast_cancer", "credit", "digits")
-DAEMON_ALGORITHMS = ("secure", "plain", "pairwise", "push_sum")
-RINGS = ("64", "32", "auto")
-"""Ring widths of group averaging: Z_2^64, Z_2^32, or ``auto`` (32 bits when ``value_bound`` and
-the group size still leave a fixed-point step of at most 2^-20, else 64)."""
-PRIVACY_UNITS = ("record", "peer", "none")
+"""Built-in tasks (``gossip.tasks.TASK_NAMES``; named here so that config errors answer
+without importing torch)."""
+DAEMON_ALGORITHMS = tuple(a for a in ALGORITHMS if a != "dpsgd")
+"""What a daemon averages with (D-PSGD needs a fixed topology: simulator only)."""
 PARTITIONS = ("iid", "dirichlet", "label")
 
 
@@ -179,40 +181,20 @@ def parse_shard(text: str) -> tuple[int, int]:
 class TrainingConfig:
     """What the daemon trains (``[training]`` in the file, ``MURMUR_TRAINING_*``, flags).
 
-    With ``task`` empty the daemon only serves. Every peer of one training run must use the
-    same ``task``, ``seed``, ``partition``, ``group_size``, ``algorithm`` and timeouts; the
-    ``seed`` fixes the data split and the initial model (never the DP noise, which is always
-    drawn from the OS). ``shard`` ``I/N`` gives this peer part I of the task's training rows
-    cut in N by ``partition`` (the built-in tasks ship the same data to every peer; a local demo
-    gives each daemon its own part). The privacy budget (``epsilon``, ``delta``) is enforced
-    and persisted in the data dir; the noise is calibrated so that ``rounds`` contributions
-    spend exactly ``epsilon``.
+    With ``task`` empty the daemon only serves. The shared settings of the run (rounds, privacy,
+    averaging...) are ``gossip.spec.RunSpec``'s, with its names and defaults (:meth:`spec`);
+    every peer of one run must use the same. ``seed`` fixes the data split and the initial
+    model (never the DP noise, always drawn from the OS). ``shard`` ``I/N`` gives this peer part
+    I of the task's training rows cut in N by ``partition`` (the built-in tasks ship the same
+    data to every peer; a local demo gives each daemon its own part). The privacy budget
+    (``epsilon``, ``delta``) is enforced and persisted in the data dir.
     """
 
+    # -- this daemon
     task: str = ""
     """Built-in task to train: digits, breast_cancer or credit ("" = do not train)."""
     model: str = ""
     """Task model option (digits: mlp or logreg; "" = the task's default)."""
-    rounds: int = 10
-    """Rounds this peer trains; then it keeps serving so that others can finish."""
-    group_size: int = 8
-    """Target group size k."""
-    min_group_size: int = 3
-    """Smaller groups dissolve (with 2, the sum reveals the other's value)."""
-    algorithm: str = "secure"
-    """Averaging: secure, plain, pairwise or push_sum."""
-    privacy_unit: str = "record"
-    """record (DP-SGD), peer (noised update) or none."""
-    epsilon: float = 8.0
-    """Privacy budget: largest epsilon this peer may spend (at ``delta``)."""
-    delta: float = 1e-5
-    clip: float = 1.0
-    """L2 clip norm (per example for record, of the update for peer)."""
-    local_steps: int = 5
-    lr: float = 0.3
-    sample_rate: float = 0.2
-    seed: int = 0
-    """Shared by all peers: data split, partition and initial model."""
     shard: str = "0/1"
     """I/N: this peer's part of the training rows."""
     partition: str = "iid"
@@ -223,71 +205,62 @@ class TrainingConfig:
     """Live peers to wait for before round 1 (default: group_size - 1)."""
     start_timeout_s: float = 60.0
     """Longest wait for ``wait_peers``; then training starts with whoever is there."""
-    match_timeout_s: float = 5.0
-    """Deadline for forming a round's group."""
-    form_timeout_s: float = 0.5
-    """An inviter closes (or dissolves) its group this long after it starts inviting."""
-    stage_timeout_s: float = 1.0
-    """Deadline of each secure-aggregation stage."""
-    ring: str = "64"
-    """Ring of group averaging: 64, 32 or auto (see ``RINGS``; the same on all peers)."""
-    value_bound: float = 1e6
-    """Public bound on every |w x| and w a peer contributes to group averaging (the same on
-    all peers; w is the local row count, or 1 under DP). A larger value fails the round for
-    that peer with RingOverflow. A smaller bound gives a finer fixed-point step, and with
-    ``ring = auto`` (bound <= ~250 at k = 8) the 32-bit ring: half the bytes and mask work."""
     round_timeout_s: float = 60.0
     """Backstop deadline of a whole averaging step."""
-    period_s: float = 1.0
-    """Round period of the pairwise and push_sum baselines."""
+    # -- the run (gossip.spec.RunSpec: same names, same defaults)
+    rounds: int = SPEC.rounds
+    local_steps: int = SPEC.local_steps
+    lr: float = SPEC.lr
+    sample_rate: float = SPEC.sample_rate
+    seed: int = SPEC.seed
+    privacy: str = SPEC.privacy
+    epsilon: float = SPEC.epsilon
+    delta: float = SPEC.delta
+    clip: float = SPEC.clip
+    noise_multiplier: float = SPEC.noise_multiplier
+    algorithm: str = SPEC.algorithm
+    group_size: int = SPEC.group_size
+    min_group_size: int = SPEC.min_group_size
+    threshold: int = SPEC.threshold
+    degree: int = SPEC.degree
+    ring: str = SPEC.ring
+    value_bound: float = SPEC.value_bound
+    stage_timeout_s: float = SPEC.stage_timeout_s
+    match_timeout_s: float = SPEC.match_timeout_s
+    form_timeout_s: float = SPEC.form_timeout_s
+    period_s: float = SPEC.period_s
+    topology: str = SPEC.topology
+    topology_degree: int = SPEC.topology_degree
 
     def __post_init__(self) -> None:
         if self.task and self.task not in TASKS:
             raise ConfigError(f"training.task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        if self.algorithm not in DAEMON_ALGORITHMS:
-            raise ConfigError(
-                f"training.algorithm must be one of {', '.join(DAEMON_ALGORITHMS)}, "
-                f"got {self.algorithm!r}"
-            )
-        if self.privacy_unit not in PRIVACY_UNITS:
-            raise ConfigError(
-                f"training.privacy_unit must be one of {', '.join(PRIVACY_UNITS)}, "
-                f"got {self.privacy_unit!r}"
-            )
         if self.partition not in PARTITIONS:
             raise ConfigError(
                 f"training.partition must be one of {', '.join(PARTITIONS)}, got {self.partition!r}"
             )
         parse_shard(self.shard)
-        if self.rounds < 1 or self.local_steps < 1:
-            raise ConfigError("training.rounds and training.local_steps must be >= 1")
-        if not 2 <= self.min_group_size <= self.group_size <= 256:
-            raise ConfigError("training: need 2 <= min_group_size <= group_size <= 256")
-        if not self.epsilon > 0 or not 0 < self.delta < 1 or not self.clip > 0:
-            raise ConfigError("training: need epsilon > 0, 0 < delta < 1 and clip > 0")
-        if not self.lr > 0 or not 0 < self.sample_rate <= 1 or not self.alpha > 0:
-            raise ConfigError("training: need lr > 0, 0 < sample_rate <= 1 and alpha > 0")
-        if self.ring not in RINGS:
-            raise ConfigError(f"training.ring must be one of {', '.join(RINGS)}, got {self.ring!r}")
-        if not (math.isfinite(self.value_bound) and self.value_bound > 0):
-            raise ConfigError(f"training.value_bound must be > 0, got {self.value_bound!r}")
+        if not self.alpha > 0:
+            raise ConfigError(f"training.alpha must be > 0, got {self.alpha!r}")
         if self.wait_peers is not None and self.wait_peers < 0:
             raise ConfigError("training.wait_peers must be >= 0")
-        for name in (
-            "start_timeout_s",
-            "match_timeout_s",
-            "form_timeout_s",
-            "stage_timeout_s",
-            "round_timeout_s",
-            "period_s",
-        ):
+        for name in ("start_timeout_s", "round_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"training.{name} must be > 0")
+        spec = self.spec()  # checks every shared setting, naming it
+        if spec.algorithm not in DAEMON_ALGORITHMS:
+            raise ConfigError(
+                f"training.algorithm must be one of {', '.join(DAEMON_ALGORITHMS)} on a daemon "
+                f"(dpsgd needs a fixed topology: use the simulator), got {self.algorithm!r}"
+            )
+        object.__setattr__(self, "algorithm", spec.algorithm)
 
-    @property
-    def ring_bits(self) -> Literal[32, 64] | None:
-        """``ring`` as ``AllReduceConfig.bits`` (None: auto)."""
-        return None if self.ring == "auto" else (32 if self.ring == "32" else 64)
+    def spec(self) -> RunSpec:
+        """The run description (``ConfigError`` naming the ``training.`` field if it is bad)."""
+        try:
+            return RunSpec(**{name: getattr(self, name) for name in SPEC_FIELDS})
+        except ConfigError as exc:
+            raise ConfigError(f"training.{exc}") from None
 
     @property
     def peers_to_wait_for(self) -> int:

@@ -33,13 +33,10 @@ from floor import __version__
 from floor.envelope import EnvelopeCodec
 from floor.errors import ConfigError, KeyFileError, TransportClosed
 from floor.identity import Identity, PeerId
-from gossip.allreduce import AllReduceConfig
-from gossip.baselines import build_averager
 from gossip.data import Scheme, partition
-from gossip.learner import Learner, TrainConfig
-from gossip.matchmaking import MatchConfig
+from gossip.learner import Learner
 from gossip.network import TransportNetwork
-from gossip.privacy import PrivacyConfig, PrivacyUnit
+from gossip.run import build_learner, build_session
 from gossip.service import TrainingSession, save_model
 from gossip.tasks import Task, make_task
 from p2p.admin import admin_routes
@@ -247,34 +244,19 @@ class Daemon:
             prepared = await loop.run_in_executor(None, self._build_learner)
         task, learner = prepared
         net = TransportNetwork(self.transport, self._live_peers)
-        averager = build_averager(
-            cfg.algorithm,
-            net,
-            identity=self.identity,
-            match=MatchConfig(
-                target_size=cfg.group_size,
-                min_size=cfg.min_group_size,
-                form_timeout_s=cfg.form_timeout_s,
-                round_timeout_s=cfg.match_timeout_s,
-            ),
-            allreduce=AllReduceConfig(
-                bound=cfg.value_bound, bits=cfg.ring_bits, stage_timeout_s=cfg.stage_timeout_s
-            ),
-            period_s=cfg.period_s,
-        )
+        spec = cfg.spec()
 
         def evaluate(model: torch.nn.Module) -> tuple[float, float]:
             ev = task.evaluate(model)
             return ev.loss, ev.metric
 
-        session = TrainingSession(
+        session = build_session(
+            spec,
             net,
+            self.identity,
             learner,
-            averager,
-            rounds=cfg.rounds,
             evaluate=evaluate,
             round_timeout_s=cfg.round_timeout_s,
-            lockstep=False,  # daemons start seconds apart: any ready peers group
         )
         self._session = session
         try:
@@ -322,15 +304,9 @@ class Daemon:
         scheme = cast(Scheme, cfg.partition)
         parts = partition(task.y_train, count, scheme=scheme, alpha=cfg.alpha, seed=cfg.seed)
         rows = torch.as_tensor(parts[index])
-        privacy = PrivacyConfig(
-            unit=PrivacyUnit(cfg.privacy_unit),
-            epsilon=cfg.epsilon,
-            delta=cfg.delta,
-            clip=cfg.clip,
-            rounds=cfg.rounds,
-        )
+        spec = cfg.spec()
         budget = None
-        if privacy.unit is not PrivacyUnit.NONE:
+        if spec.private:
             budget = Budget.persistent(cfg.epsilon, cfg.delta, self.config.data_dir / BUDGET_FILE)
             if budget.spent_epsilon > 0:
                 log.info(
@@ -338,12 +314,11 @@ class Daemon:
                     budget.spent_epsilon,
                     cfg.epsilon,
                 )
-        learner = Learner(
+        learner = build_learner(
+            spec,
             task.build_model(cfg.seed),
             task.x_train[rows],
             task.y_train[rows],
-            train=TrainConfig(local_steps=cfg.local_steps, lr=cfg.lr, sample_rate=cfg.sample_rate),
-            privacy=privacy,
             loss_fn=task.loss_fn,
             budget=budget,
         )

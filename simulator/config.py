@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from floor.errors import ConfigError
+from gossip.spec import ALGORITHMS, ALIASES, SPEC, SPEC_FIELDS, TOPOLOGIES, RunSpec, algorithm_name
 
 __all__ = [
     "ALGORITHMS",
@@ -29,18 +30,15 @@ __all__ = [
     "parse_value",
 ]
 
-ALGORITHMS = ("secure-group", "group", "push-sum", "pairwise", "dpsgd")
-"""Averaging algorithms the simulator runs."""
-
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "algorithm": ALGORITHMS,
+    "algorithm": ALGORITHMS + tuple(ALIASES),
     "fidelity": ("object", "wire"),
     "task": ("digits", "breast_cancer", "credit"),
     "model": ("logreg", "mlp"),
     "partition": ("iid", "dirichlet", "label"),
     "privacy": ("record", "peer", "none"),
     "latency_dist": ("constant", "uniform", "normal", "lognormal", "exponential"),
-    "topology": ("ring", "regular", "complete"),
+    "topology": TOPOLOGIES,
     "training": ("auto", "per-peer", "stacked"),
     "engine": ("gossip", "direct"),
     "matchmaking": ("hash", "invite"),
@@ -53,24 +51,31 @@ def _f(section: str, default: Any, help: str) -> Any:
 
 @dataclass(frozen=True)
 class Scenario:
-    """Every setting of one simulation run. Defaults serve a first run (about a minute)."""
+    """Every setting of one simulation run. Defaults serve a first run (about a minute).
+
+    The fields a run shares with the daemon and the Python API (``gossip.spec.SPEC_FIELDS``)
+    have the same names and defaults as ``gossip.spec.RunSpec``; :meth:`spec` gives them as one.
+    """
 
     # [run]
     name: str = _f("run", "default", "a label for plots and summaries")
     peers: int = _f("run", 100, "number of peers")
-    rounds: int = _f("run", 25, "number of rounds")
-    algorithm: str = _f("run", "secure-group", "averaging algorithm: " + ", ".join(ALGORITHMS))
-    seed: int = _f("run", 0, "seed of data split, models, network and churn")
+    rounds: int = _f("run", SPEC.rounds, "number of rounds")
+    algorithm: str = _f("run", SPEC.algorithm, "averaging algorithm: " + ", ".join(ALGORITHMS))
+    seed: int = _f("run", SPEC.seed, "seed of data split, models, network and churn")
     fidelity: str = _f("run", "object", "object (message objects) or wire (encoded envelopes)")
     eval_peers: int = _f("run", 32, "peers whose models are evaluated each round (0 = all)")
     training: str = _f("run", "auto", "auto, per-peer (Learner) or stacked (one batched step)")
     engine: str = _f(
-        "run", "gossip", "gossip (the daemon's gossip/ averagers) or direct (sans-IO, for scale)"
+        "run",
+        "gossip",
+        "gossip (the machines on asyncio, as in the daemon) or direct (the same machines from "
+        "the network's ticks, with group workers, for scale)",
     )
     workers: int = _f(
         "run",
         0,
-        "processes for a round's groups (engine = direct, secure-group or group); "
+        "processes for a round's groups (engine = direct, secure or plain, hash matchmaking); "
         "0 = one per core from 400 peers; results do not depend on it",
     )
     # [task]
@@ -80,25 +85,39 @@ class Scenario:
     alpha: float = _f("task", 0.5, "Dirichlet concentration (partition = dirichlet)")
     labels_per_peer: int = _f("task", 2, "classes per peer (partition = label)")
     # [train]
-    local_steps: int = _f("train", 5, "local SGD steps per round")
-    lr: float = _f("train", 0.3, "learning rate")
-    sample_rate: float = _f("train", 0.2, "fraction of local rows per step")
+    local_steps: int = _f("train", SPEC.local_steps, "local SGD steps per round")
+    lr: float = _f("train", SPEC.lr, "learning rate")
+    sample_rate: float = _f("train", SPEC.sample_rate, "fraction of local rows per step")
     # [privacy]
-    privacy: str = _f("privacy", "record", "record, peer or none")
-    epsilon: float = _f("privacy", 8.0, "target epsilon over all rounds")
-    delta: float = _f("privacy", 1e-5, "delta")
-    clip: float = _f("privacy", 1.0, "clipping norm C")
-    noise_multiplier: float = _f("privacy", 0.0, "fixed noise multiplier (0 = calibrate)")
+    privacy: str = _f("privacy", SPEC.privacy, "record, peer or none")
+    epsilon: float = _f("privacy", SPEC.epsilon, "target epsilon over all rounds")
+    delta: float = _f("privacy", SPEC.delta, "delta")
+    clip: float = _f("privacy", SPEC.clip, "clipping norm C")
+    noise_multiplier: float = _f(
+        "privacy", SPEC.noise_multiplier, "fixed noise multiplier (0 = calibrate)"
+    )
     # [group]
-    group_size: int = _f("group", 8, "target group size (secure-group, group)")
+    group_size: int = _f("group", SPEC.group_size, "target group size (secure, plain)")
+    min_group_size: int = _f("group", SPEC.min_group_size, "smaller groups dissolve (>= 3)")
     matchmaking: str = _f(
         "group", "hash", "hash (deterministic groups) or invite (serverless; gossip engine)"
     )
-    threshold: int = _f("group", 0, "secure aggregation threshold (0 = ceil(2k/3))")
-    degree: int = _f("group", 0, "SecAgg+ mask-graph degree (0 = complete graph)")
-    stage_timeout_s: float = _f("group", 2.0, "deadline of one protocol stage, seconds")
-    topology: str = _f("group", "regular", "dpsgd topology: ring, regular or complete")
-    topology_degree: int = _f("group", 4, "dpsgd neighbours per peer (regular)")
+    threshold: int = _f("group", SPEC.threshold, "secure aggregation threshold (0 = ceil(2k/3))")
+    degree: int = _f("group", SPEC.degree, "SecAgg+ mask-graph degree (0 = complete graph)")
+    ring: str = _f("group", SPEC.ring, "ring of group averaging: 64, 32 or auto")
+    value_bound: float = _f("group", SPEC.value_bound, "public bound on |w x| and w")
+    stage_timeout_s: float = _f(
+        "group", SPEC.stage_timeout_s, "deadline of one protocol stage, seconds"
+    )
+    match_timeout_s: float = _f(
+        "group", SPEC.match_timeout_s, "how long a peer tries to form a group (invite), s"
+    )
+    form_timeout_s: float = _f(
+        "group", SPEC.form_timeout_s, "an inviter closes its group this long after starting, s"
+    )
+    period_s: float = _f("group", SPEC.period_s, "round period of pairwise and push-sum, s")
+    topology: str = _f("group", SPEC.topology, "dpsgd topology: " + ", ".join(TOPOLOGIES))
+    topology_degree: int = _f("group", SPEC.topology_degree, "dpsgd neighbours per peer (regular)")
     # [network]
     latency_ms: float = _f("network", 50.0, "mean one-way latency per message, ms")
     latency_jitter_ms: float = _f("network", 10.0, "latency spread per message, ms")
@@ -136,7 +155,18 @@ class Scenario:
                 raise ConfigError(
                     f"{f.name} must be one of {', '.join(_CHOICES[f.name])}; got {value!r}"
                 )
+        object.__setattr__(self, "algorithm", algorithm_name(self.algorithm))
         self._check_ranges()
+        self.spec()  # the shared settings are checked where the daemon checks them
+
+    def spec(self) -> RunSpec:
+        """The run's shared settings (what every simulated peer is built from)."""
+        return RunSpec(**{name: getattr(self, name) for name in SPEC_FIELDS})
+
+    @property
+    def grouped(self) -> bool:
+        """Whether peers average in groups (secure or plain)."""
+        return self.algorithm in ("secure", "plain")
 
     def _check_ranges(self) -> None:
         def need(ok: bool, name: str, what: str) -> None:
@@ -150,9 +180,9 @@ class Scenario:
         need(self.workers >= 0, "workers", "must be >= 0")
         need(
             self.workers <= 1
-            or (self.engine == "direct" and self.algorithm in ("secure-group", "group")),
+            or (self.engine == "direct" and self.grouped and self.matchmaking == "hash"),
             "workers",
-            "above 1 needs engine = direct and algorithm secure-group or group",
+            "above 1 needs engine = direct, algorithm secure or plain and matchmaking = hash",
         )
         need(self.alpha > 0, "alpha", "must be > 0")
         need(self.labels_per_peer >= 1, "labels_per_peer", "must be at least 1")
@@ -163,7 +193,6 @@ class Scenario:
         need(0 < self.delta < 1, "delta", "must be in (0, 1)")
         need(self.clip > 0, "clip", "must be > 0")
         need(self.noise_multiplier >= 0, "noise_multiplier", "must be >= 0")
-        need(self.group_size >= 2, "group_size", "must be at least 2")
         need(self.threshold >= 0, "threshold", "must be >= 0")
         need(self.degree >= 0, "degree", "must be >= 0")
         need(self.stage_timeout_s > 0, "stage_timeout_s", "must be > 0")

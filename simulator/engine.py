@@ -7,13 +7,13 @@ Each round, on one ``simulator.clock.VirtualClockLoop``:
 2. every online peer trains locally and privatizes its update (``simulator.training``: the
    daemon's ``gossip.learner.Learner`` per peer, or all peers of a linear model in one stacked
    step) and becomes ready after its virtual compute time (stragglers are slower);
-3. the averaging algorithm runs over ``simulator.network.SimNetwork`` until every peer has its
-   result or gave up at a deadline. ``engine = "gossip"`` (default) runs the daemon's own
-   averagers from ``gossip/`` (``simulator.gossipnet``); ``engine = "direct"`` drives the
-   sans-IO cores straight from the network's tick callbacks (``simulator.groups``: the same
-   ``mpc.Member``; ``simulator.neighbours``: simulator versions of the plaintext baselines), with
-   no future or task per message, for scale. Its group rounds run on ``simulator.parallel``'s
-   group workers (several cores; the same results for any number of workers);
+3. every peer's averaging machine (the daemon's, from ``gossip.run.build_machine``) runs over
+   ``simulator.network.SimNetwork`` until every peer has its result or gave up at a deadline
+   (``simulator.ticks``). ``engine = "gossip"`` (default) drives the machines with the
+   daemon's asyncio driver; ``engine = "direct"`` drives the same machines straight from the
+   network's tick callbacks, with no future or task at all, and runs hash-grouped rounds on
+   ``simulator.parallel``'s group workers (several cores; the same results for any number of
+   workers). Both engines give the same metrics for the same seed;
 4. peers apply their results; a metrics row is recorded.
 
 A round that has not ended ``round_limit`` virtual seconds after it began is ended by force
@@ -38,20 +38,20 @@ import numpy as np
 import torch
 
 from floor.errors import ConfigError
+from gossip.baselines import topology
 from gossip.data import partition, peer_shards
-from gossip.learner import Learner, TrainConfig
+from gossip.learner import Learner
 from gossip.model import Layout, restore
-from gossip.privacy import PrivacyConfig, PrivacyUnit, plan_privacy
+from gossip.privacy import PrivacyUnit, plan_privacy
+from gossip.run import privacy_config, train_config
 from gossip.tasks import Task, make_task
 from simulator.budget import SharedAccountant, SimBudget
 from simulator.clock import new_virtual_loop
 from simulator.config import Scenario
-from simulator.gossipnet import GossipRound
-from simulator.groups import hash_groups
-from simulator.neighbours import NeighbourRound, topology
 from simulator.netmodel import Population
 from simulator.network import SimNetwork
 from simulator.parallel import GroupPool, Tally
+from simulator.ticks import PeerRounds, round_groups
 from simulator.training import PerPeerTrainer, StackedTrainer, Trainer, stackable
 
 __all__ = [
@@ -171,20 +171,10 @@ class Simulation:
             seed=s.seed,
         )
         shards = peer_shards(task.x_train, task.y_train, parts)
-        train = TrainConfig(local_steps=s.local_steps, lr=s.lr, sample_rate=s.sample_rate)
-        unit = PrivacyUnit(s.privacy)
-        privacy = (
-            PrivacyConfig.none()
-            if unit is PrivacyUnit.NONE
-            else PrivacyConfig(
-                unit=unit,
-                epsilon=s.epsilon,
-                delta=s.delta,
-                clip=s.clip,
-                noise_multiplier=s.noise_multiplier or None,
-                rounds=s.rounds,
-            )
-        )
+        spec = s.spec()
+        train = train_config(spec)
+        privacy = privacy_config(spec)
+        unit = privacy.unit
         accountant = None
         if unit is not PrivacyUnit.NONE:
             plan = plan_privacy(privacy, local_steps=s.local_steps, sample_rate=s.sample_rate)
@@ -242,7 +232,7 @@ class Simulation:
         # round 69 -> 28 ms).
         # The simulated peers run the daemon's code, which logs a warning per aborted group
         # round and peer: thousands of lines at scale, all counted in the metrics and stats
-        # already (dropped, aborted_groups). Keep them off the console while the run lasts.
+        # already (dropped, failed_averages). Keep them off the console while the run lasts.
         quiet = [logging.getLogger(name) for name in ("murmur.gossip", "murmur.mpc")]
         levels = [logger.level for logger in quiet]
         for logger in quiet:
@@ -292,6 +282,7 @@ class Simulation:
             if on_round is not None:
                 on_round(records[0])
             t = 0.0
+            index = pool.local.net.index
             for rnd in range(1, s.rounds + 1):
                 t0 = t
                 for p, when in self.population.round_start(t0):
@@ -299,9 +290,13 @@ class Simulation:
                 active = [p for p in range(n) if online[p]]
                 contributions = self.trainer.contribute(active)
                 ready = {p: t0 + self.population.compute_time(p) for p in active}
-                groups = hash_groups(active, raw_ids, s.group_size, s.seed, rnd)
+                view = [p for p in active if contributions[p][1] > 0]
+                found = round_groups(s, rnd, tuple(raw_ids[p] for p in view))
+                groups = [[index[m] for m in g] for g in found or ()]
                 leaves = sorted(pending.items(), key=lambda item: (item[1], item[0]))
-                outcome = pool.run(rnd, t0, limit, groups, contributions, ready, online, leaves)
+                outcome = pool.run(
+                    rnd, t0, limit, groups, contributions, ready, online, view, leaves
+                )
                 t = outcome.finish
                 tally = pool.settle(t)
                 for p, when in leaves:
@@ -326,22 +321,10 @@ class Simulation:
         n = s.peers
         online = self.population.online
         net = SimNetwork(loop, s, n, online)
-        protocol: NeighbourRound | GossipRound
-        if s.engine == "gossip":
-            graph = None
-            if s.algorithm == "dpsgd":
-                graph = nx.Graph()
-                graph.add_nodes_from(range(n))
-                for i, near in enumerate(topology(s.topology, n, s.topology_degree, s.seed)):
-                    graph.add_edges_from((i, j) for j in near)
-            protocol = GossipRound(net, s, graph)
-        else:
-            graph = (
-                topology(s.topology, n, s.topology_degree, s.seed) if s.algorithm == "dpsgd" else []
-            )
-            protocol = NeighbourRound(
-                net, s.algorithm, timeout=s.stage_timeout_s, seed=s.seed, graph=graph
-            )
+        graph: nx.Graph | None = None
+        if s.algorithm == "dpsgd":
+            graph = topology(s.topology, n, degree=s.topology_degree, seed=s.seed)
+        protocol = PeerRounds(net, s, graph)
         records = [self._record(0, 0.0, net, n, 0)]
         if on_round is not None:
             on_round(records[0])
@@ -375,8 +358,7 @@ class Simulation:
             cap.cancel()
             for p, theta in protocol.results.items():
                 self.trainer.apply(p, theta)
-            if isinstance(protocol, GossipRound):
-                aborted += protocol.aborted_groups
+            aborted += protocol.failed
             self._close_round(rnd, loop.time(), net, active, protocol.counted, records, on_round)
         return records, _stats(net, aborted, forced)
 
@@ -448,14 +430,14 @@ def _stats(net: SimNetwork | Tally, aborted: int, forced: int) -> dict[str, Any]
         "refused": net.refused,
         "messages_delivered": net.messages_delivered,
         "retransmissions": net.retransmissions,
-        "aborted_groups": aborted,
+        "failed_averages": aborted,
         "forced_rounds": forced,
     }
 
 
 def _grouped(s: Scenario) -> bool:
     """Whether the run's rounds are the direct engine's group rounds (``simulator.parallel``)."""
-    return s.engine == "direct" and s.algorithm in ("secure-group", "group")
+    return s.engine == "direct" and s.grouped and s.matchmaking == "hash"
 
 
 def group_workers(s: Scenario) -> int:

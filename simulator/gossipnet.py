@@ -9,25 +9,18 @@ still costs a future; a handler that does not suspend runs eagerly, without a ta
 (``gossip.network.Poster``, which the group all-reduce uses when a network has it) sends with
 no future, task or timer at all.
 
-``GossipRound`` runs one round of ``gossip.baselines.build_averager``'s averager on every
-active peer: ``secure``/``plain`` group all-reduce with hash grouping or the serverless
-matchmaker (``matchmaking = "invite"``), ``pairwise``, ``push_sum`` or ``dpsgd``. Each peer
-calls ``average()`` when its local training ends; a peer that leaves has its task cancelled.
+``call_at`` schedules on the network's tick buckets, where ``gossip.driver.Driver`` keeps its
+machine's alarm (``simulator.ticks`` runs the engine's rounds with it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import networkx as nx
-from torch import Tensor
-
 from floor.errors import (
-    AggregationError,
     MurmurError,
     PeerUnreachable,
     ProtocolError,
@@ -35,23 +28,10 @@ from floor.errors import (
     Timeout,
 )
 from floor.identity import PeerId
-from gossip.allreduce import AllReduceConfig, Averager
-from gossip.baselines import build_averager
-from gossip.matchmaking import MatchConfig
 from gossip.network import GossipHandler
-from simulator.config import Scenario
 from simulator.network import SimNetwork
 
-__all__ = ["AVERAGER_NAMES", "GossipRound", "SimPeerNetwork"]
-
-AVERAGER_NAMES = {
-    "secure-group": "secure",
-    "group": "plain",
-    "pairwise": "pairwise",
-    "push-sum": "push_sum",
-    "dpsgd": "dpsgd",
-}
-"""Simulator algorithm name -> ``gossip.baselines`` averager name."""
+__all__ = ["SimPeerNetwork"]
 
 
 class SimPeerNetwork:
@@ -202,6 +182,10 @@ class SimPeerNetwork:
         """The virtual clock."""
         return self._net.loop.time()
 
+    def call_at(self, when: float, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn(*args)`` at virtual time ``when``, in the network's tick order."""
+        self._net.call_at(when, fn, *args)
+
 
 def _ignore(sender: int, message: Any) -> None:
     return None
@@ -210,110 +194,3 @@ def _ignore(sender: int, message: Any) -> None:
 def _expire(fut: asyncio.Future[Any], wait: float) -> None:
     if not fut.done():
         fut.set_exception(Timeout(f"no answer within {wait:g} s"))
-
-
-class GossipRound:
-    """One round of the daemon's averager on every active peer."""
-
-    def __init__(self, net: SimNetwork, scenario: Scenario, graph: nx.Graph | None) -> None:
-        self.net, self.scenario = net, scenario
-        self._members: list[PeerId] = []
-        self._positions: dict[bytes, int] = {}
-        name = AVERAGER_NAMES[scenario.algorithm]
-        s = scenario
-        match = MatchConfig(target_size=s.group_size, min_size=min(3, s.group_size))
-        allreduce = AllReduceConfig(
-            stage_timeout_s=s.stage_timeout_s,
-            threshold=s.threshold or None,
-            degree=s.degree or None,
-        )
-        self.averagers: list[Averager] = []
-        for p in range(net.n):
-            pnet = SimPeerNetwork(net, p, self._view, self._member_positions)
-            self.averagers.append(
-                build_averager(
-                    name,
-                    pnet,
-                    identity=net.identities[p],
-                    match=match,
-                    allreduce=allreduce,
-                    hash_groups=s.matchmaking == "hash",
-                    graph=graph,
-                    peers=net.ids,
-                    period_s=s.stage_timeout_s,
-                    rng=random.Random(s.seed * 1_000_003 + p),
-                )
-            )
-        self.results: dict[int, Tensor] = {}
-        self.counted: set[int] = set()
-        self.aborted_groups = 0
-        self._tasks: dict[int, asyncio.Task[None]] = {}
-        self._on_done: Callable[[], None] = lambda: None
-
-    def _view(self) -> list[PeerId]:
-        return self._members
-
-    def _member_positions(self) -> dict[bytes, int]:
-        return self._positions
-
-    def begin(
-        self,
-        rnd: int,
-        active: list[int],
-        contributions: dict[int, tuple[Tensor, float]],
-        ready_at: dict[int, float],
-        on_done: Callable[[], None],
-    ) -> None:
-        """Start every active peer's ``average()`` at the end of its local training."""
-        self.results, self.counted, self._tasks = {}, set(), {}
-        self.aborted_groups = 0
-        self._on_done = on_done
-        self._members = [self.net.ids[p] for p in active]
-        self._positions = {self.net.raw_ids[p]: i for i, p in enumerate(active)}
-        self._open = {p for p in active if contributions[p][1] > 0}
-        for p in sorted(self._open):
-            self.net.call_at(ready_at[p], self._start, p, rnd, contributions[p])
-        if not self._open:  # every budget is spent: the round is only local compute
-            self.net.call_at(max(ready_at.values(), default=self.net.loop.time()), on_done)
-
-    def _start(self, p: int, rnd: int, contribution: tuple[Tensor, float]) -> None:
-        if p not in self._open:
-            return
-        vector, weight = contribution
-        task = asyncio.ensure_future(self._average(p, rnd, vector, weight))
-        self._tasks[p] = task
-
-    async def _average(self, p: int, rnd: int, vector: Tensor, weight: float) -> None:
-        try:
-            res = await self.averagers[p].average(vector, weight, rnd)
-        except AggregationError:
-            self.aborted_groups += 1
-        except asyncio.CancelledError:
-            pass
-        else:
-            self.results[p] = res.vector
-            me = self.net.ids[p]
-            if not res.contributors or me in res.contributors:
-                self.counted.add(p)
-        finally:
-            self._close(p)
-
-    def _close(self, p: int) -> None:
-        self._tasks.pop(p, None)
-        if p in self._open:
-            self._open.discard(p)
-            if not self._open:
-                self._on_done()
-
-    def peer_left(self, p: int) -> None:
-        """Cancel the peer's averaging (it is gone)."""
-        task = self._tasks.get(p)
-        if task is not None:
-            task.cancel()
-        elif p in self._open:
-            self._close(p)
-
-    def force_finish(self) -> None:
-        """Cancel every averaging still running."""
-        for p in sorted(self._open):
-            self.peer_left(p)

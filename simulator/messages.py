@@ -1,8 +1,7 @@
-"""Messages of the simulator's plaintext baselines, the wire registry, and message sizes.
+"""The simulated peers' wire registry, and message sizes.
 
-The secure group uses ``mpc``'s own messages; the plaintext group all-reduce and the
-neighbour-averaging baselines (pairwise, push-sum, D-PSGD) use the small dataclasses here, in
-the same codec-checked form as every wire message, so ``wire`` fidelity encodes them for real.
+Simulated peers run the daemon's machines and so send the daemon's own messages (``mpc``'s and
+``gossip.messages``'); ``wire`` fidelity encodes them for real with this registry.
 
 ``wire_size`` is the exact size in bytes of a message's authenticated envelope, computed without
 copying a tensor or running any cryptography: the body length from ``floor.codec``'s own
@@ -16,8 +15,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import msgpack
 from torch import Tensor
@@ -29,60 +27,15 @@ from floor.messages import build_registry
 from gossip.messages import MESSAGE_TYPES as GOSSIP_MESSAGE_TYPES
 
 __all__ = [
-    "SIM_MESSAGE_TYPES",
-    "ModelShare",
-    "PlainChunk",
-    "PlainSum",
     "auth_for",
     "registry",
     "wire_size",
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class PlainChunk:
-    """Plaintext group all-reduce: chunk ``chunk`` of the sender's weighted model, and weight."""
-
-    TYPE: ClassVar[str] = "sim.plain_chunk"
-    SECRET: ClassVar[bool] = False
-    group: bytes
-    round: int
-    chunk: int
-    data: Tensor
-    weight: float
-
-
-@dataclass(frozen=True, slots=True)
-class PlainSum:
-    """Plaintext group all-reduce: the reducer's sum of chunk ``chunk`` and of the weights."""
-
-    TYPE: ClassVar[str] = "sim.plain_sum"
-    SECRET: ClassVar[bool] = False
-    group: bytes
-    round: int
-    chunk: int
-    data: Tensor
-    weight: float
-
-
-@dataclass(frozen=True, slots=True)
-class ModelShare:
-    """Neighbour averaging (pairwise, push-sum, D-PSGD): a model vector and a weight."""
-
-    TYPE: ClassVar[str] = "sim.model_share"
-    SECRET: ClassVar[bool] = False
-    round: int
-    data: Tensor
-    weight: float
-
-
-SIM_MESSAGE_TYPES: tuple[type, ...] = (PlainChunk, PlainSum, ModelShare)
-
-
 def registry() -> Mapping[str, type]:
-    """Tag -> class for every message a simulated peer may receive (the training world's union
-    and the simulator's own)."""
-    return build_registry([*GOSSIP_MESSAGE_TYPES.values(), *SIM_MESSAGE_TYPES])
+    """Tag -> class for every message a simulated peer may receive (the training world's)."""
+    return build_registry(GOSSIP_MESSAGE_TYPES.values())
 
 
 _AUTH: dict[type, Auth] = {}

@@ -5,8 +5,8 @@ latency from its own stream (``NetModel.group_stream``), starts with idle uplink
 deadlines in the network's tick buckets, what happens inside a group depends only on the group
 (its members, their inputs, start times and leave times) and the clock. So the round's groups
 can be split among workers, each with its own ``VirtualClockLoop``, ``SimNetwork`` and
-``GroupRound``, and the results are the same whatever the split: one worker or four give
-byte-identical metrics (tested).
+``simulator.ticks.PeerRounds`` (the daemon's machines), and the results are the same whatever
+the split: one worker or four give byte-identical metrics (tested).
 
 A round takes two steps:
 
@@ -54,8 +54,8 @@ import torch
 from floor.errors import MurmurError
 from simulator.clock import VirtualClockLoop
 from simulator.config import Scenario
-from simulator.groups import GroupRound
 from simulator.network import SimNetwork
+from simulator.ticks import PeerRounds
 
 __all__ = ["GroupJob", "GroupOutcome", "GroupPool", "GroupWorker", "Tally", "WorkerFailed"]
 
@@ -78,6 +78,7 @@ class GroupJob:
     weights: list[float]
     ready: list[float]  # when each member is ready (same order)
     online: list[bool]  # every peer, at t0
+    view: list[int]  # the round's membership snapshot (every worker's peers see the same)
     leaves: list[tuple[int, float]]  # every pending departure (peer, virtual time)
 
 
@@ -91,7 +92,7 @@ class GroupOutcome:
     # members share one result).
     results: list[tuple[list[int], np.ndarray]] = field(default_factory=list)
     counted: set[int] = field(default_factory=set)
-    aborted: int = 0
+    aborted: int = 0  # peers whose averaging failed (aborted group)
     busy_s: float = 0.0  # wall seconds the worker spent on the job (for balancing only)
 
     def merge(self, other: GroupOutcome) -> None:
@@ -148,19 +149,12 @@ class Tally:
 class GroupWorker:
     """Runs the groups it is given on its own virtual clock and simulated network."""
 
-    def __init__(self, scenario: Scenario, *, warm_threads: int = 2) -> None:
+    def __init__(self, scenario: Scenario) -> None:
         s = scenario
         self.loop = VirtualClockLoop()
         self.online = [True] * s.peers
         self.net = SimNetwork(self.loop, s, s.peers, self.online)
-        self.round = GroupRound(
-            self.net,
-            secure=s.algorithm == "secure-group",
-            timeout=s.stage_timeout_s,
-            threshold=s.threshold,
-            degree=s.degree,
-            warm_threads=warm_threads,
-        )
+        self.round = PeerRounds(self.net, s, None)
         self._number = 0  # this round's number: callbacks of older rounds are ignored
         self._finish = 0.0
         self._forced = False
@@ -215,7 +209,7 @@ class GroupWorker:
             rows = ()
         contributions = {p: (row, w) for p, row, w in zip(order, rows, job.weights, strict=True)}
         ready = dict(zip(order, job.ready, strict=True))
-        rnd.begin(job.rnd, job.groups, contributions, ready, done)
+        rnd.begin(job.rnd, order, contributions, ready, done, view=job.view, mine=set(order))
         for p, when in job.leaves:
             net.call_at(when, self._leave, p, number)
         net.call_at(job.t0 + job.limit, self._cap, number)
@@ -242,7 +236,7 @@ class GroupWorker:
             else:
                 entry[0].append(p)
         return GroupOutcome(
-            self._finish, self._forced, list(shared.values()), set(rnd.counted), rnd.aborted_groups
+            self._finish, self._forced, list(shared.values()), set(rnd.counted), rnd.failed
         )
 
 
@@ -253,7 +247,7 @@ def _serve(conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     scenario = _load(conn.recv_bytes())
-    worker = GroupWorker(Scenario(**scenario), warm_threads=1)
+    worker = GroupWorker(Scenario(**scenario))
     gc.collect()
     gc.freeze()  # as the engine does: the keys and peers built so far live for the whole run
     gc.set_threshold(20_000, 20, 20)
@@ -361,7 +355,7 @@ class GroupPool:
         try:
             for i in range(1, self.workers):
                 self._remotes.append(_Remote(scenario, i))
-            self.local = GroupWorker(scenario, warm_threads=2 if self.workers == 1 else 1)
+            self.local = GroupWorker(scenario)
         except BaseException:
             self.close()
             raise
@@ -389,6 +383,7 @@ class GroupPool:
         contributions: dict[int, tuple[torch.Tensor, float]],
         ready: dict[int, float],
         online: list[bool],
+        view: list[int],
         leaves: list[tuple[int, float]],
     ) -> GroupOutcome:
         """Run one round's groups, split among the workers; the merged outcome."""
@@ -396,7 +391,7 @@ class GroupPool:
             self._serial = _smooth(self._serial, time.perf_counter() - self._returned)
         parts = self._split(groups)
         jobs = [
-            self._job(rnd, t0, limit, part, contributions, ready, online, leaves, i > 0)
+            self._job(rnd, t0, limit, part, contributions, ready, online, view, leaves, i > 0)
             for i, part in enumerate(parts)
         ]
         for remote, job in zip(self._remotes, jobs[1:], strict=True):
@@ -458,6 +453,7 @@ class GroupPool:
         contributions: dict[int, tuple[torch.Tensor, float]],
         ready: dict[int, float],
         online: list[bool],
+        view: list[int],
         leaves: list[tuple[int, float]],
         remote: bool,
     ) -> GroupJob:
@@ -478,6 +474,7 @@ class GroupPool:
             [contributions[p][1] for p in order],
             [ready[p] for p in order],
             list(online),
+            view,
             leaves,
         )
 

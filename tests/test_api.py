@@ -176,7 +176,7 @@ def test_simulate_runs_the_description_and_records_every_round(tmp_path: Path) -
         _training(rounds=3), peers=6, on_round=lambda r: seen.append(r.round), latency_ms=5.0
     )
     assert seen == [0, 1, 2, 3]
-    assert result.scenario.algorithm == "secure-group" and result.scenario.group_size == 3
+    assert result.scenario.algorithm == "secure" and result.scenario.group_size == 3
     eps = [r.epsilon for r in result.records]
     assert eps[0] == 0.0 and all(a < b for a, b in itertools.pairwise(eps))
     assert eps[-1] <= 8.0 + 1e-6

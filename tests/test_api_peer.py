@@ -81,7 +81,7 @@ def test_same_description_on_local_daemons_and_in_the_simulator() -> None:
     result = murmur.simulate(describe(TASK.x_train, TASK.y_train), peers=n)
     assert [rec.round for rec in result.records] == [0, 1, 2]
     assert result.records[-1].epsilon == pytest.approx(reports[0][-1].epsilon, rel=1e-3)
-    assert result.scenario.group_size == 3 and result.scenario.algorithm == "secure-group"
+    assert result.scenario.group_size == 3 and result.scenario.algorithm == "secure"
 
 
 def test_sync_peer_alone_says_how_many_peers_joined() -> None:

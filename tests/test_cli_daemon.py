@@ -149,13 +149,15 @@ def test_the_ring_and_value_bound_come_from_file_env_or_flags(tmp_path: Path) ->
     path = tmp_path / "c.toml"
     path.write_text('[training]\ntask = "digits"\nring = "32"\nvalue_bound = 100.0\n')
     config = load_config(path, {})
-    assert config.training.ring == "32" and config.training.ring_bits == 32
+    assert config.training.ring == "32" and config.training.spec().ring_bits == 32
     assert config.training.value_bound == 100.0
     config = load_config(
         path, {"MURMUR_TRAINING_RING": "auto"}, {"training": {"value_bound": 50.0}}
     )
-    assert config.training.ring_bits is None and config.training.value_bound == 50.0
-    assert load_config().training.ring_bits == 64 and load_config().training.value_bound == 1e6
+    assert config.training.spec().ring_bits is None and config.training.value_bound == 50.0
+    assert (
+        load_config().training.spec().ring_bits == 64 and load_config().training.value_bound == 1e6
+    )
     args = build_parser().parse_args(["start", "--ring", "auto", "--value-bound", "64"])
     assert cmd_daemon._training_flags(args) == {"ring": "auto", "value_bound": 64.0}
 

@@ -44,7 +44,7 @@ def training_flags(index: int) -> list[str]:
         str(EPSILON),
         "--delta",
         "1e-5",
-        "--privacy-unit",
+        "--privacy",
         "record",
         "--algorithm",
         "secure",
@@ -239,7 +239,7 @@ def test_training_config_from_file_env_and_flags(tmp_path: Path) -> None:
     [
         {"task": "mnist"},
         {"algorithm": "dpsgd"},
-        {"privacy_unit": "group"},
+        {"privacy": "group"},
         {"shard": "5/5"},
         {"shard": "a/b"},
         {"group_size": 2, "min_group_size": 3},

@@ -9,17 +9,92 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from floor.envelope import EnvelopeCodec
 from floor.errors import ConfigError, GroupFormationFailed, RemoteRefused
-from floor.identity import Identity, PeerId
+from floor.identity import Identity
 from floor.transport.memory import MemoryNetwork, MemoryTransport
-from gossip.matchmaking import Group, HashMatchmaker, MatchConfig, Matchmaker, hash_groups
+from gossip.driver import Driver
+from gossip.machine import AverageResult, Out, RoundJob
+from gossip.matchmaking import (
+    Group,
+    GroupFormer,
+    HashGrouping,
+    Invitations,
+    MatchConfig,
+    hash_groups,
+)
 from gossip.messages import MESSAGE_TYPES, GroupFormed
 from gossip.network import Network, StaticView, TransportNetwork
 from simulator.clock import new_virtual_loop
+
+
+class FormOnly:
+    """A machine that only forms this peer's group (``gossip.machine.Machine``), so the
+    tests can run a former with the daemon's ``Driver`` and look at the groups."""
+
+    name = "form-only"
+
+    def __init__(self, former: GroupFormer) -> None:
+        self.former = former
+        self.message_types = former.message_types
+        self.group: Group | None = None
+        self._done = False
+
+    @property
+    def wake_at(self) -> float | None:
+        return self.former.wake_at
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def begin(self, now: float, job: RoundJob) -> Out:
+        self._job = job
+        return self._check(self.former.start(now, job.round, job.view))
+
+    def receive(self, now: float, sender: bytes, message: Any) -> Out:
+        return self._check(self.former.receive(now, sender, message))
+
+    def wake(self, now: float) -> Out:
+        return self._check(self.former.wake(now))
+
+    def _check(self, out: Out) -> Out:
+        f = self.former
+        if f.formed is not None or f.failure is not None:
+            self.group, f.formed = f.formed, None
+            self._done = True
+        return out
+
+    def outcome(self) -> AverageResult:
+        self._done = False
+        failure, self.former.failure = self.former.failure, None
+        if failure is not None:
+            raise GroupFormationFailed(failure)
+        return AverageResult(self._job.vector, 1.0, 1, self._job.round)
+
+    def cancel(self, now: float) -> Out:
+        return self.former.stop()
+
+
+class Matchmaker:
+    """A former run by the daemon's driver: ``await form_group(round)`` -> its group."""
+
+    def __init__(self, net: TransportNetwork, former: GroupFormer | None = None) -> None:
+        self.machine = FormOnly(former or Invitations(net.local_id.raw))
+        self.driver = Driver(net, self.machine)
+
+    async def form_group(self, rnd: int) -> Group:
+        await self.driver.average(torch.zeros(1), 1.0, rnd)
+        assert self.machine.group is not None
+        return self.machine.group
+
+
+def invitations(net: TransportNetwork, cfg: MatchConfig, seed: int) -> Matchmaker:
+    return Matchmaker(net, Invitations(net.local_id.raw, cfg, rng=random.Random(seed)))
 
 
 def run(coro_fn: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
@@ -48,18 +123,18 @@ async def close(transports: list[MemoryTransport]) -> None:
 
 
 def check_partition(
-    groups: list[Group | BaseException], ids: list[PeerId], cfg: MatchConfig
+    groups: list[Group | BaseException], ids: list[bytes], cfg: MatchConfig
 ) -> None:
     """Every formed group is seen identically by all its members; nobody is in two groups."""
     by_id: dict[bytes, Group] = {}
-    owner: dict[PeerId, bytes] = {}
+    owner: dict[bytes, bytes] = {}
     for peer, g in zip(ids, groups, strict=True):
         if isinstance(g, BaseException):
             assert isinstance(g, GroupFormationFailed), repr(g)
             continue
         assert peer in g.members
         assert cfg.min_size <= g.size <= cfg.target_size
-        assert list(g.members) == sorted(g.members, key=lambda p: p.raw)
+        assert list(g.members) == sorted(g.members)
         assert by_id.setdefault(g.id, g) == g
         assert peer not in owner
         owner[peer] = g.id
@@ -70,9 +145,9 @@ def check_partition(
 def test_32_ready_peers_form_valid_groups_that_change_every_round() -> None:
     cfg = MatchConfig(target_size=8, min_size=3)
 
-    async def main() -> tuple[list[list[Group | BaseException]], list[PeerId], float]:
+    async def main() -> tuple[list[list[Group | BaseException]], list[bytes], float]:
         nets, transports = make(32)
-        mms = [Matchmaker(n, cfg, rng=random.Random(i)) for i, n in enumerate(nets)]
+        mms = [invitations(n, cfg, i) for i, n in enumerate(nets)]
         loop = asyncio.get_running_loop()
         rounds = []
         start = loop.time()
@@ -84,7 +159,7 @@ def test_32_ready_peers_form_valid_groups_that_change_every_round() -> None:
             )
         elapsed = loop.time() - start
         await close(transports)
-        return rounds, [n.local_id for n in nets], elapsed
+        return rounds, [n.local_id.raw for n in nets], elapsed
 
     rounds, ids, elapsed = run(main)
     assert elapsed <= 3 * cfg.round_timeout_s
@@ -102,7 +177,7 @@ def test_too_few_ready_peers_dissolve_and_fail_by_the_deadline() -> None:
 
     async def main() -> tuple[list[Any], float]:
         nets, transports = make(2)
-        mms = [Matchmaker(n, cfg, rng=random.Random(i)) for i, n in enumerate(nets)]
+        mms = [invitations(n, cfg, i) for i, n in enumerate(nets)]
         loop = asyncio.get_running_loop()
         start = loop.time()
         out = await asyncio.gather(*(m.form_group(0) for m in mms), return_exceptions=True)
@@ -120,7 +195,7 @@ def test_peers_ready_for_another_round_do_not_join() -> None:
 
     async def main() -> list[Any]:
         nets, transports = make(4)
-        mms = [Matchmaker(n, cfg, rng=random.Random(i)) for i, n in enumerate(nets)]
+        mms = [invitations(n, cfg, i) for i, n in enumerate(nets)]
         out = await asyncio.gather(
             *(m.form_group(r) for m, r in zip(mms, [0, 0, 1, 1], strict=True)),
             return_exceptions=True,
@@ -162,8 +237,8 @@ def test_config_is_checked() -> None:
         MatchConfig(backoff_s=0)
 
 
-def _ids(n: int) -> list[PeerId]:
-    return [PeerId(hashlib.sha256(i.to_bytes(4, "big")).digest()) for i in range(n)]
+def _ids(n: int) -> list[bytes]:
+    return [hashlib.sha256(i.to_bytes(4, "big")).digest() for i in range(n)]
 
 
 @settings(max_examples=60, deadline=None)
@@ -172,7 +247,7 @@ def test_hash_groups_partition_the_peers(n: int, size: int, rnd: int) -> None:
     peers = _ids(n)
     groups = hash_groups(rnd, peers, size=size, min_size=3)
     flat = [p for g in groups for p in g]
-    assert sorted(flat, key=lambda p: p.raw) == sorted(peers, key=lambda p: p.raw)
+    assert sorted(flat) == sorted(peers)
     assert len(set(flat)) == n
     for g in groups:
         assert len(g) >= min(size, n) and (n < size or len(g) < 2 * size)
@@ -187,12 +262,14 @@ def test_hash_groups_change_with_the_round_and_refuse_tiny_networks() -> None:
 
 
 def test_hash_matchmakers_agree_without_messages() -> None:
-    async def main() -> tuple[list[Group], list[PeerId]]:
+    async def main() -> tuple[list[Group], list[bytes]]:
         nets, transports = make(20)
-        out = [await HashMatchmaker(n, size=6).form_group(5) for n in nets]
+        out = [
+            await Matchmaker(n, HashGrouping(n.local_id.raw, size=6)).form_group(5) for n in nets
+        ]
         assert all(n.sent == 0 for n in nets)
         await close(transports)
-        return out, [n.local_id for n in nets]
+        return out, [n.local_id.raw for n in nets]
 
     groups, ids = run(main)
     check_partition(list(groups), ids, MatchConfig(target_size=11, min_size=6))
@@ -200,10 +277,10 @@ def test_hash_matchmakers_agree_without_messages() -> None:
 
 
 def test_seeded_matchmaking_on_the_virtual_clock_repeats_exactly() -> None:
-    def once() -> list[list[tuple[bytes, tuple[PeerId, ...]] | str]]:
-        async def main() -> list[list[tuple[bytes, tuple[PeerId, ...]] | str]]:
+    def once() -> list[list[tuple[bytes, tuple[bytes, ...]] | str]]:
+        async def main() -> list[list[tuple[bytes, tuple[bytes, ...]] | str]]:
             nets, transports = make(16, seed=9)
-            mms = [Matchmaker(n, MatchConfig(), rng=random.Random(i)) for i, n in enumerate(nets)]
+            mms = [invitations(n, MatchConfig(), i) for i, n in enumerate(nets)]
             out = []
             for rnd in range(2):
                 groups = await asyncio.gather(
@@ -218,7 +295,7 @@ def test_seeded_matchmaking_on_the_virtual_clock_repeats_exactly() -> None:
             await close(transports)
             return out
 
-        result: list[list[tuple[bytes, tuple[PeerId, ...]] | str]] = run(main)
+        result: list[list[tuple[bytes, tuple[bytes, ...]] | str]] = run(main)
         return result
 
     assert once() == once()

@@ -30,14 +30,14 @@ from floor.errors import (
 )
 from floor.identity import Identity, PeerId
 from floor.transport.memory import MemoryNetwork, MemoryTransport
-from gossip.allreduce import AllReduceConfig, AverageResult
-from gossip.baselines import build_averager
+from gossip.driver import Driver
 from gossip.ideal import build_learners
 from gossip.learner import Learner, TrainConfig
-from gossip.matchmaking import MatchConfig
+from gossip.machine import AverageResult
 from gossip.messages import MESSAGE_TYPES
 from gossip.network import GossipHandler, StaticView, TransportNetwork
 from gossip.privacy import PrivacyConfig, PrivacyUnit
+from gossip.run import build_machine
 from gossip.service import (
     ANY_ROUND,
     InlineExecutor,
@@ -46,6 +46,7 @@ from gossip.service import (
     load_state,
     save_model,
 )
+from gossip.spec import RunSpec
 from gossip.tasks import Task, make_task
 from simulator.clock import new_virtual_loop
 
@@ -146,13 +147,9 @@ def test_peers_train_with_secure_group_averaging(digits: Task) -> None:
         sessions = []
         for ident, transport, learner in zip(ids, transports, learners, strict=True):
             net = TransportNetwork(transport, view)
-            averager = build_averager(
-                "secure",
-                net,
-                identity=ident,
-                match=MatchConfig(target_size=n, min_size=3),
-                allreduce=AllReduceConfig(stage_timeout_s=1.0),
-            )
+            spec = RunSpec(group_size=n, stage_timeout_s=1.0)
+            machine = build_machine(spec, seed=ident.seed(), me=ident.peer_id.raw)
+            averager = Driver(net, machine)
             sessions.append(
                 TrainingSession(
                     net,

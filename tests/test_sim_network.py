@@ -16,9 +16,10 @@ from floor.envelope import Auth, EnvelopeCodec
 from floor.errors import MurmurError
 from floor.identity import Identity, PeerId
 from gossip import messages as gossip_messages
+from gossip.messages import PushSumShare as ModelShare
 from simulator.clock import new_virtual_loop
 from simulator.config import Scenario
-from simulator.messages import ModelShare, registry, wire_size
+from simulator.messages import registry, wire_size
 from simulator.network import SimNetwork
 
 
@@ -162,7 +163,7 @@ def test_sim_peer_network_send_request_refusal_and_departure() -> None:
             if msg.round < 0:
                 raise MalformedMessage("negative round")
             seen.append(f"offer {msg.round}")
-            return PairwiseReply(True, msg.vector * 2, msg.weight)
+            return PairwiseReply(True, msg.vector * 2, msg.weight, msg.round)
 
         peers[1].register(PairwiseOffer, answer)
         start = loop.time()
