@@ -122,7 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--peers", default="100,300,1000")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--algorithm", default="secure-group")
+    parser.add_argument("--algorithm", default="secure")
     parser.add_argument("--big", type=int, default=10000)
     parser.add_argument("--big-rounds", type=int, default=1)
     parser.add_argument("--profile", action="store_true")

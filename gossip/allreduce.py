@@ -238,18 +238,11 @@ class SecureGroup:
         self._timeout = config.stage_timeout_s
         self._stages: _Stages | None = None
         self._stage = Stage.INPUT
-
-    @property
-    def finished(self) -> bool:
-        """DONE or ABORTED."""
-        return self.member.finished
-
-    @property
-    def wake_at(self) -> float | None:
-        """The current stage's deadline."""
-        if self._stages is None or self.member.finished:
-            return None
-        return self._stages.deadline
+        self.wake_at: float | None = None
+        """The current stage's deadline (None before the start and once finished); a plain
+        attribute, kept by every step, since drivers read it after every message."""
+        self.finished = False
+        """DONE or ABORTED (kept like ``wake_at``)."""
 
     def start(self, now: float) -> Out:
         """Mask the input and send every member its chunk and share."""
@@ -260,8 +253,10 @@ class SecureGroup:
 
     def receive(self, now: float, sender: bytes, message: Any) -> Out:
         """One protocol message (a ``ProtocolError`` refuses it)."""
-        out = self.member.receive(sender, message)
-        self._moved(now)
+        member = self.member
+        out = member.receive(sender, message)
+        if member.stage is not self._stage:  # the common case (no move) stays cheap
+            self._moved(now)
         return out
 
     def wake(self, now: float) -> Out:
@@ -274,15 +269,20 @@ class SecureGroup:
         return out
 
     def _moved(self, now: float) -> None:
-        stage = self.member.stage
+        member = self.member
+        stage = member.stage
         if stage is not self._stage:
             self._stage = stage
             if self._stages is not None:
                 self._stages.moved(now)
+        stages = self._stages
+        self.finished = member.finished
+        self.wake_at = None if stages is None or self.finished else stages.deadline
 
     def cancel(self) -> None:
         """Abort now and forget the pair secrets."""
         self.member.cancel("the round's driver stopped")
+        self.wake_at, self.finished = None, True
 
     def result(self) -> AverageResult:
         """The group mean, or ``AggregationAborted`` with the member's reason."""
@@ -478,7 +478,8 @@ class GroupAveraging:
         self._job: RoundJob | None = None
         self._forming = False
         self._run: GroupRun | None = None
-        self._done = False
+        self.done = False
+        """The round is over (``outcome()`` is ready); a plain attribute: read per message."""
         self._outcome: AverageResult | AggregationError | None = None
         self._early: OrderedDict[bytes, list[tuple[bytes, Any]]] = OrderedDict()
         self._finished: OrderedDict[bytes, None] = OrderedDict()
@@ -494,18 +495,13 @@ class GroupAveraging:
         return self.former.wake_at
 
     @property
-    def done(self) -> bool:
-        """The round is over (``outcome()`` is ready)."""
-        return self._done
-
-    @property
     def running(self) -> bool:
         """A round is in progress."""
         return self._job is not None
 
     def begin(self, now: float, job: RoundJob) -> Out:
         """Form this round's group (the contribution is checked against the bound first)."""
-        if self._job is not None or self._done:
+        if self._job is not None or self.done:
             raise ConfigError("a round is already running on this peer")
         check_bound(job.vector, job.weight, self.config.bound)
         self._job = job
@@ -523,7 +519,8 @@ class GroupAveraging:
         run = self._run
         if run is not None and gid == run.group.id:
             out = run.receive(now, sender, message)
-            self._check_run()
+            if run.finished:
+                self._check_run()
             return out
         if gid in self._finished:
             raise OutOfStage("that group's round is over on this peer")
@@ -549,9 +546,9 @@ class GroupAveraging:
 
     def outcome(self) -> AverageResult:
         """The finished round's mean, or raise why it failed; readies the next ``begin``."""
-        if not self._done:
+        if not self.done:
             raise OutOfStage("the round is not over")
-        outcome, self._outcome, self._done = self._outcome, None, False
+        outcome, self._outcome, self.done = self._outcome, None, False
         if isinstance(outcome, AggregationError):
             raise outcome
         assert outcome is not None
@@ -570,7 +567,7 @@ class GroupAveraging:
             run.cancel()
             self._retire(run)
         self._job = None
-        self._done, self._outcome = False, None
+        self.done, self._outcome = False, None
         return out
 
     # ------------------------------------------------------------------ transitions
@@ -640,7 +637,7 @@ class GroupAveraging:
 
     def _end(self, outcome: AverageResult | AggregationError) -> None:
         self._job = None
-        self._done = True
+        self.done = True
         self._outcome = outcome
 
     def _fail(self, group: Group, reason: str) -> AggregationAborted:

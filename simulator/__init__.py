@@ -13,9 +13,11 @@ The Python API for researchers::
 reads TOML files; ``write_run`` writes the metrics files, summary and plots; ``sweep`` runs one
 scenario over several values of a field.
 
-Two engines run the same network model: ``gossip`` (default) runs the daemon's averagers from
-``gossip/`` over ``simulator.gossipnet.SimPeerNetwork``; ``direct`` drives the sans-IO cores
-(``mpc.Member``) from the network's tick callbacks, for thousands of peers.
+Two engines run the daemon's own averaging machines (``gossip.run.build_machine``) on the same
+network model: ``gossip`` (default) with the daemon's asyncio driver over
+``simulator.gossipnet.SimPeerNetwork``; ``direct`` from the network's tick callbacks
+(``simulator.ticks``), with group workers, for thousands of peers. One seed gives the same
+metrics under either.
 """
 
 from simulator.config import ALGORITHMS, Scenario, Sweep, load_scenario, load_sweep

@@ -149,12 +149,12 @@ class Tally:
 class GroupWorker:
     """Runs the groups it is given on its own virtual clock and simulated network."""
 
-    def __init__(self, scenario: Scenario) -> None:
+    def __init__(self, scenario: Scenario, *, warm_threads: int = 2) -> None:
         s = scenario
         self.loop = VirtualClockLoop()
         self.online = [True] * s.peers
         self.net = SimNetwork(self.loop, s, s.peers, self.online)
-        self.round = PeerRounds(self.net, s, None)
+        self.round = PeerRounds(self.net, s, None, warm_threads=warm_threads)
         self._number = 0  # this round's number: callbacks of older rounds are ignored
         self._finish = 0.0
         self._forced = False
@@ -247,7 +247,7 @@ def _serve(conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     scenario = _load(conn.recv_bytes())
-    worker = GroupWorker(Scenario(**scenario))
+    worker = GroupWorker(Scenario(**scenario), warm_threads=1)
     gc.collect()
     gc.freeze()  # as the engine does: the keys and peers built so far live for the whole run
     gc.set_threshold(20_000, 20, 20)
@@ -355,7 +355,7 @@ class GroupPool:
         try:
             for i in range(1, self.workers):
                 self._remotes.append(_Remote(scenario, i))
-            self.local = GroupWorker(scenario)
+            self.local = GroupWorker(scenario, warm_threads=2 if self.workers == 1 else 1)
         except BaseException:
             self.close()
             raise

@@ -30,6 +30,7 @@ import random
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
+import nacl.signing
 import networkx as nx
 from torch import Tensor
 
@@ -38,6 +39,7 @@ from gossip.driver import Driver
 from gossip.machine import Alarm, AverageResult, Machine, Out, RoundJob
 from gossip.matchmaking import group_id_of, hash_groups
 from gossip.run import build_machine
+from mpc.keys import warm_pair_roots
 from simulator.config import Scenario
 from simulator.gossipnet import SimPeerNetwork
 from simulator.network import SimNetwork
@@ -51,13 +53,14 @@ Ended = Callable[[int, "AverageResult | AggregationError | None"], None]
 class TickDriver:
     """Runs peer ``peer``'s ``machine`` from ``net``'s callbacks (the direct engine)."""
 
-    __slots__ = ("_alarm", "_ended", "_net", "_peer", "_running", "machine")
+    __slots__ = ("_alarm", "_armed", "_ended", "_net", "_peer", "_running", "machine")
 
     def __init__(self, net: SimNetwork, peer: int, machine: Machine, ended: Ended) -> None:
         self.machine = machine
         self._net, self._peer, self._ended = net, peer, ended
         self._alarm = Alarm(net.call_at, self._fire)
         self._running = False
+        self._armed: float | None = None  # the last deadline asked of the alarm
         for cls in machine.message_types:
             net.register(peer, cls, self._on_message)
 
@@ -71,15 +74,26 @@ class TickDriver:
         """End the running round now (the peer left or the round was ended by force)."""
         out = self.machine.cancel(self._net.loop.time())
         self._alarm.clear()
+        self._armed = None
         if self._running:
             self._running = False
             self._ended(self._peer, None)
         self._send(out)
 
     def _on_message(self, sender: int, message: Any) -> None:
-        # A ProtocolError refuses the message: the network counts it, as a daemon would.
-        out = self.machine.receive(self._net.loop.time(), self._net.raw_ids[sender], message)
-        self._after(out)
+        # A ProtocolError refuses the message: the network counts it, as a daemon would. The
+        # common case (_after's, inline: this runs once per message) sends and re-arms.
+        net, machine = self._net, self.machine
+        out = machine.receive(net.loop.time(), net.raw_ids[sender], message)
+        if machine.done:
+            self._after(out)
+            return
+        if out:
+            net.post_many(self._peer, out)
+        due = machine.wake_at
+        if due is not None and due != self._armed:  # most messages leave the deadline be
+            self._armed = due
+            self._alarm.set(due)
 
     def _fire(self, when: float) -> None:
         machine = self.machine
@@ -105,7 +119,8 @@ class TickDriver:
                 self._running = False
                 self._ended(self._peer, outcome)
             return
-        self._alarm.set(machine.wake_at)
+        self._armed = machine.wake_at
+        self._alarm.set(self._armed)
 
     def _send(self, out: Out) -> None:
         if out:
@@ -165,8 +180,19 @@ def round_groups(
 class PeerRounds:
     """One round at a time of every active peer's machine (see the module docstring)."""
 
-    def __init__(self, net: SimNetwork, scenario: Scenario, graph: nx.Graph | None) -> None:
+    def __init__(
+        self,
+        net: SimNetwork,
+        scenario: Scenario,
+        graph: nx.Graph | None,
+        *,
+        warm_threads: int = 2,
+    ) -> None:
+        """``warm_threads``: threads that compute a round's pair keys up front (secure hash
+        groups: the results are the same, only sooner)."""
         self.net, self.scenario = net, scenario
+        self._warm_threads = warm_threads
+        self._keys: dict[int, nacl.signing.SigningKey] = {}
         spec = scenario.spec()
         self.machines: list[Machine] = [
             build_machine(
@@ -241,6 +267,7 @@ class PeerRounds:
         self._started = set()
         self._jobs = {p: contributions[p] for p in run}
         groups = round_groups(self.scenario, rnd, self._view)
+        warm: list[tuple[nacl.signing.SigningKey, bytes, bytes]] = []
         if groups is not None:
             index = net.index
             for group in groups:
@@ -251,10 +278,22 @@ class PeerRounds:
                 # depends on nothing outside it, so groups can run in any process, in any mix.
                 net.use_stream(peers, net.model.group_stream(group_id_of(rnd, group)))
                 net.idle_uplinks(peers)
+                if self.scenario.algorithm == "secure" and not self.scenario.degree:
+                    warm.extend((self._key(p), raw[p], other) for p in peers for other in group)
+        if warm:
+            # The round's new X25519 pair keys (~3,500 per 1,000 peers), split between threads
+            # (libsodium releases the GIL) before any member needs them.
+            warm_pair_roots(warm, threads=self._warm_threads)
         for p in sorted(self._open):
             net.call_at(ready_at[p], self._start, p, rnd)
         if not self._open:  # every budget is spent: the round is only local compute
             net.call_at(max(ready_at.values(), default=net.loop.time()), on_done)
+
+    def _key(self, p: int) -> nacl.signing.SigningKey:
+        key = self._keys.get(p)
+        if key is None:
+            key = self._keys[p] = nacl.signing.SigningKey(self.net.seeds[p])
+        return key
 
     def _start(self, p: int, rnd: int) -> None:
         if p not in self._open or rnd != self._round or not self.net.online[p]:
