@@ -24,7 +24,7 @@ from torch import Tensor
 
 from floor.errors import AggregationError, ConfigError, MurmurError, ProtocolError
 from floor.identity import PeerId
-from gossip.machine import Alarm, AverageResult, Machine, Out, RoundJob
+from gossip.machine import Alarm, AverageResult, Machine, Out, RoundJob, wake_if_due
 from gossip.network import Network
 
 __all__ = ["Averager", "Driver"]
@@ -135,14 +135,9 @@ class Driver(Averager):
 
     def _fire(self, when: float) -> None:
         machine = self.machine
-        due = machine.wake_at
-        if due is None:
-            return
-        now = max(self._net.time(), when)
-        if due > now:
-            self._alarm.set(due)
-            return
-        self._after(machine.wake(now))
+        out = wake_if_due(machine, self._alarm, max(self._net.time(), when))
+        if out is not None:
+            self._after(out)
 
     def _after(self, out: Out) -> None:
         self._send(out)

@@ -34,7 +34,15 @@ from torch import Tensor
 
 from floor.errors import ConfigError
 
-__all__ = ["Alarm", "AverageResult", "Machine", "Out", "RoundJob", "check_contribution"]
+__all__ = [
+    "Alarm",
+    "AverageResult",
+    "Machine",
+    "Out",
+    "RoundJob",
+    "check_contribution",
+    "wake_if_due",
+]
 
 Out = list[tuple[bytes, Any]]
 """Messages to send: ``(recipient raw id, message)`` pairs, in order."""
@@ -168,3 +176,15 @@ class Alarm:
         when, self._pending = self._pending, None
         assert when is not None
         self._fire(when)
+
+
+def wake_if_due(machine: Machine, alarm: Alarm, now: float) -> Out | None:
+    """The driver's alarm fired at ``now``: wake ``machine`` if its deadline passed (what to
+    send), else set the alarm again for the moved deadline (None: nothing happened)."""
+    due = machine.wake_at
+    if due is None:
+        return None
+    if due > now:
+        alarm.set(due)
+        return None
+    return machine.wake(now)

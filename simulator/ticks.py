@@ -36,7 +36,7 @@ from torch import Tensor
 
 from floor.errors import AggregationError, ConfigError, GroupFormationFailed, MurmurError
 from gossip.driver import Driver
-from gossip.machine import Alarm, AverageResult, Machine, Out, RoundJob
+from gossip.machine import Alarm, AverageResult, Machine, Out, RoundJob, wake_if_due
 from gossip.matchmaking import group_id_of, hash_groups
 from gossip.run import build_machine
 from mpc.keys import warm_pair_roots
@@ -97,14 +97,9 @@ class TickDriver:
 
     def _fire(self, when: float) -> None:
         machine = self.machine
-        due = machine.wake_at
-        if due is None:
-            return
-        now = max(self._net.loop.time(), when)
-        if due > now:
-            self._alarm.set(due)
-            return
-        self._after(machine.wake(now))
+        out = wake_if_due(machine, self._alarm, max(self._net.loop.time(), when))
+        if out is not None:
+            self._after(out)
 
     def _after(self, out: Out) -> None:
         self._send(out)
