@@ -16,6 +16,13 @@ from dp.discrete_gaussian import (
     sample_discrete_gaussian,
     system_random,
 )
+from dp.distributed import (
+    DistributedEvent,
+    calibrate_distributed,
+    conditional_round,
+    distributed_epsilon,
+    rounded_sensitivity,
+)
 from dp.dpsgd import DPSGDResult, dp_sgd_train
 from dp.noise import add_gaussian_noise, gaussian_noise, secure_generator, seeded_generator
 from dp.privatize import PrivatizedUpdate, privatize_update
@@ -24,20 +31,25 @@ __all__ = [
     "AdaptiveClipper",
     "Budget",
     "DPSGDResult",
+    "DistributedEvent",
     "EventLike",
     "PrivacyEvent",
     "PrivatizedUpdate",
     "RandomBits",
     "add_gaussian_noise",
+    "calibrate_distributed",
     "calibrate_noise",
     "clip_update",
     "compose_epsilon",
     "compute_epsilon",
+    "conditional_round",
     "discrete_gaussian_tensor",
+    "distributed_epsilon",
     "dp_sgd_train",
     "gaussian_noise",
     "group_events",
     "privatize_update",
+    "rounded_sensitivity",
     "sample_discrete_gaussian",
     "secure_generator",
     "seeded_generator",

@@ -2,9 +2,12 @@
 
 The budget records the privacy events spent so far (grouped by kind, with counts) and
 recomputes epsilon with the accountant, so the spent epsilon is always the tight composition,
-not a sum of per-round epsilons. With a ``state_path``, every spend is written to disk
-atomically (temporary file, fsync, rename, fsync of the directory) *before* ``spend``
-returns: a peer that restarts cannot get its budget back. Spend first, then send.
+not a sum of per-round epsilons. A budget holds Gaussian events (``dp.PrivacyEvent``, composed
+by privacy loss distributions) or distributed discrete Gaussian events
+(``dp.DistributedEvent``, composed by their Renyi bound), not a mix of the two. With a
+``state_path``, every spend is written to disk atomically (temporary file, fsync, rename, fsync
+of the directory) *before* ``spend`` returns: a peer that restarts cannot get its budget back.
+Spend first, then send.
 """
 
 from __future__ import annotations
@@ -20,25 +23,32 @@ from typing import Any
 
 from dp._checks import check_delta, check_positive
 from dp.accounting import EventLike, PrivacyEvent, compose_epsilon, group_events
+from dp.distributed import DistributedEvent, distributed_epsilon
 from floor.errors import AccountingError, BudgetExhausted, BudgetStateError
 
 __all__ = ["Budget"]
 
 _FORMAT = "murmur-dp-budget"
-_VERSION = 1
+_VERSION = 2
+_READABLE = (1, 2)  # version 1: Gaussian events only, as [z, q, n]
 
-
-Events = PrivacyEvent | Iterable[EventLike]
+AnyEvent = EventLike | DistributedEvent
+Events = PrivacyEvent | DistributedEvent | Iterable[AnyEvent]
+GaussianKey = tuple[float, float]
+DistributedKey = tuple[float, int, float, int]
+Key = GaussianKey | DistributedKey
 
 
 def _events_of(
     events: Events | None, noise_multiplier: float | None, sample_rate: float, count: int
-) -> list[EventLike]:
+) -> list[AnyEvent]:
     """The events given either positionally or as one event's keywords (not both)."""
     if events is None and noise_multiplier is not None:
         return [PrivacyEvent(noise_multiplier, sample_rate, count)]
     if events is not None and noise_multiplier is None:
-        return [events] if isinstance(events, PrivacyEvent) else list(events)
+        if isinstance(events, PrivacyEvent | DistributedEvent):
+            return [events]
+        return list(events)
     raise AccountingError(
         "give either events or noise_multiplier= (with sample_rate= and count=), not both"
     )
@@ -67,12 +77,12 @@ class Budget:
         self._delta = check_delta(delta)
         self._path = Path(state_path) if state_path is not None else None
         self._lock = threading.Lock()
-        self._counts: dict[tuple[float, float], int] = {}
+        self._counts: dict[Key, int] = {}
         self._spent = 0.0
         if self._path is not None:
             if self._path.exists():
                 self._counts = self._load(self._path)
-                self._spent = compose_epsilon(self._grouped(), delta=self._delta)
+                self._spent = self._compose(self._counts, [])
             elif must_exist:
                 raise BudgetStateError(
                     f"privacy budget state {self._path} is missing but was expected to exist; "
@@ -130,9 +140,10 @@ class Budget:
         return max(0.0, self._eps_max - self._spent)
 
     @property
-    def events(self) -> tuple[PrivacyEvent, ...]:
-        """The spent events, grouped: one ``PrivacyEvent`` per (noise, rate) with its count."""
-        return tuple(PrivacyEvent(z, q, n) for z, q, n in self._grouped())
+    def events(self) -> tuple[PrivacyEvent | DistributedEvent, ...]:
+        """The spent events, grouped: one event per kind (a ``PrivacyEvent`` per (noise,
+        rate), a ``DistributedEvent`` per mechanism) with its count."""
+        return tuple(_event(key, n) for key, n in sorted(self._counts.items(), key=_order))
 
     def epsilon_after(
         self,
@@ -190,19 +201,35 @@ class Budget:
         extra = _events_of(events, noise_multiplier, sample_rate, count)
         with self._lock:
             after = self._checked(extra)
-            counts = dict(self._counts)
-            for z, q, n in group_events(extra):
-                counts[(z, q)] = counts.get((z, q), 0) + n
+            counts = _added(self._counts, extra)
             if self._path is not None:
                 self._save(counts)
             self._counts = counts
             self._spent = after
             return after
 
-    def _after(self, extra: list[EventLike]) -> float:
-        return compose_epsilon([*self.events, *extra], delta=self._delta)
+    def _after(self, extra: list[AnyEvent]) -> float:
+        return self._compose(self._counts, extra)
 
-    def _checked(self, extra: list[EventLike]) -> float:
+    def _compose(self, counts: dict[Key, int], extra: list[AnyEvent]) -> float:
+        merged = _added(counts, extra)
+        if not merged:
+            return 0.0
+        kinds = {len(key) for key in merged}
+        if kinds == {2}:
+            grouped = tuple(sorted((k[0], k[1], n) for k, n in merged.items() if len(k) == 2))
+            return compose_epsilon(grouped, delta=self._delta)
+        if kinds == {4}:
+            return distributed_epsilon(
+                [_event(k, n) for k, n in merged.items()],  # type: ignore[misc]
+                delta=self._delta,
+            )
+        raise AccountingError(
+            "a budget holds either Gaussian events or distributed discrete Gaussian events; "
+            "this peer's privacy mode changed: keep one mode per budget state"
+        )
+
+    def _checked(self, extra: list[AnyEvent]) -> float:
         after = self._after(extra)
         if after > self._eps_max:
             raise BudgetExhausted(
@@ -211,18 +238,21 @@ class Budget:
             )
         return after
 
-    def _grouped(self) -> tuple[tuple[float, float, int], ...]:
-        return tuple(sorted((z, q, n) for (z, q), n in self._counts.items()))
-
     # -- persistence ---------------------------------------------------------------------
 
-    def _payload(self, counts: dict[tuple[float, float], int]) -> dict[str, Any]:
+    def _payload(self, counts: dict[Key, int]) -> dict[str, Any]:
+        events: list[list[Any]] = []
+        for key, n in sorted(counts.items(), key=_order):
+            if len(key) == 2:
+                events.append([key[0], key[1], n])
+            else:
+                events.append(["ddg", *key, n])
         return {
             "format": _FORMAT,
             "version": _VERSION,
             "eps_max": self._eps_max,
             "delta": self._delta,
-            "events": [[z, q, n] for (z, q), n in sorted(counts.items())],
+            "events": events,
         }
 
     @staticmethod
@@ -230,7 +260,7 @@ class Budget:
         canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
-    def _save(self, counts: dict[tuple[float, float], int]) -> None:
+    def _save(self, counts: dict[Key, int]) -> None:
         if self._path is None:
             return
         payload = self._payload(counts)
@@ -258,7 +288,7 @@ class Budget:
                 f"cannot write privacy budget state {self._path}: {exc}"
             ) from exc
 
-    def _load(self, path: Path) -> dict[tuple[float, float], int]:
+    def _load(self, path: Path) -> dict[Key, int]:
         def corrupt(why: str) -> BudgetStateError:
             return BudgetStateError(
                 f"privacy budget state {path} is corrupt ({why}); refusing to reset it. "
@@ -276,7 +306,7 @@ class Budget:
         if not isinstance(document, dict):
             raise corrupt("not a JSON object")
         checksum = document.pop("sha256", None)
-        if document.get("format") != _FORMAT or document.get("version") != _VERSION:
+        if document.get("format") != _FORMAT or document.get("version") not in _READABLE:
             raise corrupt("unknown format or version")
         if not isinstance(checksum, str) or checksum != self._checksum(document):
             raise corrupt("checksum mismatch")
@@ -286,16 +316,44 @@ class Budget:
                 f" delta={document.get('delta')}, not eps_max={self._eps_max}, "
                 f"delta={self._delta}; refusing to mix them"
             )
-        counts: dict[tuple[float, float], int] = {}
         events = document.get("events")
         if not isinstance(events, list):
             raise corrupt("events is not a list")
+        parsed: list[AnyEvent] = []
         for item in events:
             try:
-                z, q, n = item
-                event = PrivacyEvent(z, q, n)
-            except (TypeError, ValueError) as exc:
+                if isinstance(item, list) and item and item[0] == "ddg":
+                    _, s2, members, sensitivity, dimension, n = item
+                    parsed.append(DistributedEvent(s2, members, sensitivity, dimension, n))
+                else:
+                    z, q, n = item
+                    parsed.append(PrivacyEvent(z, q, n))
+            except (TypeError, ValueError, AccountingError) as exc:
                 raise corrupt(f"bad event {item!r}") from exc
-            key = (event.noise_multiplier, event.sample_rate)
-            counts[key] = counts.get(key, 0) + event.count
-        return counts
+        return _added({}, parsed)
+
+
+def _added(counts: dict[Key, int], extra: list[AnyEvent]) -> dict[Key, int]:
+    """``counts`` with ``extra`` added (a new dict)."""
+    out = dict(counts)
+    gaussian: list[EventLike] = []
+    for event in extra:
+        if isinstance(event, DistributedEvent):
+            key: Key = event.key()
+            out[key] = out.get(key, 0) + event.count
+        else:
+            gaussian.append(event)
+    for z, q, n in group_events(gaussian):
+        out[(z, q)] = out.get((z, q), 0) + n
+    return out
+
+
+def _event(key: Key, count: int) -> PrivacyEvent | DistributedEvent:
+    if len(key) == 2:
+        return PrivacyEvent(key[0], key[1], count)
+    s2, members, sensitivity, dimension = key
+    return DistributedEvent(s2, members, sensitivity, dimension, count)
+
+
+def _order(item: tuple[Key, int]) -> tuple[int, Key]:
+    return (len(item[0]), item[0])

@@ -58,7 +58,13 @@ def _words(rng: RandomBits, n: int) -> npt.NDArray[np.uint64]:
     """``n`` uniform 64-bit words from ``rng``."""
     if n == 0:
         return np.zeros(0, dtype=np.uint64)
-    raw = rng.getrandbits(64 * n).to_bytes(8 * n, "little")
+    randbytes = getattr(rng, "randbytes", None)
+    # random.Random.randbytes(n) is getrandbits(8 n) in little-endian bytes (the same stream),
+    # SystemRandom's is os.urandom: both skip the round trip through one huge integer.
+    if callable(randbytes):
+        raw = randbytes(8 * n)
+    else:
+        raw = rng.getrandbits(64 * n).to_bytes(8 * n, "little")
     return np.frombuffer(raw, dtype="<u8").astype(np.uint64)
 
 

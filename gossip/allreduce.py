@@ -62,6 +62,7 @@ __all__ = [
     "AllReduceConfig",
     "AllReduceStats",
     "GroupAveraging",
+    "NoisedRing",
     "PlainGroup",
     "SecureGroup",
     "decode_total",
@@ -70,9 +71,26 @@ __all__ = [
 
 log = logging.getLogger("murmur.gossip.allreduce")
 
+_FLOAT = torch.empty(0, dtype=torch.float32)  # the result's dtype for ring inputs
 _EARLY_GROUPS = 32
 _EARLY_PER_GROUP = 256
 _FINISHED_MEMORY = 1024
+
+
+@dataclass(frozen=True)
+class NoisedRing:
+    """Public parameters of distributed noise (``gossip.privacy``): the members' ring inputs
+    arrive encoded and noised at ``scale`` (int64, a weight slot last), and a group outputs a
+    sum only over at least ``min_counted`` members, so that it carries the target noise."""
+
+    scale: float
+    min_counted: int
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.scale) and self.scale >= 1):
+            raise ConfigError(f"the noised ring's scale must be >= 1, got {self.scale!r}")
+        if self.min_counted < 2:
+            raise ConfigError(f"min_counted must be at least 2, got {self.min_counted!r}")
 
 
 @dataclass(frozen=True)
@@ -93,6 +111,8 @@ class AllReduceConfig:
     """Least number of counted inputs (default ceil(2k/3))."""
     degree: int | None = None
     """SecAgg+ mask-graph degree (None: complete graph)."""
+    noised: NoisedRing | None = None
+    """Distributed noise: inputs come as noised int64 ring vectors (secure groups only)."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.bound) and self.bound > 0):
@@ -175,6 +195,28 @@ def encode_contribution(
     return encode_(contribution, scale=scale, bits=bits), scale
 
 
+def noised_input(vector: Tensor, k: int, config: AllReduceConfig) -> tuple[Tensor, float, int]:
+    """A pre-noised ring input for a group of ``k``: the input, its scale and the group's
+    threshold (at least the noise's ``min_counted``). Refuses (``ConfigError``) what the
+    settings do not allow and (``RingOverflow``) an input that ``k`` copies could wrap."""
+    noised = config.noised
+    if noised is None:
+        raise ConfigError("an int64 ring input needs distributed-noise settings (noised)")
+    if config.ring_bits(k) != 64:
+        raise ConfigError("distributed noise runs in Z_2^64: set ring = 64")
+    if k < noised.min_counted:
+        raise ConfigError(
+            f"a group of {k} cannot carry the distributed noise: a sum needs at least "
+            f"{noised.min_counted} counted members"
+        )
+    if vector.dim() != 1 or vector.numel() < 2:
+        raise ConfigError("a ring input is a 1-D int64 vector with a weight slot")
+    lo, hi = (int(v) for v in torch.aminmax(vector))
+    if max(-lo, hi) > (2**63 - 1) // k:
+        raise RingOverflow(f"a ring input of magnitude {max(-lo, hi)} could wrap a sum of {k}")
+    return vector, noised.scale, max(config.threshold_for(k), noised.min_counted)
+
+
 def decode_total(ring: Tensor, scale: float) -> Tensor:
     """The decoded group totals ``[sum w x, sum w]`` (float64)."""
     return decode(ring, scale=scale, bits=32 if ring.dtype == torch.int32 else 64)
@@ -224,16 +266,22 @@ class SecureGroup:
         config: AllReduceConfig,
     ) -> None:
         self.group = group
-        self._like = vector
-        self.ring, self.scale = encode_contribution(vector, weight, group.size, config)
+        k = group.size
+        if vector.dtype == torch.int64:
+            self._like = _FLOAT
+            self.ring, self.scale, threshold = noised_input(vector, k, config)
+        else:
+            self._like = vector
+            self.ring, self.scale = encode_contribution(vector, weight, k, config)
+            threshold = config.threshold_for(k)
         self.member = Member(
             seed,
             group.members,
             group=group.id,
             round=group.round,
             vector=self.ring,
-            threshold=config.threshold_for(group.size),
-            degree=config.degree_for(group.size),
+            threshold=threshold,
+            degree=config.degree_for(k),
         )
         self._timeout = config.stage_timeout_s
         self._stages: _Stages | None = None
@@ -503,7 +551,16 @@ class GroupAveraging:
         """Form this round's group (the contribution is checked against the bound first)."""
         if self._job is not None or self.done:
             raise ConfigError("a round is already running on this peer")
-        check_bound(job.vector, job.weight, self.config.bound)
+        if job.vector.dtype == torch.int64:
+            if not self._secure or self.config.noised is None:
+                raise ConfigError(
+                    "a distributed-noise contribution (an int64 ring input) needs secure "
+                    "groups with distributed noise; this averaging is " + self.name
+                )
+            if job.vector.dim() != 1 or not (math.isfinite(job.weight) and job.weight > 0):
+                raise ConfigError("a ring input is a 1-D int64 vector with a positive weight")
+        else:
+            check_bound(job.vector, job.weight, self.config.bound)
         self._job = job
         self._forming = True
         out = self.former.start(now, job.round, job.view)

@@ -33,6 +33,8 @@ from torch import Tensor, nn
 
 from dp.accounting import PrivacyEvent, compute_epsilon
 from dp.budget import Budget
+from dp.discrete_gaussian import RandomBits, system_random
+from dp.distributed import DistributedEvent, distributed_epsilon
 from dp.dpsgd import dp_sgd_train
 from floor.errors import BudgetExhausted, ConfigError, TrainingError
 from gossip.model import Layout, flatten, restore
@@ -40,6 +42,7 @@ from gossip.privacy import (
     PrivacyConfig,
     PrivacyPlan,
     PrivacyUnit,
+    distributed_contribution,
     os_seeded_generator,
     plan_privacy,
     privatize_delta,
@@ -91,6 +94,9 @@ class Contribution:
     """What a peer puts into the group average: ``vector = theta + private delta``, ``weight``.
 
     ``round`` counts this peer's contributions from 1; ``epsilon_spent`` includes this one.
+    Under distributed noise ``vector`` is the peer's ring input (int64, the model's
+    parameters and a weight slot, already noised; see ``gossip.privacy``), which only a
+    secure group takes.
     """
 
     vector: Tensor
@@ -107,11 +113,11 @@ class BudgetLike(Protocol):
         """Epsilon spent so far at the budget's delta."""
         ...
 
-    def check(self, next_events: PrivacyEvent) -> float:
+    def check(self, next_events: PrivacyEvent | DistributedEvent) -> float:
         """Epsilon after these events; raises BudgetExhausted if it would exceed the cap."""
         ...
 
-    def spend(self, events: PrivacyEvent) -> float:
+    def spend(self, events: PrivacyEvent | DistributedEvent) -> float:
         """Record the events and return the epsilon spent; raises BudgetExhausted first."""
         ...
 
@@ -131,6 +137,8 @@ class Learner:
     ``(epsilon, delta)`` (no cap if only a noise multiplier was given); pass one with a state
     file to keep the spend across restarts.
     ``theta`` defaults to the model's current parameters (peers must start from the same one).
+    ``noise_rng`` is the source of distributed noise and rounding (default: the OS's CSPRNG;
+    a seeded ``random.Random`` in simulation).
     """
 
     def __init__(
@@ -146,6 +154,7 @@ class Learner:
         budget: BudgetLike | None = None,
         theta: Tensor | None = None,
         include_buffers: bool = False,
+        noise_rng: RandomBits | None = None,
     ) -> None:
         self.train_config = train or TrainConfig()
         self.privacy = privacy or PrivacyConfig()
@@ -171,11 +180,14 @@ class Learner:
         self.loss_fn = loss_fn
         self.layout = Layout.of(model, include_buffers=include_buffers)
         self.generator = generator if generator is not None else os_seeded_generator()
+        self.noise_rng = noise_rng if noise_rng is not None else system_random()
         self.plan: PrivacyPlan = plan_privacy(
             self.privacy,
             local_steps=self.train_config.local_steps,
             sample_rate=self.train_config.sample_rate,
+            dimension=self.layout.size,
         )
+        self._shares: list[int] = []  # distributed noise: unknown shares per contribution
         unit = self.privacy.unit
         if budget is None and self.privacy.epsilon is not None and unit is not PrivacyUnit.NONE:
             budget = Budget(self.privacy.epsilon, self.privacy.delta)
@@ -215,6 +227,11 @@ class Learner:
             return float(self.budget.spent_epsilon)
         if self.privacy.unit is PrivacyUnit.NONE or self._c.rounds == 0:
             return 0.0
+        dist = self.plan.distributed
+        if dist is not None:
+            return distributed_epsilon(
+                [dist.event(dist.shares, self._c.rounds)], delta=self.privacy.delta
+            )
         try:
             return float(
                 compute_epsilon(
@@ -250,7 +267,37 @@ class Learner:
             "noise_multiplier": self.plan.noise_multiplier,
             "sample_rate": self.plan.sample_rate,
             "local_samples": self.num_samples,
+            "noise": "distributed" if self.plan.distributed is not None else "local",
+            "epsilon_central": self.epsilon_central,
+            "epsilon_local": self.epsilon_local,
         }
+
+    @property
+    def epsilon_central(self) -> float:
+        """Epsilon for an observer of the released values, for what happened: under
+        distributed noise, each round's sum with the members it counted (minus the assumed
+        colluders; the worst case for a round whose result this peer never saw). Otherwise
+        the same as :attr:`epsilon_spent`."""
+        dist = self.plan.distributed
+        if dist is None:
+            return self.epsilon_spent
+        events: dict[int, int] = {}
+        for members in self._shares:
+            events[members] = events.get(members, 0) + 1
+        return distributed_epsilon(
+            [dist.event(m, n) for m, n in events.items()], delta=self.privacy.delta
+        )
+
+    @property
+    def epsilon_local(self) -> float:
+        """Epsilon if everyone else in every group colludes: under distributed noise only this
+        peer's own noise share protects it. Otherwise the same as :attr:`epsilon_spent`."""
+        dist = self.plan.distributed
+        if dist is None:
+            return self.epsilon_spent
+        if not self._shares:
+            return 0.0
+        return distributed_epsilon([dist.event(1, len(self._shares))], delta=self.privacy.delta)
 
     def current_model(self) -> nn.Module:
         """The local model instance with ``theta`` loaded (for evaluation)."""
@@ -286,11 +333,20 @@ class Learner:
         come from this round's training of this learner (DP-SGD for the record unit)."""
         theta_prime = self._checked(theta_prime)
         event = self.plan.event
-        delta = privatize_delta(theta_prime - self._theta, self.plan, self.generator)
+        dist = self.plan.distributed
+        if dist is not None:
+            vector = distributed_contribution(
+                self._theta, theta_prime - self._theta, dist, self.plan.clip, self.noise_rng
+            )
+        else:
+            vector = self._theta + privatize_delta(
+                theta_prime - self._theta, self.plan, self.generator
+            )
         if self.budget is not None and event is not None:
             self.budget.spend(event)
         self._c.rounds += 1
-        vector = self._theta + delta
+        if dist is not None:
+            self._shares.append(dist.shares)
         return Contribution(vector, self.weight, self._c.rounds, self.epsilon_spent)
 
     async def local_update_async(self, executor: Executor | None = None) -> Contribution:
@@ -299,10 +355,14 @@ class Learner:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(executor, self.local_update)
 
-    def apply_result(self, new_theta: Tensor) -> None:
-        """Set ``theta`` to the group result (a released value)."""
+    def apply_result(self, new_theta: Tensor, counted: int | None = None) -> None:
+        """Set ``theta`` to the group result (a released value); ``counted``, the members the
+        group counted, refines the central epsilon of the last contribution."""
         self._theta = self._checked(new_theta).clone()
         self._c.results += 1
+        dist = self.plan.distributed
+        if dist is not None and counted is not None and self._shares:
+            self._shares[-1] = max(dist.shares, counted - dist.colluders)
 
     # -- internals ----------------------------------------------------------------------------
 

@@ -21,14 +21,14 @@ from torch import Tensor, nn
 from dp.budget import Budget
 from floor.errors import ConfigError
 from floor.identity import Identity
-from gossip.allreduce import AllReduceConfig, GroupAveraging
+from gossip.allreduce import AllReduceConfig, GroupAveraging, NoisedRing
 from gossip.baselines import Dpsgd, Pairwise, PushSum, metropolis_weights
 from gossip.driver import Driver
 from gossip.learner import BudgetLike, Learner, TrainConfig
 from gossip.machine import Machine
 from gossip.matchmaking import GroupFormer, HashGrouping, Invitations, MatchConfig
 from gossip.network import Network
-from gossip.privacy import PrivacyConfig, PrivacyUnit
+from gossip.privacy import NoiseMode, PrivacyConfig, PrivacyUnit, ring_scale
 from gossip.service import Evaluate, TrainingSession
 from gossip.spec import MATCHMAKING, RunSpec
 
@@ -51,6 +51,9 @@ def allreduce_config(spec: RunSpec) -> AllReduceConfig:
         stage_timeout_s=spec.stage_timeout_s,
         threshold=spec.threshold or None,
         degree=spec.degree or None,
+        noised=NoisedRing(ring_scale(spec.clip), spec.group_threshold)
+        if spec.distributed
+        else None,
     )
 
 
@@ -58,7 +61,7 @@ def match_config(spec: RunSpec) -> MatchConfig:
     """The matchmaker's parameters."""
     return MatchConfig(
         target_size=spec.group_size,
-        min_size=spec.min_group_size,
+        min_size=spec.smallest_group,
         form_timeout_s=spec.form_timeout_s,
         round_timeout_s=spec.match_timeout_s,
     )
@@ -75,6 +78,9 @@ def privacy_config(spec: RunSpec) -> PrivacyConfig:
         clip=spec.clip,
         noise_multiplier=spec.noise_multiplier or None,
         rounds=spec.rounds,
+        noise=NoiseMode.DISTRIBUTED if spec.distributed else NoiseMode.LOCAL,
+        shares=spec.noise_shares if spec.distributed else 1,
+        colluders=spec.colluders,
     )
 
 
@@ -133,7 +139,7 @@ def build_machine(
     if name in ("secure", "plain"):
         former: GroupFormer
         if matchmaking == "hash":
-            former = HashGrouping(me, size=spec.group_size, min_size=spec.min_group_size)
+            former = HashGrouping(me, size=spec.group_size, min_size=spec.smallest_group)
         elif matchmaking == "invite":
             former = Invitations(me, match_config(spec), rng=rng)
         else:

@@ -23,6 +23,7 @@ __all__ = [
     "ALIASES",
     "MATCHMAKING",
     "MAX_GROUP_SIZE",
+    "NOISE_MODES",
     "PRIVACY_UNITS",
     "RINGS",
     "SPEC",
@@ -45,6 +46,9 @@ RINGS = ("64", "32", "auto")
 and the group size still leave a fixed-point step of at most 2^-20, else 64)."""
 PRIVACY_UNITS = ("record", "peer", "none")
 """Whose data epsilon protects: one row (DP-SGD), a whole peer (its noised update), nobody."""
+NOISE_MODES = ("auto", "local", "distributed")
+"""Where peer-level noise is added: ``distributed`` integer shares in the ring of a secure group
+(``auto`` picks it for peer-level privacy in secure groups), or ``local`` float noise."""
 MATCHMAKING = ("invite", "hash")
 """How groups form: by invitation (serverless, any view) or by hashing a shared view."""
 
@@ -85,6 +89,12 @@ class RunSpec:
     noise_multiplier: float = 0.0
     """A fixed noise multiplier (0: calibrated so that ``rounds`` contributions spend
     exactly ``epsilon``)."""
+    dp_noise: str = "auto"
+    """Where peer-level noise goes (``NOISE_MODES``): auto (distributed in secure groups,
+    local otherwise), local or distributed."""
+    colluders: int = 0
+    """Distributed noise: group members assumed to collude against a peer (their noise
+    shares do not count for it; each member adds more)."""
     # averaging
     algorithm: str = "secure"
     """Averaging: secure, plain, pairwise, push-sum or dpsgd (``ALGORITHMS``)."""
@@ -148,6 +158,14 @@ class RunSpec:
         need(0 < self.delta < 1, "delta", "must be in (0, 1)")
         need(self.clip > 0, "clip", "must be > 0")
         need(self.noise_multiplier >= 0, "noise_multiplier", "must be >= 0 (0: calibrate)")
+        need(self.dp_noise in NOISE_MODES, "dp_noise", f"must be one of {NOISE_MODES}")
+        need(self.colluders >= 0, "colluders", "must be >= 0")
+        need(
+            self.dp_noise != "distributed"
+            or (self.privacy == "peer" and self.algorithm == "secure"),
+            "dp_noise",
+            "distributed needs privacy = peer and algorithm = secure",
+        )
         if self.algorithm in ("secure", "plain"):
             need(self.min_group_size >= 3, "min_group_size", _SMALL_GROUP)
             need(self.group_size >= 3, "group_size", _SMALL_GROUP)
@@ -165,6 +183,43 @@ class RunSpec:
             need(getattr(self, name) > 0, name, "must be > 0")
         need(self.topology in TOPOLOGIES, "topology", f"must be one of {TOPOLOGIES}")
         need(self.topology_degree >= 1, "topology_degree", "must be at least 1")
+
+        if self.distributed:
+            need(
+                self.noise_shares >= 1,
+                "colluders",
+                f"must be below the group threshold {self.group_threshold} (group_size "
+                f"{self.group_size}): some counted member's noise must be honest",
+            )
+
+    @property
+    def distributed(self) -> bool:
+        """Whether peer-level noise is added as distributed shares in secure groups."""
+        return (
+            self.privacy == "peer"
+            and self.algorithm == "secure"
+            and self.dp_noise in ("auto", "distributed")
+        )
+
+    @property
+    def group_threshold(self) -> int:
+        """The threshold of a full group: ``threshold`` if it fits, else ceil(2k/3)."""
+        k = self.group_size
+        return self.threshold if k / 2 < self.threshold <= k else -(-2 * k // 3)
+
+    @property
+    def noise_shares(self) -> int:
+        """Distributed noise: the honest counted shares a group sum must carry (the full
+        group's threshold minus the colluders)."""
+        return self.group_threshold - self.colluders
+
+    @property
+    def smallest_group(self) -> int:
+        """The smallest group that may form: ``min_group_size``, or under distributed noise
+        at least the full group's threshold (a smaller sum would carry too little noise)."""
+        if self.distributed:
+            return max(self.min_group_size, self.group_threshold)
+        return self.min_group_size
 
     def replace(self, **changes: Any) -> RunSpec:
         """A copy with ``changes``."""

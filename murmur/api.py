@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dp.accounting import compose_epsilon
+from dp.accounting import PrivacyEvent, compose_epsilon
 from floor.errors import ConfigError, PrivacyError, TrainingError
 from gossip.learner import TrainConfig
 from gossip.model import Layout
@@ -379,6 +379,8 @@ def _epsilon(config: PrivacyConfig, train: TrainConfig, rounds: int) -> float:
     event = plan.event
     if event is None:
         return 0.0
+    if not isinstance(event, PrivacyEvent):
+        raise ConfigError("the API's budget check plans local noise only")
     scaled = type(event)(event.noise_multiplier, event.sample_rate, event.count * rounds)
     return float(compose_epsilon([scaled], delta=config.delta))
 

@@ -218,6 +218,8 @@ class TrainingConfig:
     delta: float = SPEC.delta
     clip: float = SPEC.clip
     noise_multiplier: float = SPEC.noise_multiplier
+    dp_noise: str = SPEC.dp_noise
+    colluders: int = SPEC.colluders
     algorithm: str = SPEC.algorithm
     group_size: int = SPEC.group_size
     min_group_size: int = SPEC.min_group_size

@@ -44,7 +44,10 @@ class SharedAccountant:
         eps = self._cache.get(count)
         if eps is None:
             p = self.plan
-            if p.sample_rate >= 1.0:
+            if p.distributed is not None:
+                dist = p.distributed
+                eps = dp.distributed_epsilon([dist.event(dist.shares, count)], delta=self.delta)
+            elif p.sample_rate >= 1.0:
                 eps = dp.compute_epsilon(
                     noise_multiplier=p.noise_multiplier, rounds=count * p.count, delta=self.delta
                 )

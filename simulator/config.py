@@ -96,6 +96,14 @@ class Scenario:
     noise_multiplier: float = _f(
         "privacy", SPEC.noise_multiplier, "fixed noise multiplier (0 = calibrate)"
     )
+    dp_noise: str = _f(
+        "privacy",
+        SPEC.dp_noise,
+        "peer-level noise: auto (distributed in secure groups), local or distributed",
+    )
+    colluders: int = _f(
+        "privacy", SPEC.colluders, "distributed noise: group members assumed to collude"
+    )
     # [group]
     group_size: int = _f("group", SPEC.group_size, "target group size (secure, plain)")
     min_group_size: int = _f("group", SPEC.min_group_size, "smaller groups dissolve (>= 3)")

@@ -27,6 +27,7 @@ import gc
 import logging
 import math
 import os
+import random
 import resource
 import time
 from collections.abc import Callable
@@ -72,9 +73,13 @@ class RoundRecord:
     ``accuracy`` and ``loss`` are the mean over the evaluated peers' own models on the held-out
     split (``accuracy`` holds the task's metric, e.g. ROC AUC for ``credit``);
     ``consensus_distance`` is the RMS L2 distance of the online peers' models to their mean;
-    ``epsilon`` the largest epsilon any peer spent; ``bytes_*`` and ``messages_*`` are totals
-    since the start; ``active_peers`` were online when the round began, ``dropped`` of them did
-    not have their contribution counted (left, straggled, lost messages, aborted group).
+    ``epsilon`` the largest epsilon any peer spent (the budgeted one; under distributed noise
+    the worst case of every round), ``epsilon_central`` that peer's epsilon for what happened
+    (the members its groups counted) and ``epsilon_local`` its epsilon against everyone else
+    in its groups (its own noise only; the same as ``epsilon`` with local noise); ``bytes_*``
+    and ``messages_*`` are totals since the start; ``active_peers`` were online when the round
+    began, ``dropped`` of them did not have their contribution counted (left, straggled, lost
+    messages, aborted group).
     """
 
     round: int
@@ -83,6 +88,8 @@ class RoundRecord:
     loss: float
     consensus_distance: float
     epsilon: float
+    epsilon_central: float
+    epsilon_local: float
     bytes_sent: int
     bytes_received: int
     active_peers: int
@@ -176,15 +183,20 @@ class Simulation:
         privacy = privacy_config(spec)
         unit = privacy.unit
         accountant = None
+        model = task.build_model(s.seed)
+        plan = plan_privacy(
+            privacy,
+            local_steps=s.local_steps,
+            sample_rate=s.sample_rate,
+            dimension=Layout.of(model).size,
+        )
         if unit is not PrivacyUnit.NONE:
-            plan = plan_privacy(privacy, local_steps=s.local_steps, sample_rate=s.sample_rate)
             accountant = SharedAccountant(
                 plan,
                 delta=s.delta,
                 epsilon=s.epsilon,
                 max_count=None if s.noise_multiplier else s.rounds,
             )
-        model = task.build_model(s.seed)
         use_stacked = s.training == "stacked" or (s.training == "auto" and stackable(model))
         if use_stacked:
             if not isinstance(model, torch.nn.Linear) or not stackable(model):
@@ -193,7 +205,7 @@ class Simulation:
                 model,
                 shards,
                 n,
-                plan=plan_privacy(privacy, local_steps=s.local_steps, sample_rate=s.sample_rate),
+                plan=plan,
                 accountant=accountant,
                 local_steps=s.local_steps,
                 lr=s.lr,
@@ -215,6 +227,7 @@ class Simulation:
                     loss_fn=task.loss_fn,
                     generator=gen,
                     budget=None if accountant is None else SimBudget(accountant),
+                    noise_rng=random.Random(s.seed * 1_000_003 + i + 7),
                 )
             )
         return PerPeerTrainer(learners)
@@ -308,7 +321,7 @@ class Simulation:
                 for peers, row in outcome.results:
                     theta = torch.from_numpy(row)
                     for p in peers:
-                        self.trainer.apply(p, theta)
+                        self.trainer.apply(p, theta, outcome.sizes.get(p))
                 self._close_round(rnd, t, tally, active, outcome.counted, records, on_round)
         stats = {**_stats(tally, aborted, forced), "group_workers": workers}
         return records, stats, tally.peak_rss_mib
@@ -357,7 +370,7 @@ class Simulation:
                 forced += 1
             cap.cancel()
             for p, theta in protocol.results.items():
-                self.trainer.apply(p, theta)
+                self.trainer.apply(p, theta, protocol.sizes.get(p))
             aborted += protocol.failed
             self._close_round(rnd, loop.time(), net, active, protocol.counted, records, on_round)
         return records, _stats(net, aborted, forced)
@@ -407,6 +420,7 @@ class Simulation:
         spread = thetas - thetas.mean(dim=0, keepdim=True)
         consensus = float(spread.pow(2).sum(dim=1).mean().sqrt())
         eps = self.trainer.epsilon(online)
+        central, local = self.trainer.epsilons(online)
         return RoundRecord(
             round=rnd,
             virtual_time_s=round(now, 6),
@@ -414,6 +428,8 @@ class Simulation:
             loss=_r(float(np.mean(losses))),
             consensus_distance=_r(consensus),
             epsilon=_r(eps),
+            epsilon_central=_r(central),
+            epsilon_local=_r(local),
             bytes_sent=net.bytes_sent,
             bytes_received=net.bytes_received,
             active_peers=active if rnd else len(online),

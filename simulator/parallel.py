@@ -92,6 +92,7 @@ class GroupOutcome:
     # members share one result).
     results: list[tuple[list[int], np.ndarray]] = field(default_factory=list)
     counted: set[int] = field(default_factory=set)
+    sizes: dict[int, int] = field(default_factory=dict)  # peer -> members its group counted
     aborted: int = 0  # peers whose averaging failed (aborted group)
     busy_s: float = 0.0  # wall seconds the worker spent on the job (for balancing only)
 
@@ -101,6 +102,7 @@ class GroupOutcome:
         self.forced = self.forced or other.forced
         self.results += other.results
         self.counted |= other.counted
+        self.sizes.update(other.sizes)
         self.aborted += other.aborted
 
 
@@ -236,7 +238,12 @@ class GroupWorker:
             else:
                 entry[0].append(p)
         return GroupOutcome(
-            self._finish, self._forced, list(shared.values()), set(rnd.counted), rnd.failed
+            self._finish,
+            self._forced,
+            list(shared.values()),
+            set(rnd.counted),
+            dict(rnd.sizes),
+            rnd.failed,
         )
 
 

@@ -167,7 +167,7 @@ def round_groups(
     if not (s.grouped and s.matchmaking == "hash"):
         return None
     try:
-        return hash_groups(rnd, view, size=s.group_size, min_size=s.min_group_size)
+        return hash_groups(rnd, view, size=s.group_size, min_size=s.spec().smallest_group)
     except GroupFormationFailed:
         return None
 
@@ -220,6 +220,8 @@ class PeerRounds:
                 for p, m in enumerate(self.machines)
             ]
         self.results: dict[int, Tensor] = {}
+        self.sizes: dict[int, int] = {}
+        """Per peer with a result: how many members its group counted."""
         self.counted: set[int] = set()
         self.failed = 0
         """Peers of this round whose averaging failed (aborted group, no group formed)."""
@@ -252,7 +254,7 @@ class PeerRounds:
         """
         net = self.net
         raw = net.raw_ids
-        self.results, self.counted, self.failed = {}, set(), 0
+        self.results, self.sizes, self.counted, self.failed = {}, {}, set(), 0
         self._on_done, self._round = on_done, rnd
         contributing = [p for p in active if contributions[p][1] > 0]
         members = contributing if view is None else list(view)
@@ -308,6 +310,7 @@ class PeerRounds:
         self._started.discard(p)
         if isinstance(outcome, AverageResult):
             self.results[p] = outcome.vector
+            self.sizes[p] = outcome.group_size
             if outcome.contributors:
                 index = self.net.index
                 self.counted.update(index[c] for c in outcome.contributors)

@@ -14,16 +14,18 @@ one seeded generator, so it is deterministic but not draw-for-draw equal to the 
 
 from __future__ import annotations
 
+import random
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dp.distributed import distributed_epsilon
 from floor.errors import BudgetExhausted, TrainingError
 from gossip.learner import Learner
 from gossip.model import Layout, flatten
-from gossip.privacy import PrivacyPlan, PrivacyUnit
+from gossip.privacy import PrivacyPlan, PrivacyUnit, distributed_contribution
 from simulator.budget import SharedAccountant
 
 __all__ = ["PerPeerTrainer", "StackedTrainer", "Trainer", "stackable"]
@@ -36,8 +38,8 @@ class Trainer(Protocol):
         """Train every peer of ``active``; return each one's contribution and weight."""
         ...
 
-    def apply(self, peer: int, theta: Tensor) -> None:
-        """Set ``peer``'s public model to ``theta``."""
+    def apply(self, peer: int, theta: Tensor, counted: int | None = None) -> None:
+        """Set ``peer``'s public model to ``theta`` (a group result over ``counted``)."""
         ...
 
     def thetas(self, peers: list[int]) -> Tensor:
@@ -46,6 +48,11 @@ class Trainer(Protocol):
 
     def epsilon(self, peers: list[int]) -> float:
         """The largest epsilon spent by any of ``peers``."""
+        ...
+
+    def epsilons(self, peers: list[int]) -> tuple[float, float]:
+        """The central epsilon of what happened and the local one (own noise only), of the
+        peer that contributed most often (both equal ``epsilon`` without distributed noise)."""
         ...
 
 
@@ -73,9 +80,9 @@ class PerPeerTrainer:
             out[p] = (c.vector, c.weight)
         return out
 
-    def apply(self, peer: int, theta: Tensor) -> None:
+    def apply(self, peer: int, theta: Tensor, counted: int | None = None) -> None:
         """``Learner.apply_result``."""
-        self.learners[peer].apply_result(theta)
+        self.learners[peer].apply_result(theta, counted)
 
     def thetas(self, peers: list[int]) -> Tensor:
         """The learners' public models."""
@@ -85,6 +92,12 @@ class PerPeerTrainer:
         """Epsilon of the peer that contributed most often."""
         most = max(peers, key=lambda p: (self.learners[p].rounds_contributed, -p))
         return float(self.learners[most].epsilon_spent)
+
+    def epsilons(self, peers: list[int]) -> tuple[float, float]:
+        """The most-contributing peer's central and local epsilon."""
+        most = max(peers, key=lambda p: (self.learners[p].rounds_contributed, -p))
+        learner = self.learners[most]
+        return float(learner.epsilon_central), float(learner.epsilon_local)
 
 
 class StackedTrainer:
@@ -123,6 +136,8 @@ class StackedTrainer:
         self.steps, self.lr, self.q = local_steps, lr, sample_rate
         self.by_samples = weighting_by_samples
         self.gen = torch.Generator().manual_seed(seed * 65_537 + 11)
+        self.noise_rng = random.Random(seed * 65_537 + 13)  # distributed noise (seeded)
+        self.shares: list[list[int]] = [[] for _ in range(n_peers)]
 
     def contribute(self, active: list[int]) -> dict[int, tuple[Tensor, float]]:
         """One batched local round for every active peer whose budget allows it."""
@@ -140,6 +155,14 @@ class StackedTrainer:
         new = self._train(theta, data)
         delta = new - theta
         plan = self.plan
+        dist = plan.distributed
+        if dist is not None:
+            for j, p in enumerate(able):
+                ring = distributed_contribution(theta[j], delta[j], dist, plan.clip, self.noise_rng)
+                self.counts[p] += 1
+                self.shares[p].append(dist.shares)
+                out[p] = (ring, 1.0)
+            return out
         if plan.unit is PrivacyUnit.PEER:
             norm = delta.norm(dim=1, keepdim=True)
             delta = delta * (plan.clip / norm.clamp_min(1e-12)).clamp(max=1.0)
@@ -193,9 +216,12 @@ class StackedTrainer:
             raise TrainingError("stacked training diverged (NaN or inf); lower the learning rate")
         return new
 
-    def apply(self, peer: int, theta: Tensor) -> None:
-        """Set the peer's row."""
+    def apply(self, peer: int, theta: Tensor, counted: int | None = None) -> None:
+        """Set the peer's row (``counted`` refines its last contribution's central epsilon)."""
         self._thetas[peer] = theta.to(self._thetas.dtype)
+        dist = self.plan.distributed
+        if dist is not None and counted is not None and self.shares[peer]:
+            self.shares[peer][-1] = max(dist.shares, counted - dist.colluders)
 
     def thetas(self, peers: list[int]) -> Tensor:
         """Rows of the stacked models."""
@@ -206,3 +232,21 @@ class StackedTrainer:
         if self.accountant is None:
             return 0.0
         return self.accountant.epsilon(max(self.counts[p] for p in peers))
+
+    def epsilons(self, peers: list[int]) -> tuple[float, float]:
+        """The most-contributing peer's central and local epsilon."""
+        dist = self.plan.distributed
+        if dist is None:
+            eps = self.epsilon(peers)
+            return eps, eps
+        most = max(peers, key=lambda p: (self.counts[p], -p))
+        shares = self.shares[most]
+        if not shares:
+            return 0.0, 0.0
+        grouped: dict[int, int] = {}
+        for m in shares:
+            grouped[m] = grouped.get(m, 0) + 1
+        delta = self.accountant.delta if self.accountant is not None else 1e-5
+        central = distributed_epsilon([dist.event(m, n) for m, n in grouped.items()], delta=delta)
+        local = distributed_epsilon([dist.event(1, len(shares))], delta=delta)
+        return central, local
