@@ -248,6 +248,9 @@ class TrainingSession:
             "epsilon_spent": learner.epsilon_spent,
             "epsilon_budget": None if cap is None else float(cap),
             "delta": learner.status()["delta"],
+            "dp_noise": "distributed" if learner.plan.distributed is not None else "local",
+            "epsilon_central": learner.epsilon_central,
+            "epsilon_local": learner.epsilon_local,
             "budget_spent": spent,
             "contributions": learner.rounds_contributed,
             "accuracy": self._accuracy,
@@ -314,7 +317,7 @@ class TrainingSession:
         except TimeoutError:  # our own backstop (a transport Timeout is a MurmurError above)
             status, error = "aborted", f"round timed out after {self.round_timeout_s:g} s"
         else:
-            self.learner.apply_result(result.vector)
+            self.learner.apply_result(result.vector, result.group_size)
             group_size = result.group_size
             if self._evaluate is not None:
                 self._loss, self._accuracy = await self._in_executor(self._evaluate_model)

@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 
 from floor.errors import ConfigError, NetworkError, PeerUnreachable, Timeout
+from gossip.spec import NOISE_MODES
 from p2p.config import (
     DAEMON_ALGORITHMS,
     PARTITIONS,
@@ -64,6 +65,14 @@ def register(subparsers: Any) -> None:
         dest="privacy",
         choices=PRIVACY_UNITS,
         help="whose data epsilon protects (record, peer or none)",
+    )
+    train.add_argument(
+        "--dp-noise",
+        choices=NOISE_MODES,
+        help="peer-level noise: auto (distributed shares in secure groups), local, distributed",
+    )
+    train.add_argument(
+        "--colluders", type=int, metavar="C", help="distributed noise: colluders assumed per group"
     )
     train.add_argument("--algorithm", choices=DAEMON_ALGORITHMS, help="averaging algorithm")
     train.add_argument("--seed", type=int, metavar="S", help="data split and initial model")
@@ -142,6 +151,7 @@ def cmd_start(args: argparse.Namespace) -> int:
 def _training_flags(args: argparse.Namespace) -> dict[str, Any] | None:
     names: tuple[str, ...] = ("task", "rounds", "group_size", "epsilon", "delta")
     names += ("privacy", "algorithm", "seed", "shard", "partition", "ring", "value_bound")
+    names += ("dp_noise", "colluders")
     given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     return given or None
 

@@ -264,11 +264,12 @@ class Daemon:
             self._training_state = "training"
             log.info(
                 "event=training_started task=%s rounds=%d algorithm=%s privacy_unit=%s "
-                "epsilon=%g delta=%g noise_multiplier=%.4f peers=%d",
+                "dp_noise=%s epsilon=%g delta=%g noise_multiplier=%.4f peers=%d",
                 task.name,
                 cfg.rounds,
                 cfg.algorithm,
                 learner.privacy.unit,
+                learner.privacy.noise if learner.privacy.unit == "peer" else "-",
                 cfg.epsilon,
                 cfg.delta,
                 learner.plan.noise_multiplier,

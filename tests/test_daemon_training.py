@@ -135,7 +135,9 @@ def test_five_daemons_train_digits_one_killed_mid_training(spawn: Spawn) -> None
 FAST = MembershipConfig(exchange_interval_s=0.1, ping_interval_s=0.1, join_attempts=1)
 
 
-def training_config(tmp_path: Path, name: str, index: int, **kw: Any) -> DaemonConfig:
+def training_config(
+    tmp_path: Path, name: str, index: int, privacy: str = "record", **kw: Any
+) -> DaemonConfig:
     return DaemonConfig(
         listen="127.0.0.1:0",
         data_dir=tmp_path / name,
@@ -148,6 +150,7 @@ def training_config(tmp_path: Path, name: str, index: int, **kw: Any) -> DaemonC
             group_size=3,
             shard=f"{index}/3",
             start_timeout_s=20.0,
+            privacy=privacy,
         ),
         **kw,
     )
@@ -214,6 +217,36 @@ async def test_daemons_train_report_save_and_keep_the_budget_across_a_restart(
                 assert st["epsilon_spent"] == pytest.approx(spent)
         finally:
             await again.aclose()
+    finally:
+        for d in [first, *others]:
+            await d.aclose()
+
+
+async def test_daemons_with_peer_privacy_add_distributed_noise_in_secure_groups(
+    tmp_path: Path,
+) -> None:
+    """``privacy = peer`` in secure groups is distributed noise by default: the status says so
+    and reports the three epsilons, and the persisted budget holds distributed events."""
+    first = Daemon(training_config(tmp_path, "a", 0, privacy="peer"))
+    await first.start()
+    boot = (first.transport.addresses[0],)
+    others = [
+        Daemon(training_config(tmp_path, n, i, privacy="peer", bootstrap=boot))
+        for i, n in ((1, "b"), (2, "c"))
+    ]
+    try:
+        for d in others:
+            await d.start()
+        daemons = [first, *others]
+        await wait_for(lambda: all(state(d) == "done" for d in daemons), 60.0, "all done")
+        for d in daemons:
+            st = d.status()
+            assert st["privacy_unit"] == "peer" and st["dp_noise"] == "distributed", st
+            assert st["ok_rounds"] == 2 and st["last_group_size"] == 3, st
+            assert 0 < st["epsilon_central"] <= st["epsilon_spent"] <= 8.0, st
+            assert st["epsilon_local"] > st["epsilon_spent"], st
+            budget = json.loads((d.config.data_dir / "privacy_budget.json").read_text())
+            assert budget["version"] == 2 and budget["events"][0][0] == "ddg", budget
     finally:
         for d in [first, *others]:
             await d.aclose()
