@@ -95,7 +95,27 @@ def plot_metrics(
         fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
         for label, records in runs.items():
             xs = [getattr(r, x) / (1e6 if x == "bytes_sent" else 1) for r in records]
-            ax.plot(xs, [getattr(r, y) for r in records], marker=".", label=label)
+            (line,) = ax.plot(xs, [getattr(r, y) for r in records], marker=".", label=label)
+            if y == "epsilon" and any(
+                r.epsilon_central != r.epsilon or r.epsilon_local != r.epsilon for r in records
+            ):
+                # distributed noise: the budgeted epsilon, what happened, and own share only
+                color = line.get_color()
+                ax.plot(
+                    xs,
+                    [r.epsilon_central for r in records],
+                    ls="--",
+                    color=color,
+                    label=f"{label}: central (counted members)",
+                )
+                ax.plot(
+                    xs,
+                    [r.epsilon_local for r in records],
+                    ls=":",
+                    color=color,
+                    label=f"{label}: local (own noise share only)",
+                )
+                ax.legend(fontsize=8)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         if y == "consensus_distance":
