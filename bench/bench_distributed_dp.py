@@ -55,7 +55,10 @@ RESULTS = Path(__file__).parent / "results" / "distributed_dp.md"
 
 
 def _sim(seed: int, **kw: object) -> tuple[float, float, float, float]:
-    s = Scenario(peers=PEERS, rounds=ROUNDS, privacy="peer", epsilon=EPSILON, seed=seed, **kw)
+    fields: dict[str, object] = {"peers": PEERS, "rounds": ROUNDS, "privacy": "peer"}
+    fields.update(epsilon=EPSILON, seed=seed)
+    fields.update(kw)
+    s = Scenario(**fields)  # type: ignore[arg-type]
     res = Simulation(s).run()
     last = res.records[-1]
     return last.accuracy, last.epsilon, last.epsilon_central, last.epsilon_local

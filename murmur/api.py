@@ -68,6 +68,9 @@ class Privacy:
     peer's data (its round update is clipped to ``clip`` and noised), ``"none"`` disables DP.
     Give a total ``epsilon`` (the noise is calibrated so that ``rounds`` contributions fit), or a
     ``noise_multiplier`` (then ``epsilon`` is only a cap, or None for none).
+    ``dp_noise`` says where the ``peer`` unit's noise goes: ``auto`` (distributed integer
+    shares inside secure groups, local float noise otherwise), ``local`` or ``distributed``;
+    ``colluders`` is how many members of a group are assumed to collude (distributed noise).
     """
 
     epsilon: float | None = SPEC.epsilon
@@ -75,6 +78,8 @@ class Privacy:
     clip: float = SPEC.clip
     unit: Literal["record", "peer", "none"] = "record"
     noise_multiplier: float | None = None
+    dp_noise: Literal["auto", "local", "distributed"] = "auto"
+    colluders: int = SPEC.colluders
 
     def __post_init__(self) -> None:
         if self.unit not in PRIVACY_UNITS:
@@ -108,6 +113,8 @@ class Privacy:
             "delta": self.delta,
             "clip": self.clip,
             "noise_multiplier": float(self.noise_multiplier or 0.0),
+            "dp_noise": self.dp_noise,
+            "colluders": self.colluders,
         }
 
 

@@ -72,3 +72,16 @@ def test_a_peer_that_leaves_mid_round_is_dropped_the_same_way_by_both() -> None:
     assert gossip.rows() == direct.rows()
     assert sum(r.dropped for r in direct.records) > 0
     assert direct.stats["failed_averages"] == gossip.stats["failed_averages"]
+
+
+@pytest.mark.parametrize("model", ["logreg", "mlp"])
+def test_distributed_noise_is_the_same_in_both_engines(model: str) -> None:
+    """Peer-level privacy in secure groups (distributed noise shares, both trainers: stacked
+    for logreg, one learner per peer for the MLP): identical rows, the three epsilons."""
+    fields = {"privacy": "peer", "group_size": 6, "model": model, "matchmaking": "hash"}
+    gossip = rows(engine="gossip", **fields)
+    direct = rows(engine="direct", workers=1, **fields)
+    assert gossip == direct
+    last = gossip[-1]
+    assert 0 < last["epsilon_central"] <= last["epsilon"] < last["epsilon_local"]
+    assert last["accuracy"] > gossip[0]["accuracy"]
