@@ -20,6 +20,7 @@ ORDER = [
     "learning",
     "daemon_training",
     "simulator",
+    "distributed_dp",
 ]
 
 

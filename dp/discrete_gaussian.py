@@ -105,9 +105,38 @@ def _times(den: AnyIntArray, k: IntArray) -> AnyIntArray:
     return np.asarray(den.astype(object) * k.astype(object), dtype=object)
 
 
+_MARGIN = 2.0**-40  # far above the float error of the fast comparison (see _bernoulli)
+
+
 def _bernoulli(num: AnyIntArray, den: AnyIntArray, rng: RandomBits) -> BoolArray:
-    """Bernoulli(num_i / den_i), exactly (0 <= num_i <= den_i)."""
-    return np.asarray(_uniform_below(den, rng) < num, dtype=bool)
+    """Bernoulli(num_i / den_i), exactly (0 <= num_i <= den_i).
+
+    Compares a uniform U in [0, 1) with p = num / den, revealing U's bits lazily: the first 64
+    give ``U in [w, w + 1) / 2^64``, and in float64 (``a = w / 2^64`` within 2^-53 of it, ``p``
+    within 2^-51) the comparison is decided whenever ``|a - p| > 2^-40``, that is except with
+    probability about 2^-39. The undecided ones are settled exactly in integers: with ``V``
+    the rest of U, ``U < p`` iff ``V < r / den`` for ``r = num 2^64 - w den``, a fresh
+    Bernoulli(r / den) (or certain when r <= 0 or r >= den).
+    """
+    n = len(num)
+    if n == 0:
+        return np.zeros(0, dtype=bool)
+    w = _words(rng, n)
+    a = w.astype(np.float64) * 2.0**-64
+    p = num.astype(np.float64) / den.astype(np.float64)
+    out = a + _MARGIN < p
+    unsure = np.nonzero(~out & (a - _MARGIN < p))[0]
+    if unsure.size:
+        r = num[unsure].astype(object) * (1 << 64) - w[unsure].astype(object) * den[unsure]
+        d = den[unsure].astype(object)
+        certain = np.asarray(r >= d, dtype=bool)
+        maybe = np.nonzero(np.asarray(r > 0, dtype=bool) & ~certain)[0]
+        decided = certain.copy()
+        if maybe.size:
+            draw = _uniform_below(np.asarray(d[maybe], dtype=object), rng)
+            decided[maybe] = np.asarray(draw < r[maybe], dtype=bool)
+        out[unsure] = decided
+    return out
 
 
 def _bernoulli_exp_small(num: AnyIntArray, den: AnyIntArray, rng: RandomBits) -> BoolArray:

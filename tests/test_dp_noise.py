@@ -148,3 +148,17 @@ def test_discrete_gaussian_rejects_bad_source_and_size() -> None:
         dp.sample_discrete_gaussian(1, 10, rng=object())  # type: ignore[arg-type]
     with pytest.raises(AccountingError, match="size"):
         dp.sample_discrete_gaussian(1, -1, rng=random.Random(0))
+
+
+@pytest.mark.parametrize(("num", "den"), [(1, 3), (2, 7), (5, 5), (0, 9), (10**15 + 7, 3 * 10**15)])
+def test_bernoulli_exact_path_matches_its_probability(
+    num: int, den: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a huge margin every comparison takes the exact integer path: same law."""
+    monkeypatch.setattr(dg, "_MARGIN", 2.0)
+    n = 40_000
+    hits = dg._bernoulli(
+        np.full(n, num, dtype=np.int64), np.full(n, den, dtype=np.int64), random.Random(3)
+    ).sum()
+    p = num / den
+    assert abs(hits / n - p) < 4 * math.sqrt(p * (1 - p) / n) + 1e-12
