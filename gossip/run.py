@@ -28,7 +28,14 @@ from gossip.learner import BudgetLike, Learner, TrainConfig
 from gossip.machine import Machine
 from gossip.matchmaking import GroupFormer, HashGrouping, Invitations, MatchConfig
 from gossip.network import Network
-from gossip.privacy import NoiseMode, PrivacyConfig, PrivacyUnit, ring_scale
+from gossip.privacy import (
+    NoiseMode,
+    PrivacyConfig,
+    PrivacyPlan,
+    PrivacyUnit,
+    check_ring_fits,
+    ring_scale,
+)
 from gossip.service import Evaluate, TrainingSession
 from gossip.spec import MATCHMAKING, RunSpec
 
@@ -37,6 +44,7 @@ __all__ = [
     "build_learner",
     "build_machine",
     "build_session",
+    "check_noise_fits",
     "match_config",
     "privacy_config",
     "train_config",
@@ -46,7 +54,7 @@ __all__ = [
 def allreduce_config(spec: RunSpec) -> AllReduceConfig:
     """The group all-reduce's public parameters."""
     return AllReduceConfig(
-        bits=spec.ring_bits,
+        bits=64 if spec.distributed else spec.ring_bits,
         bound=spec.value_bound,
         stage_timeout_s=spec.stage_timeout_s,
         threshold=spec.threshold or None,
@@ -107,7 +115,7 @@ def build_learner(
     privacy = privacy_config(spec)
     if budget is None and privacy.unit is not PrivacyUnit.NONE and privacy.epsilon is not None:
         budget = Budget(privacy.epsilon, spec.delta)
-    return Learner(
+    learner = Learner(
         model,
         x,
         y,
@@ -117,6 +125,20 @@ def build_learner(
         generator=generator,
         budget=budget,
     )
+    check_noise_fits(spec, learner.plan)
+    return learner
+
+
+def check_noise_fits(spec: RunSpec, plan: PrivacyPlan) -> None:
+    """``ConfigError`` naming the fields if distributed noise could wrap a group's sum."""
+    if plan.distributed is not None:
+        check_ring_fits(
+            plan.distributed,
+            value_bound=spec.value_bound,
+            clip=spec.clip,
+            group_size=spec.group_size,
+            bits=64,
+        )
 
 
 def build_machine(

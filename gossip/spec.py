@@ -185,6 +185,7 @@ class RunSpec:
         need(self.topology_degree >= 1, "topology_degree", "must be at least 1")
 
         if self.distributed:
+            need(self.ring != "32", "ring", "must be 64 or auto under distributed noise (Z_2^64)")
             need(
                 self.noise_shares >= 1,
                 "colluders",

@@ -44,7 +44,7 @@ from gossip.data import partition, peer_shards
 from gossip.learner import Learner
 from gossip.model import Layout, restore
 from gossip.privacy import PrivacyUnit, plan_privacy
-from gossip.run import privacy_config, train_config
+from gossip.run import check_noise_fits, privacy_config, train_config
 from gossip.tasks import Task, make_task
 from simulator.budget import SharedAccountant, SimBudget
 from simulator.clock import new_virtual_loop
@@ -190,6 +190,7 @@ class Simulation:
             sample_rate=s.sample_rate,
             dimension=Layout.of(model).size,
         )
+        check_noise_fits(spec, plan)
         if unit is not PrivacyUnit.NONE:
             accountant = SharedAccountant(
                 plan,

@@ -43,6 +43,8 @@ from gossip.privacy import (
     ring_scale,
 )
 from gossip.spec import RunSpec
+from simulator.config import Scenario
+from simulator.engine import run_scenario
 
 # -- accounting ------------------------------------------------------------------------------
 
@@ -207,6 +209,9 @@ def test_a_ring_the_noise_could_wrap_is_a_config_error_naming_the_fields() -> No
     with pytest.raises(ConfigError, match=r"ring=32.*group_size=8.*value_bound=1e\+06.*clip=1"):
         check_ring_fits(plan, value_bound=1e6, clip=1.0, group_size=8, bits=32)
     assert wrap_probability(dimension=10, members=1, sigma_squared=1.0, margin=0.1) == 1.0
+    # and a run refuses it before any peer starts, naming the fields
+    with pytest.raises(ConfigError, match="value_bound=1e\\+15"):
+        run_scenario(Scenario(peers=12, rounds=1, privacy="peer", value_bound=1e15))
 
 
 def test_distributed_needs_peer_privacy_and_secure_groups() -> None:
@@ -220,6 +225,8 @@ def test_distributed_needs_peer_privacy_and_secure_groups() -> None:
         RunSpec(privacy="peer", algorithm="pairwise", dp_noise="distributed")
     with pytest.raises(ConfigError, match="colluders"):
         RunSpec(privacy="peer", colluders=6)  # group of 8: threshold 6
+    with pytest.raises(ConfigError, match="ring"):
+        RunSpec(privacy="peer", ring="32")
     spec = RunSpec(privacy="peer", colluders=2)
     assert spec.noise_shares == 4 and spec.smallest_group == 6
     with pytest.raises(ConfigError, match="peer"):
