@@ -101,6 +101,7 @@ def plot_metrics(
             ):
                 # distributed noise: the budgeted epsilon, what happened, and own share only
                 color = line.get_color()
+                line.set_label(f"{label}: budgeted (worst case of every round)")
                 ax.plot(
                     xs,
                     [r.epsilon_central for r in records],
