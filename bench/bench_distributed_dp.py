@@ -28,11 +28,11 @@ import platform
 import random
 import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from bench.bench_mpc_protocol import _median_seconds
 from dp.accounting import calibrate_noise
 from dp.discrete_gaussian import sample_discrete_gaussian, system_random
 from gossip.allreduce import AllReduceConfig, encode_contribution
@@ -129,15 +129,6 @@ def accuracy(seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
-def _cpu(fn: Callable[[], object], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.process_time()
-        fn()
-        times.append(time.process_time() - start)
-    return statistics.median(times)
-
-
 def cost(repeat: int) -> str:
     torch.set_num_threads(1)
     k, d = 8, 1_000_000
@@ -163,13 +154,19 @@ def cost(repeat: int) -> str:
         distributed_contribution(t, u, plan, 1.0, rng) for t, u in zip(thetas, deltas, strict=True)
     ]
     t = 6
-    round_plain = _cpu(lambda: run_group(plain_inputs, threshold=t), repeat)
-    round_noised = _cpu(lambda: run_group(noised, threshold=t), repeat)
-    enc = _cpu(lambda: encode_contribution(thetas[0] + deltas[0], 1.0, k, config), repeat)
-    prep = _cpu(lambda: distributed_contribution(thetas[0], deltas[0], plan, 1.0, rng), repeat)
+    round_plain = _median_seconds(lambda: run_group(plain_inputs, threshold=t), repeat)
+    round_noised = _median_seconds(lambda: run_group(noised, threshold=t), repeat)
+    enc = _median_seconds(
+        lambda: encode_contribution(thetas[0] + deltas[0], 1.0, k, config), repeat
+    )
+    prep = _median_seconds(
+        lambda: distributed_contribution(thetas[0], deltas[0], plan, 1.0, rng), repeat
+    )
     n = 1_000_000
-    sampler = _cpu(lambda: sample_discrete_gaussian(plan.sigma_squared, n, rng=rng), repeat)
-    seeded = _cpu(
+    sampler = _median_seconds(
+        lambda: sample_discrete_gaussian(plan.sigma_squared, n, rng=rng), repeat
+    )
+    seeded = _median_seconds(
         lambda: sample_discrete_gaussian(plan.sigma_squared, n, rng=random.Random(1)), repeat
     )
     with_prep = round_noised + k * prep

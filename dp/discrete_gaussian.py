@@ -29,6 +29,7 @@ from floor.errors import AccountingError
 __all__ = [
     "RandomBits",
     "discrete_gaussian_tensor",
+    "random_words",
     "sample_discrete_gaussian",
     "system_random",
 ]
@@ -54,7 +55,7 @@ def system_random() -> RandomBits:
     return secrets.SystemRandom()
 
 
-def _words(rng: RandomBits, n: int) -> npt.NDArray[np.uint64]:
+def random_words(rng: RandomBits, n: int) -> npt.NDArray[np.uint64]:
     """``n`` uniform 64-bit words from ``rng``."""
     if n == 0:
         return np.zeros(0, dtype=np.uint64)
@@ -77,7 +78,7 @@ def _uniform_below(m: AnyIntArray, rng: RandomBits) -> AnyIntArray:
         todo = np.arange(n)
         while todo.size:
             mm = mu[todo]
-            u = _words(rng, todo.size)
+            u = random_words(rng, todo.size)
             r = (~mm + np.uint64(1)) % mm  # 2**64 mod m
             ok = u <= ~r  # u < 2**64 - r: the largest multiple of m below 2**64
             out[todo[ok]] = (u[ok] % mm[ok]).astype(np.int64)
@@ -91,7 +92,7 @@ def _uniform_below(m: AnyIntArray, rng: RandomBits) -> AnyIntArray:
         modulus = 1 << (64 * nwords)
         uo: npt.NDArray[np.object_] = np.zeros(todo.size, dtype=object)
         for i in range(nwords):
-            uo = uo | (_words(rng, todo.size).astype(object) << (64 * i))
+            uo = uo | (random_words(rng, todo.size).astype(object) << (64 * i))
         ok = np.asarray(uo < modulus - modulus % mo, dtype=bool)
         out_obj[todo[ok]] = uo[ok] % mo[ok]
         todo = todo[~ok]
@@ -121,7 +122,7 @@ def _bernoulli(num: AnyIntArray, den: AnyIntArray, rng: RandomBits) -> BoolArray
     n = len(num)
     if n == 0:
         return np.zeros(0, dtype=bool)
-    w = _words(rng, n)
+    w = random_words(rng, n)
     a = w.astype(np.float64) * 2.0**-64
     p = num.astype(np.float64) / den.astype(np.float64)
     out = a + _MARGIN < p

@@ -42,7 +42,7 @@ from dp_accounting.rdp import rdp_privacy_accountant
 from torch import Tensor
 
 from dp._checks import check_delta, check_int, check_positive
-from dp.discrete_gaussian import RandomBits, discrete_gaussian_tensor
+from dp.discrete_gaussian import RandomBits, discrete_gaussian_tensor, random_words
 from floor.errors import AccountingError
 
 __all__ = [
@@ -239,14 +239,7 @@ def wrap_probability(*, dimension: int, members: int, sigma_squared: float, marg
 
 def uniform_floats(rng: RandomBits, n: int) -> Tensor:
     """``n`` uniform float64 values in [0, 1) with 53 random bits each, from ``rng``."""
-    if n == 0:
-        return torch.zeros(0, dtype=torch.float64)
-    randbytes = getattr(rng, "randbytes", None)
-    if callable(randbytes):
-        raw = randbytes(8 * n)
-    else:
-        raw = rng.getrandbits(64 * n).to_bytes(8 * n, "little")
-    words = np.frombuffer(raw, dtype="<u8") >> np.uint64(11)
+    words = random_words(rng, n) >> np.uint64(11)
     return torch.from_numpy(words.astype(np.float64) * 2.0**-53)
 
 

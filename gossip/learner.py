@@ -281,12 +281,7 @@ class Learner:
         dist = self.plan.distributed
         if dist is None:
             return self.epsilon_spent
-        events: dict[int, int] = {}
-        for members in self._shares:
-            events[members] = events.get(members, 0) + 1
-        return distributed_epsilon(
-            [dist.event(m, n) for m, n in events.items()], delta=self.privacy.delta
-        )
+        return dist.central_epsilon(self._shares, self.privacy.delta)
 
     @property
     def epsilon_local(self) -> float:
@@ -295,9 +290,7 @@ class Learner:
         dist = self.plan.distributed
         if dist is None:
             return self.epsilon_spent
-        if not self._shares:
-            return 0.0
-        return distributed_epsilon([dist.event(1, len(self._shares))], delta=self.privacy.delta)
+        return dist.local_epsilon(len(self._shares), self.privacy.delta)
 
     def current_model(self) -> nn.Module:
         """The local model instance with ``theta`` loaded (for evaluation)."""
@@ -362,7 +355,7 @@ class Learner:
         self._c.results += 1
         dist = self.plan.distributed
         if dist is not None and counted is not None and self._shares:
-            self._shares[-1] = max(dist.shares, counted - dist.colluders)
+            self._shares[-1] = dist.unknown_shares(counted)
 
     # -- internals ----------------------------------------------------------------------------
 

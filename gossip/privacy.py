@@ -31,6 +31,7 @@ from __future__ import annotations
 import enum
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,7 @@ from dp.distributed import (
     DistributedEvent,
     calibrate_distributed,
     conditional_round,
+    distributed_epsilon,
     noise_vector,
     rounded_sensitivity,
     wrap_probability,
@@ -201,10 +203,27 @@ class DistributedPlan:
             self.sigma_squared, members, self.sensitivity, self.dimension, count
         )
 
+    def unknown_shares(self, counted: int) -> int:
+        """The shares an observer does not know in a sum of ``counted`` members, given the
+        assumed colluders (never fewer than the plan's, which a group enforces)."""
+        return max(self.shares, counted - self.colluders)
+
     def central_event(self, counted: int, count: int = 1) -> DistributedEvent:
-        """The round's mechanism for an observer of the sum of ``counted`` members, given the
-        assumed colluders (never fewer shares than the plan's, which a group enforces)."""
-        return self.event(max(self.shares, counted - self.colluders), count)
+        """The round's mechanism for an observer of the sum of ``counted`` members."""
+        return self.event(self.unknown_shares(counted), count)
+
+    def central_epsilon(self, shares: Sequence[int], delta: float) -> float:
+        """Epsilon of contributions whose sums carried ``shares[i]`` unknown shares."""
+        counts: dict[int, int] = {}
+        for m in shares:
+            counts[m] = counts.get(m, 0) + 1
+        return distributed_epsilon([self.event(m, n) for m, n in counts.items()], delta=delta)
+
+    def local_epsilon(self, contributions: int, delta: float) -> float:
+        """Epsilon of ``contributions`` protected by this peer's own share only."""
+        if contributions == 0:
+            return 0.0
+        return distributed_epsilon([self.event(1, contributions)], delta=delta)
 
     @property
     def worst_event(self) -> DistributedEvent:

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dp.distributed import distributed_epsilon
 from floor.errors import BudgetExhausted, TrainingError
 from gossip.learner import Learner
 from gossip.model import Layout, flatten
@@ -221,7 +220,7 @@ class StackedTrainer:
         self._thetas[peer] = theta.to(self._thetas.dtype)
         dist = self.plan.distributed
         if dist is not None and counted is not None and self.shares[peer]:
-            self.shares[peer][-1] = max(dist.shares, counted - dist.colluders)
+            self.shares[peer][-1] = dist.unknown_shares(counted)
 
     def thetas(self, peers: list[int]) -> Tensor:
         """Rows of the stacked models."""
@@ -241,12 +240,5 @@ class StackedTrainer:
             return eps, eps
         most = max(peers, key=lambda p: (self.counts[p], -p))
         shares = self.shares[most]
-        if not shares:
-            return 0.0, 0.0
-        grouped: dict[int, int] = {}
-        for m in shares:
-            grouped[m] = grouped.get(m, 0) + 1
         delta = self.accountant.delta if self.accountant is not None else 1e-5
-        central = distributed_epsilon([dist.event(m, n) for m, n in grouped.items()], delta=delta)
-        local = distributed_epsilon([dist.event(1, len(shares))], delta=delta)
-        return central, local
+        return dist.central_epsilon(shares, delta), dist.local_epsilon(len(shares), delta)
