@@ -136,7 +136,7 @@ async def _ours(
             await t.start()
         for t in transports:
             for u in transports:
-                t.set_addresses(u.local_id, u.addresses)
+                t.set_addresses(u.local_id, u.addresses, verified=True)
         peers[path] = [_Peer(r, idents[r], t, view) for r, t in enumerate(transports)]
     xs, ws = _data(d)
     times: dict[str, dict[str, list[float]]] = {path: {} for path in paths}
@@ -256,7 +256,7 @@ async def _peer_process(
     for k, (path, transport) in enumerate(zip(paths, transports, strict=True)):
         for r in range(N):
             address = f"127.0.0.1:{sync.ports[k * N + r]}"
-            transport.set_addresses(_identity(r, k).peer_id, [address])
+            transport.set_addresses(_identity(r, k).peer_id, [address], verified=True)
         view = StaticView([_identity(r, k).peer_id for r in range(N)])
         peers[path] = _Peer(rank, identities[k], transport, view)
     xs, ws = _data(d)

@@ -185,7 +185,7 @@ class MurmurSender:
         self.auth = Auth[auth_name]
         self.messages = {size: blob(data=torch.rand(size // 4)) for size in SIZES.values()}
         self.transport = HttpTransport(codec, config=config)
-        self.transport.set_addresses(self.server_id, [f"127.0.0.1:{port}"])
+        self.transport.set_addresses(self.server_id, [f"127.0.0.1:{port}"], verified=True)
 
     async def send(self, size: int) -> float:
         t0 = time.perf_counter()
@@ -224,7 +224,7 @@ async def _small_peers(n: int, stream: bool, first_seed: int = 1) -> list[Any]:
         await t.start()
     for t in peers:
         for u in peers:
-            t.set_addresses(u.local_id, u.addresses)
+            t.set_addresses(u.local_id, u.addresses, verified=True)
     return peers
 
 
@@ -276,7 +276,7 @@ async def _latency_client(address: str, stream: bool, count: int) -> list[float]
 
     (client,) = await _small_peers(1, stream, first_seed=2)  # the server process is seed 1
     server = Identity.from_seed(b"\x01" * 32).peer_id
-    client.set_addresses(server, [address])
+    client.set_addresses(server, [address], verified=True)
     try:
         for seq in range(50):  # warm up (opens the connection or stream)
             await client.request(server, Ping(seq=seq))

@@ -35,17 +35,20 @@ from typing import Any, Final, Union
 import msgpack
 import torch
 
-from floor.errors import MalformedMessage, UnknownMessageType
+from floor.errors import MalformedMessage, MessageTooLarge, UnknownMessageType
 from floor.identity import PeerId
 
 __all__ = [
     "DTYPE_CODES",
+    "MAX_MSGPACK",
     "TENSOR_ALIGN",
     "BodyParts",
     "decode_body",
     "decode_body_as",
     "encode_body",
     "encode_body_parts",
+    "envelope_cap",
+    "msgpack_cap",
     "schema_check",
 ]
 
@@ -68,6 +71,13 @@ _ITEMSIZE: Final = {dtype: torch.empty((), dtype=dtype).element_size() for dtype
 TENSOR_ALIGN: Final = 64
 _PREFIX = struct.Struct("<II")
 _MAX_DIMS: Final = 32
+
+#: Default cap on the msgpack part of a body (fields and tensor metadata, never tensor bytes).
+#: A class may set ``MAX_MSGPACK: ClassVar[int]``. Decoding builds at most ~64 bytes of Python
+#: objects per msgpack byte (an empty array is one byte), so this bounds what any body of the
+#: type can cost before its schema is checked: here 8 MiB of objects, a few milliseconds.
+MAX_MSGPACK: Final = 128 * 2**10
+_ENVELOPE_SLACK: Final = 1024  # envelope prefix, header, door and auth tags, body prefix, pad
 
 Buffer = bytes | bytearray | memoryview
 BodyParts = list[bytes | memoryview]
@@ -358,6 +368,41 @@ def _compile(tp: Any) -> tuple[Encoder, Decoder]:
     return result
 
 
+_CAPS: dict[type, tuple[int, int | None]] = {}
+
+
+def _carries_tensor(tp: Any) -> bool:
+    if tp is torch.Tensor:
+        return True
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp)
+        return any(_carries_tensor(hints[f.name]) for f in dataclasses.fields(tp) if f.init)
+    return any(_carries_tensor(arg) for arg in typing.get_args(tp) if arg is not Ellipsis)
+
+
+def _caps(cls: type) -> tuple[int, int | None]:
+    caps = _CAPS.get(cls)
+    if caps is None:
+        packed = int(getattr(cls, "MAX_MSGPACK", MAX_MSGPACK))
+        whole = None if _carries_tensor(cls) else packed + _ENVELOPE_SLACK
+        caps = _CAPS[cls] = (packed, whole)
+    return caps
+
+
+def msgpack_cap(cls: type) -> int:
+    """The largest msgpack part a body of ``cls`` may have (``MAX_MSGPACK`` unless it says)."""
+    return _caps(cls)[0]
+
+
+def envelope_cap(cls: type) -> int | None:
+    """The largest envelope of ``cls``; None when it carries tensors (the transport cap rules).
+
+    A message without tensors is all msgpack, so its whole envelope is refused above its
+    msgpack cap plus the envelope's own fields, before any signature or MAC is checked.
+    """
+    return _caps(cls)[1]
+
+
 def schema_check(cls: type) -> None:
     """Check at registration that every field of ``cls`` has a supported type (TypeError)."""
     if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
@@ -368,6 +413,7 @@ def schema_check(cls: type) -> None:
     if not isinstance(getattr(cls, "TYPE", None), str):
         raise TypeError(f"{cls.__name__} has no TYPE tag")
     _compile(cls)
+    _caps(cls)
 
 
 def encode_body_parts(message: object) -> tuple[BodyParts, int]:
@@ -404,7 +450,10 @@ def encode_body(message: object) -> bytes:
 
 
 def decode_body_as(cls: type, data: Buffer) -> Any:
-    """Decode body bytes as an instance of ``cls``. Raises only ``MalformedMessage``."""
+    """Decode body bytes as an instance of ``cls``.
+
+    Raises ``MessageTooLarge`` above the type's msgpack cap, else only ``MalformedMessage``.
+    """
     try:
         view = memoryview(data).cast("B")
     except (TypeError, ValueError) as exc:
@@ -415,6 +464,9 @@ def decode_body_as(cls: type, data: Buffer) -> Any:
     start = _PREFIX.size + size
     if pad >= TENSOR_ALIGN or start + pad > view.nbytes:
         raise MalformedMessage("body length fields do not match its size")
+    cap = msgpack_cap(cls)
+    if size > cap:
+        raise MessageTooLarge(f"{cls.__name__} body has {size} msgpack bytes, its cap {cap}")
     try:
         obj = msgpack.unpackb(
             view[_PREFIX.size : start],

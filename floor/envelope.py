@@ -77,13 +77,12 @@ from cryptography.hazmat.primitives.poly1305 import Poly1305
 from nacl._sodium import ffi as _ffi  # in-place SecretBox: PyNaCl's public API copies twice
 from nacl._sodium import lib as _lib
 
-from floor.codec import TENSOR_ALIGN, decode_body_as, encode_body_parts
+from floor.codec import TENSOR_ALIGN, decode_body_as, encode_body_parts, envelope_cap
 from floor.errors import (
     BadSeal,
     ConfigError,
     MalformedMessage,
     MessageTooLarge,
-    StaleMessage,
     Unauthorized,
     UnknownMessageType,
     UnsupportedVersion,
@@ -178,6 +177,8 @@ class EnvelopeCodec:
         window_s: float = 120.0,
         clock: Callable[[], float] = time.time,
         replay_capacity: int = 1_000_000,
+        replay_per_sender: int | None = None,
+        max_future_s: float = 10.0,
         message_types: Mapping[str, type] | None = None,
     ) -> None:
         if network_key is not None and not (16 <= len(network_key) <= 64):
@@ -189,7 +190,9 @@ class EnvelopeCodec:
         self.max_message_size = max_message_size
         self.window_s = float(window_s)
         self._clock = clock
-        self._replay = ReplayCache(self.window_s, replay_capacity)
+        self._replay = ReplayCache(
+            self.window_s, replay_capacity, per_sender=replay_per_sender, max_future_s=max_future_s
+        )
         secret = _OPEN_NETWORK if network_key is None else bytes(network_key)
         self._door_key = _blake(secret, size=32, person=b"murmur-psk-door")
         self._link_keys: dict[PeerId, bytes] = {}
@@ -313,16 +316,8 @@ class EnvelopeCodec:
         except (TypeError, ValueError) as exc:
             raise MalformedMessage("envelope is not a contiguous byte buffer") from exc
         size = view.nbytes
-        if size > self.max_message_size:
-            raise MessageTooLarge(f"envelope is {size} bytes, cap {self.max_message_size}")
-        auth, header_len, _ = self._framing(view)
-        head_end = _PREFIX.size + header_len
-        door_end = head_end + _DOOR_BYTES
-        tag_end = door_end + _TAG_BYTES[auth]
-        door = self._door(view[:head_end], view[door_end:tag_end])
-        if not hmac.compare_digest(door, view[head_end:door_end]):
-            raise Unauthorized("wrong or missing network key")
-        cls, sender, recipient, timestamp, nonce = self._header(view[_PREFIX.size : head_end])
+        auth, head_end, tag_end, header = self._head(view, size)
+        cls, sender, recipient, timestamp, nonce = header
         if getattr(cls, "SECRET", False) and auth != Auth.SEALED:
             raise MalformedMessage(f"{cls.__name__} carries secrets and must arrive sealed")
         if recipient is None:
@@ -331,15 +326,52 @@ class EnvelopeCodec:
         elif recipient != self.identity.peer_id:
             raise WrongRecipient(f"addressed to {recipient.short()}")
         now = float(self._clock())
-        if abs(timestamp - now) > self.window_s:
-            raise StaleMessage(f"timestamp {timestamp - now:+.1f} s from now")
-        self._replay.check(nonce, timestamp, now)
+        self._replay.check(sender.raw, nonce, timestamp, now)
         body = self._authenticate(view, auth, sender, nonce, head_end, tag_end)
-        self._replay.add(nonce, timestamp, now)
+        self._replay.add(sender.raw, nonce, timestamp, now)
         message = decode_body_as(cls, body)
         return Received(sender, message, auth, timestamp, size)
 
-    def _framing(self, view: memoryview) -> tuple[Auth, int, int]:
+    def head_size(self, first: bytes | bytearray | memoryview) -> int | None:
+        """How many leading bytes :meth:`check_head` needs, from the first 12 (None: fewer)."""
+        if len(first) < _PREFIX.size:
+            return None
+        magic, _, auth_byte, _, header_len, _ = _PREFIX.unpack_from(first, 0)
+        tag = _TAG_BYTES.get(auth_byte, 0) if magic == _MAGIC else 0
+        return int(_PREFIX.size + min(header_len, _MAX_HEADER) + _DOOR_BYTES + tag)
+
+    def check_head(self, head: bytes | bytearray | memoryview, total: int) -> None:
+        """Refuse an envelope of ``total`` bytes from its first bytes, before the rest arrives.
+
+        ``head`` holds at least :meth:`head_size` bytes. Runs the framing, door, header, type
+        and type-size checks (the cheap ones of :meth:`decode`); a sender declaring a 63 MiB
+        body for a message type capped at 129 KiB is refused after its first packet.
+        """
+        self._head(memoryview(head).cast("B"), total)
+
+    def _head(
+        self, view: memoryview, total: int
+    ) -> tuple[Auth, int, int, tuple[type, PeerId, PeerId | None, float, bytes]]:
+        """The checks before the body: size cap, framing, door, header, the type's size cap."""
+        if total > self.max_message_size:
+            raise MessageTooLarge(f"envelope is {total} bytes, cap {self.max_message_size}")
+        auth, header_len, _ = self._framing(view, total)
+        head_end = _PREFIX.size + header_len
+        door_end = head_end + _DOOR_BYTES
+        tag_end = door_end + _TAG_BYTES[auth]
+        if view.nbytes < tag_end:
+            raise MalformedMessage("envelope is truncated")
+        door = self._door(view[:head_end], view[door_end:tag_end])
+        if not hmac.compare_digest(door, view[head_end:door_end]):
+            raise Unauthorized("wrong or missing network key")
+        header = self._header(view[_PREFIX.size : head_end])
+        cls = header[0]
+        type_cap = envelope_cap(cls)
+        if type_cap is not None and total > type_cap:
+            raise MessageTooLarge(f"{cls.__name__} envelope is {total} bytes, its cap {type_cap}")
+        return auth, head_end, tag_end, header
+
+    def _framing(self, view: memoryview, total: int) -> tuple[Auth, int, int]:
         if view.nbytes < _PREFIX.size:
             raise MalformedMessage("envelope is truncated")
         magic, version, auth_byte, flags, header_len, body_len = _PREFIX.unpack_from(view, 0)
@@ -353,8 +385,8 @@ class EnvelopeCodec:
         if header_len > _MAX_HEADER:
             raise MalformedMessage("envelope header too long")
         expected = _PREFIX.size + header_len + _TAG_BYTES[auth] + _DOOR_BYTES + body_len
-        if expected != view.nbytes:
-            what = "truncated" if expected > view.nbytes else "followed by extra bytes"
+        if expected != total:
+            what = "truncated" if expected > total else "followed by extra bytes"
             raise MalformedMessage(f"envelope is {what}")
         return auth, header_len, body_len
 

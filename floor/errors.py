@@ -60,6 +60,7 @@ __all__ = [
     "MurmurError",
     "NetworkError",
     "OutOfStage",
+    "Overloaded",
     "PeerUnreachable",
     "PrivacyError",
     "ProtocolError",
@@ -95,6 +96,7 @@ class RefusalCode(enum.IntEnum):
     DUPLICATE = 12  # a second message where only one is allowed
     INCONSISTENT = 13  # the message contradicts what the sender said before
     INTERNAL = 14  # the peer failed while handling a valid message
+    BUSY = 15  # the peer is over its in-flight byte budget or a rate limit: retry later
 
 
 class MurmurError(Exception):
@@ -196,6 +198,12 @@ class InconsistentMessage(ProtocolError, ValueError):
     """The message contradicts what its sender or the group said before."""
 
     code = RefusalCode.INCONSISTENT
+
+
+class Overloaded(ProtocolError):
+    """The peer holds as many in-flight bytes (or answers as many requests) as it takes."""
+
+    code = RefusalCode.BUSY
 
 
 class NetworkError(MurmurError, ConnectionError):

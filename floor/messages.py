@@ -16,7 +16,7 @@ from typing import ClassVar, Protocol
 
 from floor.codec import schema_check
 
-__all__ = ["FLOOR_MESSAGES", "Message", "Refusal", "build_registry"]
+__all__ = ["FLOOR_MESSAGES", "Message", "Probe", "ProbeReply", "Refusal", "build_registry"]
 
 
 class Message(Protocol):
@@ -34,8 +34,30 @@ class Refusal:
     reason: str
 
 
-FLOOR_MESSAGES: tuple[type, ...] = (Refusal,)
-"""The message classes every world's union includes (the transports answer with ``Refusal``)."""
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """The first envelope sent to an address learnt from someone else (SIGNED, by POST).
+
+    The transport itself answers with a SIGNED ``ProbeReply`` echoing ``nonce``: a reply
+    signed by the peer the address was claimed for proves the address is that peer's, and
+    only then does anything else go there.
+    """
+
+    TYPE: ClassVar[str] = "probe"
+    nonce: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeReply:
+    """The answer to ``Probe``: the same nonce, signed by the peer that was probed."""
+
+    TYPE: ClassVar[str] = "probe_reply"
+    nonce: bytes
+
+
+FLOOR_MESSAGES: tuple[type, ...] = (Refusal, Probe, ProbeReply)
+"""The message classes every world's union includes (the transports answer ``Probe`` and
+refuse with ``Refusal`` themselves)."""
 
 
 def build_registry(classes: Iterable[type]) -> Mapping[str, type]:

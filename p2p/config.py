@@ -89,6 +89,25 @@ class HttpTransportConfig:
     stream_retry_s: float = 60.0
     """After a peer refused a stream (no endpoint, 429: it holds all the streams it takes),
     its envelopes go by POST for this long, then the next one tries a stream again."""
+    max_inflight_bytes: int = 256 * 2**20
+    """Bytes of inbound envelopes received but not yet handled, over all connections (never
+    less than one ``max_message_size``); a body or stream frame that would go above it is
+    refused BUSY (HTTP 503). Buffers grow only as bytes arrive: a Content-Length is never
+    allocated ahead."""
+    max_connection_inflight: int = 16 * 2**20
+    """The same budget for one stream's unanswered frames (a POST body is one envelope, held
+    to ``max_message_size``)."""
+    body_timeout_s: float = 30.0
+    """Deadline to receive a whole POST body once its headers arrived; then the connection is
+    closed (a trickling sender holds nothing for longer)."""
+    idle_timeout_s: float = 30.0
+    """An inbound connection that sends no request (or nothing more) for this long is closed."""
+    verify_addresses: bool = True
+    """Send to an address learnt from a record only after a SIGNED Probe there was answered
+    by that record's peer (one POST; refused addresses back off from 2 s to 300 s)."""
+    allow_loopback_peers: bool | None = None
+    """Whether records may name loopback addresses; None: when this peer listens on one (a
+    local test network). Unspecified, link-local and multicast addresses are always refused."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -106,6 +125,11 @@ class HttpTransportConfig:
             raise ConfigError("transport connection limits must be >= 1")
         if self.stream_max_body < 0 or self.stream_max_inflight < 1:
             raise ConfigError("transport.stream_max_body must be >= 0, stream_max_inflight >= 1")
+        for name in ("body_timeout_s", "idle_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"transport.{name} must be > 0")
+        if self.max_connection_inflight < 1 or self.max_inflight_bytes < 1:
+            raise ConfigError("transport in-flight byte budgets must be >= 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,7 +321,11 @@ class DaemonConfig:
     allow: tuple[str, ...] = ()
     """If non-empty, only these peer ids may talk to us or enter our view."""
     replay_window_s: float = 120.0
-    """Accepted envelope timestamp skew; nonces are remembered this long."""
+    """How old an envelope's timestamp may be; nonces are remembered this long."""
+    replay_max_future_s: float = 10.0
+    """How far ahead of this peer's clock an envelope's timestamp may be (clock skew)."""
+    replay_capacity: int = 1_000_000
+    """Nonces remembered at most (all senders); one sender holds at most 1/16 of them."""
     log_format: str = "kv"
     """``kv`` (key=value lines) or ``json``."""
     log_level: str = "info"
@@ -321,6 +349,10 @@ class DaemonConfig:
             raise ConfigError(f"log_level must be debug/info/warning/error, got {self.log_level!r}")
         if self.replay_window_s <= 0:
             raise ConfigError("replay_window_s must be > 0")
+        if not 0 <= self.replay_max_future_s <= self.replay_window_s:
+            raise ConfigError("replay_max_future_s must be between 0 and replay_window_s")
+        if self.replay_capacity < 16:
+            raise ConfigError("replay_capacity must be >= 16")
 
 
 def _convert(value: object, type_text: str, name: str) -> object:

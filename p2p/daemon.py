@@ -184,6 +184,8 @@ class Daemon:
             network_key=network_key,
             max_message_size=cfg.transport.max_message_size,
             window_s=cfg.replay_window_s,
+            max_future_s=cfg.replay_max_future_s,
+            replay_capacity=cfg.replay_capacity,
             message_types=MESSAGE_TYPES,
         )
         self._transport = HttpTransport(
@@ -407,6 +409,10 @@ class Daemon:
             "refused": transport.refused,
             "bytes_sent": transport.bytes_sent,
             "bytes_received": transport.bytes_received,
+            "inflight_bytes": transport.inflight.held,
+            "inflight_peak": transport.inflight.peak,
+            "busy_refusals": transport.inflight.refused,
+            "address_probes": transport.probes,
             **self._training_status(),
         }
 

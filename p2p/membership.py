@@ -126,8 +126,13 @@ class PeerView:
         entry = self.active.get(peer)
         return entry.record if entry is not None else self.passive.get(peer)
 
-    def seen(self, peer: PeerId, now: float) -> None:
-        """Note an authenticated contact from ``peer`` (clears suspicion)."""
+    def seen(self, peer: PeerId, now: float, *, confirm: bool = True) -> None:
+        """Note an authenticated contact from ``peer`` (clears suspicion).
+
+        ``confirm=False``: the peer wrote to us, but none of its addresses is proven yet (a
+        record can name anyone's address): it stays unconfirmed, so it is neither offered to
+        protocols nor passed on to other peers until an answer from its address proves it.
+        """
         entry = self.active.get(peer)
         if entry is None:
             record = self.passive.get(peer)
@@ -138,7 +143,7 @@ class PeerView:
             self.changed = True
         entry.last_seen = max(entry.last_seen, now)
         entry.suspect = False
-        entry.confirmed = True
+        entry.confirmed = entry.confirmed or confirm
 
     def tick(self, now: float) -> list[PeerId]:
         """Apply suspicion and removal at time ``now``; refill from the reserve.
@@ -244,7 +249,7 @@ class Membership:
         self.view = PeerView(
             identity.peer_id,
             self.config,
-            valid_address=transport.is_valid_address,
+            valid_address=transport.accepts_address,
             admit=admit,
             rng=self._rng,
         )
@@ -282,8 +287,12 @@ class Membership:
                 self._transport.set_addresses(record.peer_id, record.addresses)
         return taken
 
+    def _proven(self, peer: PeerId) -> bool:
+        transport = self._transport
+        return any(transport.is_proven(peer, a) for a in transport.addresses_of(peer))
+
     def _on_contact(self, peer: PeerId) -> None:
-        self.view.seen(peer, self._now())
+        self.view.seen(peer, self._now(), confirm=self._proven(peer))
 
     # -- handlers ----------------------------------------------------------------------------
     async def _on_join(self, received: Received) -> JoinReply:
@@ -292,7 +301,7 @@ class Membership:
         if message.record.peer_id != received.sender:
             raise InconsistentMessage("a Join must carry the sender's own record")
         self._take([message.record])
-        self.view.seen(received.sender, self._now())
+        self.view.seen(received.sender, self._now(), confirm=self._proven(received.sender))
         sample = self.view.sample_records(self.config.exchange_size, exclude=received.sender)
         return JoinReply(records=(self.own_record(), *sample))
 

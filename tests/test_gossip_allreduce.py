@@ -181,7 +181,7 @@ class Peers:
         ]
         for t in self.transports:
             for u in self.transports:
-                t.set_addresses(u.local_id, u.addresses)
+                t.set_addresses(u.local_id, u.addresses, verified=True)
         self.ids = [i.peer_id for i in self.identities]
         self.view = StaticView(self.ids)
         self.nets = [FaultyNet(TransportNetwork(t, self.view)) for t in self.transports]

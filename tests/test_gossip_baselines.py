@@ -44,7 +44,7 @@ def make(
     ]
     for t in transports:
         for u in transports:
-            t.set_addresses(u.local_id, u.addresses)
+            t.set_addresses(u.local_id, u.addresses, verified=True)
     view = StaticView([i.peer_id for i in idents])
     return [TransportNetwork(t, view) for t in transports], transports, idents
 

@@ -142,7 +142,7 @@ def test_peers_train_with_secure_group_averaging(digits: Task) -> None:
         ]
         for t in transports:
             for u in transports:
-                t.set_addresses(u.local_id, u.addresses)
+                t.set_addresses(u.local_id, u.addresses, verified=True)
         view = StaticView([i.peer_id for i in ids])
         sessions = []
         for ident, transport, learner in zip(ids, transports, learners, strict=True):

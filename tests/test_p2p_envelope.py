@@ -226,12 +226,12 @@ def test_refuse_wrong_recipient() -> None:
         )
 
 
-@pytest.mark.parametrize("offset", [-121.0, -1e6, 121.0, 1e9])
+@pytest.mark.parametrize("offset", [-121.0, -1e6, 10.5, 121.0, 1e9])
 def test_refuse_stale_and_future(offset: float) -> None:
     data = make(ALICE, Clock(NOW + offset)).encode(SAMPLE, recipient=BOB.peer_id)
     refused(StaleMessage, RefusalCode.STALE, lambda: make(BOB).decode(data))
-    # Just inside the window is fine.
-    inside = make(ALICE, Clock(NOW + (119.0 if offset > 0 else -119.0)))
+    # Just inside the window (120 s behind, 10 s ahead of the receiver's clock) is fine.
+    inside = make(ALICE, Clock(NOW + (9.5 if offset > 0 else -119.0)))
     assert make(BOB).decode(inside.encode(SAMPLE, recipient=BOB.peer_id)).message == SAMPLE
 
 
@@ -378,36 +378,38 @@ def test_refuse_non_byte_buffer() -> None:
 
 # ---------------------------------------------------------------- replay cache with bounded memory
 
+S = b"s" * 32  # one sender
+
 
 def test_replay_cache_evicts_by_time() -> None:
     from floor.replay import ReplayCache
 
     cache = ReplayCache(window_s=10.0, capacity=100)
-    cache.add(b"n1", 0.0, now=0.0)
-    cache.add(b"n2", 5.0, now=5.0)
+    cache.add(S, b"n1", 0.0, now=0.0)
+    cache.add(S, b"n2", 5.0, now=5.0)
     with pytest.raises(ReplayedMessage):
-        cache.check(b"n1", 0.0, now=9.0)
-    cache.check(b"n3", 9.0, now=11.0)  # evicts n1 (older than now - window)
+        cache.check(S, b"n1", 0.0, now=9.0)
+    cache.check(S, b"n3", 9.0, now=11.0)  # evicts n1 (older than now - window)
     assert len(cache) == 1
     with pytest.raises(StaleMessage):  # below the floor: cannot be a fresh message any more
-        cache.check(b"n1", 0.0, now=11.0)
+        cache.check(S, b"n1", 0.0, now=11.0)
 
 
 def test_replay_cache_full_raises_floor_instead_of_forgetting() -> None:
     from floor.replay import ReplayCache
 
-    cache = ReplayCache(window_s=100.0, capacity=3)
+    cache = ReplayCache(window_s=100.0, capacity=3, per_sender=3)
     for i in range(3):
-        cache.add(bytes([i]), float(i), now=3.0)
-    cache.add(b"new", 3.0, now=3.0)  # full: the oldest (ts 0) goes, the floor rises to 0
+        cache.add(S, bytes([i]), float(i), now=3.0)
+    cache.add(S, b"new", 3.0, now=3.0)  # full: the oldest (ts 0) goes, the floor rises to 0
     assert len(cache) == 3
     with pytest.raises(StaleMessage):
-        cache.check(bytes([0]), 0.0, now=3.0)  # the forgotten nonce still cannot be replayed
+        cache.check(S, bytes([0]), 0.0, now=3.0)  # the forgotten nonce still cannot be replayed
     with pytest.raises(StaleMessage):
-        cache.add(b"older", 0.5, now=3.0)  # older than everything remembered, cache full
+        cache.add(S, b"older", 0.5, now=3.0)  # older than everything remembered, cache full
     for i in (1, 2):
         with pytest.raises(ReplayedMessage):
-            cache.check(bytes([i]), float(i), now=3.0)
+            cache.check(S, bytes([i]), float(i), now=3.0)
     with pytest.raises(ConfigError):
         ReplayCache(window_s=0.0, capacity=3)
     with pytest.raises(ConfigError):

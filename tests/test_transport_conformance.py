@@ -88,8 +88,8 @@ async def make(request: pytest.FixtureRequest) -> AsyncIterator[MAKE]:
 
 
 def introduce(a: Transport, b: Transport) -> None:
-    a.set_addresses(b.local_id, b.addresses)
-    b.set_addresses(a.local_id, a.addresses)
+    a.set_addresses(b.local_id, b.addresses, verified=True)
+    b.set_addresses(a.local_id, a.addresses, verified=True)
 
 
 async def pong(received: Received) -> Pong:
@@ -312,7 +312,7 @@ async def test_addresses_are_validated(make: MAKE) -> None:
     assert a.is_valid_address(b.addresses[0])
     assert not a.is_valid_address("")
     assert not a.is_valid_address("no address at all")
-    a.set_addresses(b.local_id, ["garbage", *b.addresses])
+    a.set_addresses(b.local_id, ["garbage", *b.addresses], verified=True)
     assert a.addresses_of(b.local_id) == b.addresses
     a.forget(b.local_id)
     assert a.addresses_of(b.local_id) == ()

@@ -367,7 +367,7 @@ async def test_a_congested_stream_queues_posts_in_order(
     await a.start()
     try:
         b_id = Identity.from_seed(b"\x02" * 32).peer_id
-        a.set_addresses(b_id, [f"127.0.0.1:{port}"])
+        a.set_addresses(b_id, [f"127.0.0.1:{port}"], verified=True)
         stream = await a._stream_to(f"127.0.0.1:{port}")
         assert stream is not None
         for tag in range(total):  # 200 KB each: the socket's buffers fill up

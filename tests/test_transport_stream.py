@@ -60,8 +60,8 @@ async def make() -> AsyncIterator[MAKE]:
 
 
 def introduce(a: HttpTransport, b: HttpTransport) -> None:
-    a.set_addresses(b.local_id, b.addresses)
-    b.set_addresses(a.local_id, a.addresses)
+    a.set_addresses(b.local_id, b.addresses, verified=True)
+    b.set_addresses(a.local_id, a.addresses, verified=True)
 
 
 async def pong(received: Received) -> Pong:
@@ -352,7 +352,7 @@ async def test_a_peer_without_the_stream_endpoint_is_reached_by_post(make: MAKE)
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
         a = await make(1)
-        a.set_addresses(b.local_id, [f"127.0.0.1:{port}"])
+        a.set_addresses(b.local_id, [f"127.0.0.1:{port}"], verified=True)
         for seq in range(3):
             assert (await a.request(b.local_id, Ping(seq=seq))).message == Pong(seq=seq)
         assert streams(a) == 0 and inbound(b) == 0

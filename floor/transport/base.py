@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any, Self
@@ -31,7 +32,7 @@ from floor.errors import (
     WrongRecipient,
 )
 from floor.identity import PeerId
-from floor.messages import Message
+from floor.messages import Message, Probe, ProbeReply
 
 __all__ = ["ContactListener", "Handler", "PostFailure", "Transport", "reply_auth"]
 
@@ -48,6 +49,13 @@ ContactListener = Callable[[PeerId], None]
 
 DEFAULT_TIMEOUT_S = 10.0
 MAX_ADDRESSES_PER_PEER = 8
+OFFLOAD_BYTES = 1 << 20
+"""Envelopes larger than this are checked and decoded in a worker thread, off the event loop
+(hashing, MAC and seal checks release the GIL), so one big message never blocks the loop."""
+PROBE_BACKOFF_S = (2.0, 300.0)
+"""An address whose proof failed is not probed again for 2 s, then 4, 8... up to 300 s."""
+PROBE_RATE = (10.0, 20.0)
+"""Proofs started per second (token bucket: rate, burst), whatever the addresses learnt."""
 
 
 def reply_auth(request_auth: Auth) -> Auth:
@@ -74,6 +82,7 @@ class Transport(abc.ABC):
         *,
         default_timeout_s: float = DEFAULT_TIMEOUT_S,
         admit: Callable[[PeerId], bool] | None = None,
+        verify_addresses: bool = False,
     ) -> None:
         if default_timeout_s <= 0:
             raise ConfigError(f"default_timeout_s must be > 0, got {default_timeout_s}")
@@ -88,6 +97,15 @@ class Transport(abc.ABC):
         self._posting: set[asyncio.Task[None]] = set()
         self._closed_waiters: set[asyncio.Task[object]] = set()
         self._closed = False
+        self._verify = verify_addresses
+        self._verified: set[tuple[PeerId, str]] = set()
+        self._proving: dict[tuple[PeerId, str], asyncio.Task[None]] = {}
+        self._failed: dict[str, tuple[float, float]] = {}  # address -> (retry at, next backoff)
+        self._probe_tokens = PROBE_RATE[1]
+        self._probe_refill = 0.0
+        self.probes = 0
+        """Address proofs this transport started (first contacts with learnt addresses)."""
+        self._handlers[Probe] = self._on_probe
         self.accepted = 0
         """Inbound envelopes that passed every check and were handled."""
         self.refused = 0
@@ -113,17 +131,42 @@ class Transport(abc.ABC):
     def is_valid_address(self, address: str) -> bool:
         """Whether ``address`` has the form this transport can contact (no I/O)."""
 
-    def set_addresses(self, peer: PeerId, addresses: Sequence[str]) -> None:
-        """Learn where ``peer`` can be reached (replaces the old list); drops invalid ones."""
-        valid = tuple(a for a in addresses if self.is_valid_address(a))[:MAX_ADDRESSES_PER_PEER]
+    def accepts_address(self, address: str) -> bool:
+        """Whether a peer may claim ``address`` in a record others relay (the address policy).
+
+        Well-formed by default; the HTTP transport also refuses unspecified, link-local,
+        multicast and (unless the network runs on loopback) loopback addresses.
+        """
+        return self.is_valid_address(address)
+
+    def set_addresses(
+        self, peer: PeerId, addresses: Sequence[str], *, verified: bool = False
+    ) -> None:
+        """Learn where ``peer`` can be reached (replaces the old list); drops refused ones.
+
+        With address proofs on, an address is used only after a ``Probe`` there was answered
+        by ``peer`` itself, unless ``verified`` (the caller knows it: an operator's flag).
+        """
+        valid = tuple(a for a in addresses if self.accepts_address(a))[:MAX_ADDRESSES_PER_PEER]
+        old = self._addresses.get(peer, ())
+        for address in old:
+            if address not in valid:
+                self._verified.discard((peer, address))
         if valid:
             self._addresses[peer] = valid
+            if verified:
+                self._verified.update((peer, a) for a in valid)
         else:
             self._addresses.pop(peer, None)
 
     def forget(self, peer: PeerId) -> None:
-        """Forget the addresses of ``peer``."""
-        self._addresses.pop(peer, None)
+        """Forget the addresses of ``peer`` (and that they were proven)."""
+        for address in self._addresses.pop(peer, ()):
+            self._verified.discard((peer, address))
+
+    def is_proven(self, peer: PeerId, address: str) -> bool:
+        """Whether ``address`` may carry messages to ``peer`` (proven, or proofs are off)."""
+        return not self._verify or (peer, address) in self._verified
 
     def addresses_of(self, peer: PeerId) -> tuple[str, ...]:
         """The known addresses of ``peer`` (empty if unknown)."""
@@ -185,9 +228,12 @@ class Transport(abc.ABC):
                 on_failure(message, exc)
             return
         wait = self._default_timeout if timeout is None else timeout
-        if self._post_now(addresses, data, wait, message, on_failure):
+        proven = tuple(a for a in addresses if self.is_proven(peer, a))
+        if proven and self._post_now(proven, data, wait, message, on_failure):
             return
-        task = asyncio.create_task(self._post_later(addresses, data, wait, message, on_failure))
+        task = asyncio.create_task(
+            self._post_later(peer, addresses, data, wait, message, on_failure)
+        )
         self._posting.add(task)
         task.add_done_callback(self._posting.discard)
 
@@ -204,6 +250,7 @@ class Transport(abc.ABC):
 
     async def _post_later(
         self,
+        peer: PeerId,
         addresses: tuple[str, ...],
         data: bytes,
         timeout: float,
@@ -212,7 +259,7 @@ class Transport(abc.ABC):
     ) -> None:
         try:
             self._check_open()
-            await self._deliver(addresses, data, timeout)
+            await self._deliver(peer, addresses, data, timeout)
         except MurmurError as exc:
             if on_failure is not None:
                 on_failure(message, exc)
@@ -227,21 +274,25 @@ class Transport(abc.ABC):
     ) -> Received:
         """Send ``message`` to ``peer`` and return its authenticated reply."""
         reply = await self._to_peer(peer, message, auth, timeout)
-        return self._check_reply(reply, expected=peer)
+        return await self._check_reply(reply, expected=peer)
 
     async def request_address(
         self, address: str, message: Message, *, timeout: float | None = None
     ) -> Received:
         """Send a SIGNED ``message`` with no recipient to ``address`` (a peer not known yet).
 
-        Used for bootstrap joins. Returns the reply, whose sender is whoever answered.
+        Used for bootstrap joins (an address the operator gave). Returns the reply, whose
+        sender is whoever answered; that peer is then known to answer at ``address``.
         """
         self._check_open()
         if not self.is_valid_address(address):
             raise ConfigError(f"not a valid address: {address!r}")
         data = self._codec.encode(message, recipient=None, auth=Auth.SIGNED)
         reply = await self._exchange(address, data, timeout)
-        return self._check_reply(reply, expected=None)
+        received = await self._check_reply(reply, expected=None)
+        if received.auth == Auth.SIGNED:
+            self._verified.add((received.sender, address))
+        return received
 
     async def _to_peer(
         self, peer: PeerId, message: Message, auth: Auth, timeout: float | None
@@ -251,27 +302,101 @@ class Transport(abc.ABC):
         if not addresses:
             raise PeerUnreachable(f"no known address for peer {peer.short()}")
         data = self._codec.encode(message, recipient=peer, auth=auth)
-        return await self._deliver(addresses, data, timeout)
+        return await self._deliver(peer, addresses, data, timeout)
 
     async def _deliver(
-        self, addresses: tuple[str, ...], data: bytes, timeout: float | None
+        self, peer: PeerId, addresses: tuple[str, ...], data: bytes, timeout: float | None
     ) -> bytes | bytearray | memoryview:
-        """Exchange ``data`` with the first of ``addresses`` that answers."""
+        """Exchange ``data`` with the first of ``addresses`` that answers (proving it first)."""
         last: NetworkError | None = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self._default_timeout if timeout is None else timeout)
         for address in addresses:
             try:
-                return await self._exchange(address, data, timeout)
+                if not self.is_proven(peer, address):
+                    await self._prove(peer, address, max(deadline - loop.time(), 1e-3))
+                return await self._exchange(address, data, max(deadline - loop.time(), 1e-3))
             except PeerUnreachable as exc:
                 last = exc
         assert last is not None  # the loop ran at least once
         raise last
 
-    def _check_reply(
+    # -- address proofs ----------------------------------------------------------------------
+    async def _prove(self, peer: PeerId, address: str, timeout: float) -> None:
+        """Probe ``address`` once (shared by concurrent senders); PeerUnreachable if it fails."""
+        key = (peer, address)
+        task = self._proving.get(key)
+        if task is None:
+            now = asyncio.get_running_loop().time()
+            failed = self._failed.get(address)
+            if failed is not None and now < failed[0]:
+                raise PeerUnreachable(
+                    f"{address} failed its proof; next try in {failed[0] - now:.0f} s"
+                )
+            self._probe_tokens = min(
+                PROBE_RATE[1], self._probe_tokens + (now - self._probe_refill) * PROBE_RATE[0]
+            )
+            self._probe_refill = now
+            if self._probe_tokens < 1:
+                raise PeerUnreachable("too many address proofs at once; try later")
+            self._probe_tokens -= 1
+            self.probes += 1
+            task = asyncio.create_task(self._probe(peer, address, timeout))
+            self._proving[key] = task
+            task.add_done_callback(lambda _: self._proving.pop(key, None))
+        await asyncio.shield(task)
+
+    async def _probe(self, peer: PeerId, address: str, timeout: float) -> None:
+        nonce = os.urandom(16)
+        data = self._codec.encode(Probe(nonce), recipient=peer, auth=Auth.SIGNED)
+        try:
+            reply = await self._exchange_probe(address, data, timeout)
+            received = await self._check_reply(reply, expected=peer)
+            if (
+                received.auth != Auth.SIGNED
+                or type(received.message) is not ProbeReply
+                or received.message.nonce != nonce
+            ):
+                raise WrongRecipient("the answer to a probe is not a signed ProbeReply")
+        except (NetworkError, ProtocolError) as exc:
+            now = asyncio.get_running_loop().time()
+            backoff = self._failed.get(address, (0.0, PROBE_BACKOFF_S[0]))[1]
+            self._failed[address] = (now + backoff, min(2 * backoff, PROBE_BACKOFF_S[1]))
+            log.info(
+                "event=address_proof_failed peer=%s address=%s error=%s retry_s=%.0f",
+                peer.short(),
+                address,
+                type(exc).__name__,
+                backoff,
+            )
+            raise PeerUnreachable(f"{address} did not prove to be {peer.short()}: {exc}") from None
+        self._failed.pop(address, None)
+        if address in self._addresses.get(peer, ()):
+            self._verified.add((peer, address))
+
+    async def _exchange_probe(
+        self, address: str, data: bytes, timeout: float
+    ) -> bytes | bytearray | memoryview:
+        """How a probe travels (the HTTP transport: one POST, never a stream upgrade)."""
+        return await self._exchange(address, data, timeout)
+
+    async def _on_probe(self, received: Received) -> ProbeReply:
+        message = received.message
+        assert isinstance(message, Probe)
+        return ProbeReply(message.nonce)
+
+    async def _decode(self, data: bytes | bytearray | memoryview) -> Received:
+        """``codec.decode``, in a worker thread for envelopes above ``OFFLOAD_BYTES``."""
+        if len(data) > OFFLOAD_BYTES:
+            return await asyncio.to_thread(self._codec.decode, data)
+        return self._codec.decode(data)
+
+    async def _check_reply(
         self, reply: bytes | bytearray | memoryview, expected: PeerId | None
     ) -> Received:
         if not reply:
             raise MalformedMessage("the peer sent no reply to a request")
-        received = self._codec.decode(reply)
+        received = await self._decode(reply)
         if expected is not None and received.sender != expected:
             raise WrongRecipient(
                 f"reply came from {received.sender.short()}, not {expected.short()}"
@@ -326,7 +451,7 @@ class Transport(abc.ABC):
         """
         self.bytes_received += len(data)
         try:
-            received = self._codec.decode(data)
+            received = await self._decode(data)
             if self._admit is not None and not self._admit(received.sender):
                 raise Unauthorized("the sender is not on the allowlist")
             handler = self._handlers.get(type(received.message))

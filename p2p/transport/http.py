@@ -29,6 +29,7 @@ from floor.errors import (
     ConfigError,
     MessageTooLarge,
     NetworkError,
+    Overloaded,
     PeerUnreachable,
     ProtocolError,
     RefusalCode,
@@ -74,7 +75,30 @@ _STATUS: dict[RefusalCode, int] = {
     RefusalCode.TOO_LARGE: 413,
     RefusalCode.UNAUTHORIZED: 403,
     RefusalCode.INTERNAL: 500,
+    RefusalCode.BUSY: 503,
 }
+
+
+class ByteBudget:
+    """Bytes received but not yet handled, against a cap: ``take`` raises ``Overloaded``."""
+
+    __slots__ = ("cap", "held", "peak", "refused")
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.held = 0
+        self.peak = 0
+        self.refused = 0
+
+    def take(self, n: int) -> None:
+        if self.held + n > self.cap:
+            self.refused += 1
+            raise Overloaded(f"{self.held + n} in-flight bytes would exceed {self.cap}")
+        self.held += n
+        self.peak = max(self.peak, self.held)
+
+    def give(self, n: int) -> None:
+        self.held -= n
 
 
 _WRITE_CHUNK = 1 << 20
@@ -134,46 +158,73 @@ def is_loopback(remote: str | None) -> bool:
         return False
 
 
+def _is_loopback_host(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 async def _next_chunk(content: aiohttp.StreamReader) -> bytes:
     """The next buffered body chunk as aiohttp received it (b"" at the end of the body).
 
     ``readany()`` would join every chunk buffered so far into one new ``bytes`` (a copy that
     ``read_body`` makes anyway); ``readchunk()`` hands them over one by one.
     """
-    while True:
+    while not content.at_eof():  # an empty body's reader answers (b"", True) forever
         chunk, end_of_http_chunk = await content.readchunk()
         if chunk or not end_of_http_chunk:
             return chunk
+    return b""
 
 
-async def read_body(content: aiohttp.StreamReader, length: int | None, cap: int) -> bytearray:
-    """Read a whole body into one buffer, refusing more than ``cap`` bytes.
+async def read_body(
+    content: aiohttp.StreamReader,
+    length: int | None,
+    cap: int,
+    budget: ByteBudget | None = None,
+    codec: EnvelopeCodec | None = None,
+) -> bytearray:
+    """Read a whole body into one growing buffer, refusing more than ``cap`` bytes.
 
-    With a known length the buffer is allocated once and filled in place (no growth, no final
-    copy); decoded tensors can then point into it.
+    Memory follows what arrived, never what ``length`` (Content-Length) claims: a sender
+    cannot make us allocate bytes it has not sent. Each chunk is charged to ``budget`` as it
+    arrives (``Overloaded`` when it is full); the caller gives back ``len(result)`` when done
+    with it, and on an error this function gives back what it took. The buffer is writable,
+    so decoded tensors can point into it. With ``codec`` and a known length, the envelope's
+    head is checked as soon as it arrived (``EnvelopeCodec.check_head``): a body too large
+    for its message type, or without the network key, is refused before the rest is read.
     """
-    if length is not None:
-        if length > cap:
-            raise MessageTooLarge(f"body of {length} bytes exceeds the cap of {cap}")
-        buf = bytearray(length)
-        view = memoryview(buf)
-        pos = 0
-        while pos < length:
-            chunk = await _next_chunk(content)
-            if not chunk:
-                raise PeerUnreachable("the body ended early")
-            end = pos + len(chunk)
-            if end > length:
-                raise MessageTooLarge("the body is longer than its Content-Length")
-            view[pos:end] = chunk
-            pos = end
-        view.release()
-        return buf
+    if length is not None and length > cap:
+        raise MessageTooLarge(f"body of {length} bytes exceeds the cap of {cap}")
+    limit = cap if length is None else length
+    need = None if codec is None or length is None else 0  # 0: head size not known yet
     buf = bytearray()
-    while chunk := await _next_chunk(content):
-        buf += chunk
-        if len(buf) > cap:
-            raise MessageTooLarge(f"body exceeds the cap of {cap} bytes")
+    try:
+        while chunk := await _next_chunk(content):
+            if len(buf) + len(chunk) > limit:
+                if length is None:
+                    raise MessageTooLarge(f"body exceeds the cap of {cap} bytes")
+                raise MessageTooLarge("the body is longer than its Content-Length")
+            if budget is not None:
+                budget.take(len(chunk))
+            buf += chunk
+            if need is not None and codec is not None and length is not None:
+                if not need:
+                    need = codec.head_size(buf) or 0
+                if need and len(buf) >= min(need, length):
+                    codec.check_head(buf, length)
+                    need = None
+    except BaseException:
+        if budget is not None:
+            budget.give(len(buf))
+        raise
+    if length is not None and len(buf) < length:
+        if budget is not None:
+            budget.give(len(buf))
+        raise PeerUnreachable("the body ended early")
     return buf
 
 
@@ -195,8 +246,19 @@ class HttpTransport(Transport):
         route_hint: str | None = None,
     ) -> None:
         self.config = config or HttpTransportConfig()
-        super().__init__(codec, default_timeout_s=self.config.request_timeout_s, admit=admit)
+        super().__init__(
+            codec,
+            default_timeout_s=self.config.request_timeout_s,
+            admit=admit,
+            verify_addresses=self.config.verify_addresses,
+        )
         self._listen = parse_address(listen)
+        self.inflight = ByteBudget(
+            max(self.config.max_inflight_bytes, self.config.max_message_size)
+        )
+        """Inbound bytes received and not yet handled (all connections)."""
+        allow = self.config.allow_loopback_peers
+        self._allow_loopback = _is_loopback_host(self._listen[0]) if allow is None else allow
         self._advertise = tuple(advertise)
         for address in self._advertise:
             parse_address(address)
@@ -227,6 +289,30 @@ class HttpTransport(Transport):
         except ConfigError:
             return False
 
+    def accepts_address(self, address: str) -> bool:
+        """Whether a record may name ``address``: well-formed, and not an unspecified,
+        link-local, multicast, broadcast or reserved IP (nor loopback, unless this network
+        runs on loopback). Host names are taken: their first contact is a probe like any."""
+        try:
+            host, port = parse_address(address)
+        except ConfigError:
+            return False
+        if port == 0:
+            return False
+        if host.lower() == "localhost" or host.lower().endswith(".localhost"):
+            return self._allow_loopback
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return True  # a DNS name
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if ip.is_unspecified or ip.is_link_local or ip.is_multicast or ip.is_reserved:
+            return False
+        if isinstance(ip, ipaddress.IPv4Address) and ip == ipaddress.IPv4Address("255.255.255.255"):
+            return False
+        return self._allow_loopback or not ip.is_loopback
+
     async def start(self) -> None:
         """Listen on the configured address; ConfigError if it cannot (e.g. port in use)."""
         self._check_open()
@@ -236,6 +322,7 @@ class HttpTransport(Transport):
             access_log=None,
             handle_signals=False,
             shutdown_timeout=self.config.shutdown_timeout_s,
+            keepalive_timeout=self.config.idle_timeout_s,
         )
         await runner.setup()
         site = web.TCPSite(runner, host, port, backlog=256)
@@ -333,6 +420,21 @@ class HttpTransport(Transport):
             self.bytes_sent += len(data)
             return True
         return False
+
+    async def _exchange_probe(
+        self, address: str, data: bytes, timeout: float
+    ) -> bytes | bytearray | memoryview:
+        """A probe is one POST: an address not yet proven never gets a WebSocket upgrade."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._waiters.add(task)
+        self.bytes_sent += len(data)
+        try:
+            reply = await self._post_http(address, data, timeout)
+            self.bytes_received += len(reply)
+            return reply
+        finally:
+            self._waiters.discard(task)
 
     async def _post_http(self, address: str, data: bytes, timeout: float) -> bytes | bytearray:
         url = f"http://{address}{ENVELOPE_PATH}"
@@ -449,10 +551,27 @@ class HttpTransport(Transport):
 
     # -- server side -----------------------------------------------------------------------
     async def _on_envelope(self, request: web.Request) -> web.StreamResponse:
+        held = 0
         try:
-            body = await read_body(
-                request.content, request.content_length, self.config.max_message_size
-            )
+            try:
+                async with asyncio.timeout(self.config.body_timeout_s):
+                    body = await read_body(
+                        request.content,
+                        request.content_length,
+                        self.config.max_message_size,
+                        self.inflight,
+                        self._codec,
+                    )
+            except ProtocolError:
+                self.refused += 1  # refused from its head, before _serve_envelope
+                raise
+            except TimeoutError:
+                self.refused += 1
+                log.info("event=body_timeout remote=%s", request.remote)
+                if request.transport is not None:
+                    request.transport.close()  # a trickling sender: drop the connection
+                return web.Response(status=408, headers={REFUSAL_HEADER: "2"})
+            held = len(body)
             reply = await self._serve_envelope(body)
         except ProtocolError as exc:
             log.debug("event=refused code=%d reason=%s", int(exc.code), exc)
@@ -464,6 +583,8 @@ class HttpTransport(Transport):
         except (PeerUnreachable, OSError, aiohttp.ClientError):
             # The sender went away mid-body: nobody will read this answer.
             return web.Response(status=400, headers={REFUSAL_HEADER: "2"})
+        finally:
+            self.inflight.give(held)
         if not reply:
             return web.Response(status=204)
         return web.Response(status=200, body=reply, content_type=CONTENT_TYPE)
@@ -492,6 +613,7 @@ class HttpTransport(Transport):
         await ws.prepare(request)
         self._inbound.add(ws)
         slots = asyncio.Semaphore(self.config.stream_max_inflight)
+        budget = ByteBudget(self.config.max_connection_inflight)
         try:
             while True:
                 await slots.acquire()
@@ -507,9 +629,27 @@ class HttpTransport(Transport):
                         log.debug("event=stream_garbage remote=%s", request.remote)
                         await ws.close(code=aiohttp.WSCloseCode.PROTOCOL_ERROR)
                     break
+                size = len(data)
+                try:
+                    budget.take(size)
+                    try:
+                        self.inflight.take(size)
+                    except Overloaded:
+                        budget.give(size)
+                        raise
+                except Overloaded as exc:
+                    slots.release()
+                    if kind == KIND_ENVELOPE:
+                        await ws.send_bytes(refusal_frame(request_id, exc))
+                    continue
                 rest = start_eagerly(
                     self._serve_frame(
-                        ws, request_id, memoryview(data)[FRAME.size :], slots, kind == KIND_POST
+                        ws,
+                        request_id,
+                        memoryview(data)[FRAME.size :],
+                        slots,
+                        kind == KIND_POST,
+                        (budget, size),
                     )
                 )
                 if rest is not None:
@@ -527,6 +667,7 @@ class HttpTransport(Transport):
         envelope: memoryview,
         slots: asyncio.Semaphore,
         one_way: bool,
+        held: tuple[ByteBudget, int],
     ) -> None:
         """Handle one frame; answer an ENVELOPE always, a POST only with a refusal."""
         try:
@@ -549,6 +690,8 @@ class HttpTransport(Transport):
             pass  # the sender went away: nobody will read this answer
         finally:
             slots.release()
+            held[0].give(held[1])
+            self.inflight.give(held[1])
 
     async def _close_io(self) -> None:
         for task in list(self._connecting.values()):
