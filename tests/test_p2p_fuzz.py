@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import struct
+import tracemalloc
 from dataclasses import dataclass
 from typing import ClassVar
 
+import msgpack
+import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from floor.codec import decode_body_as, encode_body
+from floor.codec import decode_body_as, encode_body, envelope_cap, msgpack_cap
 from floor.envelope import Auth, EnvelopeCodec, Received
-from floor.errors import ProtocolError, RefusalCode
+from floor.errors import MalformedMessage, MessageTooLarge, ProtocolError, RefusalCode
 from floor.identity import Identity
 from floor.messages import Refusal, build_registry
 from p2p.messages import MESSAGE_TYPES, Exchange, Join, PeerRecord, Ping
@@ -129,3 +135,125 @@ def test_fuzz_mutated_bodies() -> None:
         else:
             assert type(message) is cls
     assert refused > 5_000
+
+
+# ---------------------------------------------------------------- hypothesis: a fixed budget in CI
+
+ENVELOPES = [
+    (message, auth, _codec(SENDER).encode(message, recipient=RECEIVER.peer_id, auth=auth))
+    for message in _samples()
+    for auth in Auth
+]
+FUZZ = settings(
+    max_examples=1500,
+    derandomize=True,  # the same inputs on every run: CI is reproducible
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+@st.composite
+def _mutated(draw: st.DrawFn) -> tuple[int, bytes]:
+    index = draw(st.integers(0, len(ENVELOPES) - 1))
+    data = bytearray(ENVELOPES[index][2])
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["flip", "set", "cut", "junk", "splice"]))
+        at = draw(st.integers(0, max(len(data) - 1, 0)))
+        if kind == "flip" and data:
+            data[at] ^= 1 << draw(st.integers(0, 7))
+        elif kind == "set" and data:
+            data[at] = draw(st.integers(0, 255))
+        elif kind == "cut":
+            del data[at:]
+        elif kind == "junk":
+            data[at:at] = draw(st.binary(min_size=1, max_size=40))
+        elif kind == "splice":
+            other = ENVELOPES[draw(st.integers(0, len(ENVELOPES) - 1))][2]
+            data[at:] = other[at:]
+    out = bytes(data)
+    return index, _redoor(_codec(RECEIVER), out) if draw(st.booleans()) else out
+
+
+@FUZZ
+@given(_mutated())
+def test_hypothesis_no_mutated_envelope_is_accepted_as_a_forgery(case: tuple[int, bytes]) -> None:
+    """A mutated envelope is refused with a typed error, or it is the original message, from
+    the original sender: 0 crashes, 0 accepted forgeries (each example has a fresh receiver,
+    so a replay of the original is not what is being tested here)."""
+    _, data = case
+    try:
+        got = _codec(RECEIVER).decode(data)
+    except ProtocolError as exc:
+        assert isinstance(exc.code, RefusalCode)
+        return
+    assert got.sender == SENDER.peer_id
+    # Splicing can rebuild another whole genuine envelope: that is no forgery either.
+    bodies = {encode_body(m) for m, _, _ in ENVELOPES}
+    assert encode_body(got.message) in bodies, "a forgery passed"
+
+
+_MSGPACK_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=20)
+    | st.binary(max_size=40),
+    lambda inner: (
+        st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=5), inner, max_size=4)
+    ),
+    max_leaves=30,
+)
+
+
+@FUZZ
+@given(st.sampled_from(sorted(TYPES)), _MSGPACK_VALUES, st.binary(max_size=200))
+def test_hypothesis_bodies_decode_or_refuse_typed(tag: str, value: object, tail: bytes) -> None:
+    """Any msgpack value (and trailing tensor-region bytes) as any type's body."""
+    cls = TYPES[tag]
+    packed = msgpack.packb(value, use_bin_type=True)
+    body = struct.pack("<II", len(packed), 0) + packed + tail
+    try:
+        message = decode_body_as(cls, bytearray(body))
+    except (MalformedMessage, MessageTooLarge):
+        return
+    assert type(message) is cls
+
+
+@FUZZ
+@given(st.sampled_from(sorted(TYPES)), st.binary(max_size=300))
+def test_hypothesis_raw_bytes_as_bodies(tag: str, data: bytes) -> None:
+    with contextlib.suppress(MalformedMessage, MessageTooLarge):
+        decode_body_as(TYPES[tag], data)
+
+
+# ---------------------------------------------------------------- what a decode can cost
+
+
+@pytest.mark.parametrize("tag", sorted(TYPES))
+def test_no_body_costs_much_more_than_its_size(tag: str) -> None:
+    """The worst msgpack for memory (empty arrays: 1 byte, ~64 bytes of objects each) at the
+    type's cap is decoded in bounded memory and refused; above the cap nothing is unpacked."""
+    cls = TYPES[tag]
+    cap = msgpack_cap(cls)
+    n = cap - 6
+    worst = b"\xdd" + struct.pack(">I", n) + b"\x90" * n
+    body = struct.pack("<II", len(worst), 0) + worst
+    over = b"\xdd" + struct.pack(">I", cap) + b"\x90" * cap
+    over_body = struct.pack("<II", len(over), 0) + over
+    tracemalloc.start()
+    try:
+        with pytest.raises(MalformedMessage):
+            decode_body_as(cls, body)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        with pytest.raises(MessageTooLarge):
+            decode_body_as(cls, over_body)
+        _, over_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 80 * cap, f"{tag}: {peak} bytes to refuse a {cap}-byte body"
+    assert over_peak < 32 * 1024, f"{tag}: {over_peak} bytes to refuse an oversized body"
+    whole = envelope_cap(cls)
+    if whole is not None:  # no tensors: the whole envelope is refused from its header
+        assert whole < 2 * cap

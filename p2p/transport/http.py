@@ -307,11 +307,11 @@ class HttpTransport(Transport):
             return True  # a DNS name
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
+        if ip.is_loopback:  # before is_reserved: ::1 lies in the reserved ::/8
+            return self._allow_loopback
         if ip.is_unspecified or ip.is_link_local or ip.is_multicast or ip.is_reserved:
             return False
-        if isinstance(ip, ipaddress.IPv4Address) and ip == ipaddress.IPv4Address("255.255.255.255"):
-            return False
-        return self._allow_loopback or not ip.is_loopback
+        return ip != ipaddress.IPv4Address("255.255.255.255")
 
     async def start(self) -> None:
         """Listen on the configured address; ConfigError if it cannot (e.g. port in use)."""
