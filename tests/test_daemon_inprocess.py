@@ -43,8 +43,15 @@ async def test_two_daemons_join_serve_status_and_run_services(tmp_path: Path) ->
             b.spawn(service(), name="test-service")
             await ran.wait()
             async with aiohttp.ClientSession() as session:
-                async with session.get(f"http://{listen}/v1/status") as resp:
-                    status = await resp.json()
+                # b wrote to a (its join), but a lists it as live only once a's probe and
+                # ping to b's advertised address were answered by b.
+                async with asyncio.timeout(5.0):
+                    while True:
+                        async with session.get(f"http://{listen}/v1/status") as resp:
+                            status = await resp.json()
+                        if status["peers"] == 1:
+                            break
+                        await asyncio.sleep(0.05)
                 async with session.get(f"http://{listen}/v1/peers") as resp:
                     peers = await resp.json()
             assert status["peer_id"] == str(a.identity.peer_id)

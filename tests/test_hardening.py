@@ -150,6 +150,25 @@ async def test_trickling_bodies_cost_only_what_was_sent_and_are_cut_off(
             await writer.drain()
             conns.append((reader, writer))
         idle = await asyncio.open_connection("127.0.0.1", daemon.port)  # sends nothing at all
+        slow = await asyncio.open_connection("127.0.0.1", daemon.port)  # headers byte by byte
+        slow[1].write(b"POST /v1/envelope HTTP/1.1\r\nHost: x\r\n")
+
+        async def trickle_headers() -> float:
+            began = time.monotonic()
+            while time.monotonic() - began < IDLE_TIMEOUT_S + 10.0:
+                try:
+                    slow[1].write(b"X")
+                    await slow[1].drain()
+                    async with asyncio.timeout(0.5):
+                        if await slow[0].read(100) == b"":
+                            break
+                except TimeoutError:
+                    continue
+                except ConnectionError:
+                    break
+            return time.monotonic() - began
+
+        header_trickle = asyncio.create_task(trickle_headers())
         await asyncio.sleep(1.0)
         grown = rss_mb(daemon) - before
         # 100 declared 64 MiB bodies were 6.4 GiB of zero-filled buffers before the fix.
@@ -164,6 +183,8 @@ async def test_trickling_bodies_cost_only_what_was_sent_and_are_cut_off(
         async with asyncio.timeout(IDLE_TIMEOUT_S + 5.0):
             assert await idle[0].read() == b""
         assert time.monotonic() - start < IDLE_TIMEOUT_S + 5.0
+        assert await header_trickle < IDLE_TIMEOUT_S + 3.0  # cut off, however slow it writes
+    slow[1].close()
     for _, writer in conns:
         writer.close()
     idle[1].close()
