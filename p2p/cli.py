@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from floor import __version__
+from floor.cli import BriefParser
 from floor.errors import MurmurError
 
 # Modules that each register one or more subcommands.
@@ -20,9 +21,11 @@ _COMMAND_MODULES = ("p2p.cmd_keys", "p2p.cmd_daemon", "p2p.cmd_demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="murmur", description="Murmur peer daemon and key tools.")
+    parser = BriefParser(prog="murmur", description="Murmur peer daemon and key tools.")
     parser.add_argument("--version", action="version", version=f"murmur {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=BriefParser
+    )
     for name in _COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser

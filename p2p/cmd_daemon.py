@@ -144,6 +144,14 @@ def cmd_start(args: argparse.Namespace) -> int:
             "training": _training_flags(args),
         },
     )
+    flags = _training_flags(args)
+    if flags and not config.training.task:
+        given = ", ".join("--" + name.replace("_", "-") for name in flags)
+        raise ConfigError(
+            f"{given} set what to train, but no task is given: add --task "
+            f"({' | '.join(TASKS)}) or [training] task in the config (without a task the "
+            "daemon only serves)"
+        )
     _setup_logging(config)
     return asyncio.run(_run(config))
 

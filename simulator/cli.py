@@ -16,6 +16,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from floor.cli import BriefParser
 from floor.errors import MurmurError
 from simulator.config import Scenario, load_scenario, load_sweep, parse_value
 
@@ -24,7 +25,7 @@ DEFAULT_OUT = "murmur-sim-out"
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser: a flag per scenario field, plus the run options."""
-    parser = argparse.ArgumentParser(
+    parser = BriefParser(
         prog="murmur-sim",
         description="Simulate Murmur peers training together on one machine, in virtual time.",
     )

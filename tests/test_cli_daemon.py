@@ -24,8 +24,9 @@ __all__ = ["spawn"]
 
 def _one_error_line(stderr: str) -> str:
     assert "Traceback" not in stderr, stderr
-    lines = [line for line in stderr.splitlines() if "error" in line.lower()]
-    assert len(lines) == 1, stderr
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("ts=")]
+    assert len(lines) == 1, stderr  # one line beside the log: no usage block
+    assert "error" in lines[0].lower(), stderr
     return lines[0]
 
 
@@ -54,6 +55,10 @@ def test_start_failures_print_one_line_and_exit_nonzero(tmp_path: Path) -> None:
         "bad allow": ["--allow", "not-a-peer-id"],
         "bad toml": ["--config", str(bad_toml)],
         "bad flag": ["--no-such-flag"],
+        "bad number": ["--epsilon", "abc"],
+        "training flags without a task": ["--rounds", "3", "--group-size", "5"],
+        "group of two": ["--task", "digits", "--group-size", "2"],
+        "group of one": ["--task", "digits", "--group-size", "1"],
     }
     expect = {
         "port in use": "cannot listen",
@@ -63,6 +68,10 @@ def test_start_failures_print_one_line_and_exit_nonzero(tmp_path: Path) -> None:
         "bad allow": "",
         "bad toml": "not valid TOML",
         "bad flag": "unrecognized arguments",
+        "bad number": "argument --epsilon: invalid float value: 'abc' (see murmur start --help)",
+        "training flags without a task": "--rounds, --group-size set what to train, but no task",
+        "group of two": "group_size must be at least 3",
+        "group of one": "group_size must be at least 3",
     }
     procs = {}
     try:
