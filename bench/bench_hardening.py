@@ -426,6 +426,21 @@ def _row(label: str, values: dict[str, Any]) -> str:
     return f"| {label} | " + " | ".join(cells) + " |"
 
 
+NOTES = """
+How to read it. *before* is the code before issue 14 (a git worktree of that commit, run in
+the same invocation); *after* is this tree with default settings. `status_max_ms` is the
+longest `GET /v1/status` answer during the attack (the event loop blocked at least that long).
+Trickling connections are closed at `transport.body_timeout_s` (30 s); before, never.
+Attack 3 loads each version's `floor/replay.py` and floods it in process (filling the daemon's
+1,000,000-entry cache over HTTP takes minutes); `flood_us_per_add` is the cache's own cost per
+accepted-or-refused envelope (the per-sender accounting costs ~0.3-0.9 us more). The
+daemon-level flood (one identity at now+115 s and now+9 s plus 40 fresh identities, 1.2x a
+2,000-entry cache) is `tests/test_hardening.py`: honest pings are accepted throughout and right
+after, and the victim and its neighbour keep each other in view. Attack 4's bystander gets the
+probes of the backoff (t = 0, 2, 6, 14 s), each one signed POST; before, 121 requests in 20 s,
+among them protocol messages and a WebSocket upgrade, and every link-local record was taken."""
+
+
 def report(results: dict[str, dict[str, dict[str, Any]]], args: argparse.Namespace) -> str:
     lines = [
         "## Hardening: the attacks of issue 14, before and after",
@@ -433,6 +448,7 @@ def report(results: dict[str, dict[str, dict[str, Any]]], args: argparse.Namespa
         f"`python -m bench.bench_hardening --before {args.before} --connections "
         f"{args.connections} --write` on this machine (2 cores); one daemon per attack, "
         "status polled every 20 ms during it.",
+        *NOTES.splitlines(),
         "",
     ]
     heads = {

@@ -21,6 +21,7 @@ ORDER = [
     "daemon_training",
     "simulator",
     "distributed_dp",
+    "hardening",
 ]
 
 

@@ -3,14 +3,16 @@
 Every peer of one training run must use the same task, seed, rounds and group size; each
 trains on its own part of the data (``--shard I/N``). Start the first peer without
 ``--bootstrap`` (it prints the address to give the others), or point every peer at any peer
-already in the network:
+already in the network. Three peers, one per terminal (the tests run exactly these):
 
     python examples/join_network.py --listen 127.0.0.1:7070 --shard 0/3
     python examples/join_network.py --bootstrap 127.0.0.1:7070 --shard 1/3
     python examples/join_network.py --bootstrap 127.0.0.1:7070 --shard 2/3
 
-Small and quick (what the tests run): add ``--rounds 2 --group-size 3``.
-This script uses the synchronous API (``murmur.SyncPeer``); no ``async`` needed.
+Each waits until the whole group is in view (``--group-size``, 3 by default: the smallest
+secure group; with more peers, raise it on every peer), trains ``--rounds`` rounds (10) and
+prints one line per round. This script uses the synchronous API (``murmur.SyncPeer``); no
+``async`` needed.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shard", default="0/1", metavar="I/N", help="this peer's part")
     parser.add_argument("--peers", type=int, help="peers to wait for, me included (default: k)")
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--group-size", type=int, default=4)
+    parser.add_argument("--group-size", type=int, default=3, help="secure group size (>= 3)")
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--privacy-unit", choices=("record", "peer", "none"), default="record")
     parser.add_argument("--seed", type=int, default=0, help="the same on every peer")

@@ -8,7 +8,7 @@ factory and tensors. ``training.data`` is everyone's data, split among the simul
     result = murmur.simulate(training, peers=20, latency_ms=30, churn=0.05)
     for record in result.records:           # row 0 is the initial model
         print(record.round, record.accuracy, record.epsilon)
-    murmur.plot({"secure": result}, "plots/")
+    murmur.plot(result, "plots/")            # or several: plot({"a": r1, "b": r2}, ...)
 
 Network and population settings are ``Scenario`` fields passed as keywords (``latency_ms``,
 ``loss``, ``churn``, ``stragglers``...; see ``simulator.config.Scenario``).
@@ -122,13 +122,21 @@ def compare(
 
 
 def plot(
-    runs: Mapping[str, RunResult | Sequence[RoundRecord]],
+    runs: Mapping[str, RunResult | Sequence[RoundRecord]] | RunResult | Sequence[RoundRecord],
     out: str | Path,
     *,
     metric: str | None = None,
 ) -> Path:
-    """One figure comparing ``runs`` (accuracy, consensus and epsilon against rounds), written
-    to the directory ``out``; returns the PNG's path."""
+    """One figure of ``runs`` (accuracy, consensus and epsilon against rounds), written to the
+    directory ``out``; returns the PNG's path.
+
+    ``runs`` is one result (``murmur.plot(result, "plots/")``), or several by label to compare
+    (``murmur.plot({"secure": a, "plain": b}, "plots/")``, e.g. what ``compare`` returns).
+    """
+    if isinstance(runs, RunResult):
+        runs = {runs.scenario.name or "run": runs}
+    elif not isinstance(runs, Mapping):
+        runs = {"run": list(runs)}
     if not runs:
         raise ConfigError("plot: give at least one run")
     records: dict[str, Sequence[RoundRecord]] = {}
