@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -60,32 +61,56 @@ def _run(args: argparse.Namespace) -> int:
     base = load_scenario(args.scenario, _overrides(args))
     sweep = load_sweep(args.scenario, args.sweep)
     scenarios = sweep.scenarios(base) if sweep is not None else [base]
-    out = Path(args.out or DEFAULT_OUT)
 
     from tqdm import tqdm
 
     from simulator.engine import Simulation
-    from simulator.output import plot_sweep, records_table, write_run
+    from simulator.output import (
+        LEGEND,
+        fresh_outdir,
+        plot_sweep,
+        records_table,
+        round_header,
+        round_row,
+        write_run,
+    )
 
+    if args.out is not None:
+        out = Path(args.out)
+    else:
+        out, moved = fresh_outdir(DEFAULT_OUT)
+        if moved:
+            print(f"{DEFAULT_OUT}/ holds an earlier run: writing to {out}/ (or give --out)")
     results = []
     for scenario in scenarios:
         sim = Simulation(scenario)
-        bar = tqdm(
-            total=scenario.rounds,
-            desc=scenario.name,
-            unit="round",
-            disable=args.quiet,
-            file=sys.stderr,
-            dynamic_ncols=True,
-        )
+        if sweep is None:  # one run: the per-round table, row by row as the rounds end
+            if not args.quiet:
+                print(round_header(sim.task.metric_name), flush=True)
 
-        def step(rec: Any, bar: Any = bar) -> None:
-            if rec.round > 0:
-                bar.update(1)
-                bar.set_postfix(acc=f"{rec.accuracy:.3f}", eps=f"{rec.epsilon:.2f}")
+            def step(rec: Any) -> None:
+                if not args.quiet:
+                    print(round_row(rec), flush=True)
 
-        result = sim.run(step)
-        bar.close()
+            result = sim.run(step)
+            print()
+        else:  # a sweep: one progress bar per run, the table at the end
+            bar = tqdm(
+                total=scenario.rounds,
+                desc=scenario.name,
+                unit="round",
+                disable=args.quiet,
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
+
+            def tick(rec: Any, bar: Any = bar) -> None:
+                if rec.round > 0:
+                    bar.update(1)
+                    bar.set_postfix(acc=f"{rec.accuracy:.3f}", eps=f"{rec.epsilon:.2f}")
+
+            result = sim.run(tick)
+            bar.close()
         target = out / scenario.name if sweep is not None else out
         write_run(result, target, plots=not args.no_plots)
         results.append(result)
@@ -93,6 +118,7 @@ def _run(args: argparse.Namespace) -> int:
         runs = {r.scenario.name: r.records for r in results}
         plot_sweep(runs, out, metric=results[0].metric_name)
     print(records_table(results))
+    print(textwrap.fill(LEGEND, width=100))
     where = out.resolve()
     print(
         f"\nmetrics, summary and plots in {where}"

@@ -183,6 +183,10 @@ def test_simulate_runs_the_description_and_records_every_round(tmp_path: Path) -
     assert result.records[-1].bytes_sent > 0
     png = murmur.plot({"secure": result}, tmp_path)
     assert png.exists() and png.stat().st_size > 1000
+    # One result, or its records, plot as they are (no dict needed).
+    for one in (result, result.records):
+        png.unlink()
+        assert murmur.plot(one, tmp_path) == png and png.stat().st_size > 1000
 
 
 def test_compare_runs_variants_of_one_description() -> None:

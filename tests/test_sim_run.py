@@ -6,13 +6,16 @@ import csv
 import itertools
 import json
 import math
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from simulator import Scenario, run_scenario, write_run
 from simulator.cli import main
-from simulator.engine import COLUMNS
+from simulator.engine import COLUMNS, Simulation
+from simulator.output import plot_sweep
 
 SMALL = dict(peers=12, rounds=6, privacy="none", group_size=4, lr=0.3)
 REQUIRED = (
@@ -201,3 +204,61 @@ def test_serverless_matchmaking_forms_groups_that_learn() -> None:
     acc = [r.accuracy for r in result.records]
     assert acc[-1] > acc[0] + 0.2, acc
     assert result.records[-1].messages_sent > 0
+
+
+# ---------------------------------------------------------------- what a new user sees (#19)
+
+
+def test_the_cli_prints_a_row_per_round_and_says_what_the_columns_mean(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    small = ["--peers", "8", "--rounds", "3", "--group-size", "4", "--no-plots"]
+    assert main(small) == 0
+    out = capsys.readouterr().out
+    rows = re.findall(r"^\s+(\d+)\s+([\d.]+)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+8\s", out, re.M)
+    assert [int(r[0]) for r in rows] == [0, 1, 2, 3], out  # one row per round, row 0 first
+    assert "acc start: the initial model's metric" in out and "consensus: RMS L2" in out
+    assert (tmp_path / "murmur-sim-out" / "metrics.jsonl").exists()
+    # A second run without --out does not overwrite the first: it says where it writes.
+    first = (tmp_path / "murmur-sim-out" / "metrics.jsonl").read_bytes()
+    assert main([*small, "--seed", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "murmur-sim-out/ holds an earlier run: writing to murmur-sim-out-2/" in out
+    assert (tmp_path / "murmur-sim-out" / "metrics.jsonl").read_bytes() == first
+    assert (tmp_path / "murmur-sim-out-2" / "metrics.jsonl").read_bytes() != first
+
+
+def _figures(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Capture each figure as it is saved: file name -> figure."""
+    import matplotlib.figure
+
+    saved: dict[str, Any] = {}
+    original = matplotlib.figure.Figure.savefig
+
+    def spy(fig: Any, fname: Any, *args: Any, **kwargs: Any) -> None:
+        saved[Path(fname).name] = fig
+        original(fig, fname, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    return saved
+
+
+def test_plots_say_what_they_measure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    saved = _figures(monkeypatch)
+    scenario = Scenario(peers=8, rounds=3, group_size=4, churn=0.2, seed=2)
+    result = Simulation(scenario).run()
+    write_run(result, tmp_path)
+    eps = saved["epsilon_vs_rounds.png"].axes[0]
+    assert any(t.get_text() == "budget (8)" for t in eps.get_legend().get_texts())
+    consensus = saved["consensus_vs_rounds.png"].axes[0]
+    assert "RMS L2 of models to their mean" in consensus.get_ylabel()
+    assert consensus.get_yscale() in ("linear", "log")  # never symlog with empty decades
+    churn = saved["churn.png"].axes[0]
+    assert "churn" in churn.get_title()
+    assert (tmp_path / "churn.png").stat().st_size > 1000
+    # In a sweep, a run identical to another (secure-group and group, by design) is named so.
+    records = result.records
+    plot_sweep({"group": records, "secure-group": records}, tmp_path, metric="accuracy")
+    legend = [t.get_text() for t in saved["sweep.png"].axes[0].get_legend().get_texts()]
+    assert legend == ["group", "secure-group (identical to group)"]
