@@ -1,8 +1,10 @@
 """Learning tasks that work offline: a model factory, train and held-out tensors, a loss, a metric.
 
 Built in: ``digits`` (scikit-learn ``load_digits``, MLP or logistic regression), ``breast_cancer``
-(``load_breast_cancer``, logistic regression) and ``credit`` (a synthetic, imbalanced
-credit-scoring table generated from a seed, see :func:`credit_task`). A user plugs in their own
+(``load_breast_cancer``, logistic regression), ``credit`` (a synthetic, imbalanced
+credit-scoring table generated from a seed, see :func:`credit_task`) and ``synthetic`` (the
+federated Synthetic(alpha, beta) benchmark of Li et al., FedProx 2020: one device per peer,
+so the data grows with the network, see :func:`synthetic_task`). A user plugs in their own
 model and data with :meth:`Task.from_tensors`.
 
 Features are standardized with the mean and standard deviation of the training split. In a real
@@ -37,6 +39,7 @@ __all__ = [
     "mlp",
     "roc_auc",
     "softmax_regression",
+    "synthetic_task",
 ]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -106,8 +109,13 @@ class Task:
     loss_fn: LossFn = F.cross_entropy
     metric: MetricFn = accuracy
     metric_name: str = "accuracy"
+    owners: Tensor | None = None
+    """For data that comes in devices (``synthetic``): the device of each training row; the
+    simulator's ``natural`` partition gives device k's rows to peer k."""
 
     def __post_init__(self) -> None:
+        if self.owners is not None and tuple(self.owners.shape) != (self.n_train,):
+            raise ConfigError(f"task {self.name!r}: owners must give one device per train row")
         for split, x, y in (
             ("train", self.x_train, self.y_train),
             ("test", self.x_test, self.y_test),
@@ -357,17 +365,94 @@ def credit_task(
     )
 
 
+def synthetic_task(
+    *,
+    devices: int = 100,
+    iid: bool = True,
+    alpha: float = 0.0,
+    beta: float = 0.0,
+    model: Literal["logreg", "mlp"] = "logreg",
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> Task:
+    """The synthetic federated data of Li et al. (FedProx, 2020): 60 features, 10 classes.
+
+    ``iid=False`` is Synthetic(alpha, beta): as in the paper, device k draws u_k ~ N(0, alpha)
+    and B_k ~ N(0, beta) (variances), its own softmax model W_k ~ N(u_k, 1) (10 x 60) and
+    b_k ~ N(u_k, 1), a feature mean v_k[j] ~ N(B_k, 1), rows x ~ N(v_k, diag(j^-1.2)) and
+    labels y = argmax(W_k x + b_k): alpha says how much the devices' models differ, beta how
+    much their inputs do (both 0 is still non-IID: every device has its own W_k, so with many
+    devices no single model fits them all; centralized logistic regression reaches about 0.82
+    with 100 devices and 0.26 with 1,000). ``iid=True`` (the default) is the paper's
+    Synthetic-IID: one model W, b ~ N(0, 1) shared by every device and x ~ N(0, diag(j^-1.2)),
+    learnable at any number of devices. The paper draws heavy-tailed device sizes;
+    here a device has 50 + floor(LogNormal(3, 1)) rows (about 80 on average, at most 1,000),
+    so 1,000 peers hold about 80,000 rows. ``test_fraction`` of each device's rows form the
+    shared held-out split; ``owners`` says which device each training row came from. Features
+    are standardized with the training split's mean and deviation, as for the other tasks
+    (the paper does not; without it the j^-1.2 scales make SGD converge several times slower).
+    """
+    if devices < 1:
+        raise ConfigError(f"synthetic devices must be at least 1, got {devices}")
+    if alpha < 0 or beta < 0:
+        raise ConfigError("synthetic alpha and beta must be >= 0")
+    if not 0.0 < test_fraction < 1.0:
+        raise ConfigError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    d, classes = 60, 10
+    if model == "logreg":
+        factory = softmax_regression(d, classes)
+    elif model == "mlp":
+        factory = mlp(d, classes, 64)
+    else:
+        raise ConfigError(f"synthetic model must be 'logreg' or 'mlp', got {model!r}")
+    rng = np.random.default_rng([seed, 0x5E7])
+    sizes = np.minimum(50 + rng.lognormal(3.0, 1.0, devices).astype(np.int64), 1000)
+    scale = np.arange(1, d + 1, dtype=np.float64) ** -0.6  # the sd: variance j^-1.2
+    train_x, train_y, test_x, test_y, owners = [], [], [], [], []
+    shared_w, shared_b = rng.normal(0.0, 1.0, (classes, d)), rng.normal(0.0, 1.0, classes)
+    for k in range(devices):
+        if iid:
+            w, b, v = shared_w, shared_b, np.zeros(d)
+        else:
+            u, b_mean = rng.normal(0.0, math.sqrt(alpha)), rng.normal(0.0, math.sqrt(beta))
+            w = rng.normal(u, 1.0, (classes, d))
+            b = rng.normal(u, 1.0, classes)
+            v = rng.normal(b_mean, 1.0, d)
+        x = rng.normal(v, scale, (int(sizes[k]), d))
+        y = np.argmax(x @ w.T + b, axis=1)
+        cut = max(1, round(len(x) * (1.0 - test_fraction)))
+        train_x.append(x[:cut])
+        train_y.append(y[:cut])
+        test_x.append(x[cut:])
+        test_y.append(y[cut:])
+        owners.append(np.full(cut, k))
+    x_tr = torch.as_tensor(np.concatenate(train_x), dtype=torch.float32)
+    x_te = torch.as_tensor(np.concatenate(test_x), dtype=torch.float32)
+    mean, std = x_tr.mean(dim=0), x_tr.std(dim=0).clamp_min(1e-6)  # as for the other tasks
+    return Task(
+        f"synthetic-iid-{model}" if iid else f"synthetic({alpha:g},{beta:g})-{model}",
+        factory,
+        (x_tr - mean) / std,
+        torch.as_tensor(np.concatenate(train_y), dtype=torch.int64),
+        (x_te - mean) / std,
+        torch.as_tensor(np.concatenate(test_y), dtype=torch.int64),
+        classes,
+        owners=torch.as_tensor(np.concatenate(owners), dtype=torch.int64),
+    )
+
+
 _TASKS: dict[str, Callable[..., Task]] = {
     "digits": digits_task,
     "breast_cancer": breast_cancer_task,
     "credit": credit_task,
+    "synthetic": synthetic_task,
 }
 TASK_NAMES = tuple(sorted(_TASKS))
 """Names accepted by :func:`make_task`."""
 
 
 def make_task(name: str, **options: Any) -> Task:
-    """Build a built-in task by name (``digits``, ``breast_cancer``, ``credit``)."""
+    """Build a built-in task by name (``digits``, ``breast_cancer``, ``credit``, ``synthetic``)."""
     try:
         factory = _TASKS[name]
     except KeyError:

@@ -84,6 +84,14 @@ def _run(args: argparse.Namespace) -> int:
     results = []
     for scenario in scenarios:
         sim = Simulation(scenario)
+        rows = sim.task.n_train / scenario.peers
+        if sim.task.owners is None and rows < 10:
+            print(
+                f"note: {sim.task.name} has {sim.task.n_train} training rows, {rows:.1f} per "
+                f"peer with {scenario.peers} peers: too few to learn much; --task synthetic "
+                "gives every peer its own device of ~65 rows",
+                file=sys.stderr,
+            )
         if sweep is None:  # one run: the per-round table, row by row as the rounds end
             if not args.quiet:
                 print(round_header(sim.task.metric_name), flush=True)

@@ -33,9 +33,10 @@ __all__ = [
 _CHOICES: dict[str, tuple[str, ...]] = {
     "algorithm": ALGORITHMS + tuple(ALIASES),
     "fidelity": ("object", "wire"),
-    "task": ("digits", "breast_cancer", "credit"),
+    "task": ("digits", "breast_cancer", "credit", "synthetic"),
     "model": ("logreg", "mlp"),
-    "partition": ("iid", "dirichlet", "label"),
+    "partition": ("auto", "iid", "dirichlet", "label", "natural"),
+    "synthetic": ("iid", "niid"),
     "privacy": ("record", "peer", "none"),
     "latency_dist": ("constant", "uniform", "normal", "lognormal", "exponential"),
     "topology": TOPOLOGIES,
@@ -79,9 +80,27 @@ class Scenario:
         "0 = one per core from 400 peers; results do not depend on it",
     )
     # [task]
-    task: str = _f("task", "digits", "digits, breast_cancer or credit")
+    task: str = _f(
+        "task",
+        "digits",
+        "digits, breast_cancer, credit or synthetic (FedProx Synthetic(alpha, beta): one "
+        "device of ~80 rows per peer, so the data grows with --peers)",
+    )
     model: str = _f("task", "logreg", "logreg or mlp")
-    partition: str = _f("task", "iid", "iid, dirichlet or label")
+    synthetic: str = _f(
+        "task",
+        "iid",
+        "synthetic task: iid (FedProx Synthetic-IID, one shared model) or niid "
+        "(Synthetic(alpha, beta), each device its own model)",
+    )
+    synthetic_alpha: float = _f("task", 0.0, "niid synthetic: how much the devices' models differ")
+    synthetic_beta: float = _f("task", 0.0, "niid synthetic: how much the devices' inputs differ")
+    partition: str = _f(
+        "task",
+        "auto",
+        "auto (natural for synthetic, else iid), iid, dirichlet, label, or natural (peer k "
+        "holds device k's rows)",
+    )
     alpha: float = _f("task", 0.5, "Dirichlet concentration (partition = dirichlet)")
     labels_per_peer: int = _f("task", 2, "classes per peer (partition = label)")
     # [train]
@@ -193,6 +212,8 @@ class Scenario:
             "above 1 needs engine = direct, algorithm secure or plain and matchmaking = hash",
         )
         need(self.alpha > 0, "alpha", "must be > 0")
+        need(self.synthetic_alpha >= 0, "synthetic_alpha", "must be >= 0")
+        need(self.synthetic_beta >= 0, "synthetic_beta", "must be >= 0")
         need(self.labels_per_peer >= 1, "labels_per_peer", "must be at least 1")
         need(self.local_steps >= 1, "local_steps", "must be at least 1")
         need(self.lr > 0, "lr", "must be > 0")

@@ -138,7 +138,15 @@ class RunResult:
 def build_task(s: Scenario) -> Task:
     """The scenario's learning task."""
     options: dict[str, Any] = {"seed": s.seed}
-    if s.task in ("digits", "credit"):
+    if s.task == "synthetic":  # one device per peer: the data grows with the network
+        options.update(
+            devices=s.peers,
+            iid=s.synthetic == "iid",
+            alpha=s.synthetic_alpha,
+            beta=s.synthetic_beta,
+            model=s.model,
+        )
+    elif s.task in ("digits", "credit"):
         options["model"] = s.model
     elif s.model != "logreg":
         raise ConfigError(f"model must be logreg for task {s.task}; got {s.model!r}")
@@ -166,17 +174,30 @@ class Simulation:
     def _trainer(self) -> Trainer:
         s, task = self.scenario, self.task
         n = s.peers
-        # More peers than rows/2: peers share shards (a systems experiment, not a privacy one).
-        parts_n = min(n, max(1, task.n_train // 2))
-        parts = partition(
-            task.y_train,
-            parts_n,
-            scheme=s.partition,  # type: ignore[arg-type]
-            alpha=s.alpha,
-            labels_per_peer=s.labels_per_peer,
-            min_samples=2 if parts_n * 2 <= task.n_train else 1,
-            seed=s.seed,
-        )
+        scheme = s.partition
+        if scheme == "auto":
+            scheme = "natural" if task.owners is not None else "iid"
+        if scheme == "natural":
+            if task.owners is None:
+                raise ConfigError(
+                    f"partition natural needs a task whose rows come in devices (synthetic); "
+                    f"{task.name} has none: use iid, dirichlet or label"
+                )
+            owners = task.owners.numpy()
+            devices = int(owners.max()) + 1
+            parts = [np.flatnonzero(owners == k) for k in range(devices)]
+        else:
+            # More peers than rows/2: peers share shards (a systems experiment, not privacy).
+            parts_n = min(n, max(1, task.n_train // 2))
+            parts = partition(
+                task.y_train,
+                parts_n,
+                scheme=scheme,  # type: ignore[arg-type]
+                alpha=s.alpha,
+                labels_per_peer=s.labels_per_peer,
+                min_samples=2 if parts_n * 2 <= task.n_train else 1,
+                seed=s.seed,
+            )
         shards = peer_shards(task.x_train, task.y_train, parts)
         spec = s.spec()
         train = train_config(spec)

@@ -12,7 +12,15 @@ from torch import nn
 from floor.errors import ConfigError
 from gossip.data import partition, peer_shards
 from gossip.ideal import train_centralized
-from gossip.tasks import TASK_NAMES, Task, accuracy, credit_task, make_task, roc_auc
+from gossip.tasks import (
+    TASK_NAMES,
+    Task,
+    accuracy,
+    credit_task,
+    make_task,
+    roc_auc,
+    synthetic_task,
+)
 
 
 @pytest.mark.parametrize("name", TASK_NAMES)
@@ -20,7 +28,8 @@ def test_builtin_tasks_are_deterministic_standardized_and_split(name: str) -> No
     a, b = make_task(name), make_task(name)
     assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
     n_total = a.n_train + a.x_test.shape[0]
-    assert a.x_test.shape[0] == pytest.approx(0.2 * n_total, abs=2)
+    rounding = 2 if a.owners is None else int(a.owners.max()) + 1  # synthetic: per device
+    assert a.x_test.shape[0] == pytest.approx(0.2 * n_total, abs=rounding)
     assert a.x_train.mean(dim=0).abs().max() < 1e-4
     assert a.y_train.dtype == torch.int64
     assert set(a.y_test.unique().tolist()) <= set(range(a.num_classes))
@@ -177,3 +186,53 @@ def test_peer_shards_follow_indices() -> None:
     shards = peer_shards(x, y, parts)
     for (xs, ys), p in zip(shards, parts, strict=True):
         assert ys.tolist() == p.tolist() and xs[:, 0].long().tolist() == p.tolist()
+
+
+# ---------------------------------------------------------------- synthetic (FedProx)
+
+
+def test_synthetic_grows_with_the_devices_and_records_owners() -> None:
+    small, large = synthetic_task(devices=10), synthetic_task(devices=200)
+    assert torch.equal(synthetic_task(devices=10).x_train, small.x_train)  # seeded
+    assert large.n_train > 15 * small.n_train  # about 80 rows a device, 80% of them trained
+    assert small.owners is not None and large.owners is not None
+    counts = torch.bincount(large.owners, minlength=200)
+    assert counts.min() >= 40 and counts.max() <= 800
+    assert small.x_train.shape[1] == 60 and small.num_classes == 10
+    assert small.name == "synthetic-iid-logreg"
+    assert synthetic_task(devices=10, iid=False, alpha=1, beta=1).name == "synthetic(1,1)-logreg"
+    with pytest.raises(ConfigError):
+        synthetic_task(devices=0)
+    with pytest.raises(ConfigError):
+        synthetic_task(alpha=-1.0)
+    with pytest.raises(ConfigError, match="logreg"):
+        synthetic_task(model="cnn")  # type: ignore[arg-type]
+
+
+def test_synthetic_iid_is_one_learnable_model_and_niid_is_not() -> None:
+    """Synthetic-IID: one model labels every device, so a pooled linear model fits it well;
+    Synthetic(0, 0): every device has its own model, and a pooled one fits far worse."""
+    iid = synthetic_task(devices=300, seed=1)
+    niid = synthetic_task(devices=300, iid=False, seed=1)
+    fit_iid = train_centralized(iid, steps=400, lr=0.5, batch_size=256)
+    fit_niid = train_centralized(niid, steps=400, lr=0.5, batch_size=256)
+    assert fit_iid.metric > 0.8
+    assert fit_niid.metric < fit_iid.metric - 0.15
+    # beta moves each device's inputs: device means differ far more than under iid.
+    shifted = synthetic_task(devices=20, iid=False, beta=4.0, seed=1)
+    assert shifted.owners is not None and iid.owners is not None
+
+    def spread(task: Task) -> float:
+        assert task.owners is not None
+        means = torch.stack(
+            [task.x_train[task.owners == k].mean(0) for k in range(int(task.owners.max()) + 1)]
+        )
+        return float(means.std(0).mean())
+
+    assert spread(shifted) > 2 * spread(iid)
+
+
+def test_the_daemon_names_the_same_tasks() -> None:
+    from p2p.config import TASKS  # named there so that config errors answer without torch
+
+    assert TASKS == TASK_NAMES

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from floor.errors import ConfigError
 from simulator import Scenario, run_scenario, write_run
 from simulator.cli import main
 from simulator.engine import COLUMNS, Simulation
@@ -262,3 +263,30 @@ def test_plots_say_what_they_measure(tmp_path: Path, monkeypatch: pytest.MonkeyP
     plot_sweep({"group": records, "secure-group": records}, tmp_path, metric="accuracy")
     legend = [t.get_text() for t in saved["sweep.png"].axes[0].get_legend().get_texts()]
     assert legend == ["group", "secure-group (identical to group)"]
+
+
+def test_the_synthetic_task_gives_each_peer_its_own_device_and_learns() -> None:
+    scenario = Scenario(task="synthetic", peers=12, rounds=6, group_size=4, privacy="none")
+    sim = Simulation(scenario)
+    owners = sim.task.owners
+    assert owners is not None and int(owners.max()) + 1 == 12  # one device per peer
+    result = sim.run()
+    assert result.records[-1].accuracy > result.records[0].accuracy + 0.2
+    assert result.scenario.partition == "auto"
+    with pytest.raises(ConfigError, match="partition natural needs a task"):
+        Simulation(Scenario(task="digits", peers=6, rounds=1, partition="natural"))
+    # Twice the peers, twice the data (digits stays at 1,797 rows whatever the peers).
+    bigger = Simulation(scenario.replace(peers=24))
+    assert bigger.task.n_train > 1.6 * sim.task.n_train
+
+
+def test_a_task_too_small_for_the_peers_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--peers", "300", "--rounds", "1", "--quiet", "--no-plots", "--group-size", "4"]
+    assert main([*args, "--out", str(tmp_path / "digits")]) == 0
+    err = capsys.readouterr().err
+    assert "note: digits-logreg has 1437 training rows, 4.8 per peer with 300 peers" in err
+    assert "--task synthetic" in err
+    assert main([*args, "--task", "synthetic", "--out", str(tmp_path / "synthetic")]) == 0
+    assert "note:" not in capsys.readouterr().err
