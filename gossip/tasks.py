@@ -2,7 +2,8 @@
 
 Built in: ``digits`` (scikit-learn ``load_digits``, MLP or logistic regression), ``breast_cancer``
 (``load_breast_cancer``, logistic regression), ``credit`` (a synthetic, imbalanced
-credit-scoring table generated from a seed, see :func:`credit_task`) and ``synthetic`` (the
+credit-scoring table generated from a seed, see :func:`credit_task`), ``mnist`` (from a local
+cache, never downloaded: :func:`mnist_task`) and ``synthetic`` (the
 federated Synthetic(alpha, beta) benchmark of Li et al., FedProx 2020: one device per peer,
 so the data grows with the network, see :func:`synthetic_task`). A user plugs in their own
 model and data with :meth:`Task.from_tensors`.
@@ -14,9 +15,12 @@ once per task and shared by every peer, so they are not a per-round release.
 
 from __future__ import annotations
 
+import gzip
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -37,6 +41,7 @@ __all__ = [
     "digits_task",
     "make_task",
     "mlp",
+    "mnist_task",
     "roc_auc",
     "softmax_regression",
     "synthetic_task",
@@ -441,10 +446,85 @@ def synthetic_task(
     )
 
 
+DATASETS_ENV = "MURMUR_DATASETS"
+"""Environment variable naming the local dataset cache (default ``~/.cache/murmur/datasets``)."""
+_MNIST_FILES = {
+    "train_x": "train-images-idx3-ubyte",
+    "train_y": "train-labels-idx1-ubyte",
+    "test_x": "t10k-images-idx3-ubyte",
+    "test_y": "t10k-labels-idx1-ubyte",
+}
+
+
+def _read_idx(path: Path) -> np.ndarray[Any, Any]:
+    """An IDX file (MNIST's format: magic, dims, big-endian sizes, uint8 data), .gz or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
+        raise ConfigError(f"{path} is not an IDX file of unsigned bytes")
+    dims = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
+    body = np.frombuffer(bytearray(data), dtype=np.uint8, offset=4 + 4 * dims)
+    if body.size != math.prod(shape):
+        raise ConfigError(f"{path} is truncated: {body.size} bytes for shape {shape}")
+    return body.reshape(shape)
+
+
+def mnist_task(
+    *,
+    root: str | Path | None = None,
+    model: Literal["logreg", "mlp"] = "mlp",
+    seed: int = 0,
+) -> Task:
+    """MNIST (60,000 + 10,000 images of 28 x 28, 10 classes) from a local cache; no download.
+
+    Reads torchvision's layout, ``<root>/MNIST/raw/train-images-idx3-ubyte[.gz]`` and the
+    three sibling files, where ``root`` is the argument, else ``$MURMUR_DATASETS``, else
+    ``~/.cache/murmur/datasets``. Nothing is fetched at run time: a missing file is a
+    ``ConfigError`` naming it and the way to fill the cache once (``pip install
+    'murmur[vision]'`` and torchvision's ``MNIST(root, download=True)``). Pixels are scaled to
+    [0, 1] and standardized with the training split's mean and deviation.
+    """
+    base = Path(root or os.environ.get(DATASETS_ENV) or Path.home() / ".cache/murmur/datasets")
+    raw = base.expanduser() / "MNIST" / "raw"
+    arrays: dict[str, np.ndarray[Any, Any]] = {}
+    for key, name in _MNIST_FILES.items():
+        found = next((raw / f for f in (name, name + ".gz") if (raw / f).exists()), None)
+        if found is None:
+            raise ConfigError(
+                f"task mnist: {raw / name}[.gz] not found (the dataset is read from a local "
+                f"cache, never downloaded at run time; set {DATASETS_ENV} or fill it once with "
+                f"pip install 'murmur[vision]' and python -c \"import torchvision; "
+                f"torchvision.datasets.MNIST('{base}', download=True)\")"
+            )
+        arrays[key] = _read_idx(found)
+    if model == "logreg":
+        factory = softmax_regression(784, 10)
+    elif model == "mlp":
+        factory = mlp(784, 10, 128)
+    else:
+        raise ConfigError(f"mnist model must be 'logreg' or 'mlp', got {model!r}")
+    x_tr = torch.as_tensor(arrays["train_x"].reshape(-1, 784), dtype=torch.float32) / 255.0
+    x_te = torch.as_tensor(arrays["test_x"].reshape(-1, 784), dtype=torch.float32) / 255.0
+    y_tr = torch.as_tensor(arrays["train_y"].astype(np.int64))
+    y_te = torch.as_tensor(arrays["test_y"].astype(np.int64))
+    if x_tr.shape[0] != y_tr.shape[0] or x_te.shape[0] != y_te.shape[0]:
+        raise ConfigError(f"task mnist: images and labels in {raw} differ in count")
+    mean, std = x_tr.mean(dim=0), x_tr.std(dim=0)
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))  # the always-black border
+    del seed  # the split is MNIST's own; the seed only seeds the model (build_model)
+    return Task(f"mnist-{model}", factory, (x_tr - mean) / std, y_tr, (x_te - mean) / std, y_te, 10)
+
+
 _TASKS: dict[str, Callable[..., Task]] = {
     "digits": digits_task,
     "breast_cancer": breast_cancer_task,
     "credit": credit_task,
+    "mnist": mnist_task,
     "synthetic": synthetic_task,
 }
 TASK_NAMES = tuple(sorted(_TASKS))
@@ -452,7 +532,7 @@ TASK_NAMES = tuple(sorted(_TASKS))
 
 
 def make_task(name: str, **options: Any) -> Task:
-    """Build a built-in task by name (``digits``, ``breast_cancer``, ``credit``, ``synthetic``)."""
+    """Build a built-in task by name (see :data:`TASK_NAMES`)."""
     try:
         factory = _TASKS[name]
     except KeyError:

@@ -182,7 +182,7 @@ class MembershipConfig:
                 raise ConfigError(f"membership.{name} must be > 0")
 
 
-TASKS = ("breast_cancer", "credit", "digits", "synthetic")
+TASKS = ("breast_cancer", "credit", "digits", "mnist", "synthetic")
 """Built-in tasks (``gossip.tasks.TASK_NAMES``; named here so that config errors answer
 without importing torch)."""
 DAEMON_ALGORITHMS = tuple(a for a in ALGORITHMS if a != "dpsgd")

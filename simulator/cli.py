@@ -75,12 +75,16 @@ def _run(args: argparse.Namespace) -> int:
         write_run,
     )
 
-    if args.out is not None:
-        out = Path(args.out)
-    else:
-        out, moved = fresh_outdir(DEFAULT_OUT)
-        if moved:
-            print(f"{DEFAULT_OUT}/ holds an earlier run: writing to {out}/ (or give --out)")
+    chosen: Path | None = None if args.out is None else Path(args.out)
+
+    def outdir() -> Path:  # chosen once the first run is done: a failed run names no folder
+        nonlocal chosen
+        if chosen is None:
+            chosen, moved = fresh_outdir(DEFAULT_OUT)
+            if moved:
+                print(f"{DEFAULT_OUT}/ holds an earlier run: writing to {chosen}/ (or give --out)")
+        return chosen
+
     results = []
     for scenario in scenarios:
         sim = Simulation(scenario)
@@ -119,6 +123,7 @@ def _run(args: argparse.Namespace) -> int:
 
             result = sim.run(tick)
             bar.close()
+        out = outdir()
         target = out / scenario.name if sweep is not None else out
         write_run(result, target, plots=not args.no_plots)
         results.append(result)

@@ -33,7 +33,7 @@ __all__ = [
 _CHOICES: dict[str, tuple[str, ...]] = {
     "algorithm": ALGORITHMS + tuple(ALIASES),
     "fidelity": ("object", "wire"),
-    "task": ("digits", "breast_cancer", "credit", "synthetic"),
+    "task": ("digits", "breast_cancer", "credit", "mnist", "synthetic"),
     "model": ("logreg", "mlp"),
     "partition": ("auto", "iid", "dirichlet", "label", "natural"),
     "synthetic": ("iid", "niid"),
@@ -83,8 +83,9 @@ class Scenario:
     task: str = _f(
         "task",
         "digits",
-        "digits, breast_cancer, credit or synthetic (FedProx Synthetic(alpha, beta): one "
-        "device of ~80 rows per peer, so the data grows with --peers)",
+        "digits, breast_cancer, credit, mnist (from a local cache: $MURMUR_DATASETS) or "
+        "synthetic (FedProx Synthetic(alpha, beta): one device of ~80 rows per peer, so the "
+        "data grows with --peers)",
     )
     model: str = _f("task", "logreg", "logreg or mlp")
     synthetic: str = _f(

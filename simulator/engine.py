@@ -146,7 +146,7 @@ def build_task(s: Scenario) -> Task:
             beta=s.synthetic_beta,
             model=s.model,
         )
-    elif s.task in ("digits", "credit"):
+    elif s.task in ("digits", "credit", "mnist"):
         options["model"] = s.model
     elif s.model != "logreg":
         raise ConfigError(f"model must be logreg for task {s.task}; got {s.model!r}")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -23,7 +26,7 @@ from gossip.tasks import (
 )
 
 
-@pytest.mark.parametrize("name", TASK_NAMES)
+@pytest.mark.parametrize("name", [n for n in TASK_NAMES if n != "mnist"])  # mnist: below
 def test_builtin_tasks_are_deterministic_standardized_and_split(name: str) -> None:
     a, b = make_task(name), make_task(name)
     assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
@@ -236,3 +239,53 @@ def test_the_daemon_names_the_same_tasks() -> None:
     from p2p.config import TASKS  # named there so that config errors answer without torch
 
     assert TASKS == TASK_NAMES
+
+
+# ---------------------------------------------------------------- mnist from a local cache
+
+
+def _idx(path: Path, array: np.ndarray, gz: bool) -> None:
+    head = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    data = head + array.astype(np.uint8).tobytes()
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(data))
+    else:
+        path.write_bytes(data)
+
+
+def _fake_mnist(root: Path, n_train: int = 300, n_test: int = 100) -> None:
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    y_tr, y_te = rng.integers(0, 10, n_train), rng.integers(0, 10, n_test)
+    # Images whose brightest row is the label: learnable, like a real dataset.
+    x_tr = rng.integers(0, 60, (n_train, 28, 28))
+    x_tr[np.arange(n_train), y_tr * 2 + 3, :] = 255
+    x_te = rng.integers(0, 60, (n_test, 28, 28))
+    x_te[np.arange(n_test), y_te * 2 + 3, :] = 255
+    _idx(raw / "train-images-idx3-ubyte", x_tr, gz=True)
+    _idx(raw / "train-labels-idx1-ubyte", y_tr, gz=False)
+    _idx(raw / "t10k-images-idx3-ubyte", x_te, gz=False)
+    _idx(raw / "t10k-labels-idx1-ubyte", y_te, gz=True)
+
+
+def test_mnist_reads_a_local_cache_and_never_downloads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MURMUR_DATASETS", str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match=r"nowhere/MNIST/raw/train-images-idx3-ubyte\[\.gz\]"):
+        make_task("mnist")
+    with pytest.raises(ConfigError, match=r"murmur\[vision\]"):
+        make_task("mnist")
+    _fake_mnist(tmp_path / "cache")
+    monkeypatch.setenv("MURMUR_DATASETS", str(tmp_path / "cache"))
+    task = make_task("mnist", model="logreg")
+    assert task.x_train.shape == (300, 784) and task.x_test.shape == (100, 784)
+    assert task.x_train.mean(dim=0).abs().max() < 1e-4
+    assert task.name == "mnist-logreg" and task.num_classes == 10
+    assert train_centralized(task, steps=200, lr=0.1, batch_size=64).metric > 0.9
+    truncated = tmp_path / "cache" / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    truncated.write_bytes(truncated.read_bytes()[:-5])
+    with pytest.raises(ConfigError, match="truncated"):
+        make_task("mnist")
