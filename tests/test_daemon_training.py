@@ -270,7 +270,7 @@ def test_training_config_from_file_env_and_flags(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "training",
     [
-        {"task": "mnist"},
+        {"task": "imagenet"},
         {"algorithm": "dpsgd"},
         {"privacy": "group"},
         {"shard": "5/5"},
