@@ -28,7 +28,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -42,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+
+from bench.bench_daemon_training import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "hardening.md"
@@ -57,13 +58,6 @@ join_timeout_s = 1.0
 join_attempts = 2
 join_retry_delay_s = 0.2
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -210,7 +204,7 @@ async def trickle(daemon: Daemon, connections: int) -> dict[str, Any]:
 # ---------------------------------------------------------------- 2. amplify
 
 
-def _amplified_join(tree: Path, target_port: int) -> bytes:
+def _amplified_join(target_port: int) -> bytes:
     """A signed Join from a fresh key whose body is 63 MiB of 0x90 (built with our codec)."""
     import floor.envelope as envelope_module
     from floor.envelope import Auth, EnvelopeCodec
@@ -235,7 +229,7 @@ async def amplify(daemon: Daemon) -> dict[str, Any]:
     from p2p.transport.http import EnvelopePayload
 
     await asyncio.sleep(1.0)
-    envelope = _amplified_join(daemon.tree, 9)
+    envelope = _amplified_join(9)
     before = daemon.rss_mb()
     outcome = "?"
     async with Watch(daemon) as watch, aiohttp.ClientSession() as session:

@@ -52,9 +52,11 @@ message sealed to or by that peer. Ephemeral session keys are planned.
 
 The receiver's checks, cheapest first: size cap; framing (magic, version, auth mode, lengths;
 the version comes before the door because it decides how the rest is read); door (network
-key); header decode; known type; recipient; timestamp window; replay (nonce not seen; see
-``floor.replay``); signature/seal/MAC; body schema. Only ``ProtocolError`` subclasses escape
-``decode``; the nonce is remembered only once authentication succeeded.
+key); header decode; known type; the type's size cap (these need only the envelope's first
+bytes: :meth:`EnvelopeCodec.check_head`); recipient; timestamp window (at most
+``max_future_s`` ahead); replay (nonce not seen from this sender; see ``floor.replay``);
+signature/seal/MAC; body (the type's msgpack cap, then the schema). Only ``ProtocolError``
+subclasses escape ``decode``; the nonce is remembered only once authentication succeeded.
 """
 
 from __future__ import annotations

@@ -228,7 +228,11 @@ class Transport(abc.ABC):
                 on_failure(message, exc)
             return
         wait = self._default_timeout if timeout is None else timeout
-        proven = tuple(a for a in addresses if self.is_proven(peer, a))
+        proven = (
+            tuple(a for a in addresses if (peer, a) in self._verified)
+            if self._verify
+            else addresses
+        )
         if proven and self._post_now(proven, data, wait, message, on_failure):
             return
         task = asyncio.create_task(
@@ -350,7 +354,7 @@ class Transport(abc.ABC):
         nonce = os.urandom(16)
         data = self._codec.encode(Probe(nonce), recipient=peer, auth=Auth.SIGNED)
         try:
-            reply = await self._exchange_probe(address, data, timeout)
+            reply = await self._exchange(address, data, timeout, probe=True)
             received = await self._check_reply(reply, expected=peer)
             if (
                 received.auth != Auth.SIGNED
@@ -374,11 +378,11 @@ class Transport(abc.ABC):
         if address in self._addresses.get(peer, ()):
             self._verified.add((peer, address))
 
-    async def _exchange_probe(
+    async def _post_probe(
         self, address: str, data: bytes, timeout: float
     ) -> bytes | bytearray | memoryview:
-        """How a probe travels (the HTTP transport: one POST, never a stream upgrade)."""
-        return await self._exchange(address, data, timeout)
+        """How a probe travels: like ``_post`` (the HTTP transport: one POST, no stream)."""
+        return await self._post(address, data, timeout)
 
     async def _on_probe(self, received: Received) -> ProbeReply:
         message = received.message
@@ -405,9 +409,10 @@ class Transport(abc.ABC):
         return received
 
     async def _exchange(
-        self, address: str, data: bytes, timeout: float | None
+        self, address: str, data: bytes, timeout: float | None, *, probe: bool = False
     ) -> bytes | bytearray | memoryview:
-        """Run ``_post`` with a deadline; a close while waiting raises ``TransportClosed``."""
+        """Run ``_post`` (``_post_probe`` for a probe) with a deadline; a close while waiting
+        raises ``TransportClosed``."""
         task = asyncio.current_task()
         if task is None:  # pragma: no cover - always inside a task under asyncio
             raise RuntimeError("transport calls must run inside an asyncio task")
@@ -415,7 +420,8 @@ class Transport(abc.ABC):
         self._waiters.add(task)
         self.bytes_sent += len(data)
         try:
-            reply = await self._post(address, data, wait)
+            post = self._post_probe if probe else self._post
+            reply = await post(address, data, wait)
             self.bytes_received += len(reply)
             return reply
         except asyncio.CancelledError:

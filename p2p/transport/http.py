@@ -421,20 +421,11 @@ class HttpTransport(Transport):
             return True
         return False
 
-    async def _exchange_probe(
+    async def _post_probe(
         self, address: str, data: bytes, timeout: float
     ) -> bytes | bytearray | memoryview:
         """A probe is one POST: an address not yet proven never gets a WebSocket upgrade."""
-        task = asyncio.current_task()
-        assert task is not None
-        self._waiters.add(task)
-        self.bytes_sent += len(data)
-        try:
-            reply = await self._post_http(address, data, timeout)
-            self.bytes_received += len(reply)
-            return reply
-        finally:
-            self._waiters.discard(task)
+        return await self._post_http(address, data, timeout)
 
     async def _post_http(self, address: str, data: bytes, timeout: float) -> bytes | bytearray:
         url = f"http://{address}{ENVELOPE_PATH}"
