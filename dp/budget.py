@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,12 +24,13 @@ from dp._checks import check_delta, check_positive
 from dp.accounting import EventLike, PrivacyEvent, compose_epsilon, group_events
 from dp.distributed import DistributedEvent, distributed_epsilon
 from floor.errors import AccountingError, BudgetExhausted, BudgetStateError
+from floor.files import replace_atomically
 
 __all__ = ["Budget"]
 
 _FORMAT = "murmur-dp-budget"
-_VERSION = 2
-_READABLE = (1, 2)  # version 1: Gaussian events only, as [z, q, n]
+_VERSION = 3
+_READABLE = (1, 2, 3)  # 1: Gaussian events only, as [z, q, n]; 3 adds "spends"
 
 AnyEvent = EventLike | DistributedEvent
 Events = PrivacyEvent | DistributedEvent | Iterable[AnyEvent]
@@ -79,9 +79,10 @@ class Budget:
         self._lock = threading.Lock()
         self._counts: dict[Key, int] = {}
         self._spent = 0.0
+        self._spends = 0
         if self._path is not None:
             if self._path.exists():
-                self._counts = self._load(self._path)
+                self._counts, self._spends = self._load(self._path)
                 self._spent = self._compose(self._counts, [])
             elif must_exist:
                 raise BudgetStateError(
@@ -89,7 +90,7 @@ class Budget:
                     "refusing to start from a fresh budget"
                 )
             else:
-                self._save(self._counts)
+                self._save(self._counts, 0)
 
     @classmethod
     def persistent(cls, eps_max: float, delta: float, state_path: str | os.PathLike[str]) -> Budget:
@@ -144,6 +145,13 @@ class Budget:
         """The spent events, grouped: one event per kind (a ``PrivacyEvent`` per (noise,
         rate), a ``DistributedEvent`` per mechanism) with its count."""
         return tuple(_event(key, n) for key, n in sorted(self._counts.items(), key=_order))
+
+    @property
+    def spends(self) -> int:
+        """How many times ``spend`` recorded events (persisted with them): a peer spends once
+        per contribution, so after a restart this counts the contributions it paid for,
+        whatever its other files say. State files of version 1 or 2 start it at 0."""
+        return self._spends
 
     def epsilon_after(
         self,
@@ -203,9 +211,10 @@ class Budget:
             after = self._checked(extra)
             counts = _added(self._counts, extra)
             if self._path is not None:
-                self._save(counts)
+                self._save(counts, self._spends + 1)
             self._counts = counts
             self._spent = after
+            self._spends += 1
             return after
 
     def _after(self, extra: list[AnyEvent]) -> float:
@@ -240,7 +249,7 @@ class Budget:
 
     # -- persistence ---------------------------------------------------------------------
 
-    def _payload(self, counts: dict[Key, int]) -> dict[str, Any]:
+    def _payload(self, counts: dict[Key, int], spends: int) -> dict[str, Any]:
         events: list[list[Any]] = []
         for key, n in sorted(counts.items(), key=_order):
             if len(key) == 2:
@@ -253,6 +262,7 @@ class Budget:
             "eps_max": self._eps_max,
             "delta": self._delta,
             "events": events,
+            "spends": spends,
         }
 
     @staticmethod
@@ -260,35 +270,20 @@ class Budget:
         canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
-    def _save(self, counts: dict[Key, int]) -> None:
+    def _save(self, counts: dict[Key, int], spends: int) -> None:
         if self._path is None:
             return
-        payload = self._payload(counts)
+        payload = self._payload(counts, spends)
         document = {**payload, "sha256": self._checksum(payload)}
         data = json.dumps(document, sort_keys=True, indent=1).encode()
-        directory = self._path.parent
         try:
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{self._path.name}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(tmp, self._path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-            dir_fd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            replace_atomically(self._path, data)
         except OSError as exc:
             raise BudgetStateError(
                 f"cannot write privacy budget state {self._path}: {exc}"
             ) from exc
 
-    def _load(self, path: Path) -> dict[Key, int]:
+    def _load(self, path: Path) -> tuple[dict[Key, int], int]:
         def corrupt(why: str) -> BudgetStateError:
             return BudgetStateError(
                 f"privacy budget state {path} is corrupt ({why}); refusing to reset it. "
@@ -330,7 +325,10 @@ class Budget:
                     parsed.append(PrivacyEvent(z, q, n))
             except (TypeError, ValueError, AccountingError) as exc:
                 raise corrupt(f"bad event {item!r}") from exc
-        return _added({}, parsed)
+        spends = document.get("spends", 0)
+        if spends.__class__ is not int or spends < 0:
+            raise corrupt("spends is not a count")
+        return _added({}, parsed), spends
 
 
 def _added(counts: dict[Key, int], extra: list[AnyEvent]) -> dict[Key, int]:

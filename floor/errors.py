@@ -8,6 +8,7 @@ cross the wire as a number with a fixed meaning.
     MurmurError
     ├── ConfigError (ValueError)            bad flag, config file, scenario or argument
     ├── KeyFileError (OSError)              identity key file missing, unsafe, truncated, corrupt
+    ├── CheckpointError (OSError)           training checkpoint corrupt, unreadable, of another run
     ├── ProtocolError                       a message was refused; carries .code
     │   ├── MessageTooLarge                   size cap exceeded
     │   ├── MalformedMessage (ValueError)     undecodable bytes, wrong field types, bad schema
@@ -33,6 +34,7 @@ cross the wire as a number with a fixed meaning.
     │   └── BudgetStateError (OSError)        persisted budget state missing or corrupt
     ├── AggregationError
     │   ├── AggregationAborted                fewer than the threshold of members survived
+    │   │   └── SumRejected                     the group's result failed a check (names the blamed)
     │   ├── GroupFormationFailed              no group of the minimum size formed in time
     │   └── RingOverflow (OverflowError)      values could overflow the fixed-point ring
     └── TrainingError (RuntimeError)          model/data/optimizer misuse in the learner
@@ -50,6 +52,7 @@ __all__ = [
     "BadSignature",
     "BudgetExhausted",
     "BudgetStateError",
+    "CheckpointError",
     "ConfigError",
     "DuplicateMessage",
     "GroupFormationFailed",
@@ -69,6 +72,7 @@ __all__ = [
     "ReplayedMessage",
     "RingOverflow",
     "StaleMessage",
+    "SumRejected",
     "Timeout",
     "TrainingError",
     "TransportClosed",
@@ -109,6 +113,11 @@ class ConfigError(MurmurError, ValueError):
 
 class KeyFileError(MurmurError, OSError):
     """An identity key file is missing, readable by others, truncated or corrupt."""
+
+
+class CheckpointError(MurmurError, OSError):
+    """A training checkpoint cannot be used: unreadable, corrupt (its checksum fails), or
+    written for another model or run; never answered by a silent fresh start."""
 
 
 class ProtocolError(MurmurError):
@@ -252,6 +261,16 @@ class AggregationError(MurmurError):
 
 class AggregationAborted(AggregationError):
     """Fewer than the threshold of members survived a stage; nothing was revealed."""
+
+
+class SumRejected(AggregationAborted):
+    """A member checked the group's result and refused it (a weight slot, a range, a chunk sum
+    or a secret share that cannot be right); ``blamed`` is the raw id of the member whose
+    message failed the check, where one can be named (None: the lie cannot be pinned)."""
+
+    def __init__(self, message: str, blamed: bytes | None = None) -> None:
+        super().__init__(message)
+        self.blamed = blamed
 
 
 class GroupFormationFailed(AggregationError):

@@ -36,7 +36,7 @@ from dp.budget import Budget
 from dp.discrete_gaussian import RandomBits, system_random
 from dp.distributed import DistributedEvent, distributed_epsilon
 from dp.dpsgd import dp_sgd_train
-from floor.errors import BudgetExhausted, ConfigError, TrainingError
+from floor.errors import BudgetExhausted, CheckpointError, ConfigError, TrainingError
 from gossip.model import Layout, flatten, restore
 from gossip.privacy import (
     PrivacyConfig,
@@ -194,6 +194,7 @@ class Learner:
         self.budget = budget
         self._theta = flatten(model, self.layout) if theta is None else self._checked(theta).clone()
         self._c = _Counters()
+        self._catch_up(self._budget_times())  # a persistent budget that paid before a restart
 
     # -- public state -------------------------------------------------------------------------
 
@@ -356,6 +357,81 @@ class Learner:
         dist = self.plan.distributed
         if dist is not None and counted is not None and self._shares:
             self._shares[-1] = dist.unknown_shares(counted)
+
+    # -- durable state ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of this learner (``gossip.checkpoint``): ``theta``, the
+        counters, the noise shares per contribution, the sampling generator's state, and how
+        many contributions the budget had paid for (``budget_times``)."""
+        return {
+            "parameters": self.layout.size,
+            "theta": self._theta.clone(),
+            "rounds": self._c.rounds,
+            "results": self._c.results,
+            "shares": list(self._shares),
+            "generator": self.generator.get_state(),
+            "budget_times": self._budget_times(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> int:
+        """Resume from :meth:`state_dict`, reconciled with the budget: contributions the
+        budget paid for after that state was written count as made (worst-case noise shares).
+        Returns how many those were. ``CheckpointError`` if the state does not fit this learner
+        or claims more contributions than the budget paid for (an older budget file)."""
+        try:
+            parameters = int(state["parameters"])
+            theta = state["theta"]
+            rounds, results = int(state["rounds"]), int(state["results"])
+            shares = [int(v) for v in state["shares"]]
+            generator = state["generator"]
+            paid_then = int(state["budget_times"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"the learner state lacks or mistypes {exc}") from None
+        if parameters != self.layout.size or not isinstance(theta, Tensor):
+            raise CheckpointError(
+                f"the checkpoint holds a model of {parameters} parameters, this peer's has "
+                f"{self.layout.size}: it was written for another model"
+            )
+        if (
+            min(rounds, results, paid_then) < 0
+            or paid_then > rounds
+            or (shares and len(shares) != rounds)
+        ):
+            raise CheckpointError("the learner state's counters contradict each other")
+        paid_now = self._budget_times()
+        if self.budget is not None and paid_now < paid_then:
+            raise CheckpointError(
+                f"the privacy budget paid for {paid_now} contributions, the checkpoint says "
+                f"{paid_then}: the budget file is older than the checkpoint; refusing to resume"
+            )
+        try:
+            self._theta = self._checked(theta).clone()
+        except TrainingError as exc:
+            raise CheckpointError(f"the checkpoint's model is unusable: {exc}") from None
+        if isinstance(generator, Tensor):
+            self.generator.set_state(generator)
+        self._c = _Counters(rounds=rounds, results=results)
+        self._shares = shares
+        extra = max(0, paid_now - paid_then) if self.budget is not None else 0
+        self._catch_up(rounds + extra)
+        return extra
+
+    def _budget_times(self) -> int:
+        """Contributions the budget paid for (0 for a budget that does not count them)."""
+        spends = getattr(self.budget, "spends", None)
+        return spends if isinstance(spends, int) else 0
+
+    def _catch_up(self, contributions: int) -> None:
+        """Count ``contributions`` made in all (never fewer than counted): the ones this
+        learner did not see were paid for before a crash; their noise shares are unknown."""
+        missing = contributions - self._c.rounds
+        if missing <= 0:
+            return
+        self._c.rounds = contributions
+        dist = self.plan.distributed
+        if dist is not None:
+            self._shares.extend([dist.shares] * missing)
 
     # -- internals ----------------------------------------------------------------------------
 

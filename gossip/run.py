@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import networkx as nx
 import torch
@@ -189,10 +190,14 @@ def build_session(
     *,
     evaluate: Evaluate | None = None,
     round_timeout_s: float = 60.0,
+    checkpoint: Path | None = None,
+    checkpoint_meta: dict[str, str] | None = None,
 ) -> TrainingSession:
     """A network peer's round loop: ``learner`` averaging by ``spec``'s machine through a
     ``Driver`` on ``net``. Rounds are not in lockstep (peers start seconds apart: any ready
-    peers group). ``session.close()`` also closes the driver."""
+    peers group). ``session.close()`` also closes the driver. With ``checkpoint`` the session
+    resumes from that file if it exists and rewrites it after every round
+    (``gossip.checkpoint``; ``checkpoint_meta`` must match the file's, e.g. the task)."""
     machine = build_machine(spec, seed=identity.seed(), me=identity.peer_id.raw)
     driver = Driver(net, machine, send_timeout_s=max(spec.stage_timeout_s, 1.0))
     return TrainingSession(
@@ -203,4 +208,6 @@ def build_session(
         evaluate=evaluate,
         round_timeout_s=round_timeout_s,
         lockstep=False,
+        checkpoint=checkpoint,
+        checkpoint_meta=checkpoint_meta,
     )

@@ -36,10 +36,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import io
 import json
 import logging
 import math
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,10 +51,13 @@ from torch import Tensor, nn
 
 from floor.errors import (
     BudgetExhausted,
+    CheckpointError,
     ConfigError,
     GroupFormationFailed,
     MurmurError,
 )
+from floor.files import replace_atomically
+from gossip.checkpoint import read_checkpoint, write_checkpoint
 from gossip.driver import Averager
 from gossip.learner import Contribution, Learner
 from gossip.machine import AverageResult
@@ -170,6 +173,8 @@ class TrainingSession:
         round_timeout_s: float = 60.0,
         traffic: Callable[[], tuple[int, int]] | None = None,
         lockstep: bool = True,
+        checkpoint: Path | None = None,
+        checkpoint_meta: dict[str, str] | None = None,
     ) -> None:
         if rounds < 1:
             raise ConfigError(f"rounds must be at least 1, got {rounds}")
@@ -200,6 +205,19 @@ class TrainingSession:
         self._last_error: str | None = None
         self._unsent: Contribution | None = None  # from a round whose group never formed
         self._lock = threading.Lock()  # training and evaluation share the learner's model
+        self.checkpoint_path = None if checkpoint is None else Path(checkpoint)
+        self._meta = dict(checkpoint_meta or {})
+        self._unsent_on_disk = False
+        self.resumed_round: int | None = None
+        """The round the checkpoint resumed from (None: a fresh start)."""
+        self.resumed_unpaid = 0
+        """Contributions the budget paid for after the checkpoint was written (a crash
+        mid-round): counted as made, their results lost."""
+        self._checkpoint_error: str | None = None
+        if self.checkpoint_path is not None:
+            state = read_checkpoint(self.checkpoint_path)
+            if state is not None:
+                self._restore(state)
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -261,6 +279,8 @@ class TrainingSession:
             "aborted_rounds": self._counts["aborted"],
             "no_group_rounds": self._counts["no_group"],
             "last_error": self._last_error,
+            "resumed_round": self.resumed_round,
+            "checkpoint_error": self._checkpoint_error,
         }
 
     # -- running --------------------------------------------------------------------------------
@@ -304,6 +324,13 @@ class TrainingSession:
         group_size = 0
         contribution, self._unsent = self._unsent, None
         try:
+            if contribution is not None and self._unsent_on_disk:
+                # write-ahead: once it may leave, no restart may offer it again
+                try:
+                    await self._in_executor(self._write_checkpoint)
+                except CheckpointError:
+                    self._unsent = contribution  # still unsent: offered when the disk works
+                    raise
             if contribution is None:
                 contribution = await self._in_executor(self._local_update)
             result = await self._average(contribution, r)
@@ -326,6 +353,8 @@ class TrainingSession:
         self._last_group = group_size
         if error is not None:
             self._last_error = error
+        if self.checkpoint_path is not None:
+            await self._save_checkpoint()
         sent1, received1 = self._traffic()
         report = RoundReport(
             r,
@@ -342,6 +371,98 @@ class TrainingSession:
         self.reports.append(report)
         self._log(report)
         return report
+
+    # -- durable state --------------------------------------------------------------------------
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What :mod:`gossip.checkpoint` keeps of this session (and of its learner)."""
+        unsent = self._unsent
+        return {
+            "meta": dict(self._meta),
+            "session": {
+                "round": self._round,
+                "counts": dict(self._counts),
+                "loss": self._loss,
+                "accuracy": self._accuracy,
+                "initial": None if self._initial is None else list(self._initial),
+                "last_group": self._last_group,
+                "last_error": self._last_error,
+            },
+            "learner": self.learner.state_dict(),
+            "unsent": None
+            if unsent is None
+            else {
+                "vector": unsent.vector.clone(),
+                "weight": unsent.weight,
+                "round": unsent.round,
+                "epsilon": unsent.epsilon_spent,
+            },
+        }
+
+    def _write_checkpoint(self) -> None:
+        assert self.checkpoint_path is not None
+        with self._lock:
+            state = self.checkpoint_state()
+        write_checkpoint(self.checkpoint_path, state)
+        self._unsent_on_disk = state["unsent"] is not None
+
+    async def _save_checkpoint(self) -> None:
+        try:
+            await self._in_executor(self._write_checkpoint)
+        except CheckpointError as exc:  # e.g. a full disk: keep training, say so everywhere
+            self._checkpoint_error = str(exc)
+            log.error("event=checkpoint_failed round=%d error=%r", self._round, str(exc))
+        else:
+            self._checkpoint_error = None
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        path = self.checkpoint_path
+        try:
+            meta, session, learner = state["meta"], state["session"], state["learner"]
+            unsent = state["unsent"]
+            for key, want in self._meta.items():
+                if meta.get(key) != want:
+                    raise CheckpointError(
+                        f"training checkpoint {path} was written for {key} "
+                        f"{meta.get(key)!r}, not {want!r}; move it away to start afresh"
+                    )
+            self.resumed_unpaid = self.learner.load_state_dict(learner)
+            counts = session["counts"]
+            self._round = int(session["round"])
+            self._counts = {k: int(counts.get(k, 0)) for k in self._counts}
+            self._loss = _optional_float(session["loss"])
+            self._accuracy = _optional_float(session["accuracy"])
+            initial = session["initial"]
+            self._initial = None if initial is None else (float(initial[0]), float(initial[1]))
+            self._last_group = int(session["last_group"])
+            self._last_error = session["last_error"]
+            if unsent is not None and self.resumed_unpaid == 0:
+                # paid for and never sent; if the budget paid for more since, the round that
+                # took it may have sent it: it is not offered again
+                vector = unsent["vector"]
+                if not isinstance(vector, Tensor):
+                    raise TypeError("the unsent contribution is not a tensor")
+                self._unsent = Contribution(
+                    vector, float(unsent["weight"]), int(unsent["round"]), float(unsent["epsilon"])
+                )
+                self._unsent_on_disk = True
+        except CheckpointError as exc:
+            raise CheckpointError(f"training checkpoint {path}: {exc}") from None
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            raise CheckpointError(
+                f"training checkpoint {path} does not hold a session's state ({exc!r})"
+            ) from None
+        self.resumed_round = self._round
+        log.info(
+            "event=resumed checkpoint=%s round=%d contributions=%d unpaid_rounds_lost=%d "
+            "unsent=%s accuracy=%s",
+            path,
+            self._round,
+            self.learner.rounds_contributed,
+            self.resumed_unpaid,
+            self._unsent is not None,
+            "none" if self._accuracy is None else f"{self._accuracy:.4f}",
+        )
 
     async def _average(self, contribution: Contribution, r: int) -> AverageResult:
         key = r if self.lockstep else ANY_ROUND
@@ -409,6 +530,10 @@ class TrainingSession:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
 
+def _optional_float(value: object) -> float | None:
+    return None if value is None else float(value)  # type: ignore[arg-type]
+
+
 def save_model(model: nn.Module, path: Path, metadata: dict[str, object] | None = None) -> None:
     """Write ``model.state_dict()`` to ``path`` (``torch.save`` of tensors only) and
     ``metadata`` as JSON to ``path`` with suffix ``.json``; each file atomically."""
@@ -432,9 +557,6 @@ def load_state(path: Path) -> dict[str, Tensor]:
 
 
 def _atomic(path: Path, write: Callable[[Any], object]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    write(buffer)
+    replace_atomically(path, buffer.getvalue())

@@ -11,6 +11,10 @@ final model as ``model.pt`` (a ``state_dict``, read with ``gossip.service.load_s
 ``model.json`` in the data dir, then keeps serving so that the others can finish. The privacy
 budget lives in ``privacy_budget.json`` in the data dir: a restarted daemon keeps its spent
 epsilon, and one whose budget cannot pay for a contribution says so and stops contributing.
+After every round the session checkpoints its learning to ``checkpoint.pt`` (model, counters,
+an unsent contribution; ``gossip.checkpoint``), so a daemon restarted on the same data dir
+(after ``kill -9`` too) resumes from its last completed round; a corrupt checkpoint stops
+``start()`` with an error naming the file.
 Training and evaluation run in one worker thread (torch at one thread), off the event loop.
 """
 
@@ -33,6 +37,7 @@ from floor import __version__
 from floor.envelope import EnvelopeCodec
 from floor.errors import ConfigError, KeyFileError, TransportClosed
 from floor.identity import Identity, PeerId
+from gossip.checkpoint import CHECKPOINT_FILE
 from gossip.data import Scheme, partition
 from gossip.learner import Learner
 from gossip.network import TransportNetwork
@@ -114,7 +119,7 @@ class Daemon:
         self._ready = asyncio.Event()
         self._started_at = 0.0
         self._session: TrainingSession | None = None
-        self._prepared: tuple[Task, Learner] | None = None
+        self._prepared: tuple[Task, Learner, TrainingSession] | None = None
         self._training_state = "off" if not config.training.task else "starting"
         self._closed = False
 
@@ -213,8 +218,7 @@ class Daemon:
             # Build before joining (task data, noise calibration: seconds of CPU): once others
             # see this peer it is nearly ready to train, so first rounds find their groups.
             torch.set_num_threads(1)  # two threads made small steps 5-25x slower on 2 cores
-            loop = asyncio.get_running_loop()
-            self._prepared = await loop.run_in_executor(None, self._build_learner)
+            self._prepared = await self._prepare()
         await self._membership.join(cfg.bootstrap)
         self._supervisor = asyncio.create_task(self._supervise(), name="murmur-daemon")
         await self._ready.wait()
@@ -238,28 +242,37 @@ class Daemon:
     def _live_peers(self) -> list[PeerId]:
         return [e.record.peer_id for e in self.membership.view.live()]
 
-    async def _train(self) -> None:
+    async def _prepare(self) -> tuple[Task, Learner, TrainingSession]:
+        """The task, learner and session, resumed from the checkpoint if there is one (a
+        corrupt one raises ``CheckpointError`` here, before the peer joins anyone)."""
         cfg = self.config.training
         loop = asyncio.get_running_loop()
-        prepared, self._prepared = self._prepared, None
-        if prepared is None:
-            prepared = await loop.run_in_executor(None, self._build_learner)
-        task, learner = prepared
+        task, learner = await loop.run_in_executor(None, self._build_learner)
         net = TransportNetwork(self.transport, self._live_peers)
-        spec = cfg.spec()
 
         def evaluate(model: torch.nn.Module) -> tuple[float, float]:
             ev = task.evaluate(model)
             return ev.loss, ev.metric
 
-        session = build_session(
-            spec,
+        session = build_session(  # on the loop: its driver registers handlers on the network
+            cfg.spec(),
             net,
             self.identity,
             learner,
             evaluate=evaluate,
             round_timeout_s=cfg.round_timeout_s,
+            checkpoint=self.config.data_dir / CHECKPOINT_FILE,
+            checkpoint_meta={"task": task.name},
         )
+        return task, learner, session
+
+    async def _train(self) -> None:
+        cfg = self.config.training
+        loop = asyncio.get_running_loop()
+        prepared, self._prepared = self._prepared, None
+        if prepared is None:
+            prepared = await self._prepare()
+        task, learner, session = prepared
         self._session = session
         try:
             await self._wait_for_peers(cfg)

@@ -136,7 +136,7 @@ FAST = MembershipConfig(exchange_interval_s=0.1, ping_interval_s=0.1, join_attem
 
 
 def training_config(
-    tmp_path: Path, name: str, index: int, privacy: str = "record", **kw: Any
+    tmp_path: Path, name: str, index: int, privacy: str = "record", rounds: int = 2, **kw: Any
 ) -> DaemonConfig:
     return DaemonConfig(
         listen="127.0.0.1:0",
@@ -146,7 +146,7 @@ def training_config(
         training=TrainingConfig(
             task="digits",
             model="logreg",
-            rounds=2,
+            rounds=rounds,
             group_size=3,
             shard=f"{index}/3",
             start_timeout_s=20.0,
@@ -199,22 +199,30 @@ async def test_daemons_train_report_save_and_keep_the_budget_across_a_restart(
         first_contributions = status["contributions"]
         await first.aclose()
 
-        # restarted with the same data dir: the spent epsilon is still spent; once the rounds
-        # the noise was calibrated for are used up, it says so and stops contributing
+        # restarted with the same data dir and one more round: it resumes from its checkpoint
+        # (round 2, the same model and contributions); the spent epsilon is still spent, and
+        # since 2 rounds' noise already used the budget, round 3 says so and stops contributing
         again = Daemon(
-            training_config(tmp_path, "a", 0, bootstrap=(others[0].transport.addresses[0],))
+            training_config(
+                tmp_path, "a", 0, rounds=3, bootstrap=(others[0].transport.addresses[0],)
+            )
         )
         await again.start()
         try:
+            resumed = again.status()
+            assert resumed["resumed_round"] == 2 and resumed["round"] >= 2
+            assert resumed["initial_accuracy"] == status["initial_accuracy"]
             await wait_for(
                 lambda: state(again) in ("budget_spent", "done"), 30.0, "restart finished"
             )
             st = again.status()
             assert st["epsilon_spent"] >= spent - 1e-9  # never given back
+            assert st["contributions"] >= first_contributions
             if first_contributions == 2:
                 assert st["training"] == "budget_spent" and st["budget_spent"] is True
-                assert st["round"] == 1 and st["contributions"] == 0
+                assert st["round"] == 3 and st["contributions"] == 2
                 assert st["epsilon_spent"] == pytest.approx(spent)
+                assert st["accuracy"] == pytest.approx(status["accuracy"])  # the same model
         finally:
             await again.aclose()
     finally:
