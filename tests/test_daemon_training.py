@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from test_daemon_support import DaemonProc, spawn, wait_until
 
-from floor.errors import ConfigError
+from floor.errors import CheckpointError, ConfigError
 from gossip.service import load_state
 from gossip.tasks import make_task
 from p2p.config import DaemonConfig, MembershipConfig, TrainingConfig, load_config, parse_shard
@@ -32,14 +32,14 @@ PEERS = 5
 EPSILON = 8.0
 
 
-def training_flags(index: int) -> list[str]:
+def training_flags(index: int, rounds: int = ROUNDS, peers: int = PEERS) -> list[str]:
     return [
         "--task",
         "digits",
         "--rounds",
-        str(ROUNDS),
+        str(rounds),
         "--group-size",
-        str(PEERS),
+        str(peers),
         "--epsilon",
         str(EPSILON),
         "--delta",
@@ -51,7 +51,7 @@ def training_flags(index: int) -> list[str]:
         "--seed",
         "0",
         "--shard",
-        f"{index}/{PEERS}",
+        f"{index}/{peers}",
         # Under DP every weight is 1 and the MLP's parameters stay far below 100, so the
         # group averages in Z_2^32 (the in-process tests keep the default Z_2^64).
         "--ring",
@@ -128,6 +128,60 @@ def test_five_daemons_train_digits_one_killed_mid_training(spawn: Spawn) -> None
     late = [int(status_of(d)["last_group_size"]) for d in survivors]
     assert all(size <= PEERS - 1 for size in late), late
     print(f"\n5 daemons x {ROUNDS} rounds: {elapsed:.1f} s (victim killed after round {killed_at})")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_daemon_killed_and_restarted_resumes_its_learning(spawn: Spawn) -> None:
+    """kill -9 mid-run, restart on the same data dir: the peer resumes from its checkpoint
+    (its model, not a fresh one), its accuracy keeps rising from there, and its epsilon never
+    passes the budget."""
+    peers, rounds = 4, 10
+    # the others train longer, so that the victim finds groups after its restart
+    first = spawn("r0", *training_flags(0, 4 * rounds, peers)).start()
+    first.wait_ready()
+    others = [
+        spawn(f"r{i}", *training_flags(i, 4 * rounds, peers), "--bootstrap", first.address)
+        for i in range(1, peers - 1)
+    ]
+    victim = spawn(
+        "victim", *training_flags(peers - 1, rounds, peers), "--bootstrap", first.address
+    )
+    for d in [*others, victim]:
+        d.start()
+    for d in [*others, victim]:
+        d.wait_ready()
+    wait_until(lambda: 3 <= safe_status(victim).get("round", 0) < rounds, 120.0, "round 3")
+    before = status_of(victim)
+    victim.signal(signal.SIGKILL)
+    victim.wait(10.0)
+    victim.start()
+    resumed = victim.wait_ready()
+    where = f"{resumed}\n{victim.log()}"
+    # the checkpoint of the last completed round (the status may already count a round whose
+    # checkpoint was being written at the kill)
+    assert before["round"] - 1 <= resumed["resumed_round"] <= before["round"], where
+    assert resumed["contributions"] >= before["contributions"], where
+    assert resumed["epsilon_spent"] >= before["epsilon_spent"] - 1e-9, where  # never given back
+    assert resumed["initial_accuracy"] == before["initial_accuracy"], where
+    assert resumed["accuracy"] > before["initial_accuracy"] + 0.2, where  # not a fresh model
+    seen: list[dict[str, Any]] = []
+
+    def victim_done() -> bool:
+        st = safe_status(victim)
+        if st:
+            seen.append(st)
+        return st.get("training") in ("done", "budget_spent")
+
+    wait_until(victim_done, 200.0, "the restarted victim finishes its rounds")
+    final = status_of(victim)
+    where = f"{final}\n{victim.log()}"
+    assert final["round"] == rounds and final["resumed_round"] == resumed["resumed_round"], where
+    assert all(0 <= st["epsilon_spent"] <= EPSILON for st in seen), where
+    assert final["ok_rounds"] > resumed["ok_rounds"], where  # it trained with the others again
+    assert final["accuracy"] >= resumed["accuracy"] - 0.02, where
+    assert final["accuracy"] > before["initial_accuracy"] + 0.3, where
+    assert "event=resumed" in victim.log_path.read_text(), where
 
 
 # -- in-process: config, status, saved model, budget kept across a restart ----------------------
@@ -294,3 +348,18 @@ def test_bad_training_config_is_a_config_error(training: dict[str, Any]) -> None
     with pytest.raises(ConfigError):
         load_config(None, None, {"training": training})
     assert parse_shard("2/5") == (2, 5)
+
+
+async def test_a_corrupt_checkpoint_stops_the_daemon_with_an_error_naming_it(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "a"
+    folder.mkdir(mode=0o700)
+    (folder / "checkpoint.pt").write_bytes(b"MMCKPT01" + b"\0" * 32 + b"not a torch archive")
+    daemon = Daemon(training_config(tmp_path, "a", 0))
+    try:
+        with pytest.raises(CheckpointError, match=str(folder / "checkpoint.pt")):
+            await daemon.start()
+    finally:
+        await daemon.aclose()
+    assert (folder / "checkpoint.pt").exists()  # left as it was, for the operator
