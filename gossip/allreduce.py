@@ -48,6 +48,7 @@ from floor.errors import (
     OutOfStage,
     ProtocolError,
     RingOverflow,
+    SumRejected,
 )
 from floor.identity import PeerId
 from gossip.machine import AverageResult, Out, RoundJob, check_contribution
@@ -113,6 +114,15 @@ class AllReduceConfig:
     """SecAgg+ mask-graph degree (None: complete graph)."""
     noised: NoisedRing | None = None
     """Distributed noise: inputs come as noised int64 ring vectors (secure groups only)."""
+    guard_bits: int = 4
+    """Headroom: the ring is sized for ``2^guard_bits`` times the group's largest honest sum,
+    so that a result outside the honest range (a corrupted input, secret share or chunk sum:
+    a shift of a quarter ring, or any random-looking garbage) is caught (``SumRejected``)
+    instead of accepted. It costs ``guard_bits`` bits of fixed-point resolution."""
+    weight: float | None = None
+    """The public weight of every member's input (1 under DP, where weights are uniform): a
+    group's total weight must then be exactly ``weight`` times the members it counted. None:
+    weights are private (only ``0 < total <= counted x bound`` is checked)."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.bound) and self.bound > 0):
@@ -127,19 +137,25 @@ class AllReduceConfig:
             raise ConfigError(f"threshold must be at least 2, got {self.threshold!r}")
         if self.degree is not None and self.degree < 1:
             raise ConfigError(f"degree must be at least 1, got {self.degree!r}")
+        if self.guard_bits.__class__ is not int or not 0 <= self.guard_bits <= 16:
+            raise ConfigError(f"guard_bits must be an integer in [0, 16], got {self.guard_bits!r}")
+        if self.weight is not None and not (math.isfinite(self.weight) and self.weight > 0):
+            raise ConfigError(f"the public weight must be > 0, got {self.weight!r}")
 
     def ring_bits(self, k: int) -> Bits:
         """The ring width a group of ``k`` uses (every member derives the same)."""
         if self.bits is not None:
             return self.bits
-        narrow = max_scale(bound=self.bound, members=k, bits=32)
+        narrow = max_scale(bound=self.bound, members=k << self.guard_bits, bits=32)
         return 32 if narrow * self.resolution >= 1 else 64
 
     def scale(self, k: int) -> float:
-        """The fixed-point scale of a group of ``k``: the largest the ring allows for ``bound``."""
+        """The fixed-point scale of a group of ``k``: the largest the ring allows for ``bound``
+        with ``guard_bits`` of headroom."""
         bits = self.ring_bits(k)
-        scale = max_scale(bound=self.bound, members=k, bits=bits)
-        check_capacity(bound=self.bound, members=k, scale=scale, bits=bits)
+        members = k << self.guard_bits
+        scale = max_scale(bound=self.bound, members=members, bits=bits)
+        check_capacity(bound=self.bound, members=members, scale=scale, bits=bits)
         return scale
 
     def threshold_for(self, k: int) -> int:
@@ -222,9 +238,59 @@ def decode_total(ring: Tensor, scale: float) -> Tensor:
     return decode(ring, scale=scale, bits=32 if ring.dtype == torch.int32 else 64)
 
 
+def check_total(
+    ring: Tensor, scale: float, counted: int, config: AllReduceConfig, *, noised: bool
+) -> None:
+    """``SumRejected`` unless the group's ring total can be the sum of ``counted`` honest
+    inputs: its weight slot is what their weights must sum to, and every coordinate lies in
+    the range ``counted`` inputs within the public bound can reach.
+
+    Plain inputs: each ``|w x|`` and ``w`` is at most ``bound``, so each encoded coordinate at
+    most ``ceil(bound scale)``; with a public weight the slot is exactly ``counted`` times its
+    encoding. Noised inputs (``gossip.privacy``): the weight slot of each is the ring scale
+    exactly, and the plan keeps an honest sum within ``2^(63 - guard_bits)`` (``check_ring_fits``
+    with the same guard). The ring leaves ``guard_bits`` of headroom above that range, so a
+    result shifted by a quarter ring or more, or random-looking garbage (a share that
+    reconstructs a wrong seed), falls outside it. A shift smaller than the honest range is
+    indistinguishable from an honest input and is not caught here.
+    """
+    body, slot = ring[:-1], int(ring[-1])
+    if noised:
+        limit = ((1 << 63) - 1) >> config.guard_bits
+        want: int | None = counted * int(scale)
+        slack = 0
+    else:
+        limit = counted * math.ceil(config.bound * scale)
+        weight = config.weight
+        want = None if weight is None else counted * round(weight * scale)
+        slack = counted  # each member's weight may round either way
+    if want is not None and abs(slot - want) > slack:
+        raise SumRejected(
+            f"the group's total weight is {slot / scale:.6g}, but {counted} counted members' "
+            f"must sum to {want / scale:.6g}: a member's input or a chunk sum is wrong"
+        )
+    if not 0 < slot <= limit:
+        raise SumRejected("the group's total weight is not positive or exceeds the public bound")
+    if config.guard_bits and body.numel():
+        lo, hi = (int(v) for v in torch.aminmax(body))
+        if max(-lo, hi) > limit:
+            raise SumRejected(
+                f"a coordinate of the group's sum lies outside what {counted} inputs within the "
+                "public bound can reach: a member's input, secret share or chunk sum is wrong"
+            )
+
+
 def _result(
-    group: Group, ring: Tensor, scale: float, contributors: tuple[bytes, ...], like: Tensor
+    group: Group,
+    ring: Tensor,
+    scale: float,
+    contributors: tuple[bytes, ...],
+    like: Tensor,
+    config: AllReduceConfig,
+    *,
+    noised: bool = False,
 ) -> AverageResult:
+    check_total(ring, scale, len(contributors), config, noised=noised)
     total = decode_total(ring, scale)
     weight = float(total[-1])
     if not weight > 0:
@@ -266,8 +332,10 @@ class SecureGroup:
         config: AllReduceConfig,
     ) -> None:
         self.group = group
+        self._config = config
         k = group.size
-        if vector.dtype == torch.int64:
+        self._noised = vector.dtype == torch.int64
+        if self._noised:
             self._like = _FLOAT
             self.ring, self.scale, threshold = noised_input(vector, k, config)
         else:
@@ -339,7 +407,15 @@ class SecureGroup:
             raise AggregationAborted(member.abort_reason or "did not finish")
         counted = member.counted or frozenset()
         contributors = tuple(m for m in self.group.members if m in counted)
-        return _result(self.group, member.output(), self.scale, contributors, self._like)
+        return _result(
+            self.group,
+            member.output(),
+            self.scale,
+            contributors,
+            self._like,
+            self._config,
+            noised=self._noised,
+        )
 
 
 class PlainGroup:
@@ -358,6 +434,7 @@ class PlainGroup:
     ) -> None:
         self.me, self.group = me, group
         self._like = vector
+        self._config = config
         self.ring, self.scale = encode_contribution(vector, weight, group.size, config)
         self._k = group.size
         self._index = {m: i for i, m in enumerate(group.members)}
@@ -476,7 +553,9 @@ class PlainGroup:
         else:
             ring = torch.cat([self._sums[j][0] for j in range(k)])
             try:
-                self._result = _result(self.group, ring, self.scale, self._contributors, self._like)
+                self._result = _result(
+                    self.group, ring, self.scale, self._contributors, self._like, self._config
+                )
             except AggregationAborted as exc:
                 self._failure = str(exc)
         self._sums = {}

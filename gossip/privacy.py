@@ -312,7 +312,13 @@ def plan_distributed(config: PrivacyConfig, dimension: int) -> DistributedPlan:
 
 
 def check_ring_fits(
-    plan: DistributedPlan, *, value_bound: float, clip: float, group_size: int, bits: int
+    plan: DistributedPlan,
+    *,
+    value_bound: float,
+    clip: float,
+    group_size: int,
+    bits: int,
+    guard_bits: int = 0,
 ) -> float:
     """Refuse (``ConfigError`` naming the fields) a ring that a group sum could wrap; return
     the stated wrap probability of one sum.
@@ -320,12 +326,14 @@ def check_ring_fits(
     A member's coordinate is ``round(scale x) + rounded update + noise`` with ``|x| <=
     value_bound`` and the update at most ``clip + 1/scale`` per coordinate; the sum of
     ``group_size`` noise shares exceeds 12 of its standard deviations with probability below
-    ``wrap_probability`` (sub-Gaussian tails), which the returned value states.
+    ``wrap_probability`` (sub-Gaussian tails), which the returned value states. With
+    ``guard_bits`` the sum must fit ``2^guard_bits`` times over (the headroom that lets a
+    group catch a corrupted result: ``gossip.allreduce.check_total``).
     """
     k = group_size
     margin = _WRAP_SIGMAS * math.sqrt(k * plan.sigma_squared)
     worst = k * (math.ceil(plan.scale * (value_bound + clip)) + 2) + margin
-    capacity = 2 ** (bits - 1) - 1
+    capacity = (2 ** (bits - 1) - 1) >> guard_bits
     if worst > capacity:
         raise ConfigError(
             f"distributed noise does not fit ring={bits}: group_size={k} members with "

@@ -63,6 +63,7 @@ def allreduce_config(spec: RunSpec) -> AllReduceConfig:
         noised=NoisedRing(ring_scale(spec.clip), spec.group_threshold)
         if spec.distributed
         else None,
+        weight=1.0 if spec.private else None,  # under DP every weight is 1 (TrainConfig)
     )
 
 
@@ -139,6 +140,7 @@ def check_noise_fits(spec: RunSpec, plan: PrivacyPlan) -> None:
             clip=spec.clip,
             group_size=spec.group_size,
             bits=64,
+            guard_bits=AllReduceConfig.guard_bits,
         )
 
 

@@ -133,7 +133,7 @@ def test_group_size_below_the_minimum_says_what_to_use() -> None:
 def test_the_ring_option_maps_to_the_all_reduce_and_bad_values_say_so() -> None:
     from gossip.allreduce import AllReduceConfig
 
-    auto = murmur.SecureGroups(size=8, ring="auto", value_bound=64.0)
+    auto = murmur.SecureGroups(size=8, ring="auto", value_bound=4.0)  # 4 guard bits: 2^22
     assert auto.ring_bits is None
     assert AllReduceConfig(bound=auto.value_bound, bits=auto.ring_bits).ring_bits(8) == 32
     wide = murmur.SecureGroups(size=8, ring="auto")  # the default bound 1e6 needs 64 bits

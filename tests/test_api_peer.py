@@ -35,9 +35,9 @@ def describe(x: torch.Tensor, y: torch.Tensor) -> murmur.Training:
         data=(x, y),
         lr=0.3,
         eval_data=(TASK.x_test, TASK.y_test),
-        # Under DP every weight is 1 and this model's parameters stay far below 64: with
+        # Under DP every weight is 1 and this model's parameters stay below 16: with
         # ring="auto" the daemons average in Z_2^32 (the simulator models Z_2^64).
-        averaging=murmur.SecureGroups(size=3, ring="auto", value_bound=64.0),
+        averaging=murmur.SecureGroups(size=3, ring="auto", value_bound=16.0),
         privacy=murmur.Privacy(epsilon=8.0, delta=1e-5, clip=1.0, unit="record"),
         rounds=2,
         local_steps=3,

@@ -52,12 +52,12 @@ def training_flags(index: int, rounds: int = ROUNDS, peers: int = PEERS) -> list
         "0",
         "--shard",
         f"{index}/{peers}",
-        # Under DP every weight is 1 and the MLP's parameters stay far below 100, so the
-        # group averages in Z_2^32 (the in-process tests keep the default Z_2^64).
+        # Under DP every weight is 1 and the MLP's parameters stay below 10, so the group
+        # averages in Z_2^32 with the default 4 guard bits (the in-process tests keep Z_2^64).
         "--ring",
         "auto",
         "--value-bound",
-        "100",
+        "10",
     ]
 
 
@@ -308,7 +308,8 @@ async def test_daemons_with_peer_privacy_add_distributed_noise_in_secure_groups(
             assert 0 < st["epsilon_central"] <= st["epsilon_spent"] <= 8.0, st
             assert st["epsilon_local"] > st["epsilon_spent"], st
             budget = json.loads((d.config.data_dir / "privacy_budget.json").read_text())
-            assert budget["version"] == 2 and budget["events"][0][0] == "ddg", budget
+            assert budget["version"] == 3 and budget["events"][0][0] == "ddg", budget
+        assert budget["spends"] == st["contributions"] == 2, budget
     finally:
         for d in [first, *others]:
             await d.aclose()

@@ -203,7 +203,7 @@ class Peers:
 
 
 def scale_for(k: int) -> float:
-    return max_scale(bound=AllReduceConfig().bound, members=k, bits=64)
+    return AllReduceConfig().scale(k)
 
 
 def exact_total(xs: Sequence[torch.Tensor], ws: Sequence[float], k: int) -> torch.Tensor:
@@ -706,8 +706,11 @@ def test_messages_for_a_finished_round_are_refused_and_early_ones_are_kept() -> 
 
 
 def test_auto_ring_width_picks_32_bits_only_when_the_resolution_allows() -> None:
-    auto = AllReduceConfig(bits=None, bound=64.0)
+    auto = AllReduceConfig(bits=None, bound=64.0, guard_bits=0)
     assert auto.ring_bits(8) == 32  # scale 2^22 >= 2^20
+    # the default headroom of 4 bits costs 4 bits of resolution: 2^18 < 2^20, so Z_2^64
+    assert AllReduceConfig(bits=None, bound=64.0).ring_bits(8) == 64
+    assert AllReduceConfig(bits=None, bound=4.0).ring_bits(8) == 32
     assert AllReduceConfig(bits=None, bound=1e4).ring_bits(8) == 64  # 32 bits: scale 2^14
     assert AllReduceConfig(bits=None, bound=64.0, resolution=2.0**-30).ring_bits(8) == 64
     assert AllReduceConfig(bits=64, bound=64.0).ring_bits(8) == 64
@@ -721,7 +724,9 @@ def test_auto_ring_width_picks_32_bits_only_when_the_resolution_allows() -> None
 
     async def main() -> list[AverageResult]:
         peers = Peers(
-            8, seed=8, config=AllReduceConfig(bits=None, bound=64.0, stage_timeout_s=STAGE)
+            8,
+            seed=8,
+            config=AllReduceConfig(bits=None, bound=64.0, stage_timeout_s=STAGE, guard_bits=0),
         )
         out = []
         for mode, gid in (("secure", b"s" * 16), ("plain", b"p" * 16)):
