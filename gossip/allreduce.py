@@ -404,7 +404,11 @@ class SecureGroup:
         """The group mean, or ``AggregationAborted`` with the member's reason."""
         member = self.member
         if member.stage is not Stage.DONE:
-            raise AggregationAborted(member.abort_reason or "did not finish")
+            reason = member.abort_reason or "did not finish"
+            if member.blamed:  # a lie was caught and refused: say whose
+                who, what = next(iter(member.blamed.items()))
+                raise SumRejected(f"{reason} (member {who.hex()[:16]} {what})", blamed=who)
+            raise AggregationAborted(reason)
         counted = member.counted or frozenset()
         contributors = tuple(m for m in self.group.members if m in counted)
         return _result(

@@ -42,6 +42,11 @@ class Input:
     x-coordinate is the recipient's position in the sorted member list plus one), or empty when
     the recipient is not one of the sender's mask-graph neighbours (SecAgg+). A reducer that
     holds a member's chunk therefore also holds its share: the two travel together.
+
+    ``commitments`` is the dealer's hash commitment to every share it made, 32 bytes per
+    x-coordinate 1..k in order (``mpc.state.share_commitment``): the same bytes in every Input
+    of the sender (the view digest covers them, so an equivocating dealer makes the group
+    abort), and what a revealed share is checked against before it is used.
     """
 
     TYPE: ClassVar[str] = "secagg.input"
@@ -52,6 +57,7 @@ class Input:
     chunk: int
     data: Tensor
     sealed: bytes
+    commitments: bytes
 
 
 @dataclass(frozen=True, slots=True)

@@ -106,7 +106,14 @@ from mpc.messages import (
 )
 from mpc.prg import add_masks_, masked, new_seed
 from mpc.shamir import split
-from mpc.state import STAGE_OF, MemberState, Outgoing, Stage, default_threshold
+from mpc.state import (
+    STAGE_OF,
+    MemberState,
+    Outgoing,
+    Stage,
+    default_threshold,
+    share_commitment,
+)
 from mpc.survivors import ReceiptView, counted_set, dropped_set, fallback_reducer
 
 __all__ = ["Member", "Outgoing", "Stage", "default_threshold"]
@@ -248,6 +255,10 @@ class Member(MemberState):
         # shares for every x-coordinate (x = position + 1); only neighbours get theirs
         shares = split(self._self_seed, threshold=self.local_threshold, n=self.k)
         self._held[self.id] = shares[self._me].y
+        commitments = self._commitments[self.id] = b"".join(
+            share_commitment(group=self.group, round=self.round, dealer=self.id, x=s.x, y=s.y)
+            for s in shares
+        )
         plan = [(self._self_seed, 1)]
         for v in sorted(neighbours):
             plan.append((self._pair(v)[0], 1 if self._me < self._index[v] else -1))
@@ -268,7 +279,7 @@ class Member(MemberState):
                     sender=self.id,
                     recipient=m,
                 )
-            out.append((m, Input(self.group, self.round, j, y[lo:hi], sealed)))
+            out.append((m, Input(self.group, self.round, j, y[lo:hi], sealed, commitments)))
         lo, hi = self._bounds[self._me]
         successor = self.members[(self._me + 1) % self.k]
         out.append((successor, Backup(self.group, self.round, self._me, y[lo:hi])))

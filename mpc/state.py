@@ -83,7 +83,21 @@ _COMBINED_GROUPS = 1 << 10
 _COMBINED: dict[tuple[bytes, int], dict[tuple[int, tuple[tuple[int, bytes], ...]], bytes]] = {}
 """(group, round) -> (threshold, shares) -> reconstructed secret; see ``MemberState._combine``."""
 
-_VIEW_DOMAIN = b"murmur.secagg.view.v2"
+_VIEW_DOMAIN = b"murmur.secagg.view.v3"
+_COMMIT_DOMAIN = b"murmur.secagg.share-commitment.v1"
+COMMITMENT_BYTES = 32
+
+
+def share_commitment(*, group: bytes, round: int, dealer: bytes, x: int, y: bytes) -> bytes:
+    """BLAKE2b-256 over the domain, round, group, dealer id, x and the share value ``y``: the
+    dealer's binding commitment to its share at ``x``. Hiding too: ``y`` is a field element
+    with at least the secret's 256 bits of entropy left to anyone holding fewer than the
+    threshold of shares, so the digest cannot be inverted or tested against guesses."""
+    h = hashlib.blake2b(_COMMIT_DOMAIN, digest_size=COMMITMENT_BYTES)
+    h.update(round.to_bytes(8, "big") + len(group).to_bytes(2, "big") + group)
+    h.update(dealer + x.to_bytes(4, "big") + y)
+    return h.digest()
+
 
 _SIGNERS: dict[bytes, nacl.signing.SigningKey] = {}
 _SIGNERS_MAX = 1 << 14
@@ -199,6 +213,10 @@ class MemberState:
         self.refused: list[tuple[bytes, ProtocolError]] = []
         """Refusals of buffered messages, found when their stage began: (sender, error)."""
         self._held: dict[bytes, bytes] = {}  # owner -> my share of its self-mask seed
+        self._commitments: dict[bytes, bytes] = {}  # dealer -> its k share commitments
+        self.blamed: dict[bytes, str] = {}
+        """Members caught in a lie this round (raw id -> what they did): a revealed share that
+        fails its dealer's commitment, a dealt share that fails its own."""
         self._pairs: dict[bytes, tuple[bytes, bytes]] = {}  # peer -> (mask seed, share key)
         self._self_seed = b""
         self._masked_input: Tensor | None = None
@@ -298,6 +316,15 @@ class MemberState:
             cache[key] = secret
         return secret
 
+    def _share_opens(self, dealer: bytes, position: int, y: bytes, commitments: bytes) -> bool:
+        """Whether ``y`` is the share ``dealer`` committed to at x = ``position`` + 1."""
+        lo = position * COMMITMENT_BYTES
+        want = commitments[lo : lo + COMMITMENT_BYTES]
+        got = share_commitment(
+            group=self.group, round=self.round, dealer=dealer, x=position + 1, y=y
+        )
+        return hmac.compare_digest(got, want)
+
     def _forget_combined(self) -> None:
         """Drop this group round's cached reconstructions (this member finished or aborted)."""
         _COMBINED.pop((self.group, self.round), None)
@@ -312,6 +339,8 @@ class MemberState:
             h.update(len(part).to_bytes(4, "big"))
             for m in sorted(part):
                 h.update(m)
+        for m in sorted(counted):  # the dealers' commitments everyone will check shares by
+            h.update(self._commitments.get(m, bytes(COMMITMENT_BYTES * self.k)))
         return h.digest()
 
     def _kinds(self, counted: frozenset[bytes], dropped: frozenset[bytes]) -> dict[bytes, str]:
@@ -370,6 +399,9 @@ class MemberState:
     def _on_input(self, sender: bytes, msg: Input) -> None:
         if msg.chunk != self._me:
             raise InconsistentMessage(f"chunk {msg.chunk} is not reduced by this member")
+        commitments = msg.commitments
+        if commitments.__class__ is not bytes or len(commitments) != COMMITMENT_BYTES * self.k:
+            raise MalformedMessage(f"commitments must be {COMMITMENT_BYTES} bytes per member")
         sealed = msg.sealed
         if sender in self._graph[self.id]:
             share = mkeys.open_with(
@@ -382,9 +414,13 @@ class MemberState:
             )
             if len(share) != SHARE_BYTES:
                 raise InconsistentMessage(f"a sealed share must hold {SHARE_BYTES} bytes")
+            if not self._share_opens(sender, self._me, share, commitments):
+                self.blamed[sender] = "dealt a share that fails its own commitment"
+                raise InconsistentMessage("the dealt share fails the dealer's commitment")
             self._held[sender] = share
         elif sealed:
             raise InconsistentMessage("a share from a member that is not a mask-graph neighbour")
+        self._commitments[sender] = commitments
         self._chunks[sender] = msg.data
 
     def _on_backup(self, sender: bytes, msg: Backup) -> None:
@@ -418,6 +454,12 @@ class MemberState:
             raise InconsistentMessage("a revealed share of a peer not counted or not held")
         if not all(y.__class__ is bytes and len(y) == SHARE_BYTES for y in shares.values()):
             raise MalformedMessage(f"a share value must be {SHARE_BYTES} bytes")
+        position = self._index[sender]
+        for owner, y in shares.items():
+            commitments = self._commitments.get(owner)
+            if commitments is None or not self._share_opens(owner, position, y, commitments):
+                self.blamed[sender] = "revealed a share that fails its dealer's commitment"
+                raise InconsistentMessage("a revealed share fails its dealer's commitment")
         if seeds:
             if sender not in counted:
                 raise InconsistentMessage("pair seeds revealed by a member that is not counted")

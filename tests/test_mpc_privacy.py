@@ -164,7 +164,7 @@ def test_forged_and_misdirected_shares_are_refused() -> None:
     g, rd = real.group, real.round
 
     def resealed(sealed: bytes) -> mpc.Input:
-        return mpc.Input(g, rd, real.chunk, real.data, sealed)
+        return mpc.Input(g, rd, real.chunk, real.data, sealed, real.commitments)
 
     tampered = bytearray(real.sealed)
     tampered[-1] ^= 1
@@ -188,7 +188,7 @@ def test_forged_and_misdirected_shares_are_refused() -> None:
             resealed(mpc.seal_with(key, share, round=rd, group=g, sender=b.id, recipient=a.id)),
         )
     with pytest.raises(InconsistentMessage):  # for another round
-        a.receive(b.id, mpc.Input(g, 6, real.chunk, real.data, real.sealed))
+        a.receive(b.id, mpc.Input(g, 6, real.chunk, real.data, real.sealed, real.commitments))
     # refusals change nothing: the real one is still accepted, a second copy is a duplicate
     assert a.receive(b.id, real) == []
     with pytest.raises(DuplicateMessage):
@@ -210,7 +210,10 @@ def test_a_share_from_a_non_neighbour_is_refused() -> None:
     assert isinstance(real, mpc.Input) and real.sealed == b""
     a.start()
     with pytest.raises(InconsistentMessage, match="neighbour"):
-        a.receive(stranger.id, mpc.Input(real.group, 1, real.chunk, real.data, b"x" * 80))
+        a.receive(
+            stranger.id,
+            mpc.Input(real.group, 1, real.chunk, real.data, b"x" * 80, real.commitments),
+        )
     assert a.receive(stranger.id, real) == []
 
 
@@ -245,13 +248,15 @@ def test_bad_chunks_are_refused() -> None:
     assert isinstance(real, mpc.Input)
     g, rd = a.group, a.round
     with pytest.raises(InconsistentMessage):  # too short
-        a.receive(b.id, mpc.Input(g, rd, 0, real.data[:-1], real.sealed))
+        a.receive(b.id, mpc.Input(g, rd, 0, real.data[:-1], real.sealed, real.commitments))
     with pytest.raises(MalformedMessage):  # wrong ring
-        a.receive(b.id, mpc.Input(g, rd, 0, real.data.to(torch.int32), real.sealed))
+        a.receive(
+            b.id, mpc.Input(g, rd, 0, real.data.to(torch.int32), real.sealed, real.commitments)
+        )
     with pytest.raises(InconsistentMessage):  # a chunk a does not reduce
-        a.receive(b.id, mpc.Input(g, rd, 2, real.data, real.sealed))
+        a.receive(b.id, mpc.Input(g, rd, 2, real.data, real.sealed, real.commitments))
     with pytest.raises(InconsistentMessage):  # no such chunk
-        a.receive(b.id, mpc.Input(g, rd, 99, real.data, real.sealed))
+        a.receive(b.id, mpc.Input(g, rd, 99, real.data, real.sealed, real.commitments))
     with pytest.raises(InconsistentMessage):  # a backup of someone else's chunk
         a.receive(b.id, mpc.Backup(g, rd, 2, real.data))
     with pytest.raises(InconsistentMessage):  # a future-stage message is checked before buffering

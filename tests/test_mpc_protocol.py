@@ -224,7 +224,7 @@ def test_messages_cross_the_p2p_codec() -> None:
     codec = pytest.importorskip("floor.codec")
     for cls in MESSAGE_TYPES.values():
         codec.schema_check(cls)
-    msg = mpc.Input(b"g", 1, 2, torch.arange(5, dtype=torch.int64), b"sealed")
+    msg = mpc.Input(b"g", 1, 2, torch.arange(5, dtype=torch.int64), b"sealed", b"c" * 32)
     back = codec.decode_body_as(mpc.Input, codec.encode_body(msg))
     assert back.sealed == msg.sealed and torch.equal(back.data, msg.data)
     reveal = mpc.Reveal(b"g", 1, {b"a" * 32: b"y" * 66}, {b"b" * 32: b"s" * 32})
