@@ -17,7 +17,10 @@ Stages (``Stage``), each named after what the member collects in it:
    neighbourhood, neighbourhood threshold); compute y_u = x_u + PRG(b_u) + sum_v +-PRG(s_uv)
    over the neighbours v (+ if u sorts before v), s_uv the pair's seed for this round. Send
    member j one ``Input``: chunk j of y_u together with j's share of b_u sealed to j (so a
-   reducer that holds u's chunk also holds u's share). u's own chunk also goes to member u+1 as
+   reducer that holds u's chunk also holds u's share) and u's hash commitments to all its
+   shares (``mpc.state.share_commitment``; the view digest covers them, and a dealt or
+   revealed share that does not open its commitment is refused and its sender put in
+   ``Member.blamed``). u's own chunk also goes to member u+1 as
    a ``Backup`` in case u drops before reducing it.
 2. CONSISTENCY (receipts): each reducer broadcasts a ``Receipt``: whose chunk it got and whether
    it holds its predecessor's backup. Live reducers R = senders of receipts.
