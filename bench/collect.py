@@ -22,6 +22,7 @@ ORDER = [
     "simulator",
     "distributed_dp",
     "hardening",
+    "integrity",
 ]
 
 
