@@ -83,6 +83,12 @@ _COMBINED_GROUPS = 1 << 10
 _COMBINED: dict[tuple[bytes, int], dict[tuple[int, tuple[tuple[int, bytes], ...]], bytes]] = {}
 """(group, round) -> (threshold, shares) -> reconstructed secret; see ``MemberState._combine``."""
 
+_DIGESTS: dict[tuple[bytes, int], dict[tuple[bytes, int, bytes], bytes]] = {}
+"""(group, round) -> (dealer, position, share) -> its commitment; see ``_share_opens``."""
+
+_REVEALS: dict[tuple[bytes, int], dict[int, Reveal]] = {}
+"""(group, round) -> id -> a Reveal whose shares all opened their commitments."""
+
 _VIEW_DOMAIN = b"murmur.secagg.view.v3"
 _COMMIT_DOMAIN = b"murmur.secagg.share-commitment.v1"
 COMMITMENT_BYTES = 32
@@ -93,10 +99,18 @@ def share_commitment(*, group: bytes, round: int, dealer: bytes, x: int, y: byte
     dealer's binding commitment to its share at ``x``. Hiding too: ``y`` is a field element
     with at least the secret's 256 bits of entropy left to anyone holding fewer than the
     threshold of shares, so the digest cannot be inverted or tested against guesses."""
-    h = hashlib.blake2b(_COMMIT_DOMAIN, digest_size=COMMITMENT_BYTES)
-    h.update(round.to_bytes(8, "big") + len(group).to_bytes(2, "big") + group)
-    h.update(dealer + x.to_bytes(4, "big") + y)
-    return h.digest()
+    data = b"".join(
+        (
+            _COMMIT_DOMAIN,
+            round.to_bytes(8, "big"),
+            len(group).to_bytes(2, "big"),
+            group,
+            dealer,
+            x.to_bytes(4, "big"),
+            y,
+        )
+    )
+    return hashlib.blake2b(data, digest_size=COMMITMENT_BYTES).digest()
 
 
 _SIGNERS: dict[bytes, nacl.signing.SigningKey] = {}
@@ -317,17 +331,36 @@ class MemberState:
         return secret
 
     def _share_opens(self, dealer: bytes, position: int, y: bytes, commitments: bytes) -> bool:
-        """Whether ``y`` is the share ``dealer`` committed to at x = ``position`` + 1."""
+        """Whether ``y`` is the share ``dealer`` committed to at x = ``position`` + 1.
+
+        The digest is cached process-wide per group round, like ``_combine``'s secrets: every
+        member of a group in one process (the simulator) checks the same broadcast shares, and
+        a digest is a public function of the share it was given. At most one entry per
+        dealer and position can open, so the cache stays at k^2 entries per group round.
+        """
         lo = position * COMMITMENT_BYTES
         want = commitments[lo : lo + COMMITMENT_BYTES]
+        cache = _DIGESTS.get((self.group, self.round))
+        if cache is None:
+            if len(_DIGESTS) >= _COMBINED_GROUPS:
+                del _DIGESTS[next(iter(_DIGESTS))]
+            cache = _DIGESTS[(self.group, self.round)] = {}
+        key = (dealer, position, y)
+        if key in cache:
+            return hmac.compare_digest(cache[key], want)
         got = share_commitment(
             group=self.group, round=self.round, dealer=dealer, x=position + 1, y=y
         )
-        return hmac.compare_digest(got, want)
+        opens = hmac.compare_digest(got, want)
+        if opens:  # only shares that open are kept: a liar's retries cannot grow the cache
+            cache[key] = got
+        return opens
 
     def _forget_combined(self) -> None:
         """Drop this group round's cached reconstructions (this member finished or aborted)."""
         _COMBINED.pop((self.group, self.round), None)
+        _DIGESTS.pop((self.group, self.round), None)
+        _REVEALS.pop((self.group, self.round), None)
 
     def _view_digest_of(
         self, counted: frozenset[bytes], dropped: frozenset[bytes], live: frozenset[bytes]
@@ -454,12 +487,22 @@ class MemberState:
             raise InconsistentMessage("a revealed share of a peer not counted or not held")
         if not all(y.__class__ is bytes and len(y) == SHARE_BYTES for y in shares.values()):
             raise MalformedMessage(f"a share value must be {SHARE_BYTES} bytes")
-        position = self._index[sender]
-        for owner, y in shares.items():
-            commitments = self._commitments.get(owner)
-            if commitments is None or not self._share_opens(owner, position, y, commitments):
-                self.blamed[sender] = "revealed a share that fails its dealer's commitment"
-                raise InconsistentMessage("a revealed share fails its dealer's commitment")
+        # Every member that reveals agreed on the view, which covers the counted dealers'
+        # commitments, so a reveal that opens for one member of this process opens for all:
+        # the simulator's members share one Reveal object and check it once.
+        verified = _REVEALS.get((self.group, self.round))
+        if verified is None:
+            if len(_REVEALS) >= _COMBINED_GROUPS:
+                del _REVEALS[next(iter(_REVEALS))]
+            verified = _REVEALS[(self.group, self.round)] = {}
+        if verified.get(id(msg)) is not msg:
+            position = self._index[sender]
+            for owner, y in shares.items():
+                commitments = self._commitments.get(owner)
+                if commitments is None or not self._share_opens(owner, position, y, commitments):
+                    self.blamed[sender] = "revealed a share that fails its dealer's commitment"
+                    raise InconsistentMessage("a revealed share fails its dealer's commitment")
+            verified[id(msg)] = msg  # kept alive here, so its id is not reused meanwhile
         if seeds:
             if sender not in counted:
                 raise InconsistentMessage("pair seeds revealed by a member that is not counted")
