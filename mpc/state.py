@@ -83,9 +83,6 @@ _COMBINED_GROUPS = 1 << 10
 _COMBINED: dict[tuple[bytes, int], dict[tuple[int, tuple[tuple[int, bytes], ...]], bytes]] = {}
 """(group, round) -> (threshold, shares) -> reconstructed secret; see ``MemberState._combine``."""
 
-_DIGESTS: dict[tuple[bytes, int], dict[tuple[bytes, int, bytes], bytes]] = {}
-"""(group, round) -> (dealer, position, share) -> its commitment; see ``_share_opens``."""
-
 _REVEALS: dict[tuple[bytes, int], dict[int, Reveal]] = {}
 """(group, round) -> id -> a Reveal whose shares all opened their commitments."""
 
@@ -331,35 +328,16 @@ class MemberState:
         return secret
 
     def _share_opens(self, dealer: bytes, position: int, y: bytes, commitments: bytes) -> bool:
-        """Whether ``y`` is the share ``dealer`` committed to at x = ``position`` + 1.
-
-        The digest is cached process-wide per group round, like ``_combine``'s secrets: every
-        member of a group in one process (the simulator) checks the same broadcast shares, and
-        a digest is a public function of the share it was given. At most one entry per
-        dealer and position can open, so the cache stays at k^2 entries per group round.
-        """
+        """Whether ``y`` is the share ``dealer`` committed to at x = ``position`` + 1."""
         lo = position * COMMITMENT_BYTES
-        want = commitments[lo : lo + COMMITMENT_BYTES]
-        cache = _DIGESTS.get((self.group, self.round))
-        if cache is None:
-            if len(_DIGESTS) >= _COMBINED_GROUPS:
-                del _DIGESTS[next(iter(_DIGESTS))]
-            cache = _DIGESTS[(self.group, self.round)] = {}
-        key = (dealer, position, y)
-        if key in cache:
-            return hmac.compare_digest(cache[key], want)
         got = share_commitment(
             group=self.group, round=self.round, dealer=dealer, x=position + 1, y=y
         )
-        opens = hmac.compare_digest(got, want)
-        if opens:  # only shares that open are kept: a liar's retries cannot grow the cache
-            cache[key] = got
-        return opens
+        return hmac.compare_digest(got, commitments[lo : lo + COMMITMENT_BYTES])
 
     def _forget_combined(self) -> None:
         """Drop this group round's cached reconstructions (this member finished or aborted)."""
         _COMBINED.pop((self.group, self.round), None)
-        _DIGESTS.pop((self.group, self.round), None)
         _REVEALS.pop((self.group, self.round), None)
 
     def _view_digest_of(
