@@ -30,7 +30,6 @@ from mpc.keys import (
 )
 from mpc.messages import (
     MESSAGE_TYPES,
-    Backup,
     ChunkSum,
     Input,
     Message,
@@ -69,7 +68,6 @@ __all__ = [
     "SEED_BYTES",
     "SHARE_BYTES",
     "AggregationAborted",
-    "Backup",
     "Bits",
     "ChunkSum",
     "GroupRun",

@@ -29,7 +29,6 @@ from torch import Tensor
 from floor.errors import AggregationAborted, AggregationError, ConfigError
 from mpc.fixedpoint import Bits, check_capacity, decode, encode, ring_dtype
 from mpc.messages import (
-    Backup,
     ChunkSum,
     Input,
     Message,
@@ -53,7 +52,6 @@ DROP_STAGES: dict[str, int] = {
 
 _KIND: dict[type, int] = {
     Input: 0,
-    Backup: 0,
     Receipt: 1,
     View: 2,
     Reveal: 3,

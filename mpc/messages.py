@@ -22,7 +22,6 @@ from torch import Tensor
 
 __all__ = [
     "MESSAGE_TYPES",
-    "Backup",
     "ChunkSum",
     "Input",
     "Message",
@@ -47,6 +46,10 @@ class Input:
     x-coordinate 1..k in order (``mpc.state.share_commitment``): the same bytes in every Input
     of the sender (the view digest covers them, so an equivocating dealer makes the group
     abort), and what a revealed share is checked against before it is used.
+
+    ``replica`` is the sender's slice of the chunk before ``chunk`` (``chunk - 1 mod k``): every
+    chunk has two reducers, its own member and the next one, so a chunk survives one of them
+    dropping and each chunk sum is confirmed by a second member (``mpc.protocol``).
     """
 
     TYPE: ClassVar[str] = "secagg.input"
@@ -58,30 +61,15 @@ class Input:
     data: Tensor
     sealed: bytes
     commitments: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Backup:
-    """Stage INPUT, to the member after the sender: a copy of the sender's *own* masked chunk.
-
-    Used if the sender drops before it can reduce its chunk (``mpc.survivors.counted_set``).
-    """
-
-    TYPE: ClassVar[str] = "secagg.backup"
-    SECRET: ClassVar[bool] = False
-
-    group: bytes
-    round: int
-    chunk: int
-    data: Tensor
+    replica: Tensor
 
 
 @dataclass(frozen=True, slots=True)
 class Receipt:
     """Stage CONSISTENCY, to every member: whose masked chunk this reducer received.
 
-    ``received`` lists (sorted) the senders of the reducer's own chunk; ``backup`` says whether
-    it holds the backup of its predecessor's own chunk. Receipts fix which inputs are counted.
+    ``received`` lists (sorted) the senders whose ``Input`` (the reducer's two chunks) arrived.
+    Receipts fix which inputs are counted.
     """
 
     TYPE: ClassVar[str] = "secagg.receipt"
@@ -90,7 +78,6 @@ class Receipt:
     group: bytes
     round: int
     received: tuple[bytes, ...]
-    backup: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +136,8 @@ class ReassignedChunk:
 class ChunkSum:
     """Stage AGGREGATE (all-gather), to every live member: the unmasked ring sum of one chunk.
 
+    Every live reducer of the chunk sends one (both of its two reducers when both are live); a
+    member accepts a chunk only when all the sums it gets for it are equal.
     ``counted`` is the BLAKE2b-256 digest of the sorted ids whose inputs the sum covers; a member
     refuses a sum over another set than its own, so a result never mixes two counted sets.
     """
@@ -163,14 +152,13 @@ class ChunkSum:
     counted: bytes
 
 
-Message = Input | Backup | Receipt | View | Reveal | ReassignedChunk | ChunkSum
+Message = Input | Receipt | View | Reveal | ReassignedChunk | ChunkSum
 """The closed union of secure-aggregation messages."""
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (
         Input,
-        Backup,
         Receipt,
         View,
         Reveal,

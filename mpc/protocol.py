@@ -94,11 +94,11 @@ from floor.errors import (
     InconsistentMessage,
     OutOfStage,
     ProtocolError,
+    SumRejected,
     UnknownMessageType,
 )
 from mpc import keys as mkeys
 from mpc.messages import (
-    Backup,
     ChunkSum,
     Input,
     Message,
@@ -117,11 +117,11 @@ from mpc.state import (
     default_threshold,
     share_commitment,
 )
-from mpc.survivors import ReceiptView, counted_set, dropped_set, fallback_reducer
+from mpc.survivors import ReceiptView, chunk_reducers, counted_set, covered, dropped_set
 
 __all__ = ["Member", "Outgoing", "Stage", "default_threshold"]
 
-_CHUNKED = frozenset({Input, Backup, ReassignedChunk, ChunkSum})
+_CHUNKED = frozenset({Input, ReassignedChunk, ChunkSum})
 _NEXT = {stage: Stage(stage + 1) for stage in Stage if stage < Stage.DONE}
 """Each running stage's successor (an enum lookup by value costs ~5 us)."""
 
@@ -175,6 +175,8 @@ class Member(MemberState):
             if chunk.__class__ is not int or not 0 <= chunk < self.k:
                 raise InconsistentMessage(f"no chunk {chunk!r} in a group of {self.k}")
             self._check_slice(chunk, msg.data)  # type: ignore[union-attr]  # bounded buffer
+            if cls is Input:
+                self._check_slice((chunk - 1) % self.k, msg.replica)  # type: ignore[union-attr]
         key = (cls.TYPE, sender, chunk)
         if key in self._seen:
             raise DuplicateMessage(f"second {cls.TYPE} from this sender")
@@ -211,16 +213,17 @@ class Member(MemberState):
         try:
             out = enter()
         except (AggregationAborted, InconsistentMessage) as exc:
-            self._abort(str(exc))  # before anything of this stage was sent
+            self._abort(str(exc), rejected=isinstance(exc, SumRejected))  # nothing of it sent
             return []
         if self._stage is stage:  # the entry function did not abort or finish
             self._stage = _NEXT[stage]
             self._handle_pending(self._stage)
         return out
 
-    def _abort(self, reason: str) -> None:
+    def _abort(self, reason: str, *, rejected: bool = False) -> None:
         self._stage = Stage.ABORTED
         self._abort_reason = reason
+        self._rejected = rejected
         self._held.clear()
         self._pairs.clear()
         self._self_seed = b""
@@ -236,7 +239,7 @@ class Member(MemberState):
     def _stage_complete(self) -> bool:
         s = self._stage
         if s is Stage.INPUT:
-            return len(self._chunks) == self.k and self._backup is not None
+            return len(self._chunks) == self.k
         if s is Stage.CONSISTENCY:
             return self._chunks.keys() <= self._receipts.keys()
         if s is Stage.VIEW:
@@ -247,7 +250,10 @@ class Member(MemberState):
             needed = self._counted or frozenset()
             return all(needed <= got.keys() for got in self._assigned.values())
         if s is Stage.AGGREGATE:
-            return len(self._sums) == self.k
+            sums = self._sums
+            return all(
+                len(sums.get(j, ())) == len(reducers) for j, reducers in enumerate(self._reducers)
+            )
         return False
 
     # ------------------------------------------------------------------ stage entries
@@ -267,10 +273,13 @@ class Member(MemberState):
             plan.append((self._pair(v)[0], 1 if self._me < self._index[v] else -1))
         y = self._masked_input = masked(self._x, plan)
         out: Outgoing = []
+        k = self.k
         for j, m in enumerate(self.members):
             lo, hi = self._bounds[j]
+            plo, phi = self._bounds[(j - 1) % k]
             if m == self.id:
                 self._chunks[self.id] = y[lo:hi]
+                self._replicas[self.id] = y[plo:phi]
                 continue
             sealed = b""
             if m in neighbours:
@@ -282,21 +291,20 @@ class Member(MemberState):
                     sender=self.id,
                     recipient=m,
                 )
-            out.append((m, Input(self.group, self.round, j, y[lo:hi], sealed, commitments)))
-        lo, hi = self._bounds[self._me]
-        successor = self.members[(self._me + 1) % self.k]
-        out.append((successor, Backup(self.group, self.round, self._me, y[lo:hi])))
+            out.append(
+                (m, Input(self.group, self.round, j, y[lo:hi], sealed, commitments, y[plo:phi]))
+            )
         return out
 
     def _enter_consistency(self) -> Outgoing:
         received = tuple(sorted(self._chunks))
-        backup = self._backup is not None
-        self._receipts[self.id] = ReceiptView(frozenset(received), backup)
-        receipt = Receipt(self.group, self.round, received, backup)
+        self._receipts[self.id] = ReceiptView(frozenset(received))
+        receipt = Receipt(self.group, self.round, received)
         return [(m, receipt) for m in self.members if m != self.id]
 
     def _enter_view(self) -> Outgoing:
-        self._live = frozenset(self._receipts)
+        live = self._live = frozenset(self._receipts)
+        self._reducers = [chunk_reducers(j, self.members, live) for j in range(self.k)]
         counted = counted_set(self.members, self._receipts, self._graph)
         dropped = dropped_set(counted, self._graph)
         self._counted, self._dropped = counted, dropped
@@ -338,21 +346,24 @@ class Member(MemberState):
         self._reveals[self.id] = reveal
         out: Outgoing = [(m, reveal) for m in sorted(self._live) if m != self.id]
         y = self._masked_input
-        for j, owner in enumerate(self.members):
-            reducer = fallback_reducer(j, self.members, self._live)
-            lo, hi = self._bounds[j]
-            if owner in self._live:
-                if owner == self.id:
-                    self._assigned[j] = {u: self._chunks[u] for u in counted}
+        k, me = self.k, self._me
+        for j in range(k):
+            reducers = self._reducers[j]
+            if j == me:
+                self._assigned[j] = {u: self._chunks[u] for u in counted}
+            elif j == (me - 1) % k:
+                self._assigned[j] = {u: self._replicas[u] for u in counted}
+            elif covered(j, self.members, self._live):
                 continue
-            if reducer == self.id:
+            elif self.id in reducers:  # the fallback of a chunk whose two reducers are gone
+                self._fallback.add(j)
                 got = self._assigned[j] = {}
                 if self.id in counted and y is not None:
+                    lo, hi = self._bounds[j]
                     got[self.id] = y[lo:hi]
-                if owner in counted and self._backup is not None:
-                    got[owner] = self._backup
-            elif reducer is not None and self.id in counted and y is not None:
-                out.append((reducer, ReassignedChunk(self.group, self.round, j, y[lo:hi])))
+            elif reducers and self.id in counted and y is not None:
+                lo, hi = self._bounds[j]
+                out.append((reducers[0], ReassignedChunk(self.group, self.round, j, y[lo:hi])))
         return out
 
     def _enter_aggregate(self) -> Outgoing:
@@ -384,17 +395,29 @@ class Member(MemberState):
             for u in sorted(counted):
                 np.add(acc, got[u].numpy(), out=acc)
             add_masks_(total, plan, offset=lo)
-            self._sums[j] = total
+            self._sums.setdefault(j, {})[self.id] = total
             msg = ChunkSum(self.group, self.round, j, total, self._counted_digest)
             out += [(m, msg) for m in sorted(self._live) if m != self.id]
         self._self_seed = b""
         return out
 
     def _finish(self) -> Outgoing:
-        if len(self._sums) < self.k:
-            missing = sorted(set(range(self.k)) - set(self._sums))
+        missing = [j for j in range(self.k) if not self._sums.get(j)]
+        if missing:
             raise AggregationAborted(f"chunk sums {missing} never arrived")
-        self._result = torch.cat([self._sums[j] for j in range(self.k)])
+        parts = []
+        for j in range(self.k):
+            got = self._sums[j]
+            mine = got.get(self.id)
+            agreed = next(iter(got.values())) if mine is None else mine
+            differ = sorted(r for r, total in got.items() if not torch.equal(total, agreed))
+            if differ:
+                if mine is not None:  # this member computed the chunk itself: the other lied
+                    for r in differ:
+                        self.blamed[r] = f"sent a sum of chunk {j} that differs from our own"
+                raise SumRejected(f"the two reducers of chunk {j} sent different sums")
+            parts.append(agreed)
+        self._result = torch.cat(parts)
         self._stage = Stage.DONE
         self._held.clear()
         self._pairs.clear()

@@ -24,12 +24,12 @@ from floor.errors import (
     MalformedMessage,
     OutOfStage,
     ProtocolError,
+    SumRejected,
 )
 from mpc import keys as mkeys
 from mpc.graph import mask_graph
 from mpc.kdf import pair_keys
 from mpc.messages import (
-    Backup,
     ChunkSum,
     Input,
     Message,
@@ -40,7 +40,7 @@ from mpc.messages import (
 )
 from mpc.prg import SEED_BYTES
 from mpc.shamir import SHARE_BYTES, Share, combine
-from mpc.survivors import ReceiptView, chunk_bounds, counted_set, dropped_set, fallback_reducer
+from mpc.survivors import ReceiptView, chunk_bounds, counted_set, dropped_set
 
 __all__ = [
     "STAGE_OF",
@@ -69,7 +69,6 @@ class Stage(enum.IntEnum):
 
 STAGE_OF: dict[type, Stage] = {
     Input: Stage.INPUT,
-    Backup: Stage.INPUT,
     Receipt: Stage.CONSISTENCY,
     View: Stage.VIEW,
     Reveal: Stage.UNMASKING,
@@ -232,7 +231,9 @@ class MemberState:
         self._self_seed = b""
         self._masked_input: Tensor | None = None
         self._chunks: dict[bytes, Tensor] = {}  # sender -> its slice of my own chunk
-        self._backup: Tensor | None = None
+        self._replicas: dict[bytes, Tensor] = {}  # sender -> its slice of my predecessor's chunk
+        self._reducers: list[tuple[bytes, ...]] = []  # chunk -> who sends its sum (from VIEW)
+        self._fallback: set[int] = set()  # uncovered chunks this member reduces as fallback
         self._receipts: dict[bytes, ReceiptView] = {}
         self._live: frozenset[bytes] = frozenset()
         self._counted: frozenset[bytes] | None = None
@@ -243,9 +244,10 @@ class MemberState:
         self._view_digest: bytes = b""
         self._reveals: dict[bytes, Reveal] = {}
         self._assigned: dict[int, dict[bytes, Tensor]] = {}  # chunk I reduce -> sender -> slice
-        self._sums: dict[int, Tensor] = {}
+        self._sums: dict[int, dict[bytes, Tensor]] = {}  # chunk -> reducer -> its sum (mine too)
         self._result: Tensor | None = None
         self._abort_reason: str | None = None
+        self._rejected = False  # the abort is a result refused by a check (SumRejected)
 
     # ------------------------------------------------------------------ queries
 
@@ -282,10 +284,18 @@ class MemberState:
         """
         return dict(self._revealed)
 
+    @property
+    def sum_rejected(self) -> bool:
+        """True if the round aborted because a result failed a check (two reducers of a chunk
+        sent different sums); ``blamed`` names the liar where this member can tell."""
+        return self._rejected
+
     def output(self) -> Tensor:
-        """The ring sum; ``AggregationAborted`` if the round aborted, ``OutOfStage`` if running."""
+        """The ring sum; ``AggregationAborted`` (``SumRejected`` if a check refused the result)
+        if the round aborted, ``OutOfStage`` if running."""
         if self._stage is Stage.ABORTED:
-            raise AggregationAborted(self._abort_reason or "aborted")
+            error = SumRejected if self._rejected else AggregationAborted
+            raise error(self._abort_reason or "aborted")
         if self._result is None:
             raise OutOfStage(f"the round is not finished (stage {self._stage.name})")
         return self._result
@@ -374,7 +384,7 @@ class MemberState:
         if self._counted is None:
             return
         receipts = dict(self._receipts)
-        receipts[sender] = ReceiptView(frozenset(msg.received), bool(msg.backup))
+        receipts[sender] = ReceiptView(frozenset(msg.received))
         counted = counted_set(self.members, receipts, self._graph)
         self._check_ledger(self._kinds(counted, dropped_set(counted, self._graph)))
 
@@ -433,18 +443,13 @@ class MemberState:
             raise InconsistentMessage("a share from a member that is not a mask-graph neighbour")
         self._commitments[sender] = commitments
         self._chunks[sender] = msg.data
-
-    def _on_backup(self, sender: bytes, msg: Backup) -> None:
-        pos = self._index[sender]
-        if msg.chunk != pos or (pos + 1) % self.k != self._me:
-            raise InconsistentMessage("a backup must be the sender's own chunk, to the next member")
-        self._backup = msg.data
+        self._replicas[sender] = msg.replica
 
     def _on_receipt(self, sender: bytes, msg: Receipt) -> None:
         received = frozenset(msg.received)
         if len(received) != len(msg.received) or not received <= self._index.keys():
             raise InconsistentMessage("a receipt must list distinct group members")
-        self._receipts[sender] = ReceiptView(received, bool(msg.backup))
+        self._receipts[sender] = ReceiptView(received)
 
     def _on_view(self, sender: bytes, msg: View) -> None:
         digest = msg.digest
@@ -492,23 +497,22 @@ class MemberState:
 
     def _on_reassigned(self, sender: bytes, msg: ReassignedChunk) -> None:
         got = self._assigned.get(msg.chunk)
-        if got is None or msg.chunk == self._me:
+        if got is None or msg.chunk not in self._fallback:
             raise InconsistentMessage(f"chunk {msg.chunk} was not reassigned to this member")
         if sender not in (self._counted or ()):
             raise InconsistentMessage("a reassigned slice from a member that is not counted")
         got[sender] = msg.data
 
     def _on_chunk_sum(self, sender: bytes, msg: ChunkSum) -> None:
-        if fallback_reducer(msg.chunk, self.members, self._live) != sender:
+        if sender not in self._reducers[msg.chunk]:
             raise InconsistentMessage(f"chunk {msg.chunk} is not reduced by this sender")
         if not hmac.compare_digest(bytes(msg.counted), self._counted_digest):
             raise InconsistentMessage("the chunk sum covers another set of members than ours")
-        self._sums[msg.chunk] = msg.data
+        self._sums.setdefault(msg.chunk, {})[sender] = msg.data
 
 
 _HANDLERS: dict[type, Callable[[MemberState, bytes, Any], None]] = {
     Input: MemberState._on_input,
-    Backup: MemberState._on_backup,
     Receipt: MemberState._on_receipt,
     View: MemberState._on_view,
     Reveal: MemberState._on_reveal,

@@ -1,4 +1,4 @@
-"""Pure rules of the protocol's agreement step: chunk layout, counted set, fallback reducers.
+"""Pure rules of the protocol's agreement step: chunk layout, counted set, reducers of chunks.
 
 Every live member evaluates these functions on the same broadcast receipts, so they agree on
 which inputs are counted and which secrets to reveal without any coordinator. See
@@ -11,15 +11,22 @@ from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
-__all__ = ["ReceiptView", "chunk_bounds", "counted_set", "dropped_set", "fallback_reducer"]
+__all__ = [
+    "ReceiptView",
+    "chunk_bounds",
+    "chunk_reducers",
+    "counted_set",
+    "covered",
+    "dropped_set",
+    "fallback_reducer",
+]
 
 
 @dataclass(frozen=True, slots=True)
 class ReceiptView:
-    """What one live reducer reported: the senders of its own chunk, and its backup flag."""
+    """What one live reducer reported: the senders whose input (its two chunks) it received."""
 
     received: frozenset[bytes]
-    backup: bool
 
 
 def chunk_bounds(length: int, parts: int) -> list[tuple[int, int]]:
@@ -41,16 +48,35 @@ def chunk_bounds(length: int, parts: int) -> list[tuple[int, int]]:
 def fallback_reducer(
     chunk: int, members: Sequence[bytes], live: AbstractSet[bytes]
 ) -> bytes | None:
-    """Who reduces ``chunk``: its owner ``members[chunk]`` if live, else the next live member.
-
-    Returns ``None`` when no member is live.
-    """
+    """The first live member from ``members[chunk]`` on, in order; ``None`` when none is live."""
     k = len(members)
     for step in range(k):
         candidate = members[(chunk + step) % k]
         if candidate in live:
             return candidate
     return None
+
+
+def covered(chunk: int, members: Sequence[bytes], live: AbstractSet[bytes]) -> bool:
+    """Whether one of the chunk's own two reducers (``members[chunk]`` and the next) is live."""
+    k = len(members)
+    return members[chunk] in live or members[(chunk + 1) % k] in live
+
+
+def chunk_reducers(
+    chunk: int, members: Sequence[bytes], live: AbstractSet[bytes]
+) -> tuple[bytes, ...]:
+    """Who reduces ``chunk`` and sends its sum: the live ones of its own two reducers
+    (``members[chunk]``, which holds every member's slice, and ``members[chunk + 1]``, which
+    holds every member's replica of it); if neither is live, the fallback reducer alone (the
+    next live member, which gets the live counted members' slices as ``ReassignedChunk``)."""
+    k = len(members)
+    own = (members[chunk], members[(chunk + 1) % k])
+    live_own = tuple(m for m in own if m in live)
+    if live_own:
+        return live_own
+    fallback = fallback_reducer(chunk, members, live)
+    return () if fallback is None else (fallback,)
 
 
 def counted_set(
@@ -63,32 +89,29 @@ def counted_set(
     ``receipts`` maps each live reducer to its receipt; ``graph`` maps each member to its
     mask-graph neighbours (everyone else, unless SecAgg+). A member ``u`` is counted iff
 
-    1. every live reducer received its chunk (``u`` is in every ``received``);
+    1. every live reducer received its input (``u`` is in every ``received``): each live
+       reducer then holds ``u``'s slices of both chunks it reduces;
     2. every chunk of its input reaches a live reducer: ``u`` is live itself (it resends its
-       slices of dead reducers' chunks to their fallbacks), or ``u`` is the only member that is
-       not live and its successor holds the backup of ``u``'s own chunk (a dead ``u`` cannot
-       resend, so its slice of any other dead reducer's chunk would be lost);
+       slices of uncovered chunks to their fallback), or every chunk is covered (one of its two
+       own reducers is live, so it holds ``u``'s slice; a dead ``u`` cannot resend);
     3. its pair masks can be removed: a ``u`` that is not live cannot reveal its pair seeds,
        so it is counted only if all its neighbours are counted too (then every mask it shares
-       cancels in the sum).
+       cancels in the sum). Removing one such ``u`` can break the rule for another, so it is
+       applied until nothing changes (the largest set that keeps it; the same for everyone).
     """
     if not receipts:
         return frozenset()
     live = frozenset(receipts)
     counted = set(frozenset.intersection(*(r.received for r in receipts.values())))
-    k = len(members)
-    position = {m: i for i, m in enumerate(members)}
-    for u in sorted(counted):
-        if u in live:
-            continue
-        successor = members[(position[u] + 1) % k]
-        alone = len(live) == k - 1
-        if not alone or successor not in live or not receipts[successor].backup:
-            counted.discard(u)
-    # rule 3: at most one counted member is not live (rule 2), and removing it changes no other
-    for u in sorted(counted - live):
-        if not graph[u] <= counted:
-            counted.discard(u)
+    if not all(covered(j, members, live) for j in range(len(members))):
+        counted &= live
+    changed = True
+    while changed:
+        changed = False
+        for u in sorted(counted - live):
+            if not graph[u] <= counted:
+                counted.discard(u)
+                changed = True
     return frozenset(counted)
 
 

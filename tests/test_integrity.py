@@ -9,9 +9,11 @@ accepts a result (``check_total``):
    the honest shares still give the exact sum;
 2. a masked input with 2^62 added (wraps in the ring): the total lies outside what the counted
    inputs can reach: ``SumRejected``;
-3. a reducer's wrong chunk sum: a gross lie (a quarter ring) is caught by the range check; a
-   small one is not (there is no second confirmation of chunk sums yet: the xfail below
-   states the hole).
+3. a reducer's wrong chunk sum, by any amount: every chunk has two reducers and a member
+   accepts a chunk only when both sums agree, so every honest member aborts (``SumRejected``)
+   and the liar's partner reducer names it; a lie told to some members only is refused by
+   them while the others accept the true sum. What remains: a chunk whose second reducer is
+   gone is unconfirmed (the last test), and a small lie there passes the range checks.
 
 A lying weight slot is caught exactly when weights are public (under DP every weight is 1).
 """
@@ -37,8 +39,8 @@ K = 5
 D = 40
 CONFIG = AllReduceConfig(bound=10.0, weight=1.0)
 
-Tamper = Callable[[bytes, bytes, Message], Message]
-"""(sender, recipient, message) -> the message the network delivers."""
+Tamper = Callable[[bytes, bytes, Message], Message | None]
+"""(sender, recipient, message) -> the message the network delivers (None: nothing)."""
 
 
 def ident(seed: bytes) -> bytes:
@@ -72,9 +74,9 @@ def run_group(rings: list[torch.Tensor], tamper: Tamper | None = None) -> list[m
 
     def post(sender: bytes, out: list[tuple[bytes, Message]]) -> None:
         for recipient, msg in out:
-            if tamper is not None:
-                msg = tamper(sender, recipient, msg)
-            queue.append((sender, recipient, msg))
+            got = msg if tamper is None else tamper(sender, recipient, msg)
+            if got is not None:
+                queue.append((sender, recipient, got))
 
     for m in members:
         post(m.id, m.start())
@@ -140,65 +142,154 @@ def test_a_share_shifted_to_move_the_secret_by_one_is_refused_and_the_liar_named
 
 def test_a_masked_input_with_2_to_the_62_added_is_rejected() -> None:
     rings, scale, _ = inputs()
-    liar = keys()[2]
-    liar_id = ident(liar)
+    ids = sorted(ident(s) for s in keys())
+    liar = ids[3]  # neither reducer of chunk 0 (positions 0 and 1): it lies to both alike
 
     def tamper(sender: bytes, recipient: bytes, msg: Message) -> Message:
-        if sender == liar_id and isinstance(msg, Input):
-            data = msg.data.clone()
-            data[0] += 2**62
-            return Input(msg.group, msg.round, msg.chunk, data, msg.sealed, msg.commitments)
+        if sender == liar and isinstance(msg, Input) and msg.chunk in (0, 1):
+            data, replica = msg.data.clone(), msg.replica.clone()
+            if msg.chunk == 0:
+                data[0] += 2**62  # its slice of chunk 0 ...
+            else:
+                replica[0] += 2**62  # ... and the replica of it, for chunk 0's second reducer
+            return Input(
+                msg.group, msg.round, msg.chunk, data, msg.sealed, msg.commitments, replica
+            )
         return msg
 
     members = run_group(rings, tamper)
     done = [m for m in members if m.stage is mpc.Stage.DONE]
-    assert done  # mpc alone cannot see it: the masked slices look random
+    assert len(done) == K  # mpc alone cannot see it: the masked slices look random
     for m in done:
         with pytest.raises(SumRejected, match="outside what"):
             accepted(m, scale)
+
+
+def test_a_masked_input_told_differently_to_the_two_reducers_aborts() -> None:
+    rings, _, _ = inputs()
+    ids = sorted(ident(s) for s in keys())
+    liar = ids[3]
+
+    def tamper(sender: bytes, recipient: bytes, msg: Message) -> Message:
+        if sender == liar and isinstance(msg, Input) and msg.chunk == 0:
+            data = msg.data.clone()
+            data[0] += 1  # only chunk 0's first reducer sees it
+            return Input(
+                msg.group, msg.round, msg.chunk, data, msg.sealed, msg.commitments, msg.replica
+            )
+        return msg
+
+    members = run_group(rings, tamper)
+    assert all(m.stage is mpc.Stage.ABORTED and m.sum_rejected for m in members)
+    for m in members:
+        with pytest.raises(SumRejected):
+            m.output()
+
+
+def lying_reducer(
+    liar: bytes, chunk: int, change: Callable[[torch.Tensor], None], to: set[bytes] | None = None
+) -> Tamper:
+    """The reducer ``liar`` changes its sum of ``chunk`` (for the members in ``to``, or all)."""
+
+    def tamper(sender: bytes, recipient: bytes, msg: Message) -> Message:
+        mine = sender == liar and isinstance(msg, ChunkSum) and msg.chunk == chunk
+        if mine and (to is None or recipient in to):
+            assert isinstance(msg, ChunkSum)
+            data = msg.data.clone()
+            change(data)
+            return ChunkSum(msg.group, msg.round, msg.chunk, data, msg.counted)
+        return msg
+
+    return tamper
+
+
+def assert_caught(members: list[mpc.Member], liar: bytes, partner: bytes) -> None:
+    """Every honest member refused the result; the liar's partner reducer named it."""
+    for m in members:
+        if m.id == liar:
+            continue
+        assert m.stage is mpc.Stage.ABORTED and m.sum_rejected, m.abort_reason
+        assert accepted(m, 1.0) is None
+        with pytest.raises(SumRejected, match="different sums"):
+            m.output()
+        if m.id == partner:
+            assert set(m.blamed) == {liar}
+        else:
+            assert not m.blamed  # a third member cannot tell which of the two lied
 
 
 @pytest.mark.parametrize("where", ["weight", "coordinate"])
 def test_a_reducer_grossly_lying_about_its_chunk_sum_is_rejected(where: str) -> None:
     rings, scale, _ = inputs()
     ids = sorted(ident(s) for s in keys())
-    last = ids[-1]  # reduces the last chunk, which holds the weight slot
+    last = ids[-1]  # reduces the last chunk, which holds the weight slot (and the one before)
 
-    def tamper(sender: bytes, recipient: bytes, msg: Message) -> Message:
-        if sender == last and isinstance(msg, ChunkSum):
-            data = msg.data.clone()
-            if where == "weight":
-                data[-1] += int(scale)  # one more member's weight
-            else:
-                data[0] += 2**62
-            return ChunkSum(msg.group, msg.round, msg.chunk, data, msg.counted)
-        return msg
+    def change(data: torch.Tensor) -> None:
+        if where == "weight":
+            data[-1] += int(scale)  # one more member's weight
+        else:
+            data[0] += 2**62
+
+    members = run_group(rings, lying_reducer(last, K - 1, change))
+    assert_caught(members, last, partner=ids[0])  # chunk K-1's second reducer: position 0
+
+
+@pytest.mark.parametrize("position", range(K))
+def test_a_reducer_lying_by_one_unit_is_caught(position: int) -> None:
+    rings, _, _ = inputs()
+    ids = sorted(ident(s) for s in keys())
+    liar = ids[position]
+
+    def change(data: torch.Tensor) -> None:
+        data[0] += 1
+
+    # its own chunk (second reducer: the next member) and the replicated one (first: the one before)
+    for chunk, partner in (
+        (position, ids[(position + 1) % K]),
+        ((position - 1) % K, ids[position - 1]),
+    ):
+        members = run_group(rings, lying_reducer(liar, chunk, change))
+        assert_caught(members, liar, partner)
+
+
+def test_a_reducer_lying_to_some_members_only_never_gets_a_wrong_sum_accepted() -> None:
+    rings, scale, total = inputs()
+    ids = sorted(ident(s) for s in keys())
+    liar, fooled = ids[2], {ids[4]}
+
+    def change(data: torch.Tensor) -> None:
+        data[1] -= 3
+
+    members = run_group(rings, lying_reducer(liar, 2, change, to=fooled))
+    for m in members:
+        if m.id == liar:
+            continue
+        got = accepted(m, scale)
+        if m.id in fooled:
+            assert got is None and m.sum_rejected
+        else:
+            assert got is not None and torch.equal(got, total)  # the truth, confirmed twice
+
+
+def test_a_lone_reducer_is_not_confirmed_when_its_partner_is_gone() -> None:
+    """What remains: chunk j's second reducer gone after the view leaves the first unconfirmed
+    (the round completes with the survivors); a small lie there passes the range checks."""
+    rings, scale, total = inputs()
+    ids = sorted(ident(s) for s in keys())
+    liar, gone = ids[1], ids[2]  # chunk 1's two reducers
+    lie = lying_reducer(liar, 1, lambda d: d.__setitem__(0, d[0] + 1))
+
+    def tamper(sender: bytes, recipient: bytes, msg: Message) -> Message | None:
+        if sender == gone and isinstance(msg, ChunkSum):
+            return None  # gone before its chunk sums
+        return lie(sender, recipient, msg)
 
     members = run_group(rings, tamper)
     for m in members:
-        if m.id == last or m.stage is not mpc.Stage.DONE:
+        if m.id in (liar, gone):
             continue
-        with pytest.raises(SumRejected):
-            accepted(m, scale)
-
-
-@pytest.mark.xfail(strict=True, reason="chunk sums are not yet confirmed by a second member")
-def test_a_reducer_lying_by_one_unit_is_caught() -> None:
-    rings, scale, _ = inputs()
-    ids = sorted(ident(s) for s in keys())
-
-    def tamper(sender: bytes, recipient: bytes, msg: Message) -> Message:
-        if sender == ids[0] and isinstance(msg, ChunkSum):
-            data = msg.data.clone()
-            data[0] += 1
-            return ChunkSum(msg.group, msg.round, msg.chunk, data, msg.counted)
-        return msg
-
-    members = run_group(rings, tamper)
-    for m in members[1:]:
-        if m.stage is mpc.Stage.DONE:
-            with pytest.raises(SumRejected):
-                accepted(m, scale)
+        got = accepted(m, scale)
+        assert got is not None and int((got - total).abs().sum()) == 1
 
 
 def test_a_dealer_whose_dealt_share_fails_its_commitment_is_not_counted() -> None:
@@ -208,7 +299,7 @@ def test_a_dealer_whose_dealt_share_fails_its_commitment_is_not_counted() -> Non
     def tamper(sender: bytes, recipient: bytes, msg: Message) -> Message:
         if sender == liar and isinstance(msg, Input):
             junk = bytes(32) + msg.commitments[32:]  # commitment 1 no longer matches
-            return Input(msg.group, msg.round, msg.chunk, msg.data, msg.sealed, junk)
+            return Input(msg.group, msg.round, msg.chunk, msg.data, msg.sealed, junk, msg.replica)
         return msg
 
     members = run_group(rings, tamper)

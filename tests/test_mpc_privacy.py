@@ -123,12 +123,12 @@ def test_a_receipt_asking_for_the_other_share_kind_is_refused_and_never_answered
     ids = [m.id for m in run.members]
     assert member.revealed[ids[2]] == "b"
     # A late receipt from member 4 that lacks member 2 would make member 2 "dropped" (pair seed)
-    forged = mpc.Receipt(member.group, member.round, tuple(sorted(set(ids) - {ids[2]})), False)
+    forged = mpc.Receipt(member.group, member.round, tuple(sorted(set(ids) - {ids[2]})))
     with pytest.raises(InconsistentMessage, match="both"):
         member.receive(late.id, forged)
     assert member.revealed[ids[2]] == "b"
     # a late receipt that asks for nothing new is merely too late
-    harmless = mpc.Receipt(member.group, member.round, tuple(sorted(ids)), False)
+    harmless = mpc.Receipt(member.group, member.round, tuple(sorted(ids)))
     with pytest.raises(OutOfStage):
         member.receive(late.id, harmless)
 
@@ -164,7 +164,7 @@ def test_forged_and_misdirected_shares_are_refused() -> None:
     g, rd = real.group, real.round
 
     def resealed(sealed: bytes) -> mpc.Input:
-        return mpc.Input(g, rd, real.chunk, real.data, sealed, real.commitments)
+        return mpc.Input(g, rd, real.chunk, real.data, sealed, real.commitments, real.replica)
 
     tampered = bytearray(real.sealed)
     tampered[-1] ^= 1
@@ -188,7 +188,10 @@ def test_forged_and_misdirected_shares_are_refused() -> None:
             resealed(mpc.seal_with(key, share, round=rd, group=g, sender=b.id, recipient=a.id)),
         )
     with pytest.raises(InconsistentMessage):  # for another round
-        a.receive(b.id, mpc.Input(g, 6, real.chunk, real.data, real.sealed, real.commitments))
+        a.receive(
+            b.id,
+            mpc.Input(g, 6, real.chunk, real.data, real.sealed, real.commitments, real.replica),
+        )
     # refusals change nothing: the real one is still accepted, a second copy is a duplicate
     assert a.receive(b.id, real) == []
     with pytest.raises(DuplicateMessage):
@@ -212,7 +215,9 @@ def test_a_share_from_a_non_neighbour_is_refused() -> None:
     with pytest.raises(InconsistentMessage, match="neighbour"):
         a.receive(
             stranger.id,
-            mpc.Input(real.group, 1, real.chunk, real.data, b"x" * 80, real.commitments),
+            mpc.Input(
+                real.group, 1, real.chunk, real.data, b"x" * 80, real.commitments, real.replica
+            ),
         )
     assert a.receive(stranger.id, real) == []
 
@@ -248,17 +253,25 @@ def test_bad_chunks_are_refused() -> None:
     assert isinstance(real, mpc.Input)
     g, rd = a.group, a.round
     with pytest.raises(InconsistentMessage):  # too short
-        a.receive(b.id, mpc.Input(g, rd, 0, real.data[:-1], real.sealed, real.commitments))
+        a.receive(
+            b.id, mpc.Input(g, rd, 0, real.data[:-1], real.sealed, real.commitments, real.replica)
+        )
     with pytest.raises(MalformedMessage):  # wrong ring
         a.receive(
-            b.id, mpc.Input(g, rd, 0, real.data.to(torch.int32), real.sealed, real.commitments)
+            b.id,
+            mpc.Input(
+                g, rd, 0, real.data.to(torch.int32), real.sealed, real.commitments, real.replica
+            ),
         )
     with pytest.raises(InconsistentMessage):  # a chunk a does not reduce
-        a.receive(b.id, mpc.Input(g, rd, 2, real.data, real.sealed, real.commitments))
+        a.receive(b.id, mpc.Input(g, rd, 2, real.data, real.sealed, real.commitments, real.replica))
     with pytest.raises(InconsistentMessage):  # no such chunk
-        a.receive(b.id, mpc.Input(g, rd, 99, real.data, real.sealed, real.commitments))
-    with pytest.raises(InconsistentMessage):  # a backup of someone else's chunk
-        a.receive(b.id, mpc.Backup(g, rd, 2, real.data))
+        a.receive(
+            b.id, mpc.Input(g, rd, 99, real.data, real.sealed, real.commitments, real.replica)
+        )
+    with pytest.raises(InconsistentMessage):  # a replica of the wrong length
+        short = real.data[:-1]
+        a.receive(b.id, mpc.Input(g, rd, 0, real.data, real.sealed, real.commitments, short))
     with pytest.raises(InconsistentMessage):  # a future-stage message is checked before buffering
         a.receive(b.id, mpc.ChunkSum(g, rd, 3, real.data, bytes(32)))
     with pytest.raises(InconsistentMessage):
@@ -276,7 +289,7 @@ def test_a_chunk_sum_over_another_counted_set_is_refused() -> None:
     held = pump(
         members, hold=lambda s, r, m: isinstance(m, mpc.ChunkSum) and s == b.id and r == a.id
     )
-    assert a.stage is mpc.Stage.AGGREGATE and len(held) == 1
+    assert a.stage is mpc.Stage.AGGREGATE and len(held) == 2  # b reduces two chunks
     real = held[0][2]
     assert isinstance(real, mpc.ChunkSum)
     other = mpc.ChunkSum(real.group, real.round, real.chunk, real.data, bytes(32))
@@ -327,7 +340,7 @@ def run_with_equivocation(members: list[mpc.Member], liar: int, victim: int, foo
     def route(sender: bytes, recipient: bytes, msg: mpc.Message) -> mpc.Message:
         if sender == ids[liar] and recipient == ids[fooled] and isinstance(msg, mpc.Receipt):
             received = tuple(x for x in msg.received if x != ids[victim])
-            return mpc.Receipt(msg.group, msg.round, received, msg.backup)
+            return mpc.Receipt(msg.group, msg.round, received)
         return msg
 
     return run_round(members, route=route)

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 import mpc
 from mpc.driver import run_group
 from mpc.messages import MESSAGE_TYPES
-from mpc.survivors import ReceiptView, chunk_bounds, counted_set, fallback_reducer
+from mpc.survivors import ReceiptView, chunk_bounds, chunk_reducers, counted_set, fallback_reducer
 
-STAGES = ("input", "unmasking")
+STAGES = ("input", "unmasking", "view", "reveal", "aggregate")
 
 
 def ring_vectors(k: int, d: int, bits: int, seed: int) -> list[torch.Tensor]:
@@ -33,15 +33,41 @@ def ring_sum(vectors: list[torch.Tensor], idx: Iterable[int]) -> torch.Tensor:
     return total
 
 
-def expected_outcome(k: int, t: int, dropped: dict[int, str]) -> tuple[int, ...] | None:
-    """The counted members per the documented rules (complete graph), or None for an abort."""
-    sent_input = [i for i in range(k) if dropped.get(i) != "input"]
-    live = [i for i in range(k) if i not in dropped]
-    counted = set(live)
-    if len(live) == k - 1 and len(sent_input) == k:  # the one unmasking-dropper has its backup
-        counted = set(range(k))
-    if len(live) < t or len(counted) < t:
+def positions(run: mpc.GroupRun) -> list[int]:
+    """Each driver index's position in the sorted member list (the chunk it reduces)."""
+    return [m.members.index(m.id) for m in run.members]
+
+
+def expected_outcome(
+    k: int, t: int, dropped: dict[int, str], position: list[int]
+) -> tuple[int, ...] | None:
+    """The counted members per the documented rules (complete graph), or None for an abort.
+
+    Chunk j is reduced by positions j and j + 1 (both hold every member's slice of it); a
+    member gone after its input is counted iff every chunk keeps a live reducer and every other
+    member is counted (it cannot reveal pair seeds); a member gone after its view, its reveal or
+    before its chunk sums is recovered from while the others can do without what it withheld.
+    """
+    sent_input = {i for i in range(k) if dropped.get(i) != "input"}
+    live = {i for i in range(k) if dropped.get(i) not in ("input", "unmasking")}
+    live_pos = {position[i] for i in live}
+    covered = all(j in live_pos or (j + 1) % k in live_pos for j in range(k))
+    counted = set(range(k)) if covered and len(sent_input) == k else set(live)
+    if len(counted) < t or len(live) < t:
         return None
+    if any(dropped.get(i) == "view" for i in live):
+        return None  # a live member's view never came: nothing is revealed
+    no_reveal = {i for i in live if dropped.get(i) == "reveal"}
+    if len(live - no_reveal) < t:
+        return None  # too few shares to rebuild the self masks
+    if counted != set(range(k)) and no_reveal & counted:
+        return None  # its pair seeds with a dropped member (and its reassigned slices) are missing
+    active = {position[i] for i in live if dropped.get(i) not in ("reveal", "aggregate")}
+    for j in range(k):
+        own = [p for p in (j, (j + 1) % k) if p in live_pos]
+        reducers = own or [next(p % k for p in range(j, j + k) if p % k in live_pos)]
+        if not active & set(reducers):
+            return None  # no reducer of chunk j sends its sum
     return tuple(sorted(counted))
 
 
@@ -62,12 +88,13 @@ def test_ring_sum_is_exact_under_dropouts(
 ) -> None:
     k, t, d, bits, dropped = scenario
     vectors = ring_vectors(k, d, bits, seed)
-    expected = expected_outcome(k, t, dropped)
-    run = run_group(vectors, threshold=t, dropped=dropped)
+    ids = seed.to_bytes(4, "big")
+    run = run_group(vectors, threshold=t, dropped=dropped, seed=ids)
+    expected = expected_outcome(k, t, dropped, positions(run))
     if expected is None:
         assert run.ring_sum is None and run.aborted
         with pytest.raises(mpc.AggregationAborted):
-            mpc.secure_sum_ring(vectors, threshold=t, dropped=dropped)
+            mpc.secure_sum_ring(vectors, threshold=t, dropped=dropped, seed=ids)
         return
     assert run.counted == expected
     assert run.ring_sum is not None
@@ -87,12 +114,14 @@ def test_float_sum_within_the_scale(k: int, d: int, dropped: dict[int, str], see
     xs = [torch.randn(d, generator=g, dtype=torch.float64) * 100 for _ in range(k)]
     t = k // 2 + 1
     scale = 2.0**16
-    expected = expected_outcome(k, t, dropped)
+    ids = seed.to_bytes(4, "big")
+    layout = run_group([torch.zeros(0, dtype=torch.int64)] * k, threshold=t, seed=ids)
+    expected = expected_outcome(k, t, dropped, positions(layout))
     if expected is None:
         with pytest.raises(mpc.AggregationAborted):
-            mpc.secure_sum(xs, threshold=t, dropped=dropped, scale=scale)
+            mpc.secure_sum(xs, threshold=t, dropped=dropped, scale=scale, seed=ids)
         return
-    got = mpc.secure_sum(xs, threshold=t, dropped=dropped, scale=scale)
+    got = mpc.secure_sum(xs, threshold=t, dropped=dropped, scale=scale, seed=ids)
     true = sum((xs[i] for i in expected), torch.zeros(d, dtype=torch.float64))
     assert float((got - true).abs().max()) <= len(expected) * 0.5 / scale
 
@@ -162,11 +191,39 @@ def test_secagg_plus_masks_and_shares_only_with_neighbours() -> None:
     assert all(torch.equal(m.output(), ring_sum(vectors, range(k))) for m in members)
 
 
-@pytest.mark.parametrize("stage", ["view", "reveal", "aggregate"])
-def test_a_drop_after_the_agreement_step_aborts(stage: str) -> None:
+def test_a_drop_before_the_view_aborts() -> None:
     vectors = ring_vectors(6, 12, 64, 3)
     with pytest.raises(mpc.AggregationAborted):
-        mpc.secure_sum_ring(vectors, threshold=4, dropped={2: stage})
+        mpc.secure_sum_ring(vectors, threshold=4, dropped={2: "view"})
+
+
+@pytest.mark.parametrize("stage", ["reveal", "aggregate"])
+@pytest.mark.parametrize("k", [3, 5, 8, 16])
+def test_a_drop_after_the_view_is_recovered_from(stage: str, k: int) -> None:
+    """Gone after its view (no reveal, or no chunk sums): the other reducer of each of its two
+    chunks sends the sums, and its input still counts (its self mask is rebuilt from shares)."""
+    vectors = ring_vectors(k, 3 * k + 1, 64, k)
+    t = k // 2 + 1
+    for gone in range(k):
+        run = run_group(vectors, threshold=t, dropped={gone: stage}, seed=bytes([k, gone]))
+        assert run.aborted is None, run.aborted
+        assert run.counted == tuple(range(k))
+        assert run.ring_sum is not None
+        assert torch.equal(run.ring_sum, ring_sum(vectors, range(k)))
+        assert all(m.finished for i, m in enumerate(run.members) if i != gone)
+
+
+def test_two_neighbours_gone_after_the_view_lose_a_chunk() -> None:
+    vectors = ring_vectors(6, 12, 64, 5)
+    run = run_group(vectors, threshold=4, dropped={0: "aggregate", 1: "aggregate"}, seed=b"x")
+    by_position = sorted(range(6), key=lambda i: positions(run)[i])
+    run = run_group(
+        vectors,
+        threshold=4,
+        dropped={by_position[2]: "aggregate", by_position[3]: "aggregate"},
+        seed=b"x",
+    )
+    assert run.ring_sum is None and run.aborted and "never arrived" in run.aborted
 
 
 def test_below_threshold_aborts_with_nothing_revealed() -> None:
@@ -184,29 +241,46 @@ def test_survivor_rules() -> None:
     ids = [bytes([i]) * 32 for i in range(5)]
     everyone = frozenset(ids)
     nbrs = {m: everyone - {m} for m in ids}
-    # ids[1] dropped after masked input and ids[2] holds its backup: counted.
-    receipts = {m: ReceiptView(everyone, m == ids[2]) for m in ids if m != ids[1]}
+    # ids[1] dropped after its masked input: ids[2] holds the replica of its chunk, counted
+    receipts = {m: ReceiptView(everyone) for m in ids if m != ids[1]}
     assert counted_set(ids, receipts, nbrs) == everyone
-    # without the backup it is not
-    receipts[ids[2]] = ReceiptView(everyone, False)
-    assert counted_set(ids, receipts, nbrs) == everyone - {ids[1]}
-    # one live reducer missed ids[3]'s chunk: ids[3] is not counted
-    receipts = {m: ReceiptView(everyone - ({ids[3]} if m == ids[0] else set()), False) for m in ids}
+    # two members gone after their inputs, not next to each other: both still counted
+    receipts = {m: ReceiptView(everyone) for m in ids if m not in (ids[1], ids[3])}
+    assert counted_set(ids, receipts, nbrs) == everyone
+    # next to each other: chunk 1 lost both reducers, so neither dead member can be counted
+    receipts = {m: ReceiptView(everyone) for m in ids if m not in (ids[1], ids[2])}
+    assert counted_set(ids, receipts, nbrs) == everyone - {ids[1], ids[2]}
+    # one live reducer missed ids[3]'s input: ids[3] is not counted
+    receipts = {m: ReceiptView(everyone - ({ids[3]} if m == ids[0] else set())) for m in ids}
     assert counted_set(ids, receipts, nbrs) == everyone - {ids[3]}
-    # ids[1] is gone but backed up, and ids[3] is dropped: ids[1] could not reveal its seed
+    # ids[1] is gone but replicated, and ids[3] is dropped: ids[1] could not reveal its seed
     # with ids[3], so it is not counted either
     receipts = {
-        m: ReceiptView(everyone - ({ids[3]} if m == ids[0] else set()), m == ids[2])
-        for m in ids
-        if m != ids[1]
+        m: ReceiptView(everyone - ({ids[3]} if m == ids[0] else set())) for m in ids if m != ids[1]
     }
     assert counted_set(ids, receipts, nbrs) == everyone - {ids[1], ids[3]}
     # ... unless ids[3] is not its neighbour (SecAgg+)
     sparse = dict(nbrs)
     sparse[ids[1]] = frozenset({ids[0], ids[2]})
     assert counted_set(ids, receipts, sparse) == everyone - {ids[3]}
+    # removing a dead member can break the rule for another dead one (applied to a fixed point)
+    chain = {m: frozenset() for m in ids}
+    for a, b in ((ids[0], ids[2]), (ids[2], ids[4])):
+        chain[a] = chain[a] | {b}
+        chain[b] = chain[b] | {a}
+    # (ids[0] and ids[2] are gone; ids[1] missed ids[4]'s input: ids[2] falls, then ids[0])
+    receipts = {
+        m: ReceiptView(everyone - ({ids[4]} if m == ids[1] else set()))
+        for m in ids
+        if m not in (ids[0], ids[2])
+    }
+    assert counted_set(ids, receipts, chain) == everyone - {ids[0], ids[2], ids[4]}
     assert fallback_reducer(1, ids, {ids[0], ids[3]}) == ids[3]
     assert fallback_reducer(4, ids, {ids[0], ids[3]}) == ids[0]
+    assert chunk_reducers(1, ids, {ids[0], ids[3]}) == (ids[3],)
+    assert chunk_reducers(2, ids, {ids[0], ids[3]}) == (ids[3],)
+    assert chunk_reducers(3, ids, {ids[0], ids[3]}) == (ids[3],)
+    assert chunk_reducers(4, ids, {ids[0], ids[3], ids[4]}) == (ids[4], ids[0])
     assert chunk_bounds(7, 3) == [(0, 3), (3, 5), (5, 7)]
     assert chunk_bounds(2, 3) == [(0, 1), (1, 2), (2, 2)]
 
@@ -215,7 +289,7 @@ def test_messages_are_tagged_frozen_and_marked() -> None:
     assert all(tag.startswith("secagg.") for tag in MESSAGE_TYPES)
     secret = {tag for tag, cls in MESSAGE_TYPES.items() if cls.SECRET}
     assert secret == {"secagg.reveal"}
-    msg = mpc.Receipt(b"g", 1, (), False)
+    msg = mpc.Receipt(b"g", 1, ())
     with pytest.raises(AttributeError):
         msg.round = 2  # type: ignore[misc]
 
@@ -224,9 +298,11 @@ def test_messages_cross_the_p2p_codec() -> None:
     codec = pytest.importorskip("floor.codec")
     for cls in MESSAGE_TYPES.values():
         codec.schema_check(cls)
-    msg = mpc.Input(b"g", 1, 2, torch.arange(5, dtype=torch.int64), b"sealed", b"c" * 32)
+    replica = torch.arange(3, dtype=torch.int64)
+    msg = mpc.Input(b"g", 1, 2, torch.arange(5, dtype=torch.int64), b"sealed", b"c" * 32, replica)
     back = codec.decode_body_as(mpc.Input, codec.encode_body(msg))
     assert back.sealed == msg.sealed and torch.equal(back.data, msg.data)
+    assert torch.equal(back.replica, replica)
     reveal = mpc.Reveal(b"g", 1, {b"a" * 32: b"y" * 66}, {b"b" * 32: b"s" * 32})
     assert codec.decode_body_as(mpc.Reveal, codec.encode_body(reveal)) == reveal
 
