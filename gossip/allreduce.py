@@ -408,6 +408,8 @@ class SecureGroup:
             if member.blamed:  # a lie was caught and refused: say whose
                 who, what = next(iter(member.blamed.items()))
                 raise SumRejected(f"{reason} (member {who.hex()[:16]} {what})", blamed=who)
+            if member.sum_rejected:  # two reducers of a chunk disagree; we cannot tell who lied
+                raise SumRejected(reason)
             raise AggregationAborted(reason)
         counted = member.counted or frozenset()
         contributors = tuple(m for m in self.group.members if m in counted)

@@ -7,11 +7,13 @@ stage and receives nothing afterwards. Drop stages, in protocol order:
 
 * ``"input"``: gone from the start (never sends its input, so it is not counted);
 * ``"unmasking"``: sent its input, then gone (no receipt, reveal or chunk sum); it is still
-  counted when it is the only member not live (its successor holds the backup of its own
-  chunk), else treated as dropped;
-* ``"view"``: also sent its receipt, then gone (no view); ``"reveal"``: also sent its view, then
-  gone (no reveal); ``"aggregate"``: also revealed its shares, then gone before sending its
-  chunk sum. These three make the round abort (see ``mpc.protocol``).
+  counted when every chunk keeps one of its two reducers live and no neighbour of it is
+  dropped, else treated as dropped;
+* ``"view"``: also sent its receipt, then gone (no view): the round aborts before anything is
+  revealed; ``"reveal"``: also sent its view, then gone (no reveal); ``"aggregate"``: also
+  revealed its shares, then gone before sending its chunk sums. These two are recovered from
+  (the other reducer of each of its chunks sends the sums) unless it withheld something only
+  it held (see ``mpc.protocol``).
 """
 
 from __future__ import annotations

@@ -16,18 +16,18 @@ Stages (``Stage``), each named after what the member collects in it:
 1. INPUT: pick a fresh self-mask seed b_u and Shamir-share it (t-of-n; SecAgg+: among the
    neighbourhood, neighbourhood threshold); compute y_u = x_u + PRG(b_u) + sum_v +-PRG(s_uv)
    over the neighbours v (+ if u sorts before v), s_uv the pair's seed for this round. Send
-   member j one ``Input``: chunk j of y_u together with j's share of b_u sealed to j (so a
-   reducer that holds u's chunk also holds u's share) and u's hash commitments to all its
-   shares (``mpc.state.share_commitment``; the view digest covers them, and a dealt or
+   member j one ``Input``: chunk j of y_u and, as ``replica``, chunk j - 1 of it (every chunk
+   has two reducers: member j and member j + 1), together with j's share of b_u sealed to j
+   (so a reducer that holds u's chunk also holds u's share) and u's hash commitments to all
+   its shares (``mpc.state.share_commitment``; the view digest covers them, and a dealt or
    revealed share that does not open its commitment is refused and its sender put in
-   ``Member.blamed``). u's own chunk also goes to member u+1 as
-   a ``Backup`` in case u drops before reducing it.
-2. CONSISTENCY (receipts): each reducer broadcasts a ``Receipt``: whose chunk it got and whether
-   it holds its predecessor's backup. Live reducers R = senders of receipts.
+   ``Member.blamed``).
+2. CONSISTENCY (receipts): each reducer broadcasts a ``Receipt``: whose inputs it got. Live
+   reducers R = senders of receipts.
 3. VIEW (the view check, after Bonawitz et al.'s consistency round): every member evaluates
    ``mpc.survivors.counted_set`` on the receipts it got: u is counted iff every live reducer
-   received u's chunk and every chunk of u reaches a live reducer (u is live, or u is the only
-   member not live, its successor holds the backup, and all its neighbours are counted).
+   received u's input and every chunk of u reaches a live reducer (u is live, or every chunk
+   keeps one of its two reducers live, and all of u's neighbours are counted).
    D = non-counted neighbours of counted members. If |C| < t, or too few live holders exist
    for a counted member's self-mask seed, the member aborts. Otherwise it broadcasts a ``View``:
    the digest of (round, group, C, D, live set). The stage ends when every live member's view
@@ -36,13 +36,18 @@ Stages (``Stage``), each named after what the member collects in it:
    carries exactly its own digest, and at least ``threshold`` members (itself included) did;
    otherwise it aborts *before revealing anything*. Then it sends one ``Reveal`` to every live
    reducer: its shares of b_u for u in C, and (if it is counted) its pair seeds with its
-   neighbours in D; and its masked slices of dropped reducers' chunks to their fallback (the
-   next live member). Views arriving after it revealed are refused (``OutOfStage``, or
-   ``DuplicateMessage`` for a second view).
-5. AGGREGATE: each reducer reconstructs b_u (u in C), sums chunk j over C, removes chunk j's
-   self masks and the pair masks between C and D with the seekable PRG at the chunk offset, then
-   sends the unmasked chunk sum to every live member. A member is DONE when it holds every chunk
-   sum.
+   neighbours in D; and its masked slices of chunks whose two reducers are both gone to their
+   fallback (the next live member). Views arriving after it revealed are refused
+   (``OutOfStage``, or ``DuplicateMessage`` for a second view).
+5. AGGREGATE: each live reducer of a chunk reconstructs b_u (u in C), sums the chunk over C,
+   removes its self masks and the pair masks between C and D with the seekable PRG at the
+   chunk offset, then sends the unmasked chunk sum to every live member. A member is DONE when
+   it holds, for every chunk, the sum of each of its live reducers (or, at the deadline, of at
+   least one) and the two sums of a chunk are equal. Two different sums abort the round
+   (``SumRejected``): a member that reduced the chunk itself names the other reducer in
+   ``Member.blamed``; a third member cannot tell which of the two lied. So a reducer's lie, of
+   any size, is caught whenever its partner reducer is live; a chunk whose partner dropped
+   after the view is unconfirmed (only ``gossip.allreduce.check_total``'s ranges remain).
 
 Why revealing a pair seed is enough (and safe). Bonawitz et al. Shamir-share each member's
 per-round *agreement key* so that t survivors can recompute a dropped member's masks. Here the
@@ -71,11 +76,15 @@ line, each member keeps a ledger of what it revealed about each peer and refuses
 
 Dropouts: a member that stops before or while sending its input is not counted (its pair masks
 are removed through its neighbours' seeds, its self mask never). One that stops after sending
-its input is counted if it is the only member not live, its successor holds the backup of its
-own chunk and none of its neighbours is dropped. A member that drops after sending its receipt
-is live to the others: they abort at the VIEW deadline if its view is missing (nothing
-revealed), else at the AGGREGATE deadline when the chunks it was to reduce never come (only
-shares and seeds of the right kinds and partial sums were revealed; no single input is).
+its input is counted if every chunk keeps a live reducer (no two neighbours in the member order
+are both gone) and none of its neighbours is dropped. A member that drops after sending its
+receipt is live to the others: they abort at the VIEW deadline if its view is missing (nothing
+revealed). One that drops after its view (before its reveal, or before its chunk sums) is
+recovered from: the other reducer of each of its two chunks sends their sums, and its self mask
+is rebuilt from the others' shares, as long as at least t shares arrive and nothing only it
+held is needed (its pair seeds with dropped members, its slices of a chunk that lost both
+reducers); otherwise the group aborts at the AGGREGATE deadline (only shares and seeds of the
+right kinds and partial sums were revealed; no single input is).
 
 Refusals: messages for a stage already closed raise ``OutOfStage``; a second message of a kind
 ``DuplicateMessage``; a share that does not open ``BadSeal``; messages that contradict the group,

@@ -57,19 +57,27 @@ def test_seed_fixes_identities_and_graph() -> None:
 @pytest.mark.parametrize("k", [2, 4, 7])
 def test_message_count_without_dropouts(k: int) -> None:
     run = run_group([torch.zeros(5, dtype=torch.int64)] * k, threshold=k // 2 + 1)
-    # inputs (+ one backup each), receipts, views, reveals, chunk sums: five all-to-all stages
-    assert run.messages == 5 * k * (k - 1) + k
+    # inputs, receipts, views, reveals: all to all; chunk sums: both chunks a member reduces
+    assert run.messages == 4 * k * (k - 1) + 2 * k * (k - 1)
     assert run.counted == tuple(range(k)) and run.aborted is None
 
 
-def test_unmasking_dropouts_are_counted_only_alone() -> None:
+def test_unmasking_dropouts_are_counted_unless_two_neighbours_are_gone() -> None:
     v = [torch.full((9,), i + 1, dtype=torch.int64) for i in range(6)]
-    one = run_group(v, threshold=4, dropped={2: "unmasking"})
+    one = run_group(v, threshold=4, dropped={2: "unmasking"}, seed=b"u")
     assert one.counted == tuple(range(6))
     assert torch.equal(one.ring_sum, torch.full((9,), 21))
-    two = run_group(v, threshold=4, dropped={2: "unmasking", 4: "unmasking"})
-    assert two.counted == (0, 1, 3, 5)
-    assert torch.equal(two.ring_sum, torch.full((9,), 1 + 2 + 4 + 6))
+    position = [m.members.index(m.id) for m in one.members]
+    at = {p: i for i, p in enumerate(position)}
+    # two gone after their inputs, not next to each other in the member order: both counted
+    apart = run_group(v, threshold=4, dropped={at[1]: "unmasking", at[3]: "unmasking"}, seed=b"u")
+    assert apart.counted == tuple(range(6))
+    assert torch.equal(apart.ring_sum, torch.full((9,), 21))
+    # next to each other: chunk 1 lost both reducers, so neither can be counted
+    gone = {at[1], at[2]}
+    near = run_group(v, threshold=4, dropped=dict.fromkeys(gone, "unmasking"), seed=b"u")
+    assert near.counted == tuple(i for i in range(6) if i not in gone)
+    assert torch.equal(near.ring_sum, torch.full((9,), 21 - sum(i + 1 for i in gone)))
 
 
 def test_member_api_edges() -> None:
