@@ -5,12 +5,16 @@
    accepts the result, once per member (``check_total`` after; the old positivity check
    before). After the
    change the round also deals and checks share commitments and hashes them into the view.
-   Before and after run in child processes, alternating, from a git worktree of ``--before``
-   and from this tree: ratio of medians and the median of per-pair ratios.
+   The confirmed chunk sums add a second reducer for every chunk (each input carries a replica
+   of the chunk before; both reducers send the sum; members compare). Before, the middle point
+   ``--middle`` (checks without the second reducer) and after run in child processes,
+   alternating, from git worktrees and from this tree: ratio of medians and the median of
+   per-pair ratios.
 2. The per-round checkpoint of a 1e6-parameter model (``gossip.checkpoint.write_checkpoint``:
    torch.save, sha256, write, fsync, rename, fsync of the directory) beside one secure round.
 
-    python -m bench.bench_integrity [--before 1fed576] [--pairs 6] [--reps 5] [--write]
+    python -m bench.bench_integrity [--before 1fed576] [--middle 3c6ea90] [--pairs 6] [--reps 5]
+        [--write]
 """
 
 from __future__ import annotations
@@ -113,6 +117,7 @@ def components(d: int, k: int, reps: int = 30) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", default="1fed576")
+    parser.add_argument("--middle", default="3c6ea90")
     parser.add_argument("--d", type=int, default=1_000_000)
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--pairs", type=int, default=6)
@@ -121,28 +126,34 @@ def main() -> None:
     args = parser.parse_args()
     started = time.time()
     before: list[float] = []
+    middle: list[float] = []
     after: list[float] = []
     ratios: list[float] = []
-    with worktree(args.before) as tree:
-        assert tree is not None
+    with worktree(args.before) as tree, worktree(args.middle) as mid:
+        assert tree is not None and mid is not None
         for _ in range(args.pairs):
             b = statistics.median(child(tree, args.d, args.k, args.reps))
+            m = statistics.median(child(mid, args.d, args.k, args.reps))
             a = statistics.median(child(ROOT, args.d, args.k, args.reps))
             before.append(b)
+            middle.append(m)
             after.append(a)
             ratios.append(a / b)
     ckpt = statistics.median(checkpoint_cost(args.d, 10))
     check, commit = components(args.d, args.k)
-    mb, ma = statistics.median(before), statistics.median(after)
+    mb, mm, ma = statistics.median(before), statistics.median(middle), statistics.median(after)
+    k, d = args.k, args.d
+    bytes_before = ((k - 1) + 1 + (k - 1)) * 8 * d / k  # inputs, backup, chunk sums
+    bytes_after = (2 * (k - 1) + 2 * (k - 1)) * 8 * d / k  # inputs with replicas, two sums
     load = os.getloadavg()[0]
     lines = [
         "## Integrity: the cost of checked sums and checkpoints (issue 21)",
         "",
         f"Command: `python -m bench.bench_integrity --before {args.before} --pairs {args.pairs} "
         f"--reps {args.reps}` ({time.time() - started:.0f} s wall, load average {load:.1f} at "
-        "the end). *before* is a git worktree of the commit before the checked sums; each row "
-        f"is the median over {args.pairs} alternating child-process pairs of the median of "
-        f"{args.reps} rounds.",
+        "the end). *before* is a git worktree of the commit before the checked sums, *middle* "
+        f"({args.middle}) the checks without the second reducer; each row is the median over "
+        f"{args.pairs} alternating child-process triples of the median of {args.reps} rounds.",
         "",
         f"Secure round, {args.k} members, d = {args.d:,}, Z_2^64, all members' CPU in one "
         "process (`mpc.driver.run_group` + the accept check):",
@@ -152,13 +163,17 @@ def main() -> None:
         f"| before (no commitments, positivity check) | {mb * 1e3:.0f} | "
         + ", ".join(f"{v * 1e3:.0f}" for v in before)
         + " |",
-        f"| after (share commitments, view over them, check_total) | {ma * 1e3:.0f} | "
+        f"| middle (share commitments, view over them, check_total) | {mm * 1e3:.0f} | "
+        + ", ".join(f"{v * 1e3:.0f}" for v in middle)
+        + " |",
+        f"| after (+ two reducers per chunk, sums compared) | {ma * 1e3:.0f} | "
         + ", ".join(f"{v * 1e3:.0f}" for v in after)
         + " |",
         "",
         f"- after / before: **{ma / mb:.3f}x** (ratio of medians); per pair: median "
         f"{statistics.median(ratios):.3f}x, range {min(ratios):.3f}x-{max(ratios):.3f}x "
-        "(goal <= 1.1x). The end-to-end ratio is as noisy as this shared machine; the new",
+        f"(goal <= 1.1x); the second reducer alone: {ma / mm:.3f}x of the middle point. The "
+        "end-to-end ratio is as noisy as this shared machine; the new",
         f"  work itself, timed alone: `check_total` {check * 1e3:.2f} ms per member, share",
         f"  commitments (deal {args.k}, check {args.k} x {args.k} revealed) {commit * 1e3:.2f} ms"
         f" per member: {args.k * (check + commit) * 1e3:.1f} ms for the group, "
@@ -166,6 +181,12 @@ def main() -> None:
         f"- checkpoint of a {args.d:,}-parameter model after a round: **{ckpt * 1e3:.1f} ms** "
         f"median (torch.save + sha256 + write + 2 fsyncs), {ckpt / ma * 100:.0f}% of one "
         "secure round's CPU above; it runs in the training executor, off the event loop.",
+        f"- bytes each member sends in a round (tensors only, k = {k}, d = {d:,}, Z_2^64): "
+        f"{bytes_before / 1e6:.1f} MB before, {bytes_after / 1e6:.1f} MB after "
+        f"(**{bytes_after / bytes_before:.2f}x**: the replica of one chunk in every input, and "
+        "the second sum of every chunk); messages per member "
+        f"{4 * (k - 1) + k} before, {6 * (k - 1)} after (the replica rides in the input; each "
+        "member sends the sums of its two chunks).",
     ]
     text = "\n".join(lines) + "\n"
     print(text)
