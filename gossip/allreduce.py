@@ -32,7 +32,7 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -183,6 +183,8 @@ class AllReduceStats:
     no_group: int = 0
     """Rounds in which no group formed."""
     last_abort: str | None = None
+    recovered: int = 0
+    """Completed group rounds that finished despite members dropping after their input."""
 
 
 def check_bound(vector: Tensor, weight: float, bound: float) -> None:
@@ -413,7 +415,7 @@ class SecureGroup:
             raise AggregationAborted(reason)
         counted = member.counted or frozenset()
         contributors = tuple(m for m in self.group.members if m in counted)
-        return _result(
+        result = _result(
             self.group,
             member.output(),
             self.scale,
@@ -422,6 +424,7 @@ class SecureGroup:
             self._config,
             noised=self._noised,
         )
+        return replace(result, recovered=True) if member.recovered else result
 
 
 class PlainGroup:
@@ -769,6 +772,7 @@ class GroupAveraging:
             self._end(self._fail(run.group, str(exc)))
             return
         self.stats.completed += 1
+        self.stats.recovered += result.recovered
         self._end(result)
 
     def _retire(self, run: GroupRun) -> None:

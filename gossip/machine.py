@@ -84,6 +84,8 @@ class AverageResult:
     """Group averaging: the exact group totals ``[sum w x, sum w]`` (decoded, float64)."""
     scale: float | None = None
     """Group averaging: the fixed-point scale the group encoded with."""
+    recovered: bool = False
+    """Secure groups: the round finished although members dropped after their input."""
 
 
 class Machine(Protocol):

@@ -201,7 +201,7 @@ class TrainingSession:
         self._accuracy: float | None = None
         self._initial: tuple[float, float] | None = None
         self._last_group = 0
-        self._counts = {"ok": 0, "aborted": 0, "no_group": 0, "budget_spent": 0}
+        self._counts = {"ok": 0, "aborted": 0, "no_group": 0, "budget_spent": 0, "recovered": 0}
         self._last_error: str | None = None
         self._unsent: Contribution | None = None  # from a round whose group never formed
         self._lock = threading.Lock()  # training and evaluation share the learner's model
@@ -278,6 +278,7 @@ class TrainingSession:
             "ok_rounds": self._counts["ok"],
             "aborted_rounds": self._counts["aborted"],
             "no_group_rounds": self._counts["no_group"],
+            "recovered_rounds": self._counts["recovered"],
             "last_error": self._last_error,
             "resumed_round": self.resumed_round,
             "checkpoint_error": self._checkpoint_error,
@@ -346,6 +347,7 @@ class TrainingSession:
         else:
             self.learner.apply_result(result.vector, result.group_size)
             group_size = result.group_size
+            self._counts["recovered"] += result.recovered  # finished despite late dropouts
             if self._evaluate is not None:
                 self._loss, self._accuracy = await self._in_executor(self._evaluate_model)
         self._round = r

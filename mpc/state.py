@@ -285,6 +285,20 @@ class MemberState:
         return dict(self._revealed)
 
     @property
+    def recovered(self) -> bool:
+        """True if the round finished although members dropped after their input: a counted
+        member that sent no receipt, a live one whose reveal never came, or a live reducer
+        whose chunk sum never came (the other reducer's served)."""
+        if self._stage is not Stage.DONE:
+            return False
+        if (
+            not (self._counted or frozenset()) <= self._live
+            or not self._live <= self._reveals.keys()
+        ):
+            return True
+        return any(len(self._sums.get(j, ())) < len(r) for j, r in enumerate(self._reducers))
+
+    @property
     def sum_rejected(self) -> bool:
         """True if the round aborted because a result failed a check (two reducers of a chunk
         sent different sums); ``blamed`` names the liar where this member can tell."""

@@ -295,10 +295,11 @@ class Daemon:
             await loop.run_in_executor(None, self._save_model, session, task.name)
             self._training_state = str(status["training"])
             log.info(
-                "event=training_done rounds=%d ok=%s aborted=%s no_group=%s accuracy=%s "
-                "initial_accuracy=%s epsilon=%.4f model=%s action=keep_serving",
+                "event=training_done rounds=%d ok=%s recovered=%s aborted=%s no_group=%s "
+                "accuracy=%s initial_accuracy=%s epsilon=%.4f model=%s action=keep_serving",
                 session.round,
                 status["ok_rounds"],
+                status["recovered_rounds"],
                 status["aborted_rounds"],
                 status["no_group_rounds"],
                 status["accuracy"],

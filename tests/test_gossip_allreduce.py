@@ -151,7 +151,11 @@ class Reducer:
     @property
     def stats(self) -> AllReduceStats:
         a, b = (m.stats for m in self.machines.values())
-        return AllReduceStats(a.completed + b.completed, a.aborted + b.aborted)
+        return AllReduceStats(
+            completed=a.completed + b.completed,
+            recovered=a.recovered + b.recovered,
+            aborted=a.aborted + b.aborted,
+        )
 
     @property
     def send_failures(self) -> int:
@@ -600,6 +604,9 @@ def test_secure_a_lost_or_late_chunk_sum_fails_loudly_never_local(
         else:
             assert isinstance(r, AverageResult) and r.total is not None
             assert torch.equal(r.total, exact)
+            if fault == "lost":  # only the victim missed a sum: only it finished by recovering
+                assert r.recovered == (pos == victim)
+                assert peers.reducers[i].stats.recovered == (pos == victim)
     if fault == "lost_twice":
         assert any("group_round_aborted" in rec.message for rec in caplog.records)
 

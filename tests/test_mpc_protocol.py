@@ -211,6 +211,9 @@ def test_a_drop_after_the_view_is_recovered_from(stage: str, k: int) -> None:
         assert run.ring_sum is not None
         assert torch.equal(run.ring_sum, ring_sum(vectors, range(k)))
         assert all(m.finished for i, m in enumerate(run.members) if i != gone)
+        assert all(m.recovered for i, m in enumerate(run.members) if i != gone)
+    healthy = run_group(vectors, threshold=t, seed=bytes([k]))
+    assert not any(m.recovered for m in healthy.members)
 
 
 def test_two_neighbours_gone_after_the_view_lose_a_chunk() -> None:
