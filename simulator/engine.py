@@ -79,7 +79,9 @@ class RoundRecord:
     in its groups (its own noise only; the same as ``epsilon`` with local noise); ``bytes_*``
     and ``messages_*`` are totals since the start; ``active_peers`` were online when the round
     began, ``dropped`` of them did not have their contribution counted (left, straggled, lost
-    messages, aborted group).
+    messages, aborted group); ``failed_averages`` peers of the round got no average (their
+    group aborted or never formed) and ``recovered_averages`` got one from a secure group that
+    finished although members dropped after their input (this round's counts).
     """
 
     round: int
@@ -96,6 +98,8 @@ class RoundRecord:
     dropped: int
     messages_sent: int
     messages_lost: int
+    failed_averages: int = 0
+    recovered_averages: int = 0
 
 
 COLUMNS: tuple[str, ...] = tuple(RoundRecord.__dataclass_fields__)
@@ -344,7 +348,16 @@ class Simulation:
                     theta = torch.from_numpy(row)
                     for p in peers:
                         self.trainer.apply(p, theta, outcome.sizes.get(p))
-                self._close_round(rnd, t, tally, active, outcome.counted, records, on_round)
+                self._close_round(
+                    rnd,
+                    t,
+                    tally,
+                    active,
+                    outcome.counted,
+                    records,
+                    on_round,
+                    (outcome.aborted, outcome.recovered),
+                )
         stats = {**_stats(tally, aborted, forced), "group_workers": workers}
         return records, stats, tally.peak_rss_mib
 
@@ -394,7 +407,16 @@ class Simulation:
             for p, theta in protocol.results.items():
                 self.trainer.apply(p, theta, protocol.sizes.get(p))
             aborted += protocol.failed
-            self._close_round(rnd, loop.time(), net, active, protocol.counted, records, on_round)
+            self._close_round(
+                rnd,
+                loop.time(),
+                net,
+                active,
+                protocol.counted,
+                records,
+                on_round,
+                (protocol.failed, protocol.recovered),
+            )
         return records, _stats(net, aborted, forced)
 
     def _round_limit(self) -> float:
@@ -413,16 +435,25 @@ class Simulation:
         counted: set[int],
         records: list[RoundRecord],
         on_round: Callable[[RoundRecord], None] | None,
+        averages: tuple[int, int],
     ) -> None:
-        """Record round ``rnd`` (``active`` peers, of which ``counted`` were averaged)."""
+        """Record round ``rnd`` (``active`` peers, of which ``counted`` were averaged;
+        ``averages``: how many peers' averaging failed, and how many recovered)."""
         dropped = len(active) - len(counted & set(active))
-        record = self._record(rnd, now, net, len(active), dropped)
+        record = self._record(rnd, now, net, len(active), dropped, *averages)
         records.append(record)
         if on_round is not None:
             on_round(record)
 
     def _record(
-        self, rnd: int, now: float, net: SimNetwork | Tally, active: int, dropped: int
+        self,
+        rnd: int,
+        now: float,
+        net: SimNetwork | Tally,
+        active: int,
+        dropped: int,
+        failed: int = 0,
+        recovered: int = 0,
     ) -> RoundRecord:
         s = self.scenario
         online = [p for p in range(s.peers) if self.population.online[p]]
@@ -458,6 +489,8 @@ class Simulation:
             dropped=dropped,
             messages_sent=net.messages_sent,
             messages_lost=net.messages_lost,
+            failed_averages=failed,
+            recovered_averages=recovered,
         )
 
 

@@ -194,6 +194,22 @@ def plot_metrics(
                 alpha=0.4,
                 label=f"{label}: contributions not counted",
             )
+            if any(r.failed_averages or r.recovered_averages for r in records[1:]):
+                ax.plot(
+                    rounds,
+                    [r.failed_averages for r in records[1:]],
+                    color=line.get_color(),
+                    linestyle=":",
+                    label=f"{label}: got no average (group aborted / none)",
+                )
+                ax.plot(
+                    rounds,
+                    [r.recovered_averages for r in records[1:]],
+                    color=line.get_color(),
+                    linestyle="--",
+                    marker=".",
+                    label=f"{label}: averaged by a group that recovered",
+                )
         ax.set_xlabel("round")
         ax.set_ylabel("peers")
         ax.set_title("churn: peers online when the round began, and those dropped", fontsize=10)
@@ -257,7 +273,8 @@ LEGEND = (
     "round (mean over peers' own models, held-out data); consensus: RMS L2 distance of the "
     "peers' models to their mean (0: all agree); epsilon: the largest privacy spend of any "
     "peer; dropped: peer-rounds whose contribution was not counted (left, straggled, lost, "
-    "aborted group)."
+    "aborted group); failed: peers that got no average (group aborted or never formed); "
+    "recov: peers whose secure group finished although members dropped after their input."
 )
 """What the columns of :func:`records_table` and :func:`round_row` mean."""
 
@@ -266,7 +283,8 @@ def round_header(metric: str = "accuracy") -> str:
     """The header of the per-round table (the metric column named after the task's metric)."""
     head = (
         f"{'round':>5} {metric[:8]:>8} {'loss':>7} {'consensus':>10} {'epsilon':>8} "
-        f"{'online':>6} {'dropped':>7} {'MB sent':>9} {'virtual s':>10}"
+        f"{'online':>6} {'dropped':>7} {'failed':>6} {'recov':>5} {'MB sent':>9} "
+        f"{'virtual s':>10}"
     )
     return head + "\n" + "-" * len(head)
 
@@ -276,7 +294,8 @@ def round_row(record: RoundRecord) -> str:
     return (
         f"{record.round:>5} {record.accuracy:>8.3f} {record.loss:>7.3f} "
         f"{record.consensus_distance:>10.4f} {record.epsilon:>8.2f} {record.active_peers:>6d} "
-        f"{record.dropped:>7d} {record.bytes_sent / 1e6:>9.1f} {record.virtual_time_s:>10.1f}"
+        f"{record.dropped:>7d} {record.failed_averages:>6d} {record.recovered_averages:>5d} "
+        f"{record.bytes_sent / 1e6:>9.1f} {record.virtual_time_s:>10.1f}"
     )
 
 

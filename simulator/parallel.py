@@ -95,6 +95,7 @@ class GroupOutcome:
     sizes: dict[int, int] = field(default_factory=dict)  # peer -> members its group counted
     aborted: int = 0  # peers whose averaging failed (aborted group)
     busy_s: float = 0.0  # wall seconds the worker spent on the job (for balancing only)
+    recovered: int = 0  # peers whose secure group finished by recovering from late drops
 
     def merge(self, other: GroupOutcome) -> None:
         """Add another worker's outcome of the same round."""
@@ -104,6 +105,7 @@ class GroupOutcome:
         self.counted |= other.counted
         self.sizes.update(other.sizes)
         self.aborted += other.aborted
+        self.recovered += other.recovered
 
 
 @dataclass
@@ -244,6 +246,7 @@ class GroupWorker:
             set(rnd.counted),
             dict(rnd.sizes),
             rnd.failed,
+            recovered=rnd.recovered,
         )
 
 

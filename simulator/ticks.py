@@ -225,6 +225,8 @@ class PeerRounds:
         self.counted: set[int] = set()
         self.failed = 0
         """Peers of this round whose averaging failed (aborted group, no group formed)."""
+        self.recovered = 0
+        """Peers of this round whose secure group finished despite members dropping late."""
         self._open: set[int] = set()
         self._started: set[int] = set()
         self._jobs: dict[int, tuple[Tensor, float]] = {}
@@ -255,6 +257,7 @@ class PeerRounds:
         net = self.net
         raw = net.raw_ids
         self.results, self.sizes, self.counted, self.failed = {}, {}, set(), 0
+        self.recovered = 0
         self._on_done, self._round = on_done, rnd
         contributing = [p for p in active if contributions[p][1] > 0]
         members = contributing if view is None else list(view)
@@ -311,6 +314,7 @@ class PeerRounds:
         if isinstance(outcome, AverageResult):
             self.results[p] = outcome.vector
             self.sizes[p] = outcome.group_size
+            self.recovered += outcome.recovered
             if outcome.contributors:
                 index = self.net.index
                 self.counted.update(index[c] for c in outcome.contributors)

@@ -290,3 +290,25 @@ def test_a_task_too_small_for_the_peers_is_named(
     assert "--task synthetic" in err
     assert main([*args, "--task", "synthetic", "--out", str(tmp_path / "synthetic")]) == 0
     assert "note:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("engine", ["gossip", "direct"])
+def test_secure_rounds_under_churn_count_failed_and_recovered_averages(engine: str) -> None:
+    """Peers leaving mid-round: some secure groups finish by recovering (the two reducers of
+    every chunk), and the per-round counts add up to the run's."""
+    s = Scenario(
+        peers=24,
+        rounds=10,
+        algorithm="secure",
+        privacy="none",
+        group_size=8,
+        churn=0.2,
+        rejoin=0.6,
+        churn_window_s=2.0,
+        engine=engine,  # type: ignore[arg-type]
+    )
+    result = run_scenario(s)
+    rows = result.records[1:]
+    assert sum(r.failed_averages for r in rows) == result.stats["failed_averages"]
+    assert sum(r.recovered_averages for r in rows) > 0
+    assert all(r.recovered_averages + r.failed_averages <= r.active_peers for r in rows)
