@@ -23,6 +23,7 @@ ORDER = [
     "distributed_dp",
     "hardening",
     "integrity",
+    "recovery",
 ]
 
 
