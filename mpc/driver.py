@@ -9,9 +9,10 @@ stage and receives nothing afterwards. Drop stages, in protocol order:
 * ``"unmasking"``: sent its input, then gone (no receipt, reveal or chunk sum); it is still
   counted when every chunk keeps one of its two reducers live and no neighbour of it is
   dropped, else treated as dropped;
-* ``"view"``: also sent its receipt, then gone (no view): the round aborts before anything is
-  revealed; ``"reveal"``: also sent its view, then gone (no reveal); ``"aggregate"``: also
-  revealed its shares, then gone before sending its chunk sums. These two are recovered from
+* ``"view"``: also sent its receipt, then gone (no view; the others go on if at least t views
+  came, else they abort with nothing revealed); ``"reveal"``: also sent its view, then gone (no
+  reveal); ``"aggregate"``: also revealed its shares, then gone before sending its chunk sums.
+  These three are recovered from
   (the other reducer of each of its chunks sends the sums) unless it withheld something only
   it held (see ``mpc.protocol``).
 """

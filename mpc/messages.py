@@ -84,9 +84,10 @@ class Receipt:
 class View:
     """Stage VIEW, to every member: the digest of the counted set the sender would reveal for.
 
-    ``digest`` is BLAKE2b-256 over the sender's counted, dropped and live sets (see
-    ``mpc.state.MemberState._view_digest_of``). A member reveals nothing unless every live
-    member's view carries its own digest (and at least ``threshold`` do). The view is not signed:
+    ``digest`` is BLAKE2b-256 over the sender's counted and dropped sets and the counted
+    dealers' commitments (see ``mpc.state.MemberState._view_digest_of``). A member reveals
+    nothing unless every view it received carries its own digest and at least ``threshold`` do
+    (itself included). The view is not signed:
     it travels in an authenticated envelope, which is all the agreement argument needs (see
     ``mpc.protocol``); an equivocating member is detected (honest members abort) but not proven
     guilty to third parties.

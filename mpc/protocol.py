@@ -30,11 +30,15 @@ Stages (``Stage``), each named after what the member collects in it:
    keeps one of its two reducers live, and all of u's neighbours are counted).
    D = non-counted neighbours of counted members. If |C| < t, or too few live holders exist
    for a counted member's self-mask seed, the member aborts. Otherwise it broadcasts a ``View``:
-   the digest of (round, group, C, D, live set). The stage ends when every live member's view
-   arrived, or at the deadline.
-4. UNMASKING: the member reveals only if every live member sent a view, every view it received
-   carries exactly its own digest, and at least ``threshold`` members (itself included) did;
-   otherwise it aborts *before revealing anything*. Then it sends one ``Reveal`` to every live
+   the digest of (round, group, C, D, the counted dealers' share commitments): exactly what
+   fixes what it will reveal about each peer (the live set is not in it: members that saw a
+   straggler's receipt and members that did not can still agree). The stage ends when every
+   live member's view arrived, or at the deadline.
+4. UNMASKING: the member reveals only if every view it received carries exactly its own digest
+   and at least ``threshold`` members (itself included) sent one; otherwise it aborts *before
+   revealing anything*. A live member whose view never came is *quiet*: gone after its receipt
+   (or late); it is recovered from like a member gone after its view, and nobody waits for its
+   reveal or its chunk sums. Then the member sends one ``Reveal`` to every live
    reducer: its shares of b_u for u in C, and (if it is counted) its pair seeds with its
    neighbours in D; and its masked slices of chunks whose two reducers are both gone to their
    fallback (the next live member). Views arriving after it revealed are refused
@@ -62,24 +66,25 @@ Never both of one peer. Receipts can reach members unevenly (a reducer that cras
 mid-broadcast, or one that sends different receipts to different members), so two honest
 members may compute different counted sets; if one revealed its share of b_u and the other its
 pair seed with u, a coalition could remove both kinds of mask from u's input. The view check
-stops this: every member that reveals has seen at least t views equal to its own digest, and
-since the group threshold t > k/2, two digests cannot both gather t views from members that
-send one view each; and because a revealing member also needs the view of every member it
-considers live to match, an honest member with another view that is live to it makes it abort.
-So all revealing members reveal for one counted set: for each peer, b-shares or pair seeds,
-never both. SecAgg+ uses the same check with the group threshold. The argument assumes an
-equivocating member cannot also suppress messages between honest members (they travel over
-pairwise-authenticated envelopes); equivocation is detected (honest members abort), not proven
-to third parties (views are not signed: they ride in authenticated envelopes). As a second
+stops this: every member that reveals has seen at least t views equal to its own digest and no
+other digest. Two members revealing for different digests A and B saw t senders of A and t of
+B; an honest member sends one view to everyone, so only an equivocating (malicious) member can
+be among both, and 2t - m <= k is needed: with m < 2t - k equivocators (t = ceil(2k/3), the
+default: fewer than about k/3), two digests cannot both gather their quorum, even when
+messages are late or lost. An honest member with another view whose view does arrive makes a
+member abort as well. So all revealing members reveal for one counted set: for each peer,
+b-shares or pair seeds, never both. SecAgg+ uses the same check with the group threshold.
+Equivocation is detected (honest members abort) where a differing view arrives, not proven to
+third parties (views are not signed: they ride in authenticated envelopes). As a second
 line, each member keeps a ledger of what it revealed about each peer and refuses
 (``InconsistentMessage``, no answer) any later receipt that would make it reveal the other kind.
 
 Dropouts: a member that stops before or while sending its input is not counted (its pair masks
 are removed through its neighbours' seeds, its self mask never). One that stops after sending
 its input is counted if every chunk keeps a live reducer (no two neighbours in the member order
-are both gone) and none of its neighbours is dropped. A member that drops after sending its
-receipt is live to the others: they abort at the VIEW deadline if its view is missing (nothing
-revealed). One that drops after its view (before its reveal, or before its chunk sums) is
+are both gone) and none of its neighbours is dropped. One that drops after its receipt (no
+view: at least t views must still come, else everyone aborts with nothing revealed), after its
+view (before its reveal), or before its chunk sums is
 recovered from: the other reducer of each of its two chunks sends their sums, and its self mask
 is rebuilt from the others' shares, as long as at least t shares arrive and nothing only it
 held is needed (its pair seeds with dropped members, its slices of a chunk that lost both
@@ -254,15 +259,18 @@ class Member(MemberState):
         if s is Stage.VIEW:
             return self._live <= self._views.keys()
         if s is Stage.UNMASKING:
-            if not self._live <= self._reveals.keys():
+            if not self._live - self._quiet <= self._reveals.keys():
                 return False
             needed = self._counted or frozenset()
             return all(needed <= got.keys() for got in self._assigned.values())
         if s is Stage.AGGREGATE:
-            sums = self._sums
-            return all(
-                len(sums.get(j, ())) == len(reducers) for j, reducers in enumerate(self._reducers)
-            )
+            sums, quiet = self._sums, self._quiet
+            for j, reducers in enumerate(self._reducers):
+                awaited = [r for r in reducers if r not in quiet]
+                got = sums.get(j, {})
+                if not awaited or not all(r in got for r in awaited):
+                    return False  # a chunk whose every reducer went quiet waits for the deadline
+            return True
         return False
 
     # ------------------------------------------------------------------ stage entries
@@ -326,7 +334,7 @@ class Member(MemberState):
                 raise AggregationAborted(
                     f"too few live holders of a counted member's share ({len(holders)})"
                 )
-        digest = self._view_digest = self._view_digest_of(counted, dropped, self._live)
+        digest = self._view_digest = self._view_digest_of(counted, dropped)
         self._views[self.id] = digest
         view = View(self.group, self.round, digest)
         return [(m, view) for m in self.members if m != self.id]
@@ -335,13 +343,13 @@ class Member(MemberState):
         mine = self._view_digest
         if any(digest != mine for digest in self._views.values()):
             raise AggregationAborted("members disagree on the counted set (a view differs)")
-        missing = self._live - self._views.keys()
-        if missing:
-            raise AggregationAborted(f"{len(missing)} live members sent no view")
         if len(self._views) < self.threshold:
             raise AggregationAborted(
                 f"{len(self._views)} members share this view, threshold {self.threshold}"
             )
+        # live members whose view never came: gone after their receipt (or late). They are
+        # recovered from like a member gone after its view; nobody waits for their reveal or sums
+        self._quiet = self._live - self._views.keys()
         counted, dropped = self._counted or frozenset(), self._dropped
         kinds = self._kinds(counted, dropped)
         self._check_ledger(kinds)

@@ -85,7 +85,7 @@ _COMBINED: dict[tuple[bytes, int], dict[tuple[int, tuple[tuple[int, bytes], ...]
 _REVEALS: dict[tuple[bytes, int], dict[int, Reveal]] = {}
 """(group, round) -> id -> a Reveal whose shares all opened their commitments."""
 
-_VIEW_DOMAIN = b"murmur.secagg.view.v3"
+_VIEW_DOMAIN = b"murmur.secagg.view.v4"
 _COMMIT_DOMAIN = b"murmur.secagg.share-commitment.v1"
 COMMITMENT_BYTES = 32
 
@@ -236,6 +236,7 @@ class MemberState:
         self._fallback: set[int] = set()  # uncovered chunks this member reduces as fallback
         self._receipts: dict[bytes, ReceiptView] = {}
         self._live: frozenset[bytes] = frozenset()
+        self._quiet: frozenset[bytes] = frozenset()  # live members whose view never came
         self._counted: frozenset[bytes] | None = None
         self._counted_digest = b""  # BLAKE2b of the counted set, once decided (VIEW)
         self._dropped: frozenset[bytes] = frozenset()
@@ -287,12 +288,13 @@ class MemberState:
     @property
     def recovered(self) -> bool:
         """True if the round finished although members dropped after their input: a counted
-        member that sent no receipt, a live one whose reveal never came, or a live reducer
-        whose chunk sum never came (the other reducer's served)."""
+        member that sent no receipt, a live one whose view or reveal never came, or a live
+        reducer whose chunk sum never came (the other reducer's served)."""
         if self._stage is not Stage.DONE:
             return False
         if (
-            not (self._counted or frozenset()) <= self._live
+            self._quiet
+            or not (self._counted or frozenset()) <= self._live
             or not self._live <= self._reveals.keys()
         ):
             return True
@@ -364,13 +366,12 @@ class MemberState:
         _COMBINED.pop((self.group, self.round), None)
         _REVEALS.pop((self.group, self.round), None)
 
-    def _view_digest_of(
-        self, counted: frozenset[bytes], dropped: frozenset[bytes], live: frozenset[bytes]
-    ) -> bytes:
-        """BLAKE2b-256 over round, group and the sorted counted, dropped and live ids."""
+    def _view_digest_of(self, counted: frozenset[bytes], dropped: frozenset[bytes]) -> bytes:
+        """BLAKE2b-256 over round, group, the sorted counted and dropped ids, and the counted
+        dealers' commitments: exactly what fixes what a member reveals about each peer."""
         h = hashlib.blake2b(_VIEW_DOMAIN, digest_size=32)
         h.update(self.round.to_bytes(8, "big") + len(self.group).to_bytes(2, "big") + self.group)
-        for part in (counted, dropped, live):
+        for part in (counted, dropped):
             h.update(len(part).to_bytes(4, "big"))
             for m in sorted(part):
                 h.update(m)

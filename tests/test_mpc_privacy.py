@@ -394,11 +394,11 @@ def test_the_view_digest_binds_sets_round_and_group() -> None:
     members, keys, _ = make_group(3)
     m, ids = members[0], [x.id for x in members]
     c = frozenset(ids)
-    digest = m._view_digest_of(c, frozenset(), c)
-    assert digest != m._view_digest_of(c - {m.id}, frozenset({m.id}), c)
+    digest = m._view_digest_of(c, frozenset())
+    assert digest != m._view_digest_of(c - {m.id}, frozenset({m.id}))
     for group, rnd in ((b"group", 6), (b"other", 5)):
         twin = mpc.Member(keys[0], ids, group=group, round=rnd, vector=m._x)
-        assert twin._view_digest_of(c, frozenset(), c) != digest
+        assert twin._view_digest_of(c, frozenset()) != digest
 
 
 def test_a_conflicting_view_aborts_before_revealing() -> None:
@@ -411,13 +411,28 @@ def test_a_conflicting_view_aborts_before_revealing() -> None:
     assert a.revealed == {} and len(held) == 1
 
 
-def test_a_missing_view_aborts_at_the_deadline() -> None:
-    members, _, _ = make_group(3)
+def test_a_missing_view_below_the_threshold_aborts_at_the_deadline() -> None:
+    members, _, _ = make_group(3, threshold=3)
     a, b = members[0], members[1]
     pump(members, hold=lambda s, r, m: isinstance(m, mpc.View) and s == b.id and r == a.id)
     assert a.stage is mpc.Stage.VIEW
     assert a.advance() == []
     assert a.stage is mpc.Stage.ABORTED and a.revealed == {}
+    assert "share this view" in (a.abort_reason or "")
+
+
+def test_a_missing_view_is_tolerated_when_t_views_agree() -> None:
+    """t matching views are the quorum: a live member whose view never came (gone after its
+    receipt, or late) is then treated as gone after its view, and not waited for."""
+    members, _, _ = make_group(3)  # t = 2
+    a, b = members[0], members[1]
+    pump(members, hold=lambda s, r, m: isinstance(m, mpc.View) and s == b.id and r == a.id)
+    assert a.stage is mpc.Stage.VIEW
+    out = a.advance()
+    assert a.stage is not mpc.Stage.ABORTED and a.revealed
+    # c's reveal was waiting; b's is not awaited, so a goes on to send its chunk sums at once
+    assert {type(msg) for _, msg in out} == {mpc.Reveal, mpc.ChunkSum}
+    assert a._quiet == frozenset({b.id})
 
 
 def test_reveal_repr_hides_shares_and_cancel_forgets() -> None:

@@ -45,8 +45,9 @@ def expected_outcome(
 
     Chunk j is reduced by positions j and j + 1 (both hold every member's slice of it); a
     member gone after its input is counted iff every chunk keeps a live reducer and every other
-    member is counted (it cannot reveal pair seeds); a member gone after its view, its reveal or
-    before its chunk sums is recovered from while the others can do without what it withheld.
+    member is counted (it cannot reveal pair seeds); a member gone after its receipt (no view),
+    its view (no reveal) or before its chunk sums is recovered from while at least t views came
+    and the others can do without what it withheld.
     """
     sent_input = {i for i in range(k) if dropped.get(i) != "input"}
     live = {i for i in range(k) if dropped.get(i) not in ("input", "unmasking")}
@@ -55,14 +56,14 @@ def expected_outcome(
     counted = set(range(k)) if covered and len(sent_input) == k else set(live)
     if len(counted) < t or len(live) < t:
         return None
-    if any(dropped.get(i) == "view" for i in live):
-        return None  # a live member's view never came: nothing is revealed
-    no_reveal = {i for i in live if dropped.get(i) == "reveal"}
+    if len([i for i in live if dropped.get(i) != "view"]) < t:
+        return None  # fewer than t views: nothing is revealed
+    no_reveal = {i for i in live if dropped.get(i) in ("view", "reveal")}
     if len(live - no_reveal) < t:
         return None  # too few shares to rebuild the self masks
     if counted != set(range(k)) and no_reveal & counted:
         return None  # its pair seeds with a dropped member (and its reassigned slices) are missing
-    active = {position[i] for i in live if dropped.get(i) not in ("reveal", "aggregate")}
+    active = {position[i] for i in live if dropped.get(i) not in ("view", "reveal", "aggregate")}
     for j in range(k):
         own = [p for p in (j, (j + 1) % k) if p in live_pos]
         reducers = own or [next(p % k for p in range(j, j + k) if p % k in live_pos)]
@@ -191,17 +192,21 @@ def test_secagg_plus_masks_and_shares_only_with_neighbours() -> None:
     assert all(torch.equal(m.output(), ring_sum(vectors, range(k))) for m in members)
 
 
-def test_a_drop_before_the_view_aborts() -> None:
+def test_too_few_views_abort_with_nothing_revealed() -> None:
     vectors = ring_vectors(6, 12, 64, 3)
     with pytest.raises(mpc.AggregationAborted):
-        mpc.secure_sum_ring(vectors, threshold=4, dropped={2: "view"})
+        mpc.secure_sum_ring(vectors, threshold=5, dropped={2: "view", 4: "view"})
+    run = run_group(vectors, threshold=5, dropped={2: "view", 4: "view"}, seed=b"v")
+    assert run.aborted and "share this view" in run.aborted
+    assert all(m.revealed == {} for m in run.members)
 
 
-@pytest.mark.parametrize("stage", ["reveal", "aggregate"])
+@pytest.mark.parametrize("stage", ["view", "reveal", "aggregate"])
 @pytest.mark.parametrize("k", [3, 5, 8, 16])
 def test_a_drop_after_the_view_is_recovered_from(stage: str, k: int) -> None:
-    """Gone after its view (no reveal, or no chunk sums): the other reducer of each of its two
-    chunks sends the sums, and its input still counts (its self mask is rebuilt from shares)."""
+    """Gone after its receipt (no view), after its view (no reveal), or before its chunk sums:
+    the other reducer of each of its two chunks sends the sums, and its input still counts (its
+    self mask is rebuilt from shares)."""
     vectors = ring_vectors(k, 3 * k + 1, 64, k)
     t = k // 2 + 1
     for gone in range(k):
