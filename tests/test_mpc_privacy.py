@@ -369,6 +369,66 @@ def test_members_with_different_receipts_reveal_nothing() -> None:
     assert (b"group", 5) not in mpc.state._COMBINED
 
 
+def split_brain(m: int) -> tuple[list[mpc.Member], dict[bytes, str]]:
+    """k = 8, t = 6: ``m`` equivocating members tell half of the honest members (B) that the
+    victim's input never came, and show each half a view equal to its own; the network drops
+    every view between the halves. Returns the members and, per peer, the kinds of secret
+    honest members revealed about it ("b", "s" or "bs")."""
+    k = 8
+    members, _, _ = make_group(k, threshold=6, seed=9)
+    ids = [x.id for x in members]
+    liars = set(ids[k - m :])
+    honest = ids[: k - m]
+    victim = honest[0]
+    half_a = set(honest[: (len(honest) + 1) // 2])
+    half_b = set(honest) - half_a
+    by_id = {x.id: x for x in members}
+    everyone = frozenset(ids)
+
+    def route(sender: bytes, recipient: bytes, msg: mpc.Message) -> mpc.Message | None:
+        if sender in liars and recipient in half_b:
+            if isinstance(msg, mpc.Receipt):
+                received = tuple(x for x in msg.received if x != victim)
+                return mpc.Receipt(msg.group, msg.round, received)
+            if isinstance(msg, mpc.View):  # the view B computes: the victim dropped
+                fooled = by_id[recipient]
+                digest = fooled._view_digest_of(everyone - {victim}, frozenset({victim}))
+                return mpc.View(msg.group, msg.round, digest)
+        late = isinstance(msg, mpc.View | mpc.Reveal | mpc.ChunkSum)
+        if late and {sender, recipient} & half_a and {sender, recipient} & half_b:
+            return None  # the network keeps the halves apart from the views on
+        return msg
+
+    run_round(members, route=route)
+    kinds: dict[bytes, str] = {}
+    for x in members:
+        if x.id in liars:
+            continue
+        for peer, kind in x.revealed.items():
+            kinds[peer] = "".join(sorted(set(kinds.get(peer, "")) | {kind}))
+    return members, kinds
+
+
+def test_fewer_than_2t_minus_k_equivocators_never_get_both_kinds_for_a_peer() -> None:
+    """3 equivocators in a group of 8 with t = 6 (2t - k = 4), views between the honest halves
+    lost: one half gathers its quorum and reveals, the other cannot and reveals nothing."""
+    members, kinds = split_brain(3)
+    assert kinds, "the half with a quorum revealed"
+    assert all(len(kind) == 1 for kind in kinds.values())
+    fooled = members[3:5]
+    assert all(x.stage is mpc.Stage.ABORTED and x.revealed == {} for x in fooled)
+    assert all("share this view" in (x.abort_reason or "") for x in fooled)
+
+
+def test_the_equivocation_bound_is_tight() -> None:
+    """With 2t - k = 4 equivocators both halves gather t views and act on different counted
+    sets: the victim gets both its self-mask shares and its pair seeds revealed (the bound
+    in docs/THREAT_MODEL.md is exactly this)."""
+    members, kinds = split_brain(4)
+    victim = members[0].id
+    assert kinds[victim] == "bs"
+
+
 def test_bad_and_late_views_are_refused() -> None:
     members, _, _ = make_group(3)
     a, b = members[0], members[1]
