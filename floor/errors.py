@@ -260,7 +260,14 @@ class AggregationError(MurmurError):
 
 
 class AggregationAborted(AggregationError):
-    """Fewer than the threshold of members survived a stage; nothing was revealed."""
+    """Fewer than the threshold of members survived a stage; nothing was revealed.
+
+    ``group``: the id of the group whose round aborted, where the raiser knows it (metrics
+    count aborted groups by it)."""
+
+    def __init__(self, message: str = "", *, group: bytes | None = None) -> None:
+        super().__init__(message)
+        self.group = group
 
 
 class SumRejected(AggregationAborted):

@@ -796,7 +796,7 @@ class GroupAveraging:
             group.size,
             reason,
         )
-        return AggregationAborted(f"group round aborted: {reason}")
+        return AggregationAborted(f"group round aborted: {reason}", group=group.id)
 
 
 def group_members(members: Sequence[PeerId]) -> tuple[bytes, ...]:

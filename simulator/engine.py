@@ -82,6 +82,9 @@ class RoundRecord:
     messages, aborted group); ``failed_averages`` peers of the round got no average (their
     group aborted or never formed) and ``recovered_averages`` got one from a secure group that
     finished although members dropped after their input (this round's counts).
+    ``groups_formed`` counts the round's groups in which any member ended its round,
+    ``groups_completed`` those in which any member got the result (``groups_recovered`` of
+    them by recovering from late dropouts), ``groups_aborted`` the rest.
     """
 
     round: int
@@ -100,6 +103,10 @@ class RoundRecord:
     messages_lost: int
     failed_averages: int = 0
     recovered_averages: int = 0
+    groups_formed: int = 0
+    groups_completed: int = 0
+    groups_recovered: int = 0
+    groups_aborted: int = 0
 
 
 COLUMNS: tuple[str, ...] = tuple(RoundRecord.__dataclass_fields__)
@@ -356,7 +363,7 @@ class Simulation:
                     outcome.counted,
                     records,
                     on_round,
-                    (outcome.aborted, outcome.recovered),
+                    (outcome.aborted, outcome.recovered, *outcome.groups),
                 )
         stats = {**_stats(tally, aborted, forced), "group_workers": workers}
         return records, stats, tally.peak_rss_mib
@@ -415,7 +422,7 @@ class Simulation:
                 protocol.counted,
                 records,
                 on_round,
-                (protocol.failed, protocol.recovered),
+                (protocol.failed, protocol.recovered, *protocol.group_counts),
             )
         return records, _stats(net, aborted, forced)
 
@@ -435,10 +442,11 @@ class Simulation:
         counted: set[int],
         records: list[RoundRecord],
         on_round: Callable[[RoundRecord], None] | None,
-        averages: tuple[int, int],
+        averages: tuple[int, int, int, int, int],
     ) -> None:
         """Record round ``rnd`` (``active`` peers, of which ``counted`` were averaged;
-        ``averages``: how many peers' averaging failed, and how many recovered)."""
+        ``averages``: how many peers' averaging failed, how many recovered, and the groups
+        formed, completed and recovered)."""
         dropped = len(active) - len(counted & set(active))
         record = self._record(rnd, now, net, len(active), dropped, *averages)
         records.append(record)
@@ -454,6 +462,9 @@ class Simulation:
         dropped: int,
         failed: int = 0,
         recovered: int = 0,
+        formed: int = 0,
+        completed: int = 0,
+        groups_recovered: int = 0,
     ) -> RoundRecord:
         s = self.scenario
         online = [p for p in range(s.peers) if self.population.online[p]]
@@ -491,6 +502,10 @@ class Simulation:
             messages_lost=net.messages_lost,
             failed_averages=failed,
             recovered_averages=recovered,
+            groups_formed=formed,
+            groups_completed=completed,
+            groups_recovered=groups_recovered,
+            groups_aborted=formed - completed,
         )
 
 

@@ -220,6 +220,31 @@ def plot_metrics(
         fig.savefig(path / "churn.png")
         plt.close(fig)
         written.append(path / "churn.png")
+        if any(r.groups_formed for rs in runs.values() for r in rs[1:]):
+            fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+            for label, records in runs.items():
+                rounds = [r.round for r in records[1:]]
+                (line,) = ax.plot(
+                    rounds, [r.groups_formed for r in records[1:]], label=f"{label}: formed"
+                )
+                color = line.get_color()
+                for field, style, what in (
+                    ("groups_completed", "--", "completed"),
+                    ("groups_recovered", "-.", "completed by recovering"),
+                    ("groups_aborted", ":", "aborted"),
+                ):
+                    values = [getattr(r, field) for r in records[1:]]
+                    ax.plot(rounds, values, color=color, linestyle=style, label=f"{label}: {what}")
+            ax.set_xlabel("round")
+            ax.set_ylabel("groups")
+            ax.set_title("groups per round: formed, completed, recovered, aborted", fontsize=10)
+            ax.set_ylim(bottom=0)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            fig.savefig(path / "groups.png")
+            plt.close(fig)
+            written.append(path / "groups.png")
     return written
 
 
@@ -274,7 +299,8 @@ LEGEND = (
     "peers' models to their mean (0: all agree); epsilon: the largest privacy spend of any "
     "peer; dropped: peer-rounds whose contribution was not counted (left, straggled, lost, "
     "aborted group); failed: peers that got no average (group aborted or never formed); "
-    "recov: peers whose secure group finished although members dropped after their input."
+    "recov: peers whose secure group finished although members dropped after their input; "
+    "groups: groups completed / formed this round."
 )
 """What the columns of :func:`records_table` and :func:`round_row` mean."""
 
@@ -283,7 +309,7 @@ def round_header(metric: str = "accuracy") -> str:
     """The header of the per-round table (the metric column named after the task's metric)."""
     head = (
         f"{'round':>5} {metric[:8]:>8} {'loss':>7} {'consensus':>10} {'epsilon':>8} "
-        f"{'online':>6} {'dropped':>7} {'failed':>6} {'recov':>5} {'MB sent':>9} "
+        f"{'online':>6} {'dropped':>7} {'failed':>6} {'recov':>5} {'groups':>7} {'MB sent':>9} "
         f"{'virtual s':>10}"
     )
     return head + "\n" + "-" * len(head)
@@ -295,6 +321,7 @@ def round_row(record: RoundRecord) -> str:
         f"{record.round:>5} {record.accuracy:>8.3f} {record.loss:>7.3f} "
         f"{record.consensus_distance:>10.4f} {record.epsilon:>8.2f} {record.active_peers:>6d} "
         f"{record.dropped:>7d} {record.failed_averages:>6d} {record.recovered_averages:>5d} "
+        f"{f'{record.groups_completed}/{record.groups_formed}':>7} "
         f"{record.bytes_sent / 1e6:>9.1f} {record.virtual_time_s:>10.1f}"
     )
 

@@ -96,6 +96,7 @@ class GroupOutcome:
     aborted: int = 0  # peers whose averaging failed (aborted group)
     busy_s: float = 0.0  # wall seconds the worker spent on the job (for balancing only)
     recovered: int = 0  # peers whose secure group finished by recovering from late drops
+    groups: tuple[int, int, int] = (0, 0, 0)  # groups formed, completed, recovered
 
     def merge(self, other: GroupOutcome) -> None:
         """Add another worker's outcome of the same round."""
@@ -106,6 +107,9 @@ class GroupOutcome:
         self.sizes.update(other.sizes)
         self.aborted += other.aborted
         self.recovered += other.recovered
+        # a group runs in one worker, so the workers' counts add up
+        (f, c, r), (of, oc, orr) = self.groups, other.groups
+        self.groups = (f + of, c + oc, r + orr)
 
 
 @dataclass
@@ -247,6 +251,7 @@ class GroupWorker:
             dict(rnd.sizes),
             rnd.failed,
             recovered=rnd.recovered,
+            groups=rnd.group_counts,
         )
 
 

@@ -227,6 +227,7 @@ class PeerRounds:
         """Peers of this round whose averaging failed (aborted group, no group formed)."""
         self.recovered = 0
         """Peers of this round whose secure group finished despite members dropping late."""
+        self._groups: dict[bytes, int] = {}  # group id -> 0 aborted, 1 completed, 2 recovered
         self._open: set[int] = set()
         self._started: set[int] = set()
         self._jobs: dict[int, tuple[Tensor, float]] = {}
@@ -258,6 +259,7 @@ class PeerRounds:
         raw = net.raw_ids
         self.results, self.sizes, self.counted, self.failed = {}, {}, set(), 0
         self.recovered = 0
+        self._groups = {}
         self._on_done, self._round = on_done, rnd
         contributing = [p for p in active if contributions[p][1] > 0]
         members = contributing if view is None else list(view)
@@ -315,6 +317,9 @@ class PeerRounds:
             self.results[p] = outcome.vector
             self.sizes[p] = outcome.group_size
             self.recovered += outcome.recovered
+            if outcome.group is not None:  # a group completed when any member got its result
+                state = 2 if outcome.recovered else 1
+                self._groups[outcome.group] = max(state, self._groups.get(outcome.group, 0))
             if outcome.contributors:
                 index = self.net.index
                 self.counted.update(index[c] for c in outcome.contributors)
@@ -322,6 +327,9 @@ class PeerRounds:
                 self.counted.add(p)
         elif outcome is not None:
             self.failed += 1
+            group = getattr(outcome, "group", None)
+            if isinstance(group, bytes):
+                self._groups.setdefault(group, 0)
         self._close(p)
 
     def _close(self, p: int) -> None:
@@ -337,6 +345,15 @@ class PeerRounds:
         else:
             self._jobs.pop(p, None)
             self._close(p)
+
+    @property
+    def group_counts(self) -> tuple[int, int, int]:
+        """This round's groups: (formed, completed, recovered). A group is formed when any
+        member ended its round in it, completed when any member got its result (recovered:
+        from a secure group that finished although members dropped after their input); the
+        rest aborted."""
+        states = self._groups.values()
+        return len(self._groups), sum(s > 0 for s in states), sum(s == 2 for s in states)
 
     @property
     def all_done(self) -> bool:

@@ -312,3 +312,19 @@ def test_secure_rounds_under_churn_count_failed_and_recovered_averages(engine: s
     assert sum(r.failed_averages for r in rows) == result.stats["failed_averages"]
     assert sum(r.recovered_averages for r in rows) > 0
     assert all(r.recovered_averages + r.failed_averages <= r.active_peers for r in rows)
+    # the group counters: every formed group completed or aborted, recovered ones completed
+    assert all(r.groups_completed + r.groups_aborted == r.groups_formed for r in rows)
+    assert all(r.groups_recovered <= r.groups_completed for r in rows)
+    assert sum(r.groups_recovered for r in rows) > 0
+    assert sum(r.groups_aborted for r in rows) > 0
+    assert all(r.groups_aborted == 0 for r in rows if r.failed_averages == 0)
+
+
+def test_groups_formed_and_completed_without_churn() -> None:
+    s = Scenario(peers=24, rounds=2, algorithm="secure", privacy="none", group_size=8)
+    rows = run_scenario(s).records[1:]
+    assert [(r.groups_formed, r.groups_completed, r.groups_aborted) for r in rows] == [
+        (3, 3, 0),
+        (3, 3, 0),
+    ]
+    assert all(r.groups_recovered == 0 for r in rows)
