@@ -262,12 +262,15 @@ class AggregationError(MurmurError):
 class AggregationAborted(AggregationError):
     """Fewer than the threshold of members survived a stage; nothing was revealed.
 
-    ``group``: the id of the group whose round aborted, where the raiser knows it (metrics
-    count aborted groups by it)."""
+    ``group``: the id of the group whose round aborted and ``members`` its members (raw ids),
+    where the raiser knows them (metrics count aborted groups by them)."""
 
-    def __init__(self, message: str = "", *, group: bytes | None = None) -> None:
+    def __init__(
+        self, message: str = "", *, group: bytes | None = None, members: tuple[bytes, ...] = ()
+    ) -> None:
         super().__init__(message)
         self.group = group
+        self.members = members
 
 
 class SumRejected(AggregationAborted):

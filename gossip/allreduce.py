@@ -796,7 +796,9 @@ class GroupAveraging:
             group.size,
             reason,
         )
-        return AggregationAborted(f"group round aborted: {reason}", group=group.id)
+        return AggregationAborted(
+            f"group round aborted: {reason}", group=group.id, members=group.members
+        )
 
 
 def group_members(members: Sequence[PeerId]) -> tuple[bytes, ...]:

@@ -84,7 +84,10 @@ class RoundRecord:
     finished although members dropped after their input (this round's counts).
     ``groups_formed`` counts the round's groups in which any member ended its round,
     ``groups_completed`` those in which any member got the result (``groups_recovered`` of
-    them by recovering from late dropouts), ``groups_aborted`` the rest.
+    them by recovering from late dropouts), ``groups_aborted`` the rest;
+    ``failed_with_quorum`` counts the failed peers whose group aborted although at least t of
+    its members had not left (the aborts recovery did not prevent; the rest of
+    ``failed_averages`` is explained by peers that left, or by no group forming).
     """
 
     round: int
@@ -107,6 +110,7 @@ class RoundRecord:
     groups_completed: int = 0
     groups_recovered: int = 0
     groups_aborted: int = 0
+    failed_with_quorum: int = 0
 
 
 COLUMNS: tuple[str, ...] = tuple(RoundRecord.__dataclass_fields__)
@@ -363,7 +367,7 @@ class Simulation:
                     outcome.counted,
                     records,
                     on_round,
-                    (outcome.aborted, outcome.recovered, *outcome.groups),
+                    (outcome.aborted, outcome.recovered, *outcome.groups, outcome.quorate),
                 )
         stats = {**_stats(tally, aborted, forced), "group_workers": workers}
         return records, stats, tally.peak_rss_mib
@@ -422,7 +426,12 @@ class Simulation:
                 protocol.counted,
                 records,
                 on_round,
-                (protocol.failed, protocol.recovered, *protocol.group_counts),
+                (
+                    protocol.failed,
+                    protocol.recovered,
+                    *protocol.group_counts,
+                    protocol.failed_with_quorum,
+                ),
             )
         return records, _stats(net, aborted, forced)
 
@@ -442,11 +451,11 @@ class Simulation:
         counted: set[int],
         records: list[RoundRecord],
         on_round: Callable[[RoundRecord], None] | None,
-        averages: tuple[int, int, int, int, int],
+        averages: tuple[int, int, int, int, int, int],
     ) -> None:
         """Record round ``rnd`` (``active`` peers, of which ``counted`` were averaged;
-        ``averages``: how many peers' averaging failed, how many recovered, and the groups
-        formed, completed and recovered)."""
+        ``averages``: how many peers' averaging failed, how many recovered, the groups
+        formed, completed and recovered, and the failed peers whose group kept a quorum)."""
         dropped = len(active) - len(counted & set(active))
         record = self._record(rnd, now, net, len(active), dropped, *averages)
         records.append(record)
@@ -465,6 +474,7 @@ class Simulation:
         formed: int = 0,
         completed: int = 0,
         groups_recovered: int = 0,
+        failed_with_quorum: int = 0,
     ) -> RoundRecord:
         s = self.scenario
         online = [p for p in range(s.peers) if self.population.online[p]]
@@ -506,6 +516,7 @@ class Simulation:
             groups_completed=completed,
             groups_recovered=groups_recovered,
             groups_aborted=formed - completed,
+            failed_with_quorum=failed_with_quorum,
         )
 
 

@@ -97,6 +97,7 @@ class GroupOutcome:
     busy_s: float = 0.0  # wall seconds the worker spent on the job (for balancing only)
     recovered: int = 0  # peers whose secure group finished by recovering from late drops
     groups: tuple[int, int, int] = (0, 0, 0)  # groups formed, completed, recovered
+    quorate: int = 0  # peers whose group aborted although t of its members stayed
 
     def merge(self, other: GroupOutcome) -> None:
         """Add another worker's outcome of the same round."""
@@ -108,6 +109,7 @@ class GroupOutcome:
         self.aborted += other.aborted
         self.recovered += other.recovered
         # a group runs in one worker, so the workers' counts add up
+        self.quorate += other.quorate
         (f, c, r), (of, oc, orr) = self.groups, other.groups
         self.groups = (f + of, c + oc, r + orr)
 
@@ -252,6 +254,7 @@ class GroupWorker:
             rnd.failed,
             recovered=rnd.recovered,
             groups=rnd.group_counts,
+            quorate=rnd.failed_with_quorum,
         )
 
 

@@ -34,12 +34,19 @@ import nacl.signing
 import networkx as nx
 from torch import Tensor
 
-from floor.errors import AggregationError, ConfigError, GroupFormationFailed, MurmurError
+from floor.errors import (
+    AggregationAborted,
+    AggregationError,
+    ConfigError,
+    GroupFormationFailed,
+    MurmurError,
+)
 from gossip.driver import Driver
 from gossip.machine import Alarm, AverageResult, Machine, Out, RoundJob, wake_if_due
 from gossip.matchmaking import group_id_of, hash_groups
 from gossip.run import build_machine
 from mpc.keys import warm_pair_roots
+from mpc.state import default_threshold
 from simulator.config import Scenario
 from simulator.gossipnet import SimPeerNetwork
 from simulator.network import SimNetwork
@@ -228,6 +235,9 @@ class PeerRounds:
         self.recovered = 0
         """Peers of this round whose secure group finished despite members dropping late."""
         self._groups: dict[bytes, int] = {}  # group id -> 0 aborted, 1 completed, 2 recovered
+        self.failed_with_quorum = 0
+        """Peers whose group aborted although at least t of its members had not left."""
+        self._left: set[int] = set()  # peers that left during this round
         self._open: set[int] = set()
         self._started: set[int] = set()
         self._jobs: dict[int, tuple[Tensor, float]] = {}
@@ -260,6 +270,8 @@ class PeerRounds:
         self.results, self.sizes, self.counted, self.failed = {}, {}, set(), 0
         self.recovered = 0
         self._groups = {}
+        self.failed_with_quorum = 0
+        self._left = set()
         self._on_done, self._round = on_done, rnd
         contributing = [p for p in active if contributions[p][1] > 0]
         members = contributing if view is None else list(view)
@@ -327,9 +339,13 @@ class PeerRounds:
                 self.counted.add(p)
         elif outcome is not None:
             self.failed += 1
-            group = getattr(outcome, "group", None)
-            if isinstance(group, bytes):
-                self._groups.setdefault(group, 0)
+            if isinstance(outcome, AggregationAborted) and outcome.group is not None:
+                self._groups.setdefault(outcome.group, 0)
+                index = self.net.index
+                members = [index[m] for m in outcome.members if m in index]
+                stayed = sum(1 for q in members if q not in self._left)
+                if members and stayed >= self._threshold(len(members)):
+                    self.failed_with_quorum += 1
         self._close(p)
 
     def _close(self, p: int) -> None:
@@ -338,8 +354,13 @@ class PeerRounds:
             if not self._open:
                 self._on_done()
 
+    def _threshold(self, k: int) -> int:
+        t = self.scenario.threshold
+        return t if k / 2 < t <= k else default_threshold(k)
+
     def peer_left(self, p: int) -> None:
         """``p`` went offline: its running round is cancelled (its secrets forgotten)."""
+        self._left.add(p)
         if p in self._started:
             self.drivers[p].cancel()
         else:

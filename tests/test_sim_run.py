@@ -318,6 +318,7 @@ def test_secure_rounds_under_churn_count_failed_and_recovered_averages(engine: s
     assert sum(r.groups_recovered for r in rows) > 0
     assert sum(r.groups_aborted for r in rows) > 0
     assert all(r.groups_aborted == 0 for r in rows if r.failed_averages == 0)
+    assert all(r.failed_with_quorum <= r.failed_averages for r in rows)
 
 
 def test_groups_formed_and_completed_without_churn() -> None:
