@@ -6,6 +6,7 @@ delivered message takes on the wire (``floor.codec.encode_body``: the message bo
 envelope and transport framing), against the same round without a drop:
 
 * ``none``: nobody drops;
+* ``view``: one member gone after its receipt (no view, no reveal, no chunk sums);
 * ``reveal``: one member gone after its view (no reveal, no chunk sums);
 * ``aggregate``: one member gone after its reveal (no chunk sums).
 
@@ -68,7 +69,9 @@ def main() -> None:
     torch.manual_seed(0)
     vectors = [torch.randint(-(2**40), 2**40, (d,), dtype=torch.int64) for _ in range(k)]
     measure(vectors, k, None, 1)  # warm up: pair roots, keystream buffers, allocator
-    rows = {case: measure(vectors, k, case, args.reps) for case in (None, "reveal", "aggregate")}
+    rows = {
+        case: measure(vectors, k, case, args.reps) for case in (None, "view", "reveal", "aggregate")
+    }
     base_t, base_b = rows[None]
     lines = [
         "## Recovery: what one late dropout costs a secure group (issue 17)",
@@ -82,6 +85,7 @@ def main() -> None:
     ]
     names = {
         None: "nobody drops",
+        "view": "one gone after its receipt (no view)",
         "reveal": "one gone after its view",
         "aggregate": "one gone after its reveal",
     }
@@ -98,7 +102,8 @@ def main() -> None:
         "paid in every round: see integrity.md, 1.87x bytes per member at k = 8) and sends its sum "
         "anyway. The survivors do less work (the dropped member's messages never come).",
         "- The cost is time: a recovering member waits for the AGGREGATE deadline instead of the "
-        "last sum (one `stage_timeout_s`; also the UNMASKING deadline when the reveal is missing).",
+        "last sum (one `stage_timeout_s`; also the VIEW or UNMASKING deadline when the view or the "
+        "reveal is missing).",
     ]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -24,6 +24,7 @@ ORDER = [
     "hardening",
     "integrity",
     "recovery",
+    "churn",
 ]
 
 

@@ -1,0 +1,113 @@
+"""Aborted and recovered rounds under churn, before and after, side by side in one run (issue 17).
+
+Runs the shipped ``examples/scenarios/churn.toml`` (100 peers, 40 rounds, secure groups of 8,
+20% of the online peers leave in every round, 10% stragglers; same seed) with the code of
+``--before`` (a git worktree) and of this tree, in child processes, and sums the per-round
+counters of ``metrics.jsonl``: member-rounds (peers online when a round began), peers that got
+no average (``failed_averages``), of those the ones whose group kept at least t members
+(``failed_with_quorum``: the aborts recovery did not prevent; the rest is explained by peers
+that left or by no group forming), contributions not counted (``dropped``), recovered averages,
+the groups, and the final accuracy. The simulator is deterministic, so one run per tree is the
+measurement (no timing is compared).
+
+    python -m bench.bench_churn [--before 55d4048] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench.bench_hardening import worktree
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENARIO = ROOT / "examples" / "scenarios" / "churn.toml"
+FIELDS = (
+    "failed_averages",
+    "failed_with_quorum",
+    "dropped",
+    "recovered_averages",
+    "groups_formed",
+    "groups_completed",
+    "groups_recovered",
+    "groups_aborted",
+)
+
+
+def run(tree: Path, out: Path) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    code = "import sys; from simulator.cli import main; sys.exit(main(sys.argv[1:]))"
+    args = [str(SCENARIO), "--no-plots", "--quiet", "--out", str(out)]
+    subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=tree, env=env, check=True, capture_output=True
+    )
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rounds = rows[1:]
+    totals: dict[str, Any] = {f: sum(r.get(f, 0) for r in rounds) for f in FIELDS}
+    totals["member_rounds"] = sum(r["active_peers"] for r in rounds)
+    totals["accuracy"] = rows[-1]["accuracy"]
+    totals["has"] = set(rounds[0])
+    return totals
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--before", default="55d4048")
+    parser.add_argument("--write", action="store_true")
+    args = parser.parse_args()
+    with worktree(args.before) as tree, tempfile.TemporaryDirectory() as tmp:
+        assert tree is not None
+        before = run(tree, Path(tmp) / "before")
+        after = run(ROOT, Path(tmp) / "after")
+
+    def cell(t: dict[str, Any], field: str) -> str:
+        if field not in t["has"]:
+            return "-"
+        v = t[field]
+        if field.startswith("groups_"):
+            return f"{v:,}"
+        return f"{v:,} ({100 * v / t['member_rounds']:.1f}%)"
+
+    names = {
+        "failed_averages": "peers with no average (aborted group or none formed)",
+        "failed_with_quorum": "... of them in a group that kept t members",
+        "dropped": "contributions not counted (left, straggled, aborted)",
+        "recovered_averages": "averages from a group that recovered",
+        "groups_formed": "groups formed",
+        "groups_completed": "groups completed",
+        "groups_recovered": "groups completed by recovering",
+        "groups_aborted": "groups aborted",
+    }
+    lines = [
+        "## Churn: aborted and recovered rounds (issue 17)",
+        "",
+        f"Command: `python -m bench.bench_churn --before {args.before}`: "
+        "`examples/scenarios/churn.toml` (100 peers, 40 rounds, secure groups of 8, t = 6, "
+        "20% of online peers leave per round, 10% stragglers, record-level epsilon 8), same "
+        f"seed, with the code of {args.before} (*before*) and of this tree (*after*). "
+        f"Member-rounds: {before['member_rounds']:,} before, {after['member_rounds']:,} after; "
+        "percentages are of member-rounds (*before* has no group counters).",
+        "",
+        "| per run | before | after |",
+        "|---|---:|---:|",
+    ]
+    for field in FIELDS:
+        lines.append(f"| {names[field]} | {cell(before, field)} | {cell(after, field)} |")
+    lines.append(f"| final accuracy | {before['accuracy']:.3f} | {after['accuracy']:.3f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.write:
+        path = ROOT / "bench" / "results" / "churn.md"
+        old = path.read_text() if path.exists() else ""
+        notes = old.split("\n<!-- notes -->\n", 1)[1] if "<!-- notes -->" in old else ""
+        path.write_text(text + ("\n<!-- notes -->\n" + notes if notes else ""))
+
+
+if __name__ == "__main__":
+    main()
