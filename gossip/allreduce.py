@@ -430,10 +430,16 @@ class SecureGroup:
 class PlainGroup:
     """One member's plaintext butterfly all-reduce for one formed group (a baseline).
 
-    Stage 1 (reduce): chunk j of every member's encoded input goes to member j; at the deadline
-    (or when all arrived) member j sends its chunk sum, naming its contributors, to everyone.
-    Stage 2 (gather): every chunk sum must arrive (by one more ``stage_timeout_s`` after the
-    first deadline) and all must name the same contributors, at least the threshold.
+    Every chunk has two reducers, as in a secure group: chunk j is reduced by member j and
+    member j + 1, so member i gets every member's chunks i and i - 1 (two ``PlainChunk``).
+    Stage 1 (reduce): at the deadline (or when all arrived) member i sends the sums of its two
+    chunks, each naming its contributors, to everyone. Stage 2 (gather, by one more
+    ``stage_timeout_s``): the member takes the largest contributor set C (ties: the smallest
+    sorted ids) for which every chunk has a sum over exactly C, and needs |C| >= the threshold.
+    So a reducer that left costs nothing while its partner lives (``AverageResult.recovered``);
+    a chunk whose two reducers are both gone, or no common set, fails the round. The two sums of
+    a chunk over the same C must be equal (else the round fails): no partial average is ever
+    formed, the counted set is exact.
     """
 
     message_types: tuple[type, ...] = (PlainChunk, PlainChunkSum)
@@ -453,9 +459,11 @@ class PlainGroup:
         self._timeout = config.stage_timeout_s
         self._stage = 0  # 0 not started, 1 reduce, 2 gather, 3 done
         self._deadline = 0.0
-        self._mine: dict[bytes, Tensor] = {}
-        self._sums: dict[int, tuple[Tensor, tuple[bytes, ...]]] = {}
-        self._contributors: tuple[bytes, ...] = ()
+        # the two chunks this member reduces (its own and its predecessor's) -> sender -> slice
+        self._own = (self._j, (self._j - 1) % self._k)
+        self._mine: dict[int, dict[bytes, Tensor]] = {c: {} for c in self._own}
+        # chunk -> reducer -> (sum, contributors)
+        self._sums: dict[int, dict[bytes, tuple[Tensor, tuple[bytes, ...]]]] = {}
         self._failure: str | None = None
         self._result: AverageResult | None = None
 
@@ -469,18 +477,23 @@ class PlainGroup:
         """The current stage's deadline."""
         return self._deadline if self._stage in (1, 2) else None
 
+    def _reducers(self, chunk: int) -> tuple[bytes, bytes]:
+        members = self.group.members
+        return members[chunk], members[(chunk + 1) % self._k]
+
     def start(self, now: float) -> Out:
-        """Send chunk j of the encoded input to member j."""
+        """Send members i and i + 1 chunk i of the encoded input."""
         self._stage = 1
         self._deadline = now + self._timeout
         g, ring = self.group, self.ring
         out: Out = []
-        for j, m in enumerate(g.members):
+        for j in range(self._k):
             lo, hi = self._bounds[j]
-            if j == self._j:
-                self._mine[m] = ring[lo:hi]
-            else:
-                out.append((m, PlainChunk(g.id, g.round, j, ring[lo:hi])))
+            for m in self._reducers(j):
+                if m == self.me:
+                    self._mine[j][m] = ring[lo:hi]
+                else:
+                    out.append((m, PlainChunk(g.id, g.round, j, ring[lo:hi])))
         return out + self._progress(now)
 
     def receive(self, now: float, sender: bytes, message: Any) -> Out:
@@ -503,13 +516,15 @@ class PlainGroup:
         if type(message) is PlainChunk:
             if self._stage != 1:
                 raise OutOfStage("a chunk after this member closed its reduce stage")
-            if j != self._j or sender in self._mine:
+            got = self._mine.get(j)
+            if got is None or sender in got:
                 raise InconsistentMessage("a chunk this member does not reduce, or a second one")
-            self._mine[sender] = data
+            got[sender] = data
         else:
             if self._stage >= 3:
                 raise OutOfStage("a chunk sum after the round ended")
-            if g.members[j] != sender or j in self._sums:
+            sums = self._sums.setdefault(j, {})
+            if sender not in self._reducers(j) or sender in sums:
                 raise InconsistentMessage("a chunk sum from another reducer, or a second one")
             names = message.contributors
             if not all(isinstance(p, PeerId) for p in names):
@@ -517,7 +532,7 @@ class PlainGroup:
             contributors = tuple(p.raw for p in names)
             if not set(contributors) <= self._index.keys():
                 raise InconsistentMessage("contributors outside the group")
-            self._sums[j] = (data, contributors)
+            sums[sender] = (data, contributors)
         return self._progress(now)
 
     def wake(self, now: float) -> Out:
@@ -529,45 +544,64 @@ class PlainGroup:
         return []
 
     def _progress(self, now: float) -> Out:
-        if self._stage == 1 and len(self._mine) == self._k:
+        k = self._k
+        if self._stage == 1 and all(len(got) == k for got in self._mine.values()):
             return self._close_reduce(now)
-        if self._stage == 2 and len(self._sums) == self._k:
+        if self._stage == 2 and all(len(self._sums.get(j, ())) == 2 for j in range(k)):
             self._finish()
         return []
 
     def _close_reduce(self, now: float) -> Out:
         g = self.group
-        contributors = tuple(sorted(self._mine))
-        total = torch.stack([self._mine[p] for p in contributors]).sum(dim=0, dtype=self.ring.dtype)
-        self._contributors = contributors
-        self._sums[self._j] = (total, contributors)
-        names = tuple(PeerId(p) for p in contributors)
-        own = PlainChunkSum(g.id, g.round, self._j, total, names)
+        out: Out = []
+        for j in self._own:
+            got = self._mine[j]
+            contributors = tuple(sorted(got))
+            total = torch.stack([got[p] for p in contributors]).sum(dim=0, dtype=self.ring.dtype)
+            self._sums.setdefault(j, {})[self.me] = (total, contributors)
+            names = tuple(PeerId(p) for p in contributors)
+            msg = PlainChunkSum(g.id, g.round, j, total, names)
+            out += [(m, msg) for m in g.members if m != self.me]
         self._stage = 2
         self._deadline += self._timeout  # a slower reducer may send at the end of stage 1
         self._mine = {}
-        out: Out = [(m, own) for i, m in enumerate(g.members) if i != self._j]
         return out + self._progress(now)
 
     def _finish(self) -> None:
         self._stage = 3
         k = self._k
-        if len(self._sums) < k:
-            missing = sorted(set(range(k)) - set(self._sums))
+        sums, self._sums = self._sums, {}
+        missing = [j for j in range(k) if not sums.get(j)]
+        if missing:
             self._failure = f"chunk sums {missing} never arrived"
-        elif any(c != self._contributors for _, c in self._sums.values()):
+            return
+        # the contributor sets every chunk has a sum over; the largest wins
+        common = set.intersection(*({c for _, c in sums[j].values()} for j in range(k)))
+        if not common:
             self._failure = "reducers disagree on the contributors"
-        elif len(self._contributors) < self._threshold:
-            self._failure = f"{len(self._contributors)} contributors, threshold {self._threshold}"
-        else:
-            ring = torch.cat([self._sums[j][0] for j in range(k)])
-            try:
-                self._result = _result(
-                    self.group, ring, self.scale, self._contributors, self._like, self._config
-                )
-            except AggregationAborted as exc:
-                self._failure = str(exc)
-        self._sums = {}
+            return
+        contributors = min(common, key=lambda c: (-len(c), c))
+        if len(contributors) < self._threshold:
+            self._failure = f"{len(contributors)} contributors, threshold {self._threshold}"
+            return
+        parts = []
+        for j in range(k):
+            over = [t for t, c in sums[j].values() if c == contributors]
+            if any(not torch.equal(t, over[0]) for t in over[1:]):
+                self._failure = f"the two reducers of chunk {j} sent different sums"
+                return
+            parts.append(over[0])
+        recovered = any(len(sums[j]) < 2 for j in range(k)) or any(
+            c != contributors for j in range(k) for _, c in sums[j].values()
+        )
+        try:
+            result = _result(
+                self.group, torch.cat(parts), self.scale, contributors, self._like, self._config
+            )
+        except AggregationAborted as exc:
+            self._failure = str(exc)
+            return
+        self._result = replace(result, recovered=True) if recovered else result
 
     def cancel(self) -> None:
         """Stop now (the round fails for this member)."""

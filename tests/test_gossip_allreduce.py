@@ -311,8 +311,9 @@ def test_a_network_that_posts_carries_the_round_without_send_tasks(mode: str) ->
     results, nets, reducers = run(main)
     true_mean = sum(xs) / 4
     assert all(torch.allclose(r.vector, true_mean, atol=1e-9) for r in results)
-    # all-to-all stages; a secure member sends the sums of both chunks it reduces
-    per_member = {"secure": 4 * 3 + 2 * 3, "plain": 2 * 3}[mode]
+    # all-to-all stages; a member sends the sums of both chunks it reduces (plain: its two
+    # chunks to each reducer but itself, then two sums to everyone)
+    per_member = {"secure": 4 * 3 + 2 * 3, "plain": 2 * 3 + 2 * 3}[mode]
     assert all(n.posted == per_member for n in nets)
     assert all(r.send_failures == 0 and r.stats.completed == 1 for r in reducers)
 
@@ -611,15 +612,37 @@ def test_secure_a_lost_or_late_chunk_sum_fails_loudly_never_local(
         assert any("group_round_aborted" in rec.message for rec in caplog.records)
 
 
-def test_plain_a_late_chunk_makes_everyone_fail_loudly(caplog: pytest.LogCaptureFixture) -> None:
-    """Reducer 2 closes without member 0's chunk; its sum names other contributors than the
-    rest, so nobody may use it, and nobody substitutes its own values for the missing part."""
+def test_plain_a_late_chunk_at_one_reducer_is_covered_by_its_partner() -> None:
+    """Reducer 2 closes without member 0's chunks; the partner reducers of its two chunks have
+    everyone's, so every member takes the sums over all five (exact) and ignores reducer 2's."""
 
     def setup(peers: Peers) -> None:
         members = peers.group(range(5)).members
         sender = [p.raw for p in peers.ids].index(members[0])
         late = lambda peer, msg: (  # noqa: E731
             3 * STAGE if isinstance(msg, PlainChunk) and peer.raw == members[2] else 0.0
+        )
+        peers.nets[sender].delay = late
+
+    results, xs, _ = _run_group("plain", 5, setup)
+    exact = exact_total(xs, [1.0] * 5, 5)
+    for r in results:
+        assert isinstance(r, AverageResult) and r.total is not None, r
+        assert torch.equal(r.total, exact) and r.group_size == 5 and r.recovered
+
+
+def test_plain_late_chunks_at_both_reducers_of_a_chunk_fail_loudly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Both reducers of chunk 2 close without member 0's chunks: no contributor set has a sum
+    for every chunk, so nobody may average, and nobody substitutes its own values."""
+
+    def setup(peers: Peers) -> None:
+        members = peers.group(range(5)).members
+        sender = [p.raw for p in peers.ids].index(members[0])
+        slow = {members[2], members[3]}
+        late = lambda peer, msg: (  # noqa: E731
+            3 * STAGE if isinstance(msg, PlainChunk) and peer.raw in slow else 0.0
         )
         peers.nets[sender].delay = late
 
@@ -630,31 +653,49 @@ def test_plain_a_late_chunk_makes_everyone_fail_loudly(caplog: pytest.LogCapture
     assert sum("reducers disagree" in rec.message for rec in caplog.records) == 5
 
 
-def test_plain_a_lost_chunk_sum_fails_for_its_member_only() -> None:
-    def setup(peers: Peers) -> None:
-        target = peers.group(range(5)).members[4]
+def test_plain_a_lost_chunk_sum_is_covered_and_losing_both_fails_for_its_member_only() -> None:
+    target_of = lambda peers: peers.group(range(5)).members[4]  # noqa: E731
+
+    def one(peers: Peers) -> None:
+        target = target_of(peers)
         peers.nets[1].drop = lambda peer, msg: isinstance(msg, PlainChunkSum) and peer.raw == target
 
-    results, xs, peers = _run_group("plain", 5, setup)
-    target = peers.group(range(5)).members[4]
+    def every(peers: Peers) -> None:
+        target = target_of(peers)
+        for net in peers.nets:
+            net.drop = lambda peer, msg: isinstance(msg, PlainChunkSum) and peer.raw == target
+
+    results, xs, peers = _run_group("plain", 5, one)
+    exact = exact_total(xs, [1.0] * 5, 5)
+    for r in results:
+        assert isinstance(r, AverageResult) and r.total is not None
+        assert torch.equal(r.total, exact)
+    results, xs, peers = _run_group("plain", 5, every)
     exact = exact_total(xs, [1.0] * 5, 5)
     for i, r in enumerate(results):
-        if peers.ids[i].raw == target:
+        if peers.ids[i].raw == target_of(peers):
             assert isinstance(r, AggregationAborted)
         else:
             assert isinstance(r, AverageResult) and r.total is not None
             assert torch.equal(r.total, exact)
 
 
-def test_plain_a_crashed_member_fails_the_round_loudly_for_everyone() -> None:
-    """Plaintext butterfly has no fallback reducer: the crashed member's chunk sum is missing."""
+def test_plain_a_crashed_member_is_left_out_and_the_rest_average_exactly() -> None:
+    """The crashed member's two chunks keep their other reducer: the four others average
+    exactly over themselves (the counted set is exact: no partial average)."""
 
     def setup(peers: Peers) -> None:
         peers.nets[2].down = True
 
-    results, _, peers = _run_group("plain", 5, setup)
-    assert all(isinstance(r, AggregationAborted) for r in results), results
-    assert all(r.stats.completed == 0 for r in peers.reducers)
+    results, xs, peers = _run_group("plain", 5, setup)
+    live = [i for i in range(5) if i != 2]
+    exact = exact_total([xs[i] for i in live], [1.0] * 4, 5)
+    for i in live:
+        r = results[i]
+        assert isinstance(r, AverageResult) and r.total is not None, r
+        assert torch.equal(r.total, exact) and r.group_size == 4 and r.recovered
+        assert peers.ids[2].raw not in r.contributors
+    assert isinstance(results[2], AggregationAborted)
 
 
 def test_a_group_below_threshold_aborts_and_members_keep_their_models() -> None:
