@@ -2,7 +2,8 @@
 
 Runs the shipped ``examples/scenarios/churn.toml`` (100 peers, 40 rounds, secure groups of 8,
 20% of the online peers leave in every round, 10% stragglers; same seed) with the code of
-``--before`` (a git worktree) and of this tree, in child processes, and sums the per-round
+``--before`` (a git worktree) and of this tree, in child processes, with secure groups and
+with plain ones (``--algorithm plain``), and sums the per-round
 counters of ``metrics.jsonl``: member-rounds (peers online when a round began), peers that got
 no average (``failed_averages``), of those the ones whose group kept at least t members
 (``failed_with_quorum``: the aborts recovery did not prevent; the rest is explained by peers
@@ -40,10 +41,10 @@ FIELDS = (
 )
 
 
-def run(tree: Path, out: Path) -> dict[str, Any]:
+def run(tree: Path, out: Path, algorithm: str) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     code = "import sys; from simulator.cli import main; sys.exit(main(sys.argv[1:]))"
-    args = [str(SCENARIO), "--no-plots", "--quiet", "--out", str(out)]
+    args = [str(SCENARIO), "--algorithm", algorithm, "--no-plots", "--quiet", "--out", str(out)]
     subprocess.run(
         [sys.executable, "-c", code, *args], cwd=tree, env=env, check=True, capture_output=True
     )
@@ -63,8 +64,14 @@ def main() -> None:
     args = parser.parse_args()
     with worktree(args.before) as tree, tempfile.TemporaryDirectory() as tmp:
         assert tree is not None
-        before = run(tree, Path(tmp) / "before")
-        after = run(ROOT, Path(tmp) / "after")
+        runs = {
+            algorithm: (
+                run(tree, Path(tmp) / f"before-{algorithm}", algorithm),
+                run(ROOT, Path(tmp) / f"after-{algorithm}", algorithm),
+            )
+            for algorithm in ("secure", "plain")
+        }
+        before, after = runs["secure"]
 
     def cell(t: dict[str, Any], field: str) -> str:
         if field not in t["has"]:
@@ -88,18 +95,21 @@ def main() -> None:
         "## Churn: aborted and recovered rounds (issue 17)",
         "",
         f"Command: `python -m bench.bench_churn --before {args.before}`: "
-        "`examples/scenarios/churn.toml` (100 peers, 40 rounds, secure groups of 8, t = 6, "
+        "`examples/scenarios/churn.toml` (100 peers, 40 rounds, groups of 8, t = 6, "
         "20% of online peers leave per round, 10% stragglers, record-level epsilon 8), same "
         f"seed, with the code of {args.before} (*before*) and of this tree (*after*). "
         f"Member-rounds: {before['member_rounds']:,} before, {after['member_rounds']:,} after; "
         "percentages are of member-rounds (*before* has no group counters).",
         "",
-        "| per run | before | after |",
-        "|---|---:|---:|",
+        "| per run | secure before | secure after | plain before | plain after |",
+        "|---|---:|---:|---:|---:|",
     ]
+    pb, pa = runs["plain"]
     for field in FIELDS:
-        lines.append(f"| {names[field]} | {cell(before, field)} | {cell(after, field)} |")
-    lines.append(f"| final accuracy | {before['accuracy']:.3f} | {after['accuracy']:.3f} |")
+        cells = " | ".join(cell(t, field) for t in (before, after, pb, pa))
+        lines.append(f"| {names[field]} | {cells} |")
+    accs = " | ".join(f"{t['accuracy']:.3f}" for t in (before, after, pb, pa))
+    lines.append(f"| final accuracy | {accs} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.write:
