@@ -1,9 +1,10 @@
 """The cost of issue 21's checks and checkpoints, before and after, side by side in one run.
 
 1. A secure round of 8 members at d = 1e6 in Z_2^64 (``mpc.driver.run_group``: every member's
-   CPU in one process, the protocol's work only), plus what a ``SecureGroup`` does before it
-   accepts the result, once per member (``check_total`` after; the old positivity check
-   before). After the
+   CPU in one process, the protocol's work only), plus what a ``SecureGroup`` does with the
+   result, once per member: its check (``check_total`` after; the old positivity check
+   before) and its decode to float64 (``decode_total``; after, from the member's chunk sums,
+   ``Member.output_parts``, with no int64 copy of the whole total). After the
    change the round also deals and checks share commitments and hashes them into the view.
    The confirmed chunk sums add a second reducer for every chunk (each input carries a replica
    of the chunk before; both reducers send the sum; members compare). Before, the middle point
@@ -42,6 +43,7 @@ torch.manual_seed(0)
 config = AllReduceConfig(bound=10.0)
 scale = config.scale(k)
 vectors = [(torch.rand(d, dtype=torch.float64) * scale).to(torch.int64) for _ in range(k)]
+from gossip.allreduce import decode_total
 try:
     from gossip.allreduce import check_total
 except ImportError:
@@ -51,11 +53,14 @@ for rep in range(reps + 1):
     t = time.perf_counter()
     run = run_group(vectors, threshold=6, round=rep)
     assert run.ring_sum is not None
-    for _member in range(k):  # every member checks before it accepts
+    for member in run.members:  # every member checks and decodes, as SecureGroup.result does
+        parts = getattr(member, "output_parts", None)
+        ring = member.output() if parts is None else parts()
         if check_total is not None:
-            check_total(run.ring_sum, scale, k, config, noised=False)
+            check_total(ring, scale, k, config, noised=False)
         else:
-            assert float(run.ring_sum[-1]) > 0
+            assert float(ring[-1]) > 0
+        decode_total(ring, scale)
     if rep:
         times.append(time.perf_counter() - t)
 print(json.dumps(times))

@@ -235,13 +235,34 @@ def noised_input(vector: Tensor, k: int, config: AllReduceConfig) -> tuple[Tenso
     return vector, noised.scale, max(config.threshold_for(k), noised.min_counted)
 
 
-def decode_total(ring: Tensor, scale: float) -> Tensor:
-    """The decoded group totals ``[sum w x, sum w]`` (float64)."""
-    return decode(ring, scale=scale, bits=32 if ring.dtype == torch.int32 else 64)
+Ring = Tensor | Sequence[Tensor]
+"""A group's ring total: one vector, or its chunk sums in order (``mpc.Member.output_parts``)."""
+
+
+def _parts(ring: Ring) -> list[Tensor]:
+    parts = [ring] if isinstance(ring, Tensor) else list(ring)
+    if not parts or parts[-1].numel() == 0:
+        raise ConfigError("a ring total ends with its weight slot")
+    return parts
+
+
+def decode_total(ring: Ring, scale: float) -> Tensor:
+    """The decoded group totals ``[sum w x, sum w]`` (float64). Given the chunk sums, each is
+    converted straight into its slice of the result (no int64 copy of the whole total)."""
+    if isinstance(ring, Tensor):
+        return decode(ring, scale=scale, bits=32 if ring.dtype == torch.int32 else 64)
+    parts = _parts(ring)
+    out = torch.empty(sum(p.numel() for p in parts), dtype=torch.float64)
+    lo = 0
+    for part in parts:
+        hi = lo + part.numel()
+        out[lo:hi].copy_(part)  # exact for |v| <= 2^53, as decode's conversion
+        lo = hi
+    return out.div_(scale)
 
 
 def check_total(
-    ring: Tensor, scale: float, counted: int, config: AllReduceConfig, *, noised: bool
+    ring: Ring, scale: float, counted: int, config: AllReduceConfig, *, noised: bool
 ) -> None:
     """``SumRejected`` unless the group's ring total can be the sum of ``counted`` honest
     inputs: its weight slot is what their weights must sum to, and every coordinate lies in
@@ -256,7 +277,9 @@ def check_total(
     reconstructs a wrong seed), falls outside it. A shift smaller than the honest range is
     indistinguishable from an honest input and is not caught here.
     """
-    body, slot = ring[:-1], int(ring[-1])
+    parts = _parts(ring)
+    slot = int(parts[-1][-1])
+    bodies = [*parts[:-1], parts[-1][:-1]]
     if noised:
         limit = ((1 << 63) - 1) >> config.guard_bits
         want: int | None = counted * int(scale)
@@ -273,9 +296,12 @@ def check_total(
         )
     if not 0 < slot <= limit:
         raise SumRejected("the group's total weight is not positive or exceeds the public bound")
-    if config.guard_bits and body.numel():
-        lo, hi = (int(v) for v in torch.aminmax(body))
-        if max(-lo, hi) > limit:
+    if config.guard_bits:
+        worst = max(
+            (max(-int(lo), int(hi)) for lo, hi in (torch.aminmax(b) for b in bodies if b.numel())),
+            default=0,
+        )
+        if worst > limit:
             raise SumRejected(
                 f"a coordinate of the group's sum lies outside what {counted} inputs within the "
                 "public bound can reach: a member's input, secret share or chunk sum is wrong"
@@ -284,7 +310,7 @@ def check_total(
 
 def _result(
     group: Group,
-    ring: Tensor,
+    ring: Ring,
     scale: float,
     contributors: tuple[bytes, ...],
     like: Tensor,
@@ -417,7 +443,7 @@ class SecureGroup:
         contributors = tuple(m for m in self.group.members if m in counted)
         result = _result(
             self.group,
-            member.output(),
+            member.output_parts(),
             self.scale,
             contributors,
             self._like,
@@ -595,9 +621,7 @@ class PlainGroup:
             c != contributors for j in range(k) for _, c in sums[j].values()
         )
         try:
-            result = _result(
-                self.group, torch.cat(parts), self.scale, contributors, self._like, self._config
-            )
+            result = _result(self.group, parts, self.scale, contributors, self._like, self._config)
         except AggregationAborted as exc:
             self._failure = str(exc)
             return

@@ -179,10 +179,14 @@ def _outcome(
             None, (), "; ".join(reasons) or "every member dropped", tuple(members), delivered
         )
     first = done[0]
-    result = first.output()
+    parts = first.output_parts()
     for other in done[1:]:
-        if first.counted != other.counted or not torch.equal(other.output(), result):
+        theirs = other.output_parts()
+        if first.counted != other.counted or not all(
+            torch.equal(a, b) for a, b in zip(theirs, parts, strict=True)
+        ):
             raise AggregationError("live members disagree on the sum")
+    result = torch.cat(parts)
     counted = tuple(i for i, m in enumerate(ids) if m in (first.counted or ()))
     self_aborted = tuple(
         i for i, m in enumerate(members) if i not in dead and m.stage is Stage.ABORTED

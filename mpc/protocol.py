@@ -439,7 +439,7 @@ class Member(MemberState):
                         self.blamed[r] = f"sent a sum of chunk {j} that differs from our own"
                 raise SumRejected(f"the two reducers of chunk {j} sent different sums")
             parts.append(agreed)
-        self._result = torch.cat(parts)
+        self._parts = parts  # ``result`` concatenates on demand; gossip decodes chunk by chunk
         self._stage = Stage.DONE
         self._held.clear()
         self._pairs.clear()

@@ -247,6 +247,7 @@ class MemberState:
         self._assigned: dict[int, dict[bytes, Tensor]] = {}  # chunk I reduce -> sender -> slice
         self._sums: dict[int, dict[bytes, Tensor]] = {}  # chunk -> reducer -> its sum (mine too)
         self._result: Tensor | None = None
+        self._parts: list[Tensor] | None = None  # the agreed chunk sums, in order, once DONE
         self._abort_reason: str | None = None
         self._rejected = False  # the abort is a result refused by a check (SumRejected)
 
@@ -265,6 +266,8 @@ class MemberState:
     @property
     def result(self) -> Tensor | None:
         """The ring sum over the counted members (1-D), once DONE; else None."""
+        if self._result is None and self._parts is not None:
+            self._result = torch.cat(self._parts)  # on demand: gossip decodes from the parts
         return self._result
 
     @property
@@ -312,9 +315,20 @@ class MemberState:
         if self._stage is Stage.ABORTED:
             error = SumRejected if self._rejected else AggregationAborted
             raise error(self._abort_reason or "aborted")
-        if self._result is None:
+        result = self.result
+        if result is None:
             raise OutOfStage(f"the round is not finished (stage {self._stage.name})")
-        return self._result
+        return result
+
+    def output_parts(self) -> list[Tensor]:
+        """The ring sum as its k chunk sums in order (``output()`` is their concatenation), with
+        the same errors as ``output()``. A caller that decodes chunk by chunk saves the copy
+        into one int64 vector."""
+        parts = self._parts
+        if parts is None:
+            self.output()  # raises: the round aborted, or is not finished
+            raise OutOfStage("the round is not finished")
+        return list(parts)
 
     # ------------------------------------------------------------------ helpers
 

@@ -314,3 +314,34 @@ def test_a_dealer_whose_dealt_share_fails_its_commitment_is_not_counted() -> Non
             counted = sorted(m.counted or ())
             want = sum(rings[i] for i, s in enumerate(keys()) if ident(s) in counted)
             assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_the_checks_and_the_decode_read_the_chunk_sums_as_the_whole_total(
+    dtype: torch.dtype,
+) -> None:
+    """``SecureGroup`` checks and decodes the member's chunk sums without concatenating them:
+    the same verdicts and bit-identical totals as on the one vector."""
+    from gossip.allreduce import decode_total
+
+    k = 5
+    config = AllReduceConfig(bound=10.0, weight=1.0)
+    scale = 2.0**20 if dtype == torch.int32 else config.scale(k)
+    gen = torch.Generator().manual_seed(3)
+    body = (torch.rand(23, generator=gen, dtype=torch.float64) * 2 - 1) * 9 * k * scale
+    total = torch.cat([body, torch.tensor([k * scale], dtype=torch.float64)]).to(dtype)
+    bounds = [(0, 5), (5, 10), (10, 15), (15, 20), (20, 24)]
+    parts = [total[lo:hi].clone() for lo, hi in bounds]
+    assert torch.equal(decode_total(parts, scale), decode_total(total, scale))
+    check_total(parts, scale, k, config, noised=False)
+    for j, at in ((1, 2), (4, 0)):  # a coordinate far out of range in a middle / the last part
+        bad = [p.clone() for p in parts]
+        bad[j][at] = torch.iinfo(dtype).max // 2
+        with pytest.raises(SumRejected):
+            check_total(bad, scale, k, config, noised=False)
+        with pytest.raises(SumRejected):
+            check_total(torch.cat(bad), scale, k, config, noised=False)
+    wrong = [p.clone() for p in parts]
+    wrong[-1][-1] += int(scale)  # one member's weight too many
+    with pytest.raises(SumRejected, match="weight"):
+        check_total(wrong, scale, k, config, noised=False)
