@@ -434,7 +434,11 @@ class Daemon:
         if self._session is None:
             return {"training": self._training_state}
         out = self._session.status()
-        if out["training"] == "idle":  # not started yet: say why
+        said = out["training"]
+        if said == "idle" or (
+            said in ("done", "budget_spent") and self._training_state == "training"
+        ):
+            # not started yet: say why; or the rounds are over but the model is not saved yet
             out["training"] = self._training_state
         return out
 

@@ -279,8 +279,16 @@ def state(daemon: Daemon) -> object:
 
 
 async def test_daemons_train_report_save_and_keep_the_budget_across_a_restart(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # a slow disk: the status must not say "done" before model.pt is written
+    slow_save = Daemon._save_model
+
+    def save_slowly(self: Daemon, *args: Any) -> None:
+        time.sleep(0.5)
+        slow_save(self, *args)
+
+    monkeypatch.setattr(Daemon, "_save_model", save_slowly)
     first = Daemon(training_config(tmp_path, "a", 0))
     await first.start()
     boot = (first.transport.addresses[0],)
