@@ -210,16 +210,8 @@ def plot_metrics(
                     marker=".",
                     label=f"{label}: averaged by a group that recovered",
                 )
-        ax.set_xlabel("round")
-        ax.set_ylabel("peers")
-        ax.set_title("churn: peers online when the round began, and those dropped", fontsize=10)
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path / "churn.png")
-        plt.close(fig)
-        written.append(path / "churn.png")
+        title = "churn: peers online when the round began, and those dropped"
+        written.append(_save_counts(fig, ax, path / "churn.png", "peers", title))
         if any(r.groups_formed for rs in runs.values() for r in rs[1:]):
             fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
             for label, records in runs.items():
@@ -235,17 +227,25 @@ def plot_metrics(
                 ):
                     values = [getattr(r, field) for r in records[1:]]
                     ax.plot(rounds, values, color=color, linestyle=style, label=f"{label}: {what}")
-            ax.set_xlabel("round")
-            ax.set_ylabel("groups")
-            ax.set_title("groups per round: formed, completed, recovered, aborted", fontsize=10)
-            ax.set_ylim(bottom=0)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-            fig.tight_layout()
-            fig.savefig(path / "groups.png")
-            plt.close(fig)
-            written.append(path / "groups.png")
+            title = "groups per round: formed, completed, recovered, aborted"
+            written.append(_save_counts(fig, ax, path / "groups.png", "groups", title))
     return written
+
+
+def _save_counts(fig: Any, ax: Any, target: Path, ylabel: str, title: str) -> Path:
+    """Finish a per-round count plot (rounds on x, counts from 0 on y) and write it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(target)
+    plt.close(fig)
+    return target
 
 
 def _same_as(runs: Mapping[str, Sequence[RoundRecord]]) -> dict[str, str]:
