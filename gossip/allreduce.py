@@ -13,9 +13,11 @@ secure variant reveals no single weight.
   baseline). Each chunk sum names its contributors; a member accepts the result only if every
   chunk sum arrived and all name the same contributors.
 
-A stage ends when everything it waits for arrived, or at its deadline: ``stage_timeout_s``
+A stage ends when everything it waits for arrived, or at its deadline: the stage's timeout
 after the later of the previous deadline and the moment the stage began (a member that finished
-a stage early still waits for one that waited the whole stage). Either every member that
+a stage early still waits for one that waited the whole stage). Timeouts adapt per stage to the
+arrival delays the peer observed (``gossip.deadlines``), between ``min_stage_timeout_s`` and
+``stage_timeout_s``; a group formed by invitation runs on its inviter's. Either every member that
 finishes holds the exact group result, or the round fails loudly for it
 (``AggregationAborted``): a chunk that is lost or late is never replaced by local values
 (Hivemind does that and reports success).
@@ -51,12 +53,15 @@ from floor.errors import (
     SumRejected,
 )
 from floor.identity import PeerId
+from gossip.deadlines import StageDeadlines
 from gossip.machine import AverageResult, Out, RoundJob, check_contribution
 from gossip.matchmaking import Group, GroupFormer
 from gossip.messages import PlainChunk, PlainChunkSum
 from mpc.fixedpoint import Bits, check_capacity, decode, encode_, max_scale
 from mpc.messages import MESSAGE_TYPES as MPC_TYPES
+from mpc.messages import View
 from mpc.protocol import Member, Stage, default_threshold
+from mpc.state import STAGE_OF
 from mpc.survivors import chunk_bounds
 
 __all__ = [
@@ -76,6 +81,16 @@ _FLOAT = torch.empty(0, dtype=torch.float32)  # the result's dtype for ring inpu
 _EARLY_GROUPS = 32
 _EARLY_PER_GROUP = 256
 _FINISHED_MEMORY = 1024
+_LATE_GROUPS = 4
+STAGES = Stage.AGGREGATE - Stage.INPUT + 1
+"""A secure group's stages with a deadline (INPUT, CONSISTENCY, VIEW, UNMASKING, AGGREGATE)."""
+PLAIN_STAGES = 2
+"""A plain group's: reduce and gather."""
+_STAGE_INDEX: dict[type, int] = {
+    **{cls: stage - Stage.INPUT for cls, stage in STAGE_OF.items()},
+    PlainChunk: 0,
+    PlainChunkSum: 1,
+}
 
 
 @dataclass(frozen=True)
@@ -107,7 +122,12 @@ class AllReduceConfig:
     when its scale for ``bound`` and the group size is at least ``1 / resolution``: half the
     bytes and half the mask work of Z_2^64."""
     stage_timeout_s: float = 2.0
-    """Deadline of each protocol stage."""
+    """Deadline of each protocol stage: the longest an adaptive stage waits."""
+    min_stage_timeout_s: float = 0.5
+    """The shortest an adaptive stage waits (``gossip.deadlines``)."""
+    adaptive_deadlines: bool = True
+    """Learn each stage's timeout from observed arrival delays; False: always
+    ``stage_timeout_s``."""
     threshold: int | None = None
     """Least number of counted inputs (default ceil(2k/3))."""
     degree: int | None = None
@@ -129,6 +149,10 @@ class AllReduceConfig:
             raise ConfigError(f"value_bound must be positive and finite, got {self.bound!r}")
         if not (math.isfinite(self.stage_timeout_s) and self.stage_timeout_s > 0):
             raise ConfigError(f"stage_timeout_s must be > 0, got {self.stage_timeout_s!r}")
+        if not (math.isfinite(self.min_stage_timeout_s) and self.min_stage_timeout_s > 0):
+            raise ConfigError(f"min_stage_timeout_s must be > 0, got {self.min_stage_timeout_s!r}")
+        if not isinstance(self.adaptive_deadlines, bool):
+            raise ConfigError(f"adaptive_deadlines must be a bool, got {self.adaptive_deadlines!r}")
         if self.bits not in (32, 64, None):
             raise ConfigError(f"ring bits must be 32, 64 or None, got {self.bits!r}")
         if not (math.isfinite(self.resolution) and 0 < self.resolution < 1):
@@ -165,6 +189,15 @@ class AllReduceConfig:
         if t is not None and k / 2 < t <= k:
             return t
         return default_threshold(k)
+
+    def deadlines_for(self, secure: bool) -> StageDeadlines:
+        """A fresh estimator of one peer's stage timeouts for secure or plain groups."""
+        return StageDeadlines(
+            STAGES if secure else PLAIN_STAGES,
+            ceiling=self.stage_timeout_s,
+            floor=self.min_stage_timeout_s,
+            adaptive=self.adaptive_deadlines,
+        )
 
     def degree_for(self, k: int) -> int | None:
         """The SecAgg+ degree of a group of ``k`` (None: everyone masks with everyone)."""
@@ -336,14 +369,49 @@ def _result(
 
 
 class _Stages:
-    """The deadline rule shared by both all-reduces (see the module docstring)."""
+    """The deadline rule shared by both all-reduces (see the module docstring), and what the
+    member observed for ``gossip.deadlines``: each awaited message's delay after the member
+    entered its stage (0 if it came before), late ones included, and the stages that ended on
+    their deadline."""
 
-    def __init__(self, now: float, timeout: float) -> None:
-        self.timeout = timeout
-        self.deadline = now + timeout
+    def __init__(self, now: float, timeouts: tuple[float, ...]) -> None:
+        self.timeouts = timeouts
+        self.deadline = now + timeouts[0]
+        self.entered: list[float | None] = [None] * len(timeouts)
+        self.entered[0] = now
+        self.delays: list[tuple[int, float]] = []
+        self.timed_out: set[int] = set()
+        self._heard: set[tuple[bytes, int]] = set()
 
-    def moved(self, now: float) -> None:
-        self.deadline = max(now, self.deadline) + self.timeout
+    def moved(self, now: float, old: int, new: int, *, by_deadline: bool) -> None:
+        """The member left stage index ``old`` for ``new`` (``new`` past the last: finished)."""
+        if by_deadline:
+            self.timed_out.add(old)
+        entered = self.entered
+        for i in range(old + 1, min(new, len(entered) - 1) + 1):
+            entered[i] = now
+        if new < len(self.timeouts):
+            self.deadline = max(now, self.deadline) + self.timeouts[new]
+
+    def heard(self, now: float, sender: bytes, stage: int) -> None:
+        """An awaited message of stage index ``stage`` arrived (the first one per sender)."""
+        key = (sender, stage)
+        if key in self._heard or not 0 <= stage < len(self.entered):
+            return
+        self._heard.add(key)
+        entered = self.entered[stage]
+        self.delays.append((stage, 0.0 if entered is None else max(0.0, now - entered)))
+
+
+def _timeouts(
+    config: AllReduceConfig, stages: int, timeouts: Sequence[float] | None
+) -> tuple[float, ...]:
+    """The stage timeouts a group run uses: ``timeouts`` or the fixed ``stage_timeout_s``."""
+    if timeouts is None:
+        return (config.stage_timeout_s,) * stages
+    if len(timeouts) != stages or not all(math.isfinite(t) and t > 0 for t in timeouts):
+        raise ConfigError(f"need {stages} positive stage timeouts, got {tuple(timeouts)!r}")
+    return tuple(float(t) for t in timeouts)
 
 
 class SecureGroup:
@@ -358,7 +426,9 @@ class SecureGroup:
         vector: Tensor,
         weight: float,
         config: AllReduceConfig,
+        timeouts: Sequence[float] | None = None,
     ) -> None:
+        """``timeouts``: one per stage (INPUT to AGGREGATE); None: ``stage_timeout_s``."""
         self.group = group
         self._config = config
         k = group.size
@@ -379,7 +449,7 @@ class SecureGroup:
             threshold=threshold,
             degree=config.degree_for(k),
         )
-        self._timeout = config.stage_timeout_s
+        self._timeouts = _timeouts(config, STAGES, timeouts)
         self._stages: _Stages | None = None
         self._stage = Stage.INPUT
         self.wake_at: float | None = None
@@ -388,20 +458,35 @@ class SecureGroup:
         self.finished = False
         """DONE or ABORTED (kept like ``wake_at``)."""
 
+    @property
+    def stages(self) -> _Stages | None:
+        """Deadlines and observed delays (None before the start)."""
+        return self._stages
+
     def start(self, now: float) -> Out:
         """Mask the input and send every member its chunk and share."""
-        self._stages = _Stages(now, self._timeout)
+        self._stages = _Stages(now, self._timeouts)
         out = self.member.start()
-        self._moved(now)
+        self._moved(now, by_deadline=False)
         return out
 
     def receive(self, now: float, sender: bytes, message: Any) -> Out:
         """One protocol message (a ``ProtocolError`` refuses it)."""
         member = self.member
-        out = member.receive(sender, message)
+        try:
+            out = member.receive(sender, message)
+        except OutOfStage:
+            self._heard(now, sender, message)  # a late one: the deadline may be too short
+            raise
+        self._heard(now, sender, message)
         if member.stage is not self._stage:  # the common case (no move) stays cheap
-            self._moved(now)
+            self._moved(now, by_deadline=False)
         return out
+
+    def _heard(self, now: float, sender: bytes, message: Any) -> None:
+        stages, stage = self._stages, STAGE_OF.get(type(message))
+        if stages is not None and stage is not None:
+            stages.heard(now, sender, stage - Stage.INPUT)
 
     def wake(self, now: float) -> Out:
         """Close the current stage with what arrived, if its deadline passed."""
@@ -409,16 +494,20 @@ class SecureGroup:
         if stages is None or self.member.finished or now < stages.deadline:
             return []
         out = self.member.advance()
-        self._moved(now)
+        self._moved(now, by_deadline=True)
         return out
 
-    def _moved(self, now: float) -> None:
+    def _moved(self, now: float, *, by_deadline: bool) -> None:
         member = self.member
         stage = member.stage
         if stage is not self._stage:
-            self._stage = stage
-            if self._stages is not None:
-                self._stages.moved(now)
+            old, self._stage = self._stage, stage
+            if self._stages is not None and stage is not Stage.ABORTED:
+                self._stages.moved(
+                    now, old - Stage.INPUT, stage - Stage.INPUT, by_deadline=by_deadline
+                )
+            elif self._stages is not None and by_deadline:
+                self._stages.timed_out.add(old - Stage.INPUT)
         stages = self._stages
         self.finished = member.finished
         self.wake_at = None if stages is None or self.finished else stages.deadline
@@ -471,8 +560,15 @@ class PlainGroup:
     message_types: tuple[type, ...] = (PlainChunk, PlainChunkSum)
 
     def __init__(
-        self, me: bytes, group: Group, vector: Tensor, weight: float, config: AllReduceConfig
+        self,
+        me: bytes,
+        group: Group,
+        vector: Tensor,
+        weight: float,
+        config: AllReduceConfig,
+        timeouts: Sequence[float] | None = None,
     ) -> None:
+        """``timeouts``: of the reduce and the gather stage; None: ``stage_timeout_s``."""
         self.me, self.group = me, group
         self._like = vector
         self._config = config
@@ -482,9 +578,11 @@ class PlainGroup:
         self._j = self._index[me]
         self._bounds = chunk_bounds(self.ring.numel(), self._k)
         self._threshold = config.threshold_for(self._k)
-        self._timeout = config.stage_timeout_s
+        self._timeouts = _timeouts(config, PLAIN_STAGES, timeouts)
         self._stage = 0  # 0 not started, 1 reduce, 2 gather, 3 done
         self._deadline = 0.0
+        self.stages: _Stages | None = None
+        """Observed delays (None before the start); its deadline is not used here."""
         # the two chunks this member reduces (its own and its predecessor's) -> sender -> slice
         self._own = (self._j, (self._j - 1) % self._k)
         self._mine: dict[int, dict[bytes, Tensor]] = {c: {} for c in self._own}
@@ -510,7 +608,8 @@ class PlainGroup:
     def start(self, now: float) -> Out:
         """Send members i and i + 1 chunk i of the encoded input."""
         self._stage = 1
-        self._deadline = now + self._timeout
+        self._deadline = now + self._timeouts[0]
+        self.stages = _Stages(now, self._timeouts)
         g, ring = self.group, self.ring
         out: Out = []
         for j in range(self._k):
@@ -539,7 +638,10 @@ class PlainGroup:
             and data.numel() == hi - lo
         ):
             raise MalformedMessage(f"chunk {j} must be {hi - lo} ring elements")
+        stages = self.stages
         if type(message) is PlainChunk:
+            if stages is not None:
+                stages.heard(now, sender, 0)
             if self._stage != 1:
                 raise OutOfStage("a chunk after this member closed its reduce stage")
             got = self._mine.get(j)
@@ -547,6 +649,8 @@ class PlainGroup:
                 raise InconsistentMessage("a chunk this member does not reduce, or a second one")
             got[sender] = data
         else:
+            if stages is not None:
+                stages.heard(now, sender, 1)
             if self._stage >= 3:
                 raise OutOfStage("a chunk sum after the round ended")
             sums = self._sums.setdefault(j, {})
@@ -564,8 +668,10 @@ class PlainGroup:
     def wake(self, now: float) -> Out:
         """Close the current stage if its deadline passed."""
         if self._stage == 1 and now >= self._deadline:
-            return self._close_reduce(now)
+            return self._close_reduce(now, by_deadline=True)
         if self._stage == 2 and now >= self._deadline:
+            if self.stages is not None:
+                self.stages.timed_out.add(1)
             self._finish()
         return []
 
@@ -577,8 +683,10 @@ class PlainGroup:
             self._finish()
         return []
 
-    def _close_reduce(self, now: float) -> Out:
+    def _close_reduce(self, now: float, *, by_deadline: bool = False) -> Out:
         g = self.group
+        if self.stages is not None:
+            self.stages.moved(now, 0, 1, by_deadline=by_deadline)
         out: Out = []
         for j in self._own:
             got = self._mine[j]
@@ -589,7 +697,7 @@ class PlainGroup:
             msg = PlainChunkSum(g.id, g.round, j, total, names)
             out += [(m, msg) for m in g.members if m != self.me]
         self._stage = 2
-        self._deadline += self._timeout  # a slower reducer may send at the end of stage 1
+        self._deadline += self._timeouts[1]  # a slower reducer may send at the end of stage 1
         self._mine = {}
         return out + self._progress(now)
 
@@ -677,6 +785,11 @@ class GroupAveraging:
         self._outcome: AverageResult | AggregationError | None = None
         self._early: OrderedDict[bytes, list[tuple[bytes, Any]]] = OrderedDict()
         self._finished: OrderedDict[bytes, None] = OrderedDict()
+        self._late: OrderedDict[bytes, _Stages] = OrderedDict()
+        """The last finished groups' stage clocks: a message that comes late is a sample."""
+        self.deadlines = self.config.deadlines_for(secure)
+        """This peer's stage timeouts (``gossip.deadlines``): learned from its group rounds,
+        proposed to the groups it invites."""
 
     # ------------------------------------------------------------------ the Machine interface
 
@@ -709,6 +822,7 @@ class GroupAveraging:
             check_bound(job.vector, job.weight, self.config.bound)
         self._job = job
         self._forming = True
+        self.former.proposed = self.deadlines.timeouts()
         out = self.former.start(now, job.round, job.view)
         return out + self._after_former(now)
 
@@ -726,6 +840,12 @@ class GroupAveraging:
                 self._check_run()
             return out
         if gid in self._finished:
+            stages = self._late.get(gid)
+            stage = _STAGE_INDEX.get(cls)
+            if stages is not None and stage is not None:  # late: the deadline may be short
+                stages.heard(now, sender, stage)
+                self.deadlines.observe(stages.delays)
+                stages.delays = []
             raise OutOfStage("that group's round is over on this peer")
         early = self._early.get(gid)
         if early is None:
@@ -768,7 +888,7 @@ class GroupAveraging:
         run = self._run
         if run is not None:
             run.cancel()
-            self._retire(run)
+            self._retire(run, observe=False)  # this peer stopped: nothing to learn
         self._job = None
         self.done, self._outcome = False, None
         return out
@@ -799,17 +919,29 @@ class GroupAveraging:
             self._end(self._fail(group, "an invalid group for this peer"))
             return []
         run: GroupRun
+        deadlines = self.deadlines
+        timeouts = deadlines.accept(group.deadlines) if group.deadlines else deadlines.timeouts()
         try:
             if self._secure:
-                run = SecureGroup(self._seed, group, job.vector, job.weight, self.config)
+                run = SecureGroup(self._seed, group, job.vector, job.weight, self.config, timeouts)
             else:
-                run = PlainGroup(self.me, group, job.vector, job.weight, self.config)
+                run = PlainGroup(self.me, group, job.vector, job.weight, self.config, timeouts)
         except (ConfigError, AggregationError, ProtocolError) as exc:
             self._end(self._fail(group, str(exc)))
             return []
+        early = self._early.pop(group.id, [])
+        if isinstance(run, SecureGroup):
+            ahead = {sender for sender, message in early if type(message) is View}
+            if len(ahead) >= run.member.threshold:
+                # t members closed their receipts before this member began: none counts it
+                # live or reveals to it, so it could never finish. A straggler ends at once
+                # (sending nothing) instead of waiting out every deadline.
+                self._retire(run, observe=False)
+                self._end(self._fail(group, f"late: {len(ahead)} members were past their receipts"))
+                return []
         self._run = run
         out = run.start(now)
-        for sender, message in self._early.pop(group.id, []):
+        for sender, message in early:
             try:
                 out += run.receive(now, sender, message)
             except ProtocolError:
@@ -823,17 +955,25 @@ class GroupAveraging:
         run = self._run
         if run is None or not run.finished:
             return
-        self._retire(run)
         try:
             result = run.result()
         except AggregationAborted as exc:
+            self._retire(run)
             self._end(self._fail(run.group, str(exc)))
             return
+        self._retire(run)
         self.stats.completed += 1
         self.stats.recovered += result.recovered
         self._end(result)
 
-    def _retire(self, run: GroupRun) -> None:
+    def _retire(self, run: GroupRun, *, observe: bool = True) -> None:
+        stages = run.stages if observe else None
+        if stages is not None:
+            self.deadlines.observe(stages.delays)
+            stages.delays = []
+            self._late[run.group.id] = stages
+            if len(self._late) > _LATE_GROUPS:
+                self._late.popitem(last=False)
         self._run = None
         self._finished[run.group.id] = None
         if len(self._finished) > _FINISHED_MEMORY:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import logging
+import math
 import os
 import random
 from collections.abc import Callable, Sequence
@@ -36,6 +37,9 @@ from floor.identity import PeerId
 from gossip.machine import Out
 from gossip.messages import GroupCancelled, GroupFormed, Invite, InviteReply
 from gossip.spec import MAX_GROUP_SIZE
+
+MAX_STAGES = 8
+"""The most stage timeouts a ``gossip.group_formed`` may carry."""
 
 __all__ = [
     "GROUP_ID_BYTES",
@@ -61,6 +65,9 @@ class Group:
     id: bytes
     members: tuple[bytes, ...]
     leader: bytes | None = None
+    deadlines: tuple[float, ...] = ()
+    """The stage timeouts the group runs on (its inviter's, ``gossip.deadlines``); empty:
+    each member's own."""
 
     @property
     def size(self) -> int:
@@ -108,6 +115,8 @@ class GroupFormer(Protocol):
     message_types: tuple[type, ...]
     formed: Group | None
     failure: str | None
+    proposed: tuple[float, ...]
+    """The stage timeouts this peer proposes to the groups it forms (set before ``start``)."""
 
     @property
     def wake_at(self) -> float | None:
@@ -213,6 +222,7 @@ class HashGrouping:
         self.me, self.size, self.min_size = me, size, min_size
         self.formed: Group | None = None
         self.failure: str | None = None
+        self.proposed: tuple[float, ...] = ()  # unused: no formation message to carry it
 
     @property
     def wake_at(self) -> float | None:
@@ -286,6 +296,7 @@ class Invitations:
         self._busy: list[bytes] = []
         self.formed: Group | None = None
         self.failure: str | None = None
+        self.proposed: tuple[float, ...] = ()
         self.groups_formed = 0
         """Groups this peer ended up in."""
         self.dissolved = 0
@@ -415,9 +426,12 @@ class Invitations:
             or sender not in members
             or not self.config.min_size <= len(members) <= MAX_GROUP_SIZE
             or len(msg.group) != GROUP_ID_BYTES
+            or len(msg.deadlines_ms) > MAX_STAGES
         ):
             raise InconsistentMessage("an invalid group list")
-        self._done(Group(msg.round, msg.group, members, sender))
+        # the receiving all-reduce clamps the inviter's timeouts to its own bounds
+        deadlines = tuple(ms / 1000 for ms in msg.deadlines_ms)
+        self._done(Group(msg.round, msg.group, members, sender, deadlines))
         return []
 
     # ------------------------------------------------------------------ transitions
@@ -480,8 +494,11 @@ class Invitations:
             self._asked, self._accepted, self._busy = {}, [], []
             return out + self._next_attempt(now)
         members = _sorted([*accepted, self.me])
-        group = Group(rnd, self._new_id(GROUP_ID_BYTES), members, self.me)
-        formed = GroupFormed(rnd, invite, group.id, tuple(PeerId(m) for m in members))
+        proposed = tuple(max(1, math.ceil(s * 1000)) for s in self.proposed)
+        group = Group(
+            rnd, self._new_id(GROUP_ID_BYTES), members, self.me, tuple(ms / 1000 for ms in proposed)
+        )
+        formed = GroupFormed(rnd, invite, group.id, tuple(PeerId(m) for m in members), proposed)
         out += [(p, formed) for p in accepted]
         log.debug("event=group_formed round=%d size=%d", rnd, group.size)
         self._done(group)

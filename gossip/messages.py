@@ -81,6 +81,9 @@ class GroupFormed:
     invite: bytes
     group: bytes
     members: tuple[PeerId, ...]
+    deadlines_ms: tuple[int, ...] = ()
+    """The stage timeouts the group runs on, milliseconds (``gossip.deadlines``; empty: each
+    member's own)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,6 +58,8 @@ def allreduce_config(spec: RunSpec) -> AllReduceConfig:
         bits=64 if spec.distributed else spec.ring_bits,
         bound=spec.value_bound,
         stage_timeout_s=spec.stage_timeout_s,
+        min_stage_timeout_s=spec.min_stage_timeout_s,
+        adaptive_deadlines=spec.adaptive_deadlines,
         threshold=spec.threshold or None,
         degree=spec.degree or None,
         noised=NoisedRing(ring_scale(spec.clip), spec.group_threshold)

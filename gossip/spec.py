@@ -112,7 +112,13 @@ class RunSpec:
     """Public bound on every |w x| and w a peer contributes (w: its row count, or 1 under
     DP); a larger value fails that peer's round with ``RingOverflow``."""
     stage_timeout_s: float = 2.0
-    """Deadline of one group protocol stage, seconds."""
+    """Deadline of one group protocol stage, seconds: the longest an adaptive one waits."""
+    min_stage_timeout_s: float = 0.5
+    """The shortest an adaptive stage deadline gets, seconds."""
+    adaptive_deadlines: bool = True
+    """Learn each group stage's deadline from the arrival delays a peer observed (between
+    min_stage_timeout_s and stage_timeout_s; ``gossip.deadlines``); false: always
+    stage_timeout_s."""
     match_timeout_s: float = 5.0
     """How long a peer tries to form a round's group, seconds."""
     form_timeout_s: float = 0.5
@@ -179,7 +185,9 @@ class RunSpec:
         need(self.degree >= 0, "degree", "must be >= 0 (0: complete mask graph)")
         need(self.ring in RINGS, "ring", f"must be one of {RINGS}")
         need(self.value_bound > 0, "value_bound", "must be > 0")
-        for name in ("stage_timeout_s", "match_timeout_s", "form_timeout_s", "period_s"):
+        need(isinstance(self.adaptive_deadlines, bool), "adaptive_deadlines", "must be a bool")
+        names = ("stage_timeout_s", "min_stage_timeout_s", "match_timeout_s", "form_timeout_s")
+        for name in (*names, "period_s"):
             need(getattr(self, name) > 0, name, "must be > 0")
         need(self.topology in TOPOLOGIES, "topology", f"must be one of {TOPOLOGIES}")
         need(self.topology_degree >= 1, "topology_degree", "must be at least 1")

@@ -252,6 +252,8 @@ class TrainingConfig:
     ring: str = SPEC.ring
     value_bound: float = SPEC.value_bound
     stage_timeout_s: float = SPEC.stage_timeout_s
+    min_stage_timeout_s: float = SPEC.min_stage_timeout_s
+    adaptive_deadlines: bool = SPEC.adaptive_deadlines
     match_timeout_s: float = SPEC.match_timeout_s
     form_timeout_s: float = SPEC.form_timeout_s
     period_s: float = SPEC.period_s

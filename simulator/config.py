@@ -135,7 +135,13 @@ class Scenario:
     ring: str = _f("group", SPEC.ring, "ring of group averaging: 64, 32 or auto")
     value_bound: float = _f("group", SPEC.value_bound, "public bound on |w x| and w")
     stage_timeout_s: float = _f(
-        "group", SPEC.stage_timeout_s, "deadline of one protocol stage, seconds"
+        "group", SPEC.stage_timeout_s, "deadline of one protocol stage (the longest), seconds"
+    )
+    min_stage_timeout_s: float = _f(
+        "group", SPEC.min_stage_timeout_s, "the shortest an adaptive stage deadline gets, s"
+    )
+    adaptive_deadlines: bool = _f(
+        "group", SPEC.adaptive_deadlines, "learn stage deadlines from observed delays"
     )
     match_timeout_s: float = _f(
         "group", SPEC.match_timeout_s, "how long a peer tries to form a group (invite), s"

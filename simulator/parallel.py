@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 from floor.errors import MurmurError
+from gossip.deadlines import StageDeadlines
 from simulator.clock import VirtualClockLoop
 from simulator.config import Scenario
 from simulator.network import SimNetwork
@@ -80,6 +81,9 @@ class GroupJob:
     online: list[bool]  # every peer, at t0
     view: list[int]  # the round's membership snapshot (every worker's peers see the same)
     leaves: list[tuple[int, float]]  # every pending departure (peer, virtual time)
+    # Each member's adaptive deadlines (``gossip.deadlines`` state, same order), or None: the
+    # members' machines already hold them (one worker), or deadlines do not adapt.
+    deadlines: list[bytes] | None = None
 
 
 @dataclass
@@ -98,6 +102,7 @@ class GroupOutcome:
     recovered: int = 0  # peers whose secure group finished by recovering from late drops
     groups: tuple[int, int, int] = (0, 0, 0)  # groups formed, completed, recovered
     quorate: int = 0  # peers whose group aborted although t of its members stayed
+    deadlines: dict[int, bytes] = field(default_factory=dict)  # member -> deadline state
 
     def merge(self, other: GroupOutcome) -> None:
         """Add another worker's outcome of the same round."""
@@ -110,6 +115,7 @@ class GroupOutcome:
         self.recovered += other.recovered
         # a group runs in one worker, so the workers' counts add up
         self.quorate += other.quorate
+        self.deadlines.update(other.deadlines)
         (f, c, r), (of, oc, orr) = self.groups, other.groups
         self.groups = (f + of, c + oc, r + orr)
 
@@ -166,6 +172,7 @@ class GroupWorker:
         self.net = SimNetwork(self.loop, s, s.peers, self.online)
         self.round = PeerRounds(self.net, s, None, warm_threads=warm_threads)
         self._number = 0  # this round's number: callbacks of older rounds are ignored
+        self._carried: list[int] = []  # members whose deadline state goes back to the pool
         self._finish = 0.0
         self._forced = False
 
@@ -219,6 +226,10 @@ class GroupWorker:
             rows = ()
         contributions = {p: (row, w) for p, row, w in zip(order, rows, job.weights, strict=True)}
         ready = dict(zip(order, job.ready, strict=True))
+        self._carried = order if job.deadlines is not None else []
+        if job.deadlines is not None:  # each member goes on from what it learned elsewhere
+            for p, state in zip(order, job.deadlines, strict=True):
+                _deadlines(rnd.machines[p]).restore(state)
         rnd.begin(job.rnd, order, contributions, ready, done, view=job.view, mine=set(order))
         for p, when in job.leaves:
             net.call_at(when, self._leave, p, number)
@@ -255,6 +266,7 @@ class GroupWorker:
             recovered=rnd.recovered,
             groups=rnd.group_counts,
             quorate=rnd.failed_with_quorum,
+            deadlines={p: _deadlines(rnd.machines[p]).state() for p in self._carried},
         )
 
 
@@ -364,6 +376,8 @@ class GroupPool:
 
     def __init__(self, scenario: Scenario, workers: int) -> None:
         self.workers = max(1, workers)
+        self._carry = self.workers > 1 and scenario.adaptive_deadlines
+        self._deadlines: dict[int, bytes] = {}  # peer -> its adaptive deadline state
         # Balancing: wall seconds per member of group work, and this process's own work
         # between two rounds (training, metrics), which the other workers do not share.
         self._per_member = 0.0
@@ -412,6 +426,10 @@ class GroupPool:
             self._job(rnd, t0, limit, part, contributions, ready, online, view, leaves, i > 0)
             for i, part in enumerate(parts)
         ]
+        if self._carry:  # a peer's groups move between workers: its deadlines go along
+            known = self._deadlines
+            for job in jobs:
+                job.deadlines = [known.get(p, b"") for g in job.groups for p in g]
         for remote, job in zip(self._remotes, jobs[1:], strict=True):
             remote.send("run", job)
         mine = {p: contributions[p][0] for g in parts[0] for p in g}
@@ -423,6 +441,7 @@ class GroupPool:
             busy += other.busy_s
             members += sum(len(g) for g in part)
             outcome.merge(other)
+        self._deadlines.update(outcome.deadlines)
         if members:
             self._per_member = _smooth(self._per_member, busy / members)
         self._returned = time.perf_counter()
@@ -495,6 +514,13 @@ class GroupPool:
             view,
             leaves,
         )
+
+
+def _deadlines(machine: object) -> StageDeadlines:
+    found = getattr(machine, "deadlines", None)
+    if not isinstance(found, StageDeadlines):  # pragma: no cover - hash groups only
+        raise WorkerFailed("a group worker's machine has no stage deadlines")
+    return found
 
 
 def serve_fd(fd: int) -> None:
