@@ -125,9 +125,9 @@ class AllReduceConfig:
     """Deadline of each protocol stage: the longest an adaptive stage waits."""
     min_stage_timeout_s: float = 0.5
     """The shortest an adaptive stage waits (``gossip.deadlines``)."""
-    adaptive_deadlines: bool = True
-    """Learn each stage's timeout from observed arrival delays; False: always
-    ``stage_timeout_s``."""
+    adaptive_deadlines: bool = False
+    """Learn each stage's timeout from observed arrival delays (``gossip.deadlines``); False:
+    always ``stage_timeout_s``."""
     threshold: int | None = None
     """Least number of counted inputs (default ceil(2k/3))."""
     degree: int | None = None

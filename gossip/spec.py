@@ -115,10 +115,11 @@ class RunSpec:
     """Deadline of one group protocol stage, seconds: the longest an adaptive one waits."""
     min_stage_timeout_s: float = 0.5
     """The shortest an adaptive stage deadline gets, seconds."""
-    adaptive_deadlines: bool = True
+    adaptive_deadlines: bool = False
     """Learn each group stage's deadline from the arrival delays a peer observed (between
     min_stage_timeout_s and stage_timeout_s; ``gossip.deadlines``); false: always
-    stage_timeout_s."""
+    stage_timeout_s. Off by default: under churn.toml it halves a run's virtual time but
+    more than doubles the member-rounds without an average (bench/results/churn.md)."""
     match_timeout_s: float = 5.0
     """How long a peer tries to form a round's group, seconds."""
     form_timeout_s: float = 0.5
