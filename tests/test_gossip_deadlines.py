@@ -3,6 +3,7 @@ simulated network with stragglers where adaptive deadlines drop them and fixed o
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import random
 
@@ -10,7 +11,7 @@ import nacl.signing
 import pytest
 import torch
 
-from floor.errors import ConfigError
+from floor.errors import AggregationError, ConfigError, OutOfStage
 from gossip.allreduce import PLAIN_STAGES, STAGES, AllReduceConfig, PlainGroup, SecureGroup
 from gossip.deadlines import MARGIN, WARMUP, WINDOW, StageDeadlines
 from gossip.matchmaking import Group, Invitations, MatchConfig
@@ -29,7 +30,8 @@ def test_the_ceiling_holds_until_a_stage_has_enough_samples() -> None:
     d.observe([(0, 0.05)] * (WARMUP - 1))
     assert d.timeouts() == (2.0, 2.0)
     d.observe([(0, 0.05)])
-    assert d.timeouts() == (pytest.approx(MARGIN * 0.05), 2.0)  # stage 1 still has none
+    first, second = d.timeouts()
+    assert first == pytest.approx(MARGIN * 0.05) and second == 2.0  # stage 1 still has none
 
 
 def test_timeouts_stay_within_the_floor_and_the_ceiling() -> None:
@@ -166,3 +168,49 @@ def test_adaptive_deadlines_drop_stragglers_that_fixed_ones_wait_for() -> None:
     assert all(r.groups_completed == r.groups_formed == 2 for r in late)  # type: ignore[attr-defined]
     # the lockstep round still lasts until the stragglers are ready, no longer
     assert max(durations[1][3:]) < min(durations[0][1:])
+
+
+def test_a_message_that_comes_after_its_group_ended_is_still_a_sample() -> None:
+    """Late messages are what tells a peer its deadlines are too short: one that arrives after
+    the round ended (refused) still becomes a sample of its stage."""
+    from gossip.allreduce import GroupAveraging
+    from gossip.machine import RoundJob
+    from gossip.matchmaking import HashGrouping
+
+    ids = sorted(bytes([i]) * 32 for i in range(1, 4))
+    cfg = AllReduceConfig(stage_timeout_s=1.0, min_stage_timeout_s=0.1, adaptive_deadlines=True)
+    peers = {
+        m: GroupAveraging(m, m, HashGrouping(m, size=3, min_size=3), secure=False, config=cfg)
+        for m in ids
+    }
+    queue: list[tuple[bytes, bytes, object]] = []
+    held: list[tuple[bytes, bytes, object]] = []
+    slow = ids[2]  # its chunks to the others arrive only after their round ended
+    for m, p in peers.items():
+        out = p.begin(0.0, RoundJob(1, torch.full((6,), float(ids.index(m))), 1.0, ids))
+        queue += [(m, to, msg) for to, msg in out]
+    while queue:
+        sender, to, msg = queue.pop(0)
+        if sender == slow and type(msg).__name__ == "PlainChunk":
+            held.append((sender, to, msg))
+            continue
+        out = peers[to].receive(0.01, sender, msg)
+        queue += [(to, t, m) for t, m in out]
+    for p in peers.values():
+        p.wake(1.0)  # the reduce stage closes without the slow member's chunks
+    for p in peers.values():
+        p.wake(2.0)
+    fast = peers[ids[0]]
+    assert fast.done
+    with contextlib.suppress(AggregationError):  # the sums of the wake were not delivered
+        fast.outcome()
+    before = fast.deadlines.state()
+    late = [(s, m) for s, to, m in held if to == ids[0]]
+    assert late
+    with pytest.raises(OutOfStage):
+        fast.receive(2.5, *late[0])
+    after = fast.deadlines.state()
+    assert after[0] == before[0] + 1  # one more reduce-stage sample (2.5 s late)
+    with pytest.raises(OutOfStage):  # the same message again is no second sample
+        fast.receive(2.6, *late[0])
+    assert fast.deadlines.state() == after
