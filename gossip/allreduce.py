@@ -59,7 +59,7 @@ from gossip.matchmaking import Group, GroupFormer
 from gossip.messages import PlainChunk, PlainChunkSum
 from mpc.fixedpoint import Bits, check_capacity, decode, encode_, max_scale
 from mpc.messages import MESSAGE_TYPES as MPC_TYPES
-from mpc.messages import View
+from mpc.messages import Input, View
 from mpc.protocol import Member, Stage, default_threshold
 from mpc.state import STAGE_OF
 from mpc.survivors import chunk_bounds
@@ -372,16 +372,66 @@ class _Stages:
     """The deadline rule shared by both all-reduces (see the module docstring), and what the
     member observed for ``gossip.deadlines``: each awaited message's delay after the member
     entered its stage (0 if it came before), late ones included, and the stages that ended on
-    their deadline."""
+    their deadline.
 
-    def __init__(self, now: float, timeouts: tuple[float, ...]) -> None:
+    With adaptive deadlines (``ceiling`` set) a stage's timeout is *soft*: at its deadline the
+    stage closes only if at least ``need`` other members were heard in it (enough to go on);
+    otherwise it waits on, up to ``ceiling`` after the stage began, since closing would end the
+    round. With ``agree`` (a group without an inviter's timeouts) every member proposes its
+    timeouts in its first-stage messages, and from the second stage on each member uses the
+    largest proposal of every stage among those it heard: the members' deadlines agree, up to
+    whose first messages arrived, which is what closes the first stage anyway.
+    """
+
+    def __init__(
+        self,
+        now: float,
+        timeouts: tuple[float, ...],
+        *,
+        ceiling: float | None = None,
+        floor: float = 0.0,
+        need: int = 0,
+        agree: bool = False,
+    ) -> None:
         self.timeouts = timeouts
+        self.ceiling, self.floor, self.need = ceiling, floor, need
+        self.stage = 0
         self.deadline = now + timeouts[0]
-        self.entered: list[float | None] = [None] * len(timeouts)
+        self.hard = now + max(timeouts[0], ceiling or 0.0)
+        n = len(timeouts)
+        self.entered: list[float | None] = [None] * n
         self.entered[0] = now
+        self.count = [0] * n
         self.delays: list[tuple[int, float]] = []
         self.timed_out: set[int] = set()
         self._heard: set[tuple[bytes, int]] = set()
+        self.proposals: list[tuple[float, ...]] | None = [timeouts] if agree else None
+
+    def proposal_ms(self) -> tuple[int, ...]:
+        """This member's timeouts to propose (empty when the group does not agree on them)."""
+        if self.proposals is None:
+            return ()
+        return tuple(max(1, math.ceil(t * 1000)) for t in self.timeouts)
+
+    def propose(self, deadlines_ms: Sequence[int]) -> None:
+        """A member's proposal, from its first-stage message (ignored unless it fits)."""
+        found = self.proposals
+        if found is None or self.stage != 0 or len(deadlines_ms) != len(self.timeouts):
+            return
+        if all(v.__class__ is int and 0 < v <= 10**7 for v in deadlines_ms):
+            found.append(tuple(v / 1000 for v in deadlines_ms))
+
+    def due(self, now: float) -> bool:
+        """Whether the current stage closes now (its deadline passed)."""
+        if now < self.deadline:
+            return False
+        return now >= self.hard or self.count[self.stage] >= self.need
+
+    def wake_at(self) -> float:
+        """When the current stage may close."""
+        if self.stage < len(self.count) and self.count[self.stage] >= self.need:
+            return self.deadline
+        return max(self.deadline, self.hard)
 
     def moved(self, now: float, old: int, new: int, *, by_deadline: bool) -> None:
         """The member left stage index ``old`` for ``new`` (``new`` past the last: finished)."""
@@ -390,8 +440,19 @@ class _Stages:
         entered = self.entered
         for i in range(old + 1, min(new, len(entered) - 1) + 1):
             entered[i] = now
+        if old == 0 and self.proposals is not None and self.ceiling is not None:
+            agreed = [max(p[i] for p in self.proposals) for i in range(len(self.timeouts))]
+            clamp = min(self.floor, self.ceiling)
+            self.timeouts = (
+                self.timeouts[0],
+                *(min(self.ceiling, max(clamp, t)) for t in agreed[1:]),
+            )
+            self.proposals = None
+        self.stage = new
         if new < len(self.timeouts):
-            self.deadline = max(now, self.deadline) + self.timeouts[new]
+            base = max(now, self.deadline)
+            self.deadline = base + self.timeouts[new]
+            self.hard = base + max(self.timeouts[new], self.ceiling or 0.0)
 
     def heard(self, now: float, sender: bytes, stage: int) -> None:
         """An awaited message of stage index ``stage`` arrived (the first one per sender)."""
@@ -399,6 +460,7 @@ class _Stages:
         if key in self._heard or not 0 <= stage < len(self.entered):
             return
         self._heard.add(key)
+        self.count[stage] += 1
         entered = self.entered[stage]
         self.delays.append((stage, 0.0 if entered is None else max(0.0, now - entered)))
 
@@ -427,8 +489,12 @@ class SecureGroup:
         weight: float,
         config: AllReduceConfig,
         timeouts: Sequence[float] | None = None,
+        *,
+        agreed: bool = False,
     ) -> None:
-        """``timeouts``: one per stage (INPUT to AGGREGATE); None: ``stage_timeout_s``."""
+        """``timeouts``: one per stage (INPUT to AGGREGATE); None: ``stage_timeout_s``.
+        ``agreed``: they are the group's (its inviter's); else, with adaptive deadlines, the
+        members agree on them in the INPUT stage (``_Stages``)."""
         self.group = group
         self._config = config
         k = group.size
@@ -450,6 +516,7 @@ class SecureGroup:
             degree=config.degree_for(k),
         )
         self._timeouts = _timeouts(config, STAGES, timeouts)
+        self._agree = config.adaptive_deadlines and not agreed
         self._stages: _Stages | None = None
         self._stage = Stage.INPUT
         self.wake_at: float | None = None
@@ -465,8 +532,22 @@ class SecureGroup:
 
     def start(self, now: float) -> Out:
         """Mask the input and send every member its chunk and share."""
-        self._stages = _Stages(now, self._timeouts)
+        cfg = self._config
+        stages = self._stages = _Stages(
+            now,
+            self._timeouts,
+            ceiling=cfg.stage_timeout_s if cfg.adaptive_deadlines else None,
+            floor=cfg.min_stage_timeout_s,
+            need=self.member.threshold - 1,
+            agree=self._agree,
+        )
         out = self.member.start()
+        proposal = stages.proposal_ms()
+        if proposal:
+            out = [
+                (m, replace(msg, deadlines_ms=proposal) if type(msg) is Input else msg)
+                for m, msg in out
+            ]
         self._moved(now, by_deadline=False)
         return out
 
@@ -481,17 +562,24 @@ class SecureGroup:
         self._heard(now, sender, message)
         if member.stage is not self._stage:  # the common case (no move) stays cheap
             self._moved(now, by_deadline=False)
+        elif self._stages is not None and not self.finished:
+            self.wake_at = self._stages.wake_at()
         return out
 
     def _heard(self, now: float, sender: bytes, message: Any) -> None:
         stages, stage = self._stages, STAGE_OF.get(type(message))
         if stages is not None and stage is not None:
             stages.heard(now, sender, stage - Stage.INPUT)
+            if stages.proposals is not None and type(message) is Input:
+                stages.propose(message.deadlines_ms)
 
     def wake(self, now: float) -> Out:
         """Close the current stage with what arrived, if its deadline passed."""
         stages = self._stages
-        if stages is None or self.member.finished or now < stages.deadline:
+        if stages is None or self.member.finished:
+            return []
+        if not stages.due(now):
+            self.wake_at = stages.wake_at()
             return []
         out = self.member.advance()
         self._moved(now, by_deadline=True)
@@ -510,7 +598,7 @@ class SecureGroup:
                 self._stages.timed_out.add(old - Stage.INPUT)
         stages = self._stages
         self.finished = member.finished
-        self.wake_at = None if stages is None or self.finished else stages.deadline
+        self.wake_at = None if stages is None or self.finished else stages.wake_at()
 
     def cancel(self) -> None:
         """Abort now and forget the pair secrets."""
@@ -567,8 +655,11 @@ class PlainGroup:
         weight: float,
         config: AllReduceConfig,
         timeouts: Sequence[float] | None = None,
+        *,
+        agreed: bool = False,
     ) -> None:
-        """``timeouts``: of the reduce and the gather stage; None: ``stage_timeout_s``."""
+        """``timeouts``: of the reduce and the gather stage; None: ``stage_timeout_s``;
+        ``agreed`` as in :class:`SecureGroup`."""
         self.me, self.group = me, group
         self._like = vector
         self._config = config
@@ -579,10 +670,10 @@ class PlainGroup:
         self._bounds = chunk_bounds(self.ring.numel(), self._k)
         self._threshold = config.threshold_for(self._k)
         self._timeouts = _timeouts(config, PLAIN_STAGES, timeouts)
+        self._agree = config.adaptive_deadlines and not agreed
         self._stage = 0  # 0 not started, 1 reduce, 2 gather, 3 done
-        self._deadline = 0.0
         self.stages: _Stages | None = None
-        """Observed delays (None before the start); its deadline is not used here."""
+        """Deadlines and observed delays (None before the start)."""
         # the two chunks this member reduces (its own and its predecessor's) -> sender -> slice
         self._own = (self._j, (self._j - 1) % self._k)
         self._mine: dict[int, dict[bytes, Tensor]] = {c: {} for c in self._own}
@@ -599,7 +690,8 @@ class PlainGroup:
     @property
     def wake_at(self) -> float | None:
         """The current stage's deadline."""
-        return self._deadline if self._stage in (1, 2) else None
+        stages = self.stages
+        return stages.wake_at() if stages is not None and self._stage in (1, 2) else None
 
     def _reducers(self, chunk: int) -> tuple[bytes, bytes]:
         members = self.group.members
@@ -608,8 +700,16 @@ class PlainGroup:
     def start(self, now: float) -> Out:
         """Send members i and i + 1 chunk i of the encoded input."""
         self._stage = 1
-        self._deadline = now + self._timeouts[0]
-        self.stages = _Stages(now, self._timeouts)
+        cfg = self._config
+        stages = self.stages = _Stages(
+            now,
+            self._timeouts,
+            ceiling=cfg.stage_timeout_s if cfg.adaptive_deadlines else None,
+            floor=cfg.min_stage_timeout_s,
+            need=self._threshold - 1,
+            agree=self._agree,
+        )
+        proposal = stages.proposal_ms()
         g, ring = self.group, self.ring
         out: Out = []
         for j in range(self._k):
@@ -618,7 +718,7 @@ class PlainGroup:
                 if m == self.me:
                     self._mine[j][m] = ring[lo:hi]
                 else:
-                    out.append((m, PlainChunk(g.id, g.round, j, ring[lo:hi])))
+                    out.append((m, PlainChunk(g.id, g.round, j, ring[lo:hi], proposal)))
         return out + self._progress(now)
 
     def receive(self, now: float, sender: bytes, message: Any) -> Out:
@@ -642,6 +742,7 @@ class PlainGroup:
         if type(message) is PlainChunk:
             if stages is not None:
                 stages.heard(now, sender, 0)
+                stages.propose(message.deadlines_ms)
             if self._stage != 1:
                 raise OutOfStage("a chunk after this member closed its reduce stage")
             got = self._mine.get(j)
@@ -667,12 +768,13 @@ class PlainGroup:
 
     def wake(self, now: float) -> Out:
         """Close the current stage if its deadline passed."""
-        if self._stage == 1 and now >= self._deadline:
+        stages = self.stages
+        if stages is None or self._stage not in (1, 2) or not stages.due(now):
+            return []
+        if self._stage == 1:
             return self._close_reduce(now, by_deadline=True)
-        if self._stage == 2 and now >= self._deadline:
-            if self.stages is not None:
-                self.stages.timed_out.add(1)
-            self._finish()
+        stages.timed_out.add(1)
+        self._finish()
         return []
 
     def _progress(self, now: float) -> Out:
@@ -696,8 +798,7 @@ class PlainGroup:
             names = tuple(PeerId(p) for p in contributors)
             msg = PlainChunkSum(g.id, g.round, j, total, names)
             out += [(m, msg) for m in g.members if m != self.me]
-        self._stage = 2
-        self._deadline += self._timeouts[1]  # a slower reducer may send at the end of stage 1
+        self._stage = 2  # its deadline: a slower reducer may send at the end of stage 1
         self._mine = {}
         return out + self._progress(now)
 
@@ -920,12 +1021,17 @@ class GroupAveraging:
             return []
         run: GroupRun
         deadlines = self.deadlines
-        timeouts = deadlines.accept(group.deadlines) if group.deadlines else deadlines.timeouts()
+        agreed = bool(group.deadlines)  # the inviter's, else the members agree on theirs
+        timeouts = deadlines.accept(group.deadlines) if agreed else deadlines.timeouts()
         try:
             if self._secure:
-                run = SecureGroup(self._seed, group, job.vector, job.weight, self.config, timeouts)
+                run = SecureGroup(
+                    self._seed, group, job.vector, job.weight, self.config, timeouts, agreed=agreed
+                )
             else:
-                run = PlainGroup(self.me, group, job.vector, job.weight, self.config, timeouts)
+                run = PlainGroup(
+                    self.me, group, job.vector, job.weight, self.config, timeouts, agreed=agreed
+                )
         except (ConfigError, AggregationError, ProtocolError) as exc:
             self._end(self._fail(group, str(exc)))
             return []

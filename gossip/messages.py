@@ -108,6 +108,8 @@ class PlainChunk:
     round: int
     chunk: int
     data: Tensor
+    deadlines_ms: tuple[int, ...] = ()
+    """The sender's proposed stage timeouts, milliseconds (``gossip.deadlines``; empty: none)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,6 +62,9 @@ class Input:
     sealed: bytes
     commitments: bytes
     replica: Tensor
+    deadlines_ms: tuple[int, ...] = ()
+    """The sender's proposed stage timeouts, milliseconds (``gossip.deadlines``; empty: none).
+    Not part of the protocol's arithmetic: ``gossip.allreduce`` fills and reads it."""
 
 
 @dataclass(frozen=True, slots=True)
