@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -419,19 +419,27 @@ class _Stages:
         if found is None or self.stage != 0 or len(deadlines_ms) != len(self.timeouts):
             return
         if all(v.__class__ is int and 0 < v <= 10**7 for v in deadlines_ms):
-            found.append(tuple(v / 1000 for v in deadlines_ms))
+            proposal = tuple(v / 1000 for v in deadlines_ms)
+            found.append(proposal)
+            ceiling, start = self.ceiling, self.entered[0]
+            if ceiling is not None and start is not None:  # the first stage's too, as it goes
+                first = min(ceiling, proposal[0])
+                self.deadline = max(self.deadline, start + first)
 
-    def due(self, now: float) -> bool:
-        """Whether the current stage closes now (its deadline passed)."""
-        if now < self.deadline:
-            return False
-        return now >= self.hard or self.count[self.stage] >= self.need
+    def enough(self) -> bool:
+        """At least ``need`` other members were heard in the current stage."""
+        return self.stage < len(self.count) and self.count[self.stage] >= self.need
 
-    def wake_at(self) -> float:
-        """When the current stage may close."""
-        if self.stage < len(self.count) and self.count[self.stage] >= self.need:
+    def due(self, now: float, ready: Callable[[], bool]) -> bool:
+        """Whether the current stage closes now: its (soft) deadline passed and ``ready()``
+        (enough arrived to go on), or its hard deadline passed."""
+        return now >= self.deadline and (now >= self.hard or ready())
+
+    def wake_at(self, now: float, ready: Callable[[], bool]) -> float:
+        """When the current stage may close (``ready`` as in :meth:`due`)."""
+        if now < self.deadline or now >= self.hard or ready():
             return self.deadline
-        return max(self.deadline, self.hard)
+        return self.hard
 
     def moved(self, now: float, old: int, new: int, *, by_deadline: bool) -> None:
         """The member left stage index ``old`` for ``new`` (``new`` past the last: finished)."""
@@ -516,7 +524,8 @@ class SecureGroup:
             degree=config.degree_for(k),
         )
         self._timeouts = _timeouts(config, STAGES, timeouts)
-        self._agree = config.adaptive_deadlines and not agreed
+        self._adaptive = config.adaptive_deadlines
+        self._agree = self._adaptive and not agreed
         self._stages: _Stages | None = None
         self._stage = Stage.INPUT
         self.wake_at: float | None = None
@@ -554,6 +563,11 @@ class SecureGroup:
     def receive(self, now: float, sender: bytes, message: Any) -> Out:
         """One protocol message (a ``ProtocolError`` refuses it)."""
         member = self.member
+        if not self._adaptive:  # fixed deadlines: nothing to observe (the simulator's hot path)
+            out = member.receive(sender, message)
+            if member.stage is not self._stage:
+                self._moved(now, by_deadline=False)
+            return out
         try:
             out = member.receive(sender, message)
         except OutOfStage:
@@ -563,8 +577,12 @@ class SecureGroup:
         if member.stage is not self._stage:  # the common case (no move) stays cheap
             self._moved(now, by_deadline=False)
         elif self._stages is not None and not self.finished:
-            self.wake_at = self._stages.wake_at()
+            self.wake_at = self._stages.wake_at(now, self._ready)
         return out
+
+    def _ready(self) -> bool:
+        stages = self._stages
+        return stages is not None and stages.enough() and self.member.can_advance()
 
     def _heard(self, now: float, sender: bytes, message: Any) -> None:
         stages, stage = self._stages, STAGE_OF.get(type(message))
@@ -578,8 +596,8 @@ class SecureGroup:
         stages = self._stages
         if stages is None or self.member.finished:
             return []
-        if not stages.due(now):
-            self.wake_at = stages.wake_at()
+        if not stages.due(now, self._ready):
+            self.wake_at = stages.wake_at(now, self._ready)
             return []
         out = self.member.advance()
         self._moved(now, by_deadline=True)
@@ -598,7 +616,7 @@ class SecureGroup:
                 self._stages.timed_out.add(old - Stage.INPUT)
         stages = self._stages
         self.finished = member.finished
-        self.wake_at = None if stages is None or self.finished else stages.wake_at()
+        self.wake_at = None if stages is None or self.finished else stages.wake_at(now, self._ready)
 
     def cancel(self) -> None:
         """Abort now and forget the pair secrets."""
@@ -670,7 +688,9 @@ class PlainGroup:
         self._bounds = chunk_bounds(self.ring.numel(), self._k)
         self._threshold = config.threshold_for(self._k)
         self._timeouts = _timeouts(config, PLAIN_STAGES, timeouts)
-        self._agree = config.adaptive_deadlines and not agreed
+        self._adaptive = config.adaptive_deadlines
+        self._agree = self._adaptive and not agreed
+        self._now = 0.0  # the latest time this run was given (for wake_at)
         self._stage = 0  # 0 not started, 1 reduce, 2 gather, 3 done
         self.stages: _Stages | None = None
         """Deadlines and observed delays (None before the start)."""
@@ -691,7 +711,15 @@ class PlainGroup:
     def wake_at(self) -> float | None:
         """The current stage's deadline."""
         stages = self.stages
-        return stages.wake_at() if stages is not None and self._stage in (1, 2) else None
+        if stages is None or self._stage not in (1, 2):
+            return None
+        return stages.wake_at(self._now, self._ready)
+
+    def _ready(self) -> bool:
+        stages = self.stages
+        if stages is None or not stages.enough():
+            return False
+        return self._stage == 1 or all(self._sums.get(j) for j in range(self._k))
 
     def _reducers(self, chunk: int) -> tuple[bytes, bytes]:
         members = self.group.members
@@ -699,6 +727,7 @@ class PlainGroup:
 
     def start(self, now: float) -> Out:
         """Send members i and i + 1 chunk i of the encoded input."""
+        self._now = now
         self._stage = 1
         cfg = self._config
         stages = self.stages = _Stages(
@@ -723,6 +752,7 @@ class PlainGroup:
 
     def receive(self, now: float, sender: bytes, message: Any) -> Out:
         """A chunk (to reduce) or a chunk sum (to gather)."""
+        self._now = now
         g = self.group
         j = message.chunk
         if sender not in self._index or message.round != g.round or j.__class__ is not int:
@@ -738,7 +768,7 @@ class PlainGroup:
             and data.numel() == hi - lo
         ):
             raise MalformedMessage(f"chunk {j} must be {hi - lo} ring elements")
-        stages = self.stages
+        stages = self.stages if self._adaptive else None
         if type(message) is PlainChunk:
             if stages is not None:
                 stages.heard(now, sender, 0)
@@ -768,8 +798,9 @@ class PlainGroup:
 
     def wake(self, now: float) -> Out:
         """Close the current stage if its deadline passed."""
+        self._now = now
         stages = self.stages
-        if stages is None or self._stage not in (1, 2) or not stages.due(now):
+        if stages is None or self._stage not in (1, 2) or not stages.due(now, self._ready):
             return []
         if self._stage == 1:
             return self._close_reduce(now, by_deadline=True)
@@ -1073,7 +1104,7 @@ class GroupAveraging:
         self._end(result)
 
     def _retire(self, run: GroupRun, *, observe: bool = True) -> None:
-        stages = run.stages if observe else None
+        stages = run.stages if observe and self.deadlines.adaptive else None
         if stages is not None:
             self.deadlines.observe(stages.delays)
             stages.delays = []

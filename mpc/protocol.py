@@ -250,6 +250,39 @@ class Member(MemberState):
         if not self.finished:
             self._abort(reason)
 
+    def can_advance(self) -> bool:
+        """Whether closing the current stage now would go on, not abort for want of a message
+        (a driver with a soft deadline closes early only then; ``gossip.allreduce``).
+
+        INPUT and CONSISTENCY: always (what is missing then shrinks the counted set or the live
+        set, it does not end the round by itself). VIEW: at least ``threshold`` views, all
+        equal to this member's. UNMASKING: every assigned chunk holds every counted member's
+        slice, every counted member's self-mask seed has enough revealed shares, and every
+        pair seed with a dropped member has been revealed. AGGREGATE: every chunk has a sum.
+        """
+        s = self._stage
+        if s is Stage.VIEW:
+            views, mine = self._views, self._view_digest
+            return len(views) >= self.threshold and all(v == mine for v in views.values())
+        if s is Stage.UNMASKING:
+            counted = self._counted or frozenset()
+            if any(not counted <= got.keys() for got in self._assigned.values()):
+                return False
+            reveals = self._reveals
+            for u in counted:
+                shares = sum(1 for r in reveals.values() if u in r.self_mask_shares)
+                if shares < self.local_threshold:
+                    return False
+                pairs = self._graph[u] & self._dropped
+                if pairs:
+                    reveal = reveals.get(u)
+                    if reveal is None or not pairs <= reveal.pair_seeds.keys():
+                        return False
+            return True
+        if s is Stage.AGGREGATE:
+            return all(self._sums.get(j) for j in range(self.k))
+        return s in (Stage.INPUT, Stage.CONSISTENCY)
+
     def _stage_complete(self) -> bool:
         s = self._stage
         if s is Stage.INPUT:
