@@ -22,10 +22,15 @@ peer saw in its own group rounds:
 
 The members of one group must close their stages at about the same time: a member whose
 deadline is much shorter than the others' cuts a member they would have waited for (the
-protocol stays exact: a cut member is not counted). Groups formed by invitation therefore run
-on the inviter's timeouts, carried in ``gossip.group_formed`` (each member clamps them to its
-own floor and ceiling). Hash groups exchange no formation message: each member uses its own
-estimate, which converges to the others' since they see the same links.
+protocol stays exact: a cut member is not counted, but the members may then disagree on who
+is). Groups formed by invitation therefore run on the inviter's timeouts, carried in
+``gossip.group_formed`` (each member clamps them to its own floor and ceiling). Hash groups
+exchange no formation message: each member proposes its timeouts in its first-stage messages
+(``secagg.input``, ``gossip.plain_chunk``), its first stage waits as long as the largest
+proposal heard, and the later stages take the largest proposal of each (``gossip.allreduce``).
+And an adaptive deadline is soft: at it a stage closes only if enough members were heard and
+closing would not abort the round (``mpc.Member.can_advance``); else it waits on up to the
+ceiling.
 
 The state is a plain value (:meth:`StageDeadlines.state`, :meth:`StageDeadlines.restore`), so a
 simulator that runs a peer's rounds in different processes carries it along.

@@ -15,7 +15,7 @@ from floor.errors import AggregationError, ConfigError, OutOfStage
 from gossip.allreduce import PLAIN_STAGES, STAGES, AllReduceConfig, PlainGroup, SecureGroup
 from gossip.deadlines import MARGIN, WARMUP, WINDOW, StageDeadlines
 from gossip.matchmaking import Group, Invitations, MatchConfig
-from gossip.messages import GroupFormed, InviteReply
+from gossip.messages import GroupFormed, InviteReply, PlainChunk
 from simulator.config import Scenario
 from simulator.engine import run_scenario
 
@@ -214,3 +214,44 @@ def test_a_message_that_comes_after_its_group_ended_is_still_a_sample() -> None:
     with pytest.raises(OutOfStage):  # the same message again is no second sample
         fast.receive(2.6, *late[0])
     assert fast.deadlines.state() == after
+
+
+def test_members_without_an_inviter_agree_on_the_largest_proposal() -> None:
+    """Hash groups: each member proposes its timeouts in its first-stage messages; the first
+    stage's deadline rises with what is heard, and the later stages take the largest proposal."""
+    group, ids, seed = _group(4)
+    me = bytes(nacl.signing.SigningKey(seed).verify_key)
+    others = [m for m in ids if m != me]
+    cfg = AllReduceConfig(stage_timeout_s=2.0, min_stage_timeout_s=0.1, adaptive_deadlines=True)
+    run = PlainGroup(me, group, torch.zeros(8), 1.0, cfg, (0.3, 0.4))
+    out = run.start(0.0)
+    assert {m.deadlines_ms for _, m in out} == {(300, 400)}  # its own proposal goes out
+    assert run.wake_at == pytest.approx(0.3)
+    j = group.members.index(me)
+    chunk = run.ring[: run._bounds[j][1] - run._bounds[j][0]]
+    run.receive(0.05, others[0], PlainChunk(group.id, 1, j, chunk.clone(), (900, 1500)))
+    assert run.wake_at == pytest.approx(0.9)  # the first stage waits as long as the slowest
+    run.receive(0.06, others[1], PlainChunk(group.id, 1, j, chunk.clone(), (5000, 9999999)))
+    assert run.wake_at == pytest.approx(2.0)  # ... within this member's own ceiling
+    run.wake(2.0)
+    assert run.stages is not None and run.stages.timeouts == (0.3, 2.0)
+
+
+def test_a_soft_deadline_waits_on_when_too_few_members_were_heard() -> None:
+    group, ids, seed = _group(4)  # threshold 3: the member needs 2 others to go on
+    me = bytes(nacl.signing.SigningKey(seed).verify_key)
+    others = [m for m in ids if m != me]
+    cfg = AllReduceConfig(stage_timeout_s=2.0, min_stage_timeout_s=0.1, adaptive_deadlines=True)
+    run = PlainGroup(me, group, torch.zeros(8), 1.0, cfg, (0.3, 0.3), agreed=True)
+    run.start(0.0)
+    j = group.members.index(me)
+    chunk = run.ring[: run._bounds[j][1] - run._bounds[j][0]]
+    run.receive(0.05, others[0], PlainChunk(group.id, 1, j, chunk.clone()))
+    assert run.wake(0.3) == [] and run.wake_at == pytest.approx(2.0)  # one heard: waits on
+    run.receive(0.5, others[1], PlainChunk(group.id, 1, j, chunk.clone()))
+    assert run.wake_at == pytest.approx(0.3)  # two heard: it may close at once
+    assert run.wake(0.5)  # it closes and sends its chunk sums
+    fixed = PlainGroup(me, group, torch.zeros(8), 1.0, AllReduceConfig(), (0.3, 0.3))
+    fixed.start(0.0)
+    fixed.wake(0.3)  # fixed deadlines close with whatever arrived
+    assert fixed.stages is not None and fixed.stages.timed_out == {0}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import nacl.signing
 import pytest
@@ -324,3 +324,82 @@ def test_exported_members() -> None:
     from floor.errors import AggregationAborted
 
     assert mpc.AggregationAborted is AggregationAborted
+
+
+class _Net:
+    """Members exchanging messages in FIFO order; ``hold`` keeps some back, ``gone`` members
+    neither send nor receive."""
+
+    def __init__(self, members: list[mpc.Member], hold: Callable[..., bool], gone=()) -> None:
+        self.by_id = {m.id: m for m in members}
+        self.hold, self.gone = hold, set(gone)
+        self.held: list[tuple[bytes, bytes, mpc.Message]] = []
+        self.queue: list[tuple[bytes, bytes, mpc.Message]] = []
+        for m in members:
+            self.send(m.id, m.start() if m.id not in self.gone else [])
+
+    def send(self, sender: bytes, out: list[tuple[bytes, mpc.Message]]) -> None:
+        self.queue += [(sender, r, msg) for r, msg in out]
+        while self.queue:
+            s, r, msg = self.queue.pop(0)
+            if s in self.gone or r in self.gone:
+                continue
+            if self.hold(s, r, msg):
+                self.held.append((s, r, msg))
+                continue
+            self.queue += [(r, to, m) for to, m in self.by_id[r].receive(s, msg)]
+
+    def deadline(self) -> None:
+        """Every live member's current stage ends (its deadline passed)."""
+        for m in self.by_id.values():
+            if m.id not in self.gone and not m.finished:
+                self.send(m.id, m.advance())
+
+
+def _members(k: int, threshold: int) -> list[mpc.Member]:
+    keys = [bytes([i + 1]) * 32 for i in range(k)]
+    by_id = {bytes(nacl.signing.SigningKey(s).verify_key): s for s in keys}
+    ids = sorted(by_id)
+    vectors = ring_vectors(k, 12, 64, 5)
+    return [
+        mpc.Member(by_id[m], ids, group=b"g", round=1, vector=vectors[i], threshold=threshold)
+        for i, m in enumerate(ids)
+    ]
+
+
+def test_can_advance_says_whether_closing_a_stage_early_would_go_on() -> None:
+    """A soft deadline (``gossip.allreduce``) closes a stage early only when the member could go
+    on: enough equal views, and every share and pair seed it needs to unmask."""
+    members = _members(4, 3)
+    a, b, c, _ = members
+    # VIEW: a holds its own view and one other; the threshold is 3
+    net = _Net(members, lambda s, r, m: r == a.id and s in (b.id, c.id) and type(m) is mpc.View)
+    assert a.stage is mpc.Stage.VIEW and not a.can_advance()
+    s, _, view = net.held[0]
+    a.receive(s, view)
+    assert a.stage is mpc.Stage.VIEW and a.can_advance()  # 3 equal views: it may close now
+    # UNMASKING: the last member never sends its input (it left: a neighbour of every counted
+    # member, so each counted member must reveal its pair seed with it); a lacks b's reveal
+    members = _members(4, 3)
+    a, b, _, gone = members
+    net = _Net(
+        members,
+        lambda s, r, m: r == a.id and s == b.id and type(m) is mpc.Reveal,
+        gone=[gone.id],
+    )
+    while a.stage < mpc.Stage.UNMASKING:  # the drop shows at each deadline
+        net.deadline()
+    assert a.stage is mpc.Stage.UNMASKING
+    # b's reveal carries a share of every counted seed and b's pair seed with the gone member
+    assert gone.id in a._dropped and not a.can_advance()
+    a.advance()  # closing now does abort, as can_advance said
+    assert a.stage is mpc.Stage.ABORTED
+    # with b's reveal it could go on
+    members = _members(4, 3)
+    a, b, _, gone = members
+    net = _Net(members, lambda s, r, m: False, gone=[gone.id])
+    while not a.finished:
+        if a.stage is mpc.Stage.UNMASKING:
+            assert a.can_advance()
+        net.deadline()
+    assert a.stage is mpc.Stage.DONE
