@@ -279,10 +279,16 @@ class TrainingSession:
             "aborted_rounds": self._counts["aborted"],
             "no_group_rounds": self._counts["no_group"],
             "recovered_rounds": self._counts["recovered"],
+            "stage_timeouts_s": self._stage_timeouts(),
             "last_error": self._last_error,
             "resumed_round": self.resumed_round,
             "checkpoint_error": self._checkpoint_error,
         }
+
+    def _stage_timeouts(self) -> list[float] | None:
+        """The group stages' current timeouts (``gossip.deadlines``), or None: not grouped."""
+        deadlines = getattr(getattr(self.averager, "machine", None), "deadlines", None)
+        return None if deadlines is None else list(deadlines.timeouts())
 
     # -- running --------------------------------------------------------------------------------
 

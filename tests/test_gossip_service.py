@@ -177,6 +177,7 @@ def test_peers_train_with_secure_group_averaging(digits: Task) -> None:
         assert status["round"] == rounds and status["training"] == "done"
         assert status["aborted_rounds"] == 0 and status["privacy_unit"] == "none"
         assert status["algorithm"] == "secure"
+        assert status["stage_timeouts_s"] == [1.0] * 5  # fixed: every stage's is stage_timeout_s
         initial = session.initial_accuracy
         assert initial is not None and session.accuracy is not None
         assert session.accuracy > initial + 0.3
