@@ -12,6 +12,7 @@ the groups, and the final accuracy. The simulator is deterministic, so one run p
 measurement (no timing is compared).
 
     python -m bench.bench_churn [--before 55d4048] [--write]
+    python -m bench.bench_churn --deadlines   # this tree, fixed against adaptive deadlines
 """
 
 from __future__ import annotations
@@ -41,10 +42,10 @@ FIELDS = (
 )
 
 
-def run(tree: Path, out: Path, algorithm: str) -> dict[str, Any]:
+def run(tree: Path, out: Path, algorithm: str, scenario: Path = SCENARIO) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     code = "import sys; from simulator.cli import main; sys.exit(main(sys.argv[1:]))"
-    args = [str(SCENARIO), "--algorithm", algorithm, "--no-plots", "--quiet", "--out", str(out)]
+    args = [str(scenario), "--algorithm", algorithm, "--no-plots", "--quiet", "--out", str(out)]
     subprocess.run(
         [sys.executable, "-c", code, *args], cwd=tree, env=env, check=True, capture_output=True
     )
@@ -53,6 +54,7 @@ def run(tree: Path, out: Path, algorithm: str) -> dict[str, Any]:
     totals: dict[str, Any] = {f: sum(r.get(f, 0) for r in rounds) for f in FIELDS}
     totals["member_rounds"] = sum(r["active_peers"] for r in rounds)
     totals["accuracy"] = rows[-1]["accuracy"]
+    totals["virtual_time_s"] = rows[-1]["virtual_time_s"]
     totals["has"] = set(rounds[0])
     return totals
 
@@ -61,7 +63,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", default="55d4048")
     parser.add_argument("--write", action="store_true")
+    parser.add_argument(
+        "--deadlines",
+        action="store_true",
+        help="instead: this tree with fixed against adaptive deadlines (printed, not written)",
+    )
     args = parser.parse_args()
+    if args.deadlines:
+        compare_deadlines()
+        return
     with worktree(args.before) as tree, tempfile.TemporaryDirectory() as tmp:
         assert tree is not None
         runs = {
@@ -117,6 +127,32 @@ def main() -> None:
         old = path.read_text() if path.exists() else ""
         notes = old.split("\n<!-- notes -->\n", 1)[1] if "<!-- notes -->" in old else ""
         path.write_text(text + ("\n<!-- notes -->\n" + notes if notes else ""))
+
+
+def compare_deadlines() -> None:
+    """churn.toml on this tree with ``adaptive_deadlines`` off and on, both algorithms."""
+    with tempfile.TemporaryDirectory() as tmp:
+        adaptive = Path(tmp) / "churn-adaptive.toml"
+        text = SCENARIO.read_text()
+        adaptive.write_text(text.replace("[group]\n", "[group]\nadaptive_deadlines = true\n", 1))
+        print(
+            "| algorithm | deadlines | member-rounds | no average | of those with t members "
+            "left | not counted | accuracy | virtual time |"
+        )
+        print("|---|---|---:|---:|---:|---:|---:|---:|")
+        for algorithm in ("secure", "plain"):
+            for name, path in (("fixed", SCENARIO), ("adaptive", adaptive)):
+                t = run(ROOT, Path(tmp) / f"{algorithm}-{name}", algorithm, path)
+                n = t["member_rounds"]
+
+                def pct(field: str, t: dict[str, Any] = t, n: int = n) -> str:
+                    return f"{100 * t[field] / n:.1f}%"
+
+                print(
+                    f"| {algorithm} | {name} | {n:,} | {pct('failed_averages')} | "
+                    f"{pct('failed_with_quorum')} | {pct('dropped')} | {t['accuracy']:.3f} | "
+                    f"{t['virtual_time_s']:.1f} s |"
+                )
 
 
 if __name__ == "__main__":
