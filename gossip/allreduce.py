@@ -407,6 +407,27 @@ class _Stages:
         self._heard: set[tuple[bytes, int]] = set()
         self.proposals: list[tuple[float, ...]] | None = [timeouts] if agree else None
 
+    @classmethod
+    def of_run(
+        cls,
+        now: float,
+        timeouts: tuple[float, ...],
+        config: AllReduceConfig,
+        *,
+        need: int,
+        agree: bool,
+    ) -> _Stages:
+        """A group run's stages from its config: soft deadlines up to ``stage_timeout_s`` when
+        deadlines adapt, fixed ones otherwise."""
+        return cls(
+            now,
+            timeouts,
+            ceiling=config.stage_timeout_s if config.adaptive_deadlines else None,
+            floor=config.min_stage_timeout_s,
+            need=need,
+            agree=agree,
+        )
+
     def proposal_ms(self) -> tuple[int, ...]:
         """This member's timeouts to propose (empty when the group does not agree on them)."""
         if self.proposals is None:
@@ -541,14 +562,8 @@ class SecureGroup:
 
     def start(self, now: float) -> Out:
         """Mask the input and send every member its chunk and share."""
-        cfg = self._config
-        stages = self._stages = _Stages(
-            now,
-            self._timeouts,
-            ceiling=cfg.stage_timeout_s if cfg.adaptive_deadlines else None,
-            floor=cfg.min_stage_timeout_s,
-            need=self.member.threshold - 1,
-            agree=self._agree,
+        stages = self._stages = _Stages.of_run(
+            now, self._timeouts, self._config, need=self.member.threshold - 1, agree=self._agree
         )
         out = self.member.start()
         proposal = stages.proposal_ms()
@@ -729,14 +744,8 @@ class PlainGroup:
         """Send members i and i + 1 chunk i of the encoded input."""
         self._now = now
         self._stage = 1
-        cfg = self._config
-        stages = self.stages = _Stages(
-            now,
-            self._timeouts,
-            ceiling=cfg.stage_timeout_s if cfg.adaptive_deadlines else None,
-            floor=cfg.min_stage_timeout_s,
-            need=self._threshold - 1,
-            agree=self._agree,
+        stages = self.stages = _Stages.of_run(
+            now, self._timeouts, self._config, need=self._threshold - 1, agree=self._agree
         )
         proposal = stages.proposal_ms()
         g, ring = self.group, self.ring
