@@ -50,6 +50,16 @@ def test_any_number_of_workers_gives_the_same_metrics(tmp_path: Path, algorithm:
         assert _metrics(base.replace(workers=workers), tmp_path / f"w{workers}") == one
 
 
+def test_adaptive_deadlines_travel_with_their_peers_between_workers(tmp_path: Path) -> None:
+    """A peer's learned deadlines are carried to whichever worker runs its next group, so the
+    split still changes nothing."""
+    base = Scenario(**EVENTFUL, algorithm="secure-group", workers=1)  # type: ignore[arg-type]
+    adaptive = base.replace(adaptive_deadlines=True)
+    one = _metrics(adaptive, tmp_path / "one")
+    assert one != _metrics(base, tmp_path / "fixed")  # the deadlines really adapted
+    assert _metrics(adaptive.replace(workers=2), tmp_path / "two") == one
+
+
 def test_wire_fidelity_splits_the_same(tmp_path: Path) -> None:
     base = Scenario(
         peers=16, rounds=2, group_size=4, engine="direct", fidelity="wire", privacy="none"
