@@ -351,6 +351,19 @@ class EnvelopeCodec:
         """
         self._head(memoryview(head).cast("B"), total)
 
+    def route(self, data: bytes | bytearray | memoryview) -> tuple[Auth, PeerId | None]:
+        """What a relay may learn of an envelope it forwards: its auth mode and recipient.
+
+        Runs only the checks that need no key of the two ends (size cap, framing, network-key
+        door, header, type and its size cap); the body is neither read nor opened.
+        """
+        try:
+            view = memoryview(data).cast("B")
+        except (TypeError, ValueError) as exc:
+            raise MalformedMessage("envelope is not a contiguous byte buffer") from exc
+        auth, _, _, header = self._head(view, view.nbytes)
+        return auth, header[2]
+
     def _head(
         self, view: memoryview, total: int
     ) -> tuple[Auth, int, int, tuple[type, PeerId, PeerId | None, float, bytes]]:

@@ -22,7 +22,9 @@ cross the wire as a number with a fixed meaning.
     │   ├── Unauthorized (PermissionError)    network key or allowlist refused the peer
     │   ├── OutOfStage                        protocol message at the wrong stage
     │   ├── DuplicateMessage                  second message where one is allowed
-    │   └── InconsistentMessage (ValueError)  contradicts earlier messages (shares, keys, sizes)
+    │   ├── InconsistentMessage (ValueError)  contradicts earlier messages (shares, keys, sizes)
+    │   ├── Overloaded                        over an in-flight budget or a rate limit (BUSY)
+    │   └── NoRoute                           a relay does not serve the recipient
     ├── NetworkError (ConnectionError)
     │   ├── PeerUnreachable                   could not connect / peer went away
     │   ├── Timeout (TimeoutError)            a network wait ran past its deadline
@@ -62,6 +64,7 @@ __all__ = [
     "MessageTooLarge",
     "MurmurError",
     "NetworkError",
+    "NoRoute",
     "OutOfStage",
     "Overloaded",
     "PeerUnreachable",
@@ -101,6 +104,7 @@ class RefusalCode(enum.IntEnum):
     INCONSISTENT = 13  # the message contradicts what the sender said before
     INTERNAL = 14  # the peer failed while handling a valid message
     BUSY = 15  # the peer is over its in-flight byte budget or a rate limit: retry later
+    NO_ROUTE = 16  # a relay holds no stream for the envelope's recipient
 
 
 class MurmurError(Exception):
@@ -213,6 +217,12 @@ class Overloaded(ProtocolError):
     """The peer holds as many in-flight bytes (or answers as many requests) as it takes."""
 
     code = RefusalCode.BUSY
+
+
+class NoRoute(ProtocolError):
+    """A relay was handed an envelope for a peer it does not (or no longer) relay for."""
+
+    code = RefusalCode.NO_ROUTE
 
 
 class NetworkError(MurmurError, ConnectionError):

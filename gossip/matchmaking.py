@@ -297,6 +297,11 @@ class Invitations:
         self.formed: Group | None = None
         self.failure: str | None = None
         self.proposed: tuple[float, ...] = ()
+        self.defer = False
+        """This peer cannot be dialled (it is reached through relays): its back-off before
+        inviting is drawn from ``[backoff_s, 3 backoff_s]`` instead of ``[0, backoff_s]``, so
+        reachable peers invite first and it is mostly an invitee. It still invites when
+        nobody invites it."""
         self.groups_formed = 0
         """Groups this peer ended up in."""
         self.dissolved = 0
@@ -443,7 +448,11 @@ class Invitations:
             self._fail(f"no group of {self.config.min_size}+ formed in time")
             return []
         self._state = _State.BACKOFF
-        self._due = now + min(self._rng.uniform(0, self.config.backoff_s), self._deadline - now)
+        backoff = self.config.backoff_s
+        wait = (
+            self._rng.uniform(backoff, 3 * backoff) if self.defer else self._rng.uniform(0, backoff)
+        )
+        self._due = now + min(wait, self._deadline - now)
         return []
 
     def _end_backoff(self, now: float) -> Out:

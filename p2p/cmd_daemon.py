@@ -46,6 +46,12 @@ def register(subparsers: Any) -> None:
         "--bootstrap", metavar="HOST:PORT", action="append", help="join through (repeatable)"
     )
     start.add_argument("--advertise", metavar="HOST:PORT", action="append", help="our address")
+    start.add_argument(
+        "--no-listen",
+        action="store_true",
+        default=None,
+        help="outbound only: accept no peer connections, be reached through relays",
+    )
     start.add_argument("--network-key-file", metavar="F", type=Path, help="pre-shared key")
     start.add_argument("--allow", metavar="PEER_ID", action="append", help="allowlist (repeat)")
     start.add_argument("--config", metavar="FILE", type=Path, help="TOML configuration file")
@@ -134,6 +140,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         os.environ,
         {
             "listen": args.listen,
+            "no_listen": args.no_listen,
             "data_dir": args.data_dir,
             "bootstrap": tuple(args.bootstrap) if args.bootstrap else None,
             "advertise": tuple(args.advertise) if args.advertise else None,

@@ -108,6 +108,21 @@ class HttpTransportConfig:
     allow_loopback_peers: bool | None = None
     """Whether records may name loopback addresses; None: when this peer listens on one (a
     local test network). Unspecified, link-local and multicast addresses are always refused."""
+    dial_back: bool = True
+    """After joining, ask the peers joined through to dial this peer back on a new connection
+    (``p2p.reach``); one that is not reached says so by naming relays instead of its address."""
+    relays: int = 2
+    """Relays an unreachable peer keeps (streams to reachable peers that forward to it)."""
+    relay_for: int = 16
+    """Unreachable peers this peer relays for at most, once it knows it is reachable itself
+    (0: relay for nobody)."""
+    relay_bytes_per_s: int = 32 * 2**20
+    """Bytes per second a relay forwards to one relayed peer (burst: 4 s of it); beyond it,
+    envelopes are refused BUSY."""
+    relay_messages_per_s: int = 2000
+    """Envelopes per second a relay forwards to one relayed peer (burst: 4 s of it)."""
+    relay_max_pending: int = 256
+    """Forwarded requests awaiting one relayed peer's answer at most; more are refused BUSY."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -130,6 +145,12 @@ class HttpTransportConfig:
                 raise ConfigError(f"transport.{name} must be > 0")
         if self.max_connection_inflight < 1 or self.max_inflight_bytes < 1:
             raise ConfigError("transport in-flight byte budgets must be >= 1")
+        for name in ("relays", "relay_for"):
+            if not 0 <= getattr(self, name) <= 64:
+                raise ConfigError(f"transport.{name} must be in [0, 64]")
+        for name in ("relay_bytes_per_s", "relay_messages_per_s", "relay_max_pending"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"transport.{name} must be >= 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,6 +331,9 @@ class DaemonConfig:
 
     listen: str = "127.0.0.1:7070"
     """HOST:PORT to listen on (port 0 picks a free port)."""
+    no_listen: bool = False
+    """Outbound only: accept no connection from peers (``listen`` then serves only the admin
+    endpoints, to loopback clients); others reach this peer through the relays it keeps."""
     data_dir: Path = Path("murmur-data")
     """Holds identity.key (mode 0600), peers.json and, when training, privacy_budget.json
     (the spent privacy budget, kept across restarts) and model.pt/model.json (the final model)."""

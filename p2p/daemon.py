@@ -40,6 +40,7 @@ from floor.identity import Identity, PeerId
 from gossip.checkpoint import CHECKPOINT_FILE
 from gossip.data import Scheme, partition
 from gossip.learner import Learner
+from gossip.matchmaking import Invitations
 from gossip.network import TransportNetwork
 from gossip.run import build_learner, build_session
 from gossip.service import TrainingSession, save_model
@@ -48,6 +49,7 @@ from p2p.admin import admin_routes
 from p2p.config import DaemonConfig, TrainingConfig, parse_shard
 from p2p.membership import Membership
 from p2p.messages import MESSAGE_TYPES
+from p2p.reach import Reachability
 from p2p.transport.http import HttpTransport
 
 __all__ = ["Daemon", "load_network_key", "tune_malloc"]
@@ -114,6 +116,7 @@ class Daemon:
         self._identity: Identity | None = None
         self._transport: HttpTransport | None = None
         self._membership: Membership | None = None
+        self._reach: Reachability | None = None
         self._group: asyncio.TaskGroup | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
@@ -201,15 +204,19 @@ class Daemon:
             routes=admin_routes(self),
             advertise=cfg.advertise,
             route_hint=cfg.bootstrap[0] if cfg.bootstrap else None,
+            serve_peers=not cfg.no_listen,
         )
         self._membership = Membership(
             identity, self._transport, cfg.membership, data_dir=cfg.data_dir, admit=admit
         )
+        self._reach = Reachability(self._transport, self._membership, cfg.transport)
+        self._reach.on_change = self._reachability_changed
         await self._transport.start()
         log.info(
-            "event=listening peer_id=%s listen=%s new_identity=%s private=%s allowlist=%d",
+            "event=listening peer_id=%s listen=%s peers=%s new_identity=%s private=%s allowlist=%d",
             identity.peer_id,
-            ",".join(self._transport.addresses),
+            ",".join(self._transport.direct_addresses) or cfg.listen,
+            "no (outbound only: reached through relays)" if cfg.no_listen else "yes",
             created,
             network_key is not None,
             len(allowed),
@@ -228,6 +235,8 @@ class Daemon:
         async with asyncio.TaskGroup() as group:
             self._group = group
             group.create_task(self.membership.run(), name="membership")
+            if self._reach is not None:
+                group.create_task(self._reach.run(), name="reachability")
             if self.config.training.task:
                 group.create_task(self._train(), name="training")
             self._ready.set()
@@ -238,6 +247,25 @@ class Daemon:
     def session(self) -> TrainingSession | None:
         """The training session (None before it is built, or without a task)."""
         return self._session
+
+    def _reachability_changed(self, reachable: bool) -> None:
+        log.info(
+            "event=reachability reachable=%s relay_for=%d",
+            reachable,
+            self.transport.relay_capacity,
+        )
+        self._defer_inviting()
+
+    def _defer_inviting(self) -> None:
+        """A peer reached through relays lets reachable peers invite first."""
+        session = self._session
+        if session is None and self._prepared is not None:
+            session = self._prepared[2]
+        if session is None:
+            return
+        former = getattr(getattr(session.averager, "machine", None), "former", None)
+        if isinstance(former, Invitations):
+            former.defer = self.transport.reachable is False
 
     def _live_peers(self) -> list[PeerId]:
         return [e.record.peer_id for e in self.membership.view.live()]
@@ -274,6 +302,7 @@ class Daemon:
             prepared = await self._prepare()
         task, learner, session = prepared
         self._session = session
+        self._defer_inviting()
         try:
             await self._wait_for_peers(cfg)
             self._training_state = "training"
@@ -413,7 +442,10 @@ class Daemon:
         return {
             "peer_id": str(self.identity.peer_id),
             "version": __version__,
-            "listen": transport.addresses[0] if transport.addresses else self.config.listen,
+            "listen": (
+                transport.direct_addresses[0] if transport.direct_addresses else self.config.listen
+            ),
+            "addresses": list(transport.addresses),
             "peers": len(view.live()),
             "view": len(view.active),
             "reserve": len(view.passive),
@@ -427,6 +459,13 @@ class Daemon:
             "inflight_peak": transport.inflight.peak,
             "busy_refusals": transport.inflight.refused,
             "address_probes": transport.probes,
+            "reachable": (
+                "unknown" if transport.reachable is None else "yes" if transport.reachable else "no"
+            ),
+            "relays": sorted(transport.relays.values()),
+            "relaying_for": len(transport.relaying_for),
+            "relay_forwarded": transport.relay_forwarded,
+            "relay_refused": transport.relay_refused,
             **self._training_status(),
         }
 

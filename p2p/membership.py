@@ -328,7 +328,8 @@ class Membership:
         refusals only count as silence.
         """
         addresses = list(dict.fromkeys(bootstrap))
-        stored = [r.addresses[0] for r in self.view.all_records() if r.addresses]
+        relayed = self._transport.is_relayed  # a join is SIGNED: no relay forwards it
+        stored = [a for r in self.view.all_records() for a in r.addresses[:1] if not relayed(a)]
         stored = [a for a in dict.fromkeys(stored) if a not in addresses]
         if not addresses and not stored:
             return 0
@@ -396,6 +397,12 @@ class Membership:
             await asyncio.sleep(
                 min(self.config.ping_interval_s, self.config.exchange_interval_s) / 2
             )
+
+    async def announce(self) -> None:
+        """Send our fresh record to ``exchange_fanout`` live peers now (our addresses changed:
+        e.g. new relays), instead of waiting for the next exchange."""
+        peers = self.view.sample_peers(self.config.exchange_fanout)
+        await asyncio.gather(*(self._exchange(peer) for peer in peers))
 
     async def _ping(self, peer: PeerId) -> None:
         self._seq += 1

@@ -21,6 +21,7 @@ from floor.errors import BadSignature
 from floor.identity import Identity, PeerId, verify_signature
 from floor.messages import Refusal, build_registry
 from gossip.messages import MESSAGE_TYPES as GOSSIP_MESSAGE_TYPES
+from p2p.transport.relay import RELAY_MESSAGES
 
 __all__ = [
     "MEMBERSHIP_MESSAGES",
@@ -130,6 +131,7 @@ MEMBERSHIP_MESSAGES: tuple[type, ...] = (
 """Membership's message classes."""
 
 MESSAGE_TYPES: Mapping[str, type] = build_registry(
-    [*GOSSIP_MESSAGE_TYPES.values(), *MEMBERSHIP_MESSAGES]
+    [*GOSSIP_MESSAGE_TYPES.values(), *MEMBERSHIP_MESSAGES, *RELAY_MESSAGES]
 )
-"""Type tag -> message class for everything a daemon may receive (the daemon's world)."""
+"""Type tag -> message class for everything a daemon may receive (the daemon's world: with
+the relay and reachability messages of ``p2p.transport.relay``)."""

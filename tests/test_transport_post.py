@@ -372,7 +372,7 @@ async def test_a_congested_stream_queues_posts_in_order(
         assert stream is not None
         for tag in range(total):  # 200 KB each: the socket's buffers fill up
             a.post(b_id, blob(tag, n=50_000), auth=Auth.MAC, on_failure=failures)
-        assert stream._drain is not None and stream._backlog  # congested: queued
+        assert stream._writer.drain is not None and stream._writer.backlog  # congested: queued
         assert not a._posting
         reading.set()
         async with asyncio.timeout(20):

@@ -34,12 +34,23 @@ from floor.errors import (
 from floor.identity import PeerId
 from floor.messages import Message, Probe, ProbeReply
 
-__all__ = ["ContactListener", "Handler", "PostFailure", "Transport", "reply_auth"]
+__all__ = [
+    "ContactListener",
+    "Handler",
+    "OriginHandler",
+    "PostFailure",
+    "Transport",
+    "reply_auth",
+]
 
 log = logging.getLogger("murmur.transport")
 
 Handler = Callable[[Received], Awaitable[Message | None]]
 """Handles one received message; returns the reply (for requests) or None."""
+
+OriginHandler = Callable[[Received, object], Awaitable[Message | None]]
+"""Handles a message that must know the connection it came on (``origin``: the subclass's
+handle for it, None when it has none); for transport-level messages such as relay requests."""
 
 PostFailure = Callable[[Any, MurmurError], None]
 """``on_failure(message, error)`` of ``Transport.post``."""
@@ -91,6 +102,7 @@ class Transport(abc.ABC):
         self._default_timeout = default_timeout_s
         self._admit = admit
         self._handlers: dict[type, Handler] = {}
+        self._origin_handlers: dict[type, OriginHandler] = {}
         self._addresses: dict[PeerId, tuple[str, ...]] = {}
         self._listeners: list[ContactListener] = []
         self._waiters: set[asyncio.Task[object]] = set()
@@ -139,6 +151,17 @@ class Transport(abc.ABC):
         """
         return self.is_valid_address(address)
 
+    def is_relayed(self, address: str) -> bool:
+        """Whether ``address`` reaches its peer through a relay (which must not read what it
+        forwards: every envelope sent there is SEALED). None of this base's addresses are."""
+        return False
+
+    def _route_auth(self, addresses: Sequence[str], auth: Auth) -> Auth:
+        """``auth``, or SEALED when the peer is reached through a relay."""
+        if auth is not Auth.SEALED and any(self.is_relayed(a) for a in addresses):
+            return Auth.SEALED
+        return auth
+
     def set_addresses(
         self, peer: PeerId, addresses: Sequence[str], *, verified: bool = False
     ) -> None:
@@ -175,9 +198,15 @@ class Transport(abc.ABC):
     # -- handlers --------------------------------------------------------------------------
     def register(self, message_type: type, handler: Handler) -> None:
         """Handle incoming messages of ``message_type`` with ``handler`` (one per type)."""
-        if message_type in self._handlers:
+        if message_type in self._handlers or message_type in self._origin_handlers:
             raise ConfigError(f"a handler for {message_type.__name__} is already registered")
         self._handlers[message_type] = handler
+
+    def register_with_origin(self, message_type: type, handler: OriginHandler) -> None:
+        """Like ``register``, for a handler that is also told the connection (``origin``)."""
+        if message_type in self._handlers or message_type in self._origin_handlers:
+            raise ConfigError(f"a handler for {message_type.__name__} is already registered")
+        self._origin_handlers[message_type] = handler
 
     def unregister(self, message_type: type) -> None:
         """Stop handling ``message_type`` (later messages of that type are refused)."""
@@ -222,6 +251,7 @@ class Transport(abc.ABC):
             addresses = self._addresses.get(peer)
             if not addresses:
                 raise PeerUnreachable(f"no known address for peer {peer.short()}")
+            auth = self._route_auth(addresses, auth)
             data = self._codec.encode(message, recipient=peer, auth=auth)
         except MurmurError as exc:
             if on_failure is not None:
@@ -305,6 +335,7 @@ class Transport(abc.ABC):
         addresses = self._addresses.get(peer)
         if not addresses:
             raise PeerUnreachable(f"no known address for peer {peer.short()}")
+        auth = self._route_auth(addresses, auth)
         data = self._codec.encode(message, recipient=peer, auth=auth)
         return await self._deliver(peer, addresses, data, timeout)
 
@@ -332,7 +363,7 @@ class Transport(abc.ABC):
         task = self._proving.get(key)
         if task is None:
             now = asyncio.get_running_loop().time()
-            failed = self._failed.get(address)
+            failed = self._failed.get(self._failure_key(peer, address))
             if failed is not None and now < failed[0]:
                 raise PeerUnreachable(
                     f"{address} failed its proof; next try in {failed[0] - now:.0f} s"
@@ -350,22 +381,31 @@ class Transport(abc.ABC):
             task.add_done_callback(lambda _: self._proving.pop(key, None))
         await asyncio.shield(task)
 
+    def _failure_key(self, peer: PeerId, address: str) -> str:
+        """What a failed proof backs off: the address; through a relay, the relay and peer
+        (one relay serves many peers, and losing one of them says nothing of the others)."""
+        return f"{address}>{peer}" if self.is_relayed(address) else address
+
     async def _probe(self, peer: PeerId, address: str, timeout: float) -> None:
         nonce = os.urandom(16)
-        data = self._codec.encode(Probe(nonce), recipient=peer, auth=Auth.SIGNED)
+        # Through a relay the probe is sealed (the relay forwards nothing it could read); the
+        # sealed answer proves the peer as well as a signature: only it holds the link key.
+        auth = Auth.SEALED if self.is_relayed(address) else Auth.SIGNED
+        data = self._codec.encode(Probe(nonce), recipient=peer, auth=auth)
+        fail_key = self._failure_key(peer, address)
         try:
             reply = await self._exchange(address, data, timeout, probe=True)
             received = await self._check_reply(reply, expected=peer)
             if (
-                received.auth != Auth.SIGNED
+                received.auth != auth
                 or type(received.message) is not ProbeReply
                 or received.message.nonce != nonce
             ):
-                raise WrongRecipient("the answer to a probe is not a signed ProbeReply")
+                raise WrongRecipient(f"the answer to a probe is not a {auth.name} ProbeReply")
         except (NetworkError, ProtocolError) as exc:
             now = asyncio.get_running_loop().time()
-            backoff = self._failed.get(address, (0.0, PROBE_BACKOFF_S[0]))[1]
-            self._failed[address] = (now + backoff, min(2 * backoff, PROBE_BACKOFF_S[1]))
+            backoff = self._failed.get(fail_key, (0.0, PROBE_BACKOFF_S[0]))[1]
+            self._failed[fail_key] = (now + backoff, min(2 * backoff, PROBE_BACKOFF_S[1]))
             log.info(
                 "event=address_proof_failed peer=%s address=%s error=%s retry_s=%.0f",
                 peer.short(),
@@ -374,7 +414,7 @@ class Transport(abc.ABC):
                 backoff,
             )
             raise PeerUnreachable(f"{address} did not prove to be {peer.short()}: {exc}") from None
-        self._failed.pop(address, None)
+        self._failed.pop(fail_key, None)
         if address in self._addresses.get(peer, ()):
             self._verified.add((peer, address))
 
@@ -448,24 +488,35 @@ class Transport(abc.ABC):
 
     # -- receiving -------------------------------------------------------------------------
     async def _serve_envelope(
-        self, data: bytes | bytearray | memoryview, *, reply_wanted: bool = True
+        self,
+        data: bytes | bytearray | memoryview,
+        *,
+        reply_wanted: bool = True,
+        origin: object = None,
     ) -> bytes:
         """Check and handle one inbound envelope; return the encoded reply (b"" for none).
 
         Raises ``ProtocolError`` (with its refusal code) when the envelope is refused. With
         ``reply_wanted=False`` (a one-way post) a handler's reply is dropped unencoded.
+        ``origin`` is passed to handlers registered with ``register_with_origin``.
         """
         self.bytes_received += len(data)
         try:
             received = await self._decode(data)
             if self._admit is not None and not self._admit(received.sender):
                 raise Unauthorized("the sender is not on the allowlist")
-            handler = self._handlers.get(type(received.message))
-            if handler is None:
-                raise UnknownMessageType(f"no handler for {type(received.message).__name__}")
+            kind = type(received.message)
+            handler = self._handlers.get(kind)
+            with_origin = self._origin_handlers.get(kind) if handler is None else None
+            if handler is None and with_origin is None:
+                raise UnknownMessageType(f"no handler for {kind.__name__}")
             self._notify(received.sender)
             try:
-                reply = await handler(received)
+                if with_origin is not None:
+                    reply = await with_origin(received, origin)
+                else:
+                    assert handler is not None
+                    reply = await handler(received)
             except ProtocolError:
                 raise
             except Exception as exc:

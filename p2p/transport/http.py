@@ -13,22 +13,26 @@ stream, without a task. aiohttp errors become ``floor.errors`` types here and in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import socket
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import aiohttp
 from aiohttp import WSMsgType, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.payload import Payload
 
-from floor.envelope import EnvelopeCodec
+from floor.envelope import Auth, EnvelopeCodec
 from floor.errors import (
     ConfigError,
+    MalformedMessage,
     MessageTooLarge,
     NetworkError,
+    NoRoute,
     Overloaded,
     PeerUnreachable,
     ProtocolError,
@@ -41,14 +45,27 @@ from floor.identity import PeerId
 from floor.messages import Message
 from floor.transport.base import PostFailure, Transport
 from p2p.config import HttpTransportConfig, format_address, parse_address
+from p2p.transport.relay import (
+    RELAY_PATH,
+    RelayGrant,
+    RelayRequest,
+    TokenBucket,
+    is_relay_address,
+    relay_address,
+    relay_target,
+)
 from p2p.transport.stream import (
     FRAME,
     KIND_ENVELOPE,
     KIND_POST,
+    KIND_REFUSAL,
+    KIND_RELAY,
+    KIND_RELAY_POST,
     KIND_REPLY,
     STREAM_PATH,
     STREAM_PROTOCOL,
     ClientStream,
+    FrameWriter,
     StreamGone,
     refusal_frame,
     start_eagerly,
@@ -57,6 +74,7 @@ from p2p.transport.stream import (
 __all__ = [
     "ENVELOPE_PATH",
     "REFUSAL_HEADER",
+    "RELAY_PATH",
     "STREAM_PATH",
     "HttpTransport",
     "HttpTransportConfig",
@@ -76,7 +94,46 @@ _STATUS: dict[RefusalCode, int] = {
     RefusalCode.UNAUTHORIZED: 403,
     RefusalCode.INTERNAL: 500,
     RefusalCode.BUSY: 503,
+    RefusalCode.NO_ROUTE: 502,
 }
+_RELAY_BURST_S = 4.0
+"""A relayed peer's byte and message buckets hold this many seconds of their rates."""
+
+
+class Relayed:
+    """A peer this transport relays for: its stream, its budgets, the forwards it owes."""
+
+    __slots__ = ("_next", "bytes", "forwarded", "messages", "peer", "pending", "writer", "ws")
+
+    def __init__(
+        self,
+        peer: PeerId,
+        ws: web.WebSocketResponse,
+        writer: FrameWriter,
+        config: HttpTransportConfig,
+        now: float,
+    ) -> None:
+        self.peer = peer
+        self.ws = ws
+        self.writer = writer
+        rate_b, rate_m = config.relay_bytes_per_s, config.relay_messages_per_s
+        self.bytes = TokenBucket(rate_b, rate_b * _RELAY_BURST_S, now)
+        self.messages = TokenBucket(rate_m, rate_m * _RELAY_BURST_S, now)
+        self.pending: dict[int, tuple[asyncio.Future[tuple[int, bytes]], asyncio.TimerHandle]] = {}
+        self._next = 0
+        self.forwarded = 0
+
+    def take_id(self) -> int:
+        request_id = self._next
+        self._next = (request_id + 1) & 0xFFFFFFFF
+        return request_id
+
+    def fail_all(self, error: Exception) -> None:
+        pending, self.pending = self.pending, {}
+        for future, handle in pending.values():
+            handle.cancel()
+            if not future.done():
+                future.set_exception(error)
 
 
 class ByteBudget:
@@ -244,6 +301,7 @@ class HttpTransport(Transport):
         routes: Iterable[web.AbstractRouteDef] = (),
         advertise: Iterable[str] = (),
         route_hint: str | None = None,
+        serve_peers: bool = True,
     ) -> None:
         self.config = config or HttpTransportConfig()
         super().__init__(
@@ -262,9 +320,12 @@ class HttpTransport(Transport):
         self._advertise = tuple(advertise)
         for address in self._advertise:
             parse_address(address)
+        self._serve_peers = serve_peers
         self._app = web.Application(client_max_size=self.config.max_message_size)
-        self._app.router.add_post(ENVELOPE_PATH, self._on_envelope)
-        self._app.router.add_get(STREAM_PATH, self._on_stream)
+        if serve_peers:
+            self._app.router.add_post(ENVELOPE_PATH, self._on_envelope)
+            self._app.router.add_get(STREAM_PATH, self._on_stream)
+            self._app.router.add_post(RELAY_PATH, self._on_relay_post)
         self._app.router.add_routes(list(routes))
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -276,14 +337,60 @@ class HttpTransport(Transport):
         self._serving: set[asyncio.Task[None]] = set()
         self._bound: tuple[str, ...] = ()
         self._route_hint = route_hint
+        # Relaying for others (server side) ...
+        self.relay_capacity = 0
+        """Peers this transport relays for at most now (set by ``p2p.reach`` once this peer
+        knows it is reachable; 0: it grants no relay)."""
+        self._relayed: dict[PeerId, Relayed] = {}
+        self._relayed_ws: dict[web.WebSocketResponse, Relayed] = {}
+        self._answers: dict[web.WebSocketResponse, FrameWriter] = {}
+        self.relay_forwarded = 0
+        """Envelopes this transport forwarded as a relay."""
+        self.relay_forwarded_bytes = 0
+        self.relay_refused = 0
+        """Envelopes refused as a relay (not sealed, no route, over a budget)."""
+        # ... and being relayed (client side).
+        self.reachable: bool | None = None if serve_peers else False
+        """Whether others can dial this peer (None: not known yet; False: it names its
+        relays instead of its own address)."""
+        self._relays: dict[PeerId, tuple[str, ClientStream]] = {}
+        self.on_relay_lost: Callable[[PeerId], None] | None = None
+        """Called with a relay's id when its stream ends."""
+        self.register_with_origin(RelayRequest, self._on_relay_request)
 
     @property
     def addresses(self) -> tuple[str, ...]:
-        """Advertised addresses if given, else the bound ``HOST:PORT`` (after ``start()``)."""
+        """Where others reach this peer: advertised addresses if given, else the bound
+        ``HOST:PORT`` (after ``start()``); once it is known to be unreachable (or it does not
+        listen for peers), the relay addresses of its relays instead."""
+        if self.reachable is False:
+            return tuple(relay_address(address) for address, _ in self._relays.values())
         return self._advertise or self._bound
 
+    @property
+    def direct_addresses(self) -> tuple[str, ...]:
+        """This peer's own addresses (empty when it serves no peer connections)."""
+        return (self._advertise or self._bound) if self._serve_peers else ()
+
+    @property
+    def relays(self) -> dict[PeerId, str]:
+        """The relays that forward to this peer now: relay id -> its address."""
+        return {peer: address for peer, (address, _) in self._relays.items()}
+
+    @property
+    def relaying_for(self) -> list[PeerId]:
+        """The peers this transport relays for now."""
+        return list(self._relayed)
+
+    def is_relayed(self, address: str) -> bool:
+        """Whether ``address`` is a relay address (``relay:HOST:PORT``)."""
+        return is_relay_address(address)
+
     def is_valid_address(self, address: str) -> bool:
-        """Whether ``address`` is a well-formed ``HOST:PORT`` with a non-zero port."""
+        """Whether ``address`` is a well-formed ``HOST:PORT`` (or ``relay:HOST:PORT``) with a
+        non-zero port."""
+        if is_relay_address(address):
+            address = relay_target(address)
         try:
             return parse_address(address)[1] != 0
         except ConfigError:
@@ -292,7 +399,10 @@ class HttpTransport(Transport):
     def accepts_address(self, address: str) -> bool:
         """Whether a record may name ``address``: well-formed, and not an unspecified,
         link-local, multicast, broadcast or reserved IP (nor loopback, unless this network
-        runs on loopback). Host names are taken: their first contact is a probe like any."""
+        runs on loopback). Host names are taken: their first contact is a probe like any.
+        A relay address is judged by the relay's own address."""
+        if is_relay_address(address):
+            address = relay_target(address)
         try:
             host, port = parse_address(address)
         except ConfigError:
@@ -365,6 +475,9 @@ class HttpTransport(Transport):
     async def _post(
         self, address: str, data: bytes, timeout: float
     ) -> bytes | bytearray | memoryview:
+        kind, path = KIND_ENVELOPE, ENVELOPE_PATH
+        if is_relay_address(address):
+            address, kind, path = relay_target(address), KIND_RELAY, RELAY_PATH
         if self.config.stream and len(data) <= min(self.config.stream_max_body, _STREAM_MAX_FRAME):
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout
@@ -379,13 +492,13 @@ class HttpTransport(Transport):
                             if stream is None:
                                 break
                         try:
-                            return await stream.exchange(data)
+                            return await stream.exchange(data, kind)
                         except StreamGone:
                             continue
             except TimeoutError:
                 raise Timeout(f"no answer from {address} within {timeout:g} s") from None
             timeout = max(deadline - loop.time(), 1e-3)
-        return await self._post_http(address, data, timeout)
+        return await self._post_http(address, data, timeout, path=path)
 
     def _post_now(
         self,
@@ -406,6 +519,9 @@ class HttpTransport(Transport):
             return False
         streams = self._streams
         for address in addresses:
+            kind = KIND_POST
+            if is_relay_address(address):
+                address, kind = relay_target(address), KIND_RELAY_POST
             stream = streams.get(address)
             if stream is None or stream.closed:
                 continue
@@ -414,7 +530,7 @@ class HttpTransport(Transport):
                     on_failure(message, PeerUnreachable(f"the stream to {address} is congested"))
                 return True
             deadline = asyncio.get_running_loop().time() + timeout
-            if not stream.post(data, message, deadline, on_failure):
+            if not stream.post(data, message, deadline, on_failure, kind):
                 return False
             streams.move_to_end(address)
             self.bytes_sent += len(data)
@@ -425,11 +541,43 @@ class HttpTransport(Transport):
         self, address: str, data: bytes, timeout: float
     ) -> bytes | bytearray | memoryview:
         """A probe is one POST: an address not yet proven never gets a WebSocket upgrade."""
+        if is_relay_address(address):
+            return await self._post_http(relay_target(address), data, timeout, path=RELAY_PATH)
         return await self._post_http(address, data, timeout)
 
-    async def _post_http(self, address: str, data: bytes, timeout: float) -> bytes | bytearray:
-        url = f"http://{address}{ENVELOPE_PATH}"
-        session = self._client()
+    async def dial_once(
+        self, address: str, message: Message, recipient: PeerId, *, timeout: float
+    ) -> None:
+        """POST ``message`` (SIGNED, to ``recipient``) to ``address`` on a new connection,
+        closed after (a dial-back: a connection this peer already holds must not stand in for
+        a fresh one). Raises ``PeerUnreachable``, ``Timeout`` or ``RemoteRefused``."""
+        self._check_open()
+        if is_relay_address(address) or not self.accepts_address(address):
+            raise ConfigError(f"will not dial {address!r}")
+        data = self._codec.encode(message, recipient=recipient, auth=Auth.SIGNED)
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(force_close=True, limit=1),
+            timeout=aiohttp.ClientTimeout(total=None, connect=self.config.connect_timeout_s),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        )
+        try:
+            self.bytes_sent += len(data)
+            await self._post_http(address, data, timeout, session=session)
+        finally:
+            await session.close()
+
+    async def _post_http(
+        self,
+        address: str,
+        data: bytes,
+        timeout: float,
+        *,
+        path: str = ENVELOPE_PATH,
+        session: aiohttp.ClientSession | None = None,
+    ) -> bytes | bytearray:
+        url = f"http://{address}{path}"
+        session = session or self._client()
         try:
             async with (
                 asyncio.timeout(timeout),
@@ -539,6 +687,267 @@ class HttpTransport(Transport):
     def _stream_closed(self, stream: ClientStream) -> None:
         if self._streams.get(stream.address) is stream:
             del self._streams[stream.address]
+        if stream.serve is not None:
+            for relay, (_, held) in list(self._relays.items()):
+                if held is stream:
+                    del self._relays[relay]
+                    log.info("event=relay_lost relay=%s address=%s", relay.short(), stream.address)
+                    if self.on_relay_lost is not None:
+                        self.on_relay_lost(relay)
+
+    # -- being relayed (client side) ---------------------------------------------------------
+    async def open_relay(self, relay: PeerId, address: str, *, timeout: float) -> RelayGrant:
+        """Ask ``relay`` (at ``address``) to relay for this peer over a stream to it.
+
+        On a grant the stream stays open, carries the envelopes the relay forwards to us, and
+        the relay appears in ``addresses`` (when this peer is unreachable). Raises
+        ``PeerUnreachable`` (no stream, or the relay declined) or ``Timeout``.
+        """
+        self._check_open()
+        if relay in self._relays:
+            raise ConfigError(f"{relay.short()} already relays for this peer")
+        data = self._codec.encode(RelayRequest(want_s=3600.0), recipient=relay, auth=Auth.SEALED)
+        try:
+            async with asyncio.timeout(timeout):
+                stream = await self._stream_to(address)
+                if stream is None:
+                    raise PeerUnreachable(f"{address} offers no stream to relay over")
+                stream.serve = self._serve_reverse
+                try:
+                    reply = await stream.exchange(data)
+                    received = await self._check_reply(reply, expected=relay)
+                except BaseException:
+                    stream.serve = None
+                    raise
+        except TimeoutError:
+            raise Timeout(f"no relay answer from {address} within {timeout:g} s") from None
+        grant = received.message
+        if type(grant) is not RelayGrant or received.auth is not Auth.SEALED:
+            stream.serve = None
+            raise MalformedMessage("the answer to a relay request is not a sealed RelayGrant")
+        if not grant.granted:
+            stream.serve = None
+            raise PeerUnreachable(f"{relay.short()} will not relay: {grant.reason}")
+        if stream.closed:
+            raise PeerUnreachable(f"the stream to {address} closed")
+        self._relays[relay] = (address, stream)
+        log.info("event=relay_granted relay=%s address=%s", relay.short(), address)
+        return grant
+
+    async def close_relay(self, relay: PeerId) -> None:
+        """Stop being relayed by ``relay`` (closes the stream; no ``on_relay_lost`` call)."""
+        held = self._relays.pop(relay, None)
+        if held is not None:
+            await held[1].aclose()
+
+    def _serve_reverse(self, stream: ClientStream, request_id: int, envelope: memoryview) -> None:
+        """An envelope a relay forwarded to us: check and handle it, answer on the stream."""
+        size = len(envelope)
+        try:
+            self.inflight.take(size)
+        except Overloaded as exc:
+            stream.write_answer(refusal_frame(request_id, exc))
+            return
+        rest = start_eagerly(self._serve_reverse_frame(stream, request_id, envelope, size))
+        if rest is not None:
+            task = asyncio.create_task(rest)
+            self._serving.add(task)
+            task.add_done_callback(self._serving.discard)
+
+    async def _serve_reverse_frame(
+        self, stream: ClientStream, request_id: int, envelope: memoryview, size: int
+    ) -> None:
+        try:
+            try:
+                reply = await self._serve_envelope(envelope)
+                frame = FRAME.pack(request_id, KIND_REPLY) + reply
+            except ProtocolError as exc:
+                log.debug("event=refused code=%d reason=%s", int(exc.code), exc)
+                frame = refusal_frame(request_id, exc)
+            except Exception:  # a bug must not end the relay stream
+                log.exception("event=stream_frame_failed")
+                frame = refusal_frame(
+                    request_id, ProtocolError("internal error", code=RefusalCode.INTERNAL)
+                )
+            stream.write_answer(frame)
+        finally:
+            self.inflight.give(size)
+
+    # -- relaying for others (server side) ---------------------------------------------------
+    async def _on_relay_request(self, received: Any, origin: object) -> RelayGrant:
+        """Grant or decline a relay request; a grant binds the sender to the stream it used."""
+        cfg = self.config
+        peer: PeerId = received.sender
+
+        def no(reason: str) -> RelayGrant:
+            log.info("event=relay_declined peer=%s reason=%s", peer.short(), reason)
+            return RelayGrant(False, reason, 0, 0)
+
+        if not isinstance(origin, web.WebSocketResponse) or origin.closed:
+            return no("ask over a stream: the relay forwards down the stream it was asked on")
+        if received.auth is not Auth.SEALED:
+            return no("a relay request must be sealed")
+        if self.reachable is not True:
+            return no("this peer is not known to be reachable")
+        old = self._relayed.get(peer)
+        if old is None and len(self._relayed) >= self.relay_capacity:
+            return no(f"relaying for {len(self._relayed)} peers, the most it takes")
+        if old is not None:
+            self._unbind(old, NoRoute("the peer moved to another stream"))
+        bound = self._relayed_ws.get(origin)
+        if bound is not None:  # a stream relays for the one peer that asked on it
+            return no("this stream already carries another peer's relay")
+        writer = self._answers.get(origin) or FrameWriter(origin, f"relay {peer.short()}", _noop)
+        self._answers[origin] = writer
+        now = asyncio.get_running_loop().time()
+        client = Relayed(peer, origin, writer, cfg, now)
+        self._relayed[peer] = client
+        self._relayed_ws[origin] = client
+        log.info("event=relay_started peer=%s relaying_for=%d", peer.short(), len(self._relayed))
+        return RelayGrant(True, "", cfg.relay_bytes_per_s, cfg.relay_messages_per_s)
+
+    def _unbind(self, client: Relayed, error: Exception) -> None:
+        if self._relayed.get(client.peer) is client:
+            del self._relayed[client.peer]
+        if self._relayed_ws.get(client.ws) is client:
+            del self._relayed_ws[client.ws]
+        client.fail_all(error)
+
+    def _forward(self, data: bytes | bytearray | memoryview) -> asyncio.Future[tuple[int, bytes]]:
+        """Write ``data`` down the stream of the peer it is addressed to; a future of that
+        peer's answer (kind, payload). Raises ``ProtocolError`` when the relay refuses it."""
+        try:
+            auth, recipient = self._codec.route(data)
+            if auth is not Auth.SEALED:
+                raise MalformedMessage("a relay forwards only sealed envelopes")
+            client = self._relayed.get(recipient) if recipient is not None else None
+            if client is None:
+                raise NoRoute("this peer does not relay for the recipient")
+            size = len(data)
+            loop = asyncio.get_running_loop()
+            now = loop.time()
+            if len(client.pending) >= self.config.relay_max_pending:
+                raise Overloaded("too many forwarded envelopes await the relayed peer")
+            if client.writer.congested(size):
+                raise Overloaded("the relayed peer is not reading")
+            if not client.messages.take(1, now):
+                raise Overloaded("over the relayed peer's message rate")
+            if not client.bytes.take(size, now):
+                raise Overloaded("over the relayed peer's byte rate")
+            request_id = client.take_id()
+            try:
+                client.writer.write(FRAME.pack(request_id, KIND_ENVELOPE) + data)
+            except StreamGone:
+                self._unbind(client, NoRoute("the relayed peer's stream closed"))
+                raise NoRoute("the relayed peer's stream closed") from None
+        except ProtocolError:
+            self.relay_refused += 1
+            raise
+        future: asyncio.Future[tuple[int, bytes]] = loop.create_future()
+        handle = loop.call_later(self.config.request_timeout_s, _expire, client, request_id)
+        client.pending[request_id] = (future, handle)
+        client.forwarded += 1
+        self.relay_forwarded += 1
+        self.relay_forwarded_bytes += size
+        return future
+
+    def _relay_answer(self, ws: web.WebSocketResponse, data: bytes) -> bool:
+        """A REPLY or REFUSAL frame from a peer we relay for; False: ws is not a relay stream."""
+        client = self._relayed_ws.get(ws)
+        if client is None:
+            return False
+        request_id, kind = FRAME.unpack_from(data)
+        held = client.pending.pop(request_id, None)
+        if held is not None:
+            future, handle = held
+            handle.cancel()
+            if not future.done():
+                future.set_result((kind, bytes(memoryview(data)[FRAME.size :])))
+        return True
+
+    def _relay_frame(
+        self, ws: web.WebSocketResponse, request_id: int, envelope: memoryview, one_way: bool
+    ) -> None:
+        """Forward a kind 5 or 6 frame; its answer (a refusal only, for 6) goes back on ws."""
+        writer = self._answers.get(ws)
+        if writer is None:
+            writer = self._answers[ws] = FrameWriter(ws, "relay answers", _noop)
+        try:
+            future = self._forward(envelope)
+        except ProtocolError as exc:
+            with contextlib.suppress(StreamGone):
+                writer.write(refusal_frame(request_id, exc))
+            return
+
+        def answered(done: asyncio.Future[tuple[int, bytes]]) -> None:
+            if done.cancelled():
+                return
+            error = done.exception()
+            if error is not None:
+                if one_way and not isinstance(error, ProtocolError):
+                    return
+                exc = error if isinstance(error, ProtocolError) else NoRoute(str(error))
+                frame = refusal_frame(request_id, exc)
+            else:
+                kind, payload = done.result()
+                if one_way and kind != KIND_REFUSAL:
+                    return
+                frame = FRAME.pack(request_id, kind) + payload
+            with contextlib.suppress(StreamGone):
+                writer.write(frame)
+
+        future.add_done_callback(answered)
+
+    async def _on_relay_post(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/relay``: forward the body; answer with the relayed peer's answer."""
+        held = 0
+        try:
+            try:
+                async with asyncio.timeout(self.config.body_timeout_s):
+                    body = await read_body(
+                        request.content,
+                        request.content_length,
+                        self.config.max_message_size,
+                        self.inflight,
+                        self._codec,
+                    )
+            except TimeoutError:
+                if request.transport is not None:
+                    request.transport.close()
+                return web.Response(status=408, headers={REFUSAL_HEADER: "2"})
+            held = len(body)
+            future = self._forward(body)
+            self.inflight.give(held)
+            held = 0
+            try:
+                async with asyncio.timeout(self.config.request_timeout_s):
+                    kind, payload = await future
+            except TimeoutError:
+                raise Overloaded("the relayed peer did not answer in time") from None
+        except ProtocolError as exc:
+            return web.Response(
+                status=_STATUS.get(exc.code, 400),
+                headers={REFUSAL_HEADER: str(int(exc.code))},
+                text=f"{exc.code.name}: {exc}",
+            )
+        except (PeerUnreachable, OSError, aiohttp.ClientError):
+            return web.Response(status=400, headers={REFUSAL_HEADER: "2"})
+        finally:
+            self.inflight.give(held)
+        if kind == KIND_REFUSAL:
+            code = int.from_bytes(payload[:2], "little") if len(payload) >= 2 else 14
+            try:
+                refusal = RefusalCode(code)
+            except ValueError:
+                refusal = RefusalCode.INTERNAL
+            return web.Response(
+                status=_STATUS.get(refusal, 400),
+                headers={REFUSAL_HEADER: str(int(refusal))},
+                text=payload[2:].decode(errors="replace"),
+            )
+        if not payload:
+            return web.Response(status=204)
+        return web.Response(status=200, body=payload, content_type=CONTENT_TYPE)
 
     # -- server side -----------------------------------------------------------------------
     async def _on_envelope(self, request: web.Request) -> web.StreamResponse:
@@ -614,7 +1023,11 @@ class HttpTransport(Transport):
                     kind = 0
                 else:
                     request_id, kind = FRAME.unpack_from(data)
-                if kind != KIND_ENVELOPE and kind != KIND_POST:
+                if (kind in (KIND_REPLY, KIND_REFUSAL)) and self._relay_answer(ws, data):
+                    slots.release()
+                    continue
+                relay = kind in (KIND_RELAY, KIND_RELAY_POST)
+                if kind != KIND_ENVELOPE and kind != KIND_POST and not relay:
                     slots.release()
                     if msg.type in (WSMsgType.BINARY, WSMsgType.TEXT):
                         log.debug("event=stream_garbage remote=%s", request.remote)
@@ -630,8 +1043,17 @@ class HttpTransport(Transport):
                         raise
                 except Overloaded as exc:
                     slots.release()
-                    if kind == KIND_ENVELOPE:
+                    if kind == KIND_ENVELOPE or relay:
                         await ws.send_bytes(refusal_frame(request_id, exc))
+                    continue
+                if relay:
+                    try:
+                        envelope = memoryview(data)[FRAME.size :]
+                        self._relay_frame(ws, request_id, envelope, kind == KIND_RELAY_POST)
+                    finally:
+                        slots.release()
+                        budget.give(size)
+                        self.inflight.give(size)
                     continue
                 rest = start_eagerly(
                     self._serve_frame(
@@ -649,6 +1071,11 @@ class HttpTransport(Transport):
                     task.add_done_callback(self._serving.discard)
         finally:
             self._inbound.discard(ws)
+            self._answers.pop(ws, None)
+            client = self._relayed_ws.get(ws)
+            if client is not None:
+                self._unbind(client, NoRoute("the relayed peer's stream closed"))
+                log.info("event=relay_ended peer=%s", client.peer.short())
         return ws
 
     async def _serve_frame(
@@ -663,7 +1090,7 @@ class HttpTransport(Transport):
         """Handle one frame; answer an ENVELOPE always, a POST only with a refusal."""
         try:
             try:
-                reply = await self._serve_envelope(envelope, reply_wanted=not one_way)
+                reply = await self._serve_envelope(envelope, reply_wanted=not one_way, origin=ws)
                 if one_way:
                     return
                 frame = FRAME.pack(request_id, KIND_REPLY) + reply
@@ -685,6 +1112,9 @@ class HttpTransport(Transport):
             self.inflight.give(held[1])
 
     async def _close_io(self) -> None:
+        for client in list(self._relayed.values()):
+            self._unbind(client, NoRoute("the relay closed"))
+        self._relays.clear()
         for task in list(self._connecting.values()):
             task.cancel()
         for task in list(self._serving):
@@ -708,6 +1138,17 @@ class HttpTransport(Transport):
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+
+def _noop() -> None:
+    """A server-side writer's ``on_broken``: the stream's own read loop sees it end."""
+
+
+def _expire(client: Relayed, request_id: int) -> None:
+    """A forwarded request the relayed peer did not answer in time: stop waiting for it."""
+    held = client.pending.pop(request_id, None)
+    if held is not None and not held[0].done():
+        held[0].set_exception(Overloaded("the relayed peer did not answer in time"))
 
 
 def _refusal(address: str, status: int, header: str | None) -> NetworkError:

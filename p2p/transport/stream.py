@@ -10,17 +10,22 @@ message is one binary frame ``request id (u32 LE) | kind (u8) | payload``:
 * server -> client, kind 3 ``REFUSAL``: payload = ``code (u16 LE) | "CODE_NAME: reason"``;
 * client -> server, kind 4 ``POST``: payload = one encoded envelope, one-way: the server answers
   only when it refused the envelope (or its handler failed), with a kind 3 frame naming the id;
-  silence is success, and a handler's reply to a post is dropped.
+  silence is success, and a handler's reply to a post is dropped;
+* client -> server, kinds 5 ``RELAY`` and 6 ``RELAY_POST``: like 1 and 4, for an envelope the
+  server is to forward to a peer it relays for (``p2p.transport.relay``);
+* server -> client, kind 1 on a *relay stream* (one whose client asked the server to relay for
+  it): an envelope the server forwards to the client, answered by the client with kind 2 or 3.
 
 Replies are matched to requests by id, so many requests are in flight on one stream and a slow
 handler does not hold up the others. Each envelope gets exactly the checks of the POST path
 (``Transport._serve_envelope``). A frame that is not binary, too short or of an unknown kind
 closes the stream; an undecodable envelope in a well-formed frame is refused like any other.
 
-Frames are written in the order ``exchange`` and ``post`` are called, without a task: the write
-is started in the caller and completes at once unless the socket is congested; then that frame's
-flow-control wait, and every frame written after it, go to one drain task per stream. This
-module holds the framing and the client side; the server side is in ``http.py``.
+Frames are written in the order ``exchange`` and ``post`` are called, without a task
+(``FrameWriter``): the write is started in the caller and completes at once unless the socket is
+congested; then that frame's flow-control wait, and every frame written after it, go to one
+drain task per stream. This module holds the framing and the client side; the server side is in
+``http.py``.
 """
 
 from __future__ import annotations
@@ -51,11 +56,14 @@ __all__ = [
     "KIND_ENVELOPE",
     "KIND_POST",
     "KIND_REFUSAL",
+    "KIND_RELAY",
+    "KIND_RELAY_POST",
     "KIND_REPLY",
     "MAX_BACKLOG_BYTES",
     "STREAM_PATH",
     "STREAM_PROTOCOL",
     "ClientStream",
+    "FrameWriter",
     "PostFailure",
     "StreamGone",
     "refusal_frame",
@@ -72,6 +80,8 @@ KIND_ENVELOPE = 1
 KIND_REPLY = 2
 KIND_REFUSAL = 3
 KIND_POST = 4
+KIND_RELAY = 5
+KIND_RELAY_POST = 6
 _CODE = struct.Struct("<H")
 _MAX_REASON = 200
 _IDS = 1 << 32
@@ -138,6 +148,77 @@ async def _resume(coro: Coroutine[Any, Any, None], yielded: Any) -> None:
 _WRITE_ERRORS = (ConnectionError, aiohttp.ClientError, RuntimeError)
 
 
+class FrameWriter:
+    """Writes frames to one WebSocket (either end) in call order, without a task when it can.
+
+    ``write`` starts the send in the caller; it completes at once unless the socket is
+    congested, and then that frame's flow-control wait, and every frame written after it, go
+    to one drain task. ``on_broken`` is called once if a queued write fails.
+    """
+
+    __slots__ = ("_on_broken", "_ws", "backlog", "backlog_bytes", "drain", "name")
+
+    def __init__(
+        self,
+        ws: aiohttp.ClientWebSocketResponse | Any,
+        name: str,
+        on_broken: Callable[[], None],
+    ) -> None:
+        self._ws = ws
+        self.name = name
+        self.backlog: collections.deque[bytes] = collections.deque()
+        self.backlog_bytes = 0
+        self.drain: asyncio.Task[None] | None = None
+        self._on_broken = on_broken
+
+    @property
+    def closed(self) -> bool:
+        """Whether the WebSocket is closed."""
+        return bool(self._ws.closed)
+
+    def congested(self, size: int) -> bool:
+        """Whether ``size`` more bytes would take the queue over ``MAX_BACKLOG_BYTES``."""
+        return self.backlog_bytes + size > MAX_BACKLOG_BYTES
+
+    def write(self, frame: bytes) -> None:
+        """Write ``frame`` now, or queue it behind a congested socket; StreamGone if closed."""
+        if self._ws.closed:
+            raise StreamGone(self.name)
+        if self.drain is not None:
+            self.backlog.append(frame)
+            self.backlog_bytes += len(frame)
+            return
+        try:
+            rest = start_eagerly(self._ws.send_bytes(frame))
+        except _WRITE_ERRORS:
+            raise StreamGone(self.name) from None
+        if rest is not None:
+            # The frame is in the socket's buffer; the socket is congested. Later frames queue
+            # behind the flow-control wait, so they keep their order.
+            self.drain = asyncio.create_task(self._flush(rest), name=f"murmur-drain {self.name}")
+
+    async def _flush(self, rest: Coroutine[Any, Any, None]) -> None:
+        try:
+            await rest
+            while self.backlog and not self._ws.closed:
+                frame = self.backlog.popleft()
+                self.backlog_bytes -= len(frame)
+                await self._ws.send_bytes(frame)
+        except _WRITE_ERRORS as exc:
+            log.debug("event=stream_write_failed stream=%s error=%r", self.name, exc)
+            self._on_broken()
+            with contextlib.suppress(*_WRITE_ERRORS, TimeoutError):
+                await self._ws.close()
+        finally:
+            self.backlog.clear()
+            self.backlog_bytes = 0
+            self.drain = None
+
+
+ReverseServe = Callable[["ClientStream", int, memoryview], None]
+"""``serve(stream, request id, envelope)``: handle a frame the server sent on a relay stream."""
+
+
 class ClientStream:
     """Our side of one stream to ``address``: sends envelopes, matches replies by request id.
 
@@ -159,9 +240,9 @@ class ClientStream:
         self._pending: dict[int, asyncio.Future[memoryview]] = {}
         self._posts: dict[int, tuple[Any, PostFailure, float]] = {}
         self._expiry: collections.deque[tuple[float, int]] = collections.deque()
-        self._backlog: collections.deque[bytes] = collections.deque()
-        self._backlog_bytes = 0
-        self._drain: asyncio.Task[None] | None = None
+        self._writer = FrameWriter(ws, address, self._broken)
+        self.serve: ReverseServe | None = None
+        """Set on a relay stream: handles the envelopes the server forwards to us."""
         self._next_id = 0
         self._closed = False
         self._loop = asyncio.get_running_loop()
@@ -176,7 +257,12 @@ class ClientStream:
     def idle(self) -> bool:
         """Whether no request waits for a reply and no post can still be refused."""
         self._expire()
-        return not self._pending and not self._posts and self._drain is None
+        return (
+            not self._pending
+            and not self._posts
+            and self._writer.drain is None
+            and self.serve is None  # a relay stream is never idle
+        )
 
     def _take_id(self) -> int:
         request_id = self._next_id
@@ -185,48 +271,27 @@ class ClientStream:
 
     # -- writing ---------------------------------------------------------------------------
     def _write(self, frame: bytes) -> None:
-        """Write ``frame`` now, or queue it behind a congested socket; StreamGone if closed."""
-        if self.closed:
+        """Write ``frame`` in order (``FrameWriter``); StreamGone if the stream ended."""
+        if self._closed:
             raise StreamGone(self.address)
-        if self._drain is not None:
-            self._backlog.append(frame)
-            self._backlog_bytes += len(frame)
-            return
-        try:
-            rest = start_eagerly(self._ws.send_bytes(frame))
-        except _WRITE_ERRORS:
-            raise StreamGone(self.address) from None
-        if rest is not None:
-            # The frame is in the socket's buffer; the socket is congested. Later frames queue
-            # behind the flow-control wait, so they keep their order.
-            name = f"murmur-drain {self.address}"
-            self._drain = asyncio.create_task(self._flush(rest), name=name)
+        self._writer.write(frame)
 
-    async def _flush(self, rest: Coroutine[Any, Any, None]) -> None:
-        try:
-            await rest
-            while self._backlog and not self.closed:
-                frame = self._backlog.popleft()
-                self._backlog_bytes -= len(frame)
-                await self._ws.send_bytes(frame)
-        except _WRITE_ERRORS as exc:
-            log.debug("event=stream_write_failed address=%s error=%r", self.address, exc)
-            self._finish(PeerUnreachable(f"the stream to {self.address} broke while writing"))
-            with contextlib.suppress(*_WRITE_ERRORS, TimeoutError):
-                await self._ws.close()
-        finally:
-            self._backlog.clear()
-            self._backlog_bytes = 0
-            self._drain = None
+    def write_answer(self, frame: bytes) -> None:
+        """Write the answer to a frame the server sent (relay streams); dropped if closed."""
+        with contextlib.suppress(StreamGone):
+            self._write(frame)
 
-    async def exchange(self, data: bytes) -> memoryview:
+    def _broken(self) -> None:
+        self._finish(PeerUnreachable(f"the stream to {self.address} broke while writing"))
+
+    async def exchange(self, data: bytes, kind: int = KIND_ENVELOPE) -> memoryview:
         """Send one envelope; return the reply payload (empty: accepted, no reply).
 
         Raises ``StreamGone`` if nothing could be written, ``RemoteRefused`` for a refusal,
         ``PeerUnreachable`` if the stream ended while waiting. The caller bounds the wait.
         """
         request_id = self._take_id()
-        self._write(FRAME.pack(request_id, KIND_ENVELOPE) + data)
+        self._write(FRAME.pack(request_id, kind) + data)
         future: asyncio.Future[memoryview] = self._loop.create_future()
         self._pending[request_id] = future
         try:
@@ -237,10 +302,15 @@ class ClientStream:
     def congested(self, size: int) -> bool:
         """Whether ``size`` more bytes would take the queue of a congested stream over its cap
         (``MAX_BACKLOG_BYTES``): the peer has not been reading for a while."""
-        return self._backlog_bytes + size > MAX_BACKLOG_BYTES
+        return self._writer.congested(size)
 
     def post(
-        self, data: bytes, message: Any, deadline: float, on_failure: PostFailure | None
+        self,
+        data: bytes,
+        message: Any,
+        deadline: float,
+        on_failure: PostFailure | None,
+        kind: int = KIND_POST,
     ) -> bool:
         """Send one envelope one-way (kind ``POST``); False if the stream cannot take it.
 
@@ -254,7 +324,7 @@ class ClientStream:
             return False
         request_id = self._take_id()
         try:
-            self._write(FRAME.pack(request_id, KIND_POST) + data)
+            self._write(FRAME.pack(request_id, kind) + data)
         except StreamGone:
             return False
         if on_failure is not None:
@@ -293,6 +363,9 @@ class ClientStream:
                     log.debug("event=stream_garbage address=%s", self.address)
                     break
                 request_id, kind = FRAME.unpack_from(data)
+                if kind == KIND_ENVELOPE and self.serve is not None:
+                    self.serve(self, request_id, memoryview(data)[FRAME.size :])
+                    continue
                 if kind != KIND_REPLY and kind != KIND_REFUSAL:
                     log.debug("event=stream_garbage address=%s kind=%d", self.address, kind)
                     break
@@ -336,7 +409,8 @@ class ClientStream:
         self._finish(error or PeerUnreachable(f"the stream to {self.address} was closed"))
         with contextlib.suppress(ConnectionError, aiohttp.ClientError, RuntimeError, TimeoutError):
             await self._ws.close()
-        tasks = [self._reader] if self._drain is None else [self._reader, self._drain]
+        drain = self._writer.drain
+        tasks = [self._reader] if drain is None else [self._reader, drain]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
