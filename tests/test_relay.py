@@ -7,10 +7,7 @@ import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
 from floor.envelope import Auth
-from floor.errors import PeerUnreachable, RefusalCode, RemoteRefused
 from p2p.config import DaemonConfig, HttpTransportConfig, MembershipConfig
 from p2p.daemon import Daemon
 from p2p.messages import Ping, Pong
@@ -65,7 +62,9 @@ async def test_an_outbound_only_peer_is_reached_through_its_relays(tmp_path: Pat
             # Every peer lists c as live: it was proven and pinged through a relay.
             for d in (a, b):
                 await until(
-                    lambda d=d: c.identity.peer_id in {e.record.peer_id for e in d.membership.view.live()},  # type: ignore[misc]
+                    lambda d=d: (
+                        c.identity.peer_id in {e.record.peer_id for e in d.membership.view.live()}
+                    ),  # type: ignore[misc]
                     10,
                     "c to be live at the others",
                 )
