@@ -169,7 +169,7 @@ class Lan:
                     "--config",
                     str(config),
                     *args,
-                ],  # fmt: skip
+                ],
                 stdout=subprocess.DEVNULL,
                 stderr=log,
                 cwd=ROOT,

@@ -7,7 +7,10 @@ import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from floor.envelope import Auth
+from floor.errors import PeerUnreachable, ProtocolError, RefusalCode, RemoteRefused
 from p2p.config import DaemonConfig, HttpTransportConfig, MembershipConfig
 from p2p.daemon import Daemon
 from p2p.messages import Ping, Pong
@@ -37,6 +40,10 @@ async def until(condition: Callable[[], bool], timeout: float, what: str) -> Non
         if loop.time() > end:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+def live_at(d: Daemon, other: Daemon) -> bool:
+    return other.identity.peer_id in {e.record.peer_id for e in d.membership.view.live()}
 
 
 async def test_an_outbound_only_peer_is_reached_through_its_relays(tmp_path: Path) -> None:
@@ -77,3 +84,112 @@ async def test_an_outbound_only_peer_is_reached_through_its_relays(tmp_path: Pat
             assert a.status()["relaying_for"] == 1 and b.status()["relaying_for"] == 1
             forwarded = a.transport.relay_forwarded + b.transport.relay_forwarded
             assert forwarded > 0
+
+
+async def test_a_relay_forwards_only_sealed_envelopes_it_cannot_open_within_budgets(
+    tmp_path: Path,
+) -> None:
+    tight = HttpTransportConfig(relay_messages_per_s=5)  # burst: 20 envelopes
+    async with Daemon(config(tmp_path, "a", transport=tight)) as a:
+        boot = (a.transport.addresses[0],)
+        async with (
+            Daemon(config(tmp_path, "b", bootstrap=boot)) as b,
+            Daemon(config(tmp_path, "c", bootstrap=boot, no_listen=True)) as c,
+        ):
+            await until(lambda: a.identity.peer_id in c.transport.relays, 10, "a to relay for c")
+            relay = a.transport
+            seen: list[bytes] = []
+            forward = relay._forward
+
+            def tap(data: bytes | bytearray | memoryview) -> object:
+                seen.append(bytes(data))
+                return forward(data)
+
+            relay._forward = tap  # type: ignore[assignment,method-assign]
+            c_id = c.identity.peer_id
+            b.transport.set_addresses(c_id, [f"relay:{boot[0]}"], verified=True)
+            marker = 0x5EC12E7
+            reply = await b.transport.request(c_id, Ping(seq=marker), auth=Auth.MAC)
+            assert reply.message == Pong(seq=marker)
+            assert seen
+            for data in seen:
+                auth, recipient = relay._codec.route(data)
+                assert auth is Auth.SEALED and recipient == c_id
+                assert marker.to_bytes(4, "big") not in data  # the body is ciphertext
+                with pytest.raises(ProtocolError):  # addressed to c, sealed under b-c's key
+                    relay._codec.decode(data)
+            # A MAC envelope is refused by the relay itself, not forwarded.
+            mac = b.transport._codec.encode(Ping(seq=1), recipient=c_id, auth=Auth.MAC)
+            with pytest.raises(RemoteRefused) as refused:
+                await b.transport._post(f"relay:{boot[0]}", mac, 2.0)
+            assert refused.value.code is RefusalCode.MALFORMED
+            # For a peer it does not relay for: NO_ROUTE.
+            stranger = b.transport._codec.encode(
+                Ping(seq=1), recipient=b.identity.peer_id, auth=Auth.SEALED
+            )
+            with pytest.raises(RemoteRefused) as refused:
+                await b.transport._post(f"relay:{boot[0]}", stranger, 2.0)
+            assert refused.value.code is RefusalCode.NO_ROUTE
+            # Over the relayed peer's message budget: BUSY, and the relay keeps serving.
+            codes = []
+            for seq in range(40):
+                try:
+                    await b.transport.request(c_id, Ping(seq=seq), timeout=2.0)
+                except RemoteRefused as exc:
+                    codes.append(exc.code)
+            assert RefusalCode.BUSY in codes
+            assert relay.relay_refused >= 2 + len(codes)
+            await asyncio.sleep(1.0)  # the bucket refills
+            assert (await b.transport.request(c_id, Ping(seq=99))).message == Pong(seq=99)
+
+
+async def test_a_relay_that_goes_away_is_replaced(tmp_path: Path) -> None:
+    one = HttpTransportConfig(relays=1)
+    async with Daemon(config(tmp_path, "a")) as a:
+        boot = (a.transport.addresses[0],)
+        async with (
+            Daemon(config(tmp_path, "b", bootstrap=boot)) as b,
+            Daemon(config(tmp_path, "d", bootstrap=boot)) as d,
+            Daemon(config(tmp_path, "c", bootstrap=boot, no_listen=True, transport=one)) as c,
+        ):
+            await until(lambda: len(c.transport.relays) == 1, 10, "c to hold a relay")
+            first = next(iter(c.transport.relays))
+            gone = next(x for x in (a, b, d) if x.identity.peer_id == first)
+            stay = [x for x in (a, b, d) if x is not gone]
+            await gone.aclose()
+            await until(
+                lambda: len(c.transport.relays) == 1 and first not in c.transport.relays,
+                15,
+                "c to find another relay",
+            )
+            await until(lambda: all(live_at(x, c) for x in stay), 15, "c live again at the others")
+            reply = await stay[0].transport.request(c.identity.peer_id, Ping(seq=3))
+            assert reply.message == Pong(seq=3)
+
+
+async def test_a_reachable_peer_never_names_relays_and_relays_nobody_until_checked(
+    tmp_path: Path,
+) -> None:
+    async with Daemon(config(tmp_path, "a")) as a:
+        assert a.transport.reachable is None and a.transport.relay_capacity == 0
+        with pytest.raises(PeerUnreachable):  # nobody to relay through
+            await a.transport.open_relay(a.identity.peer_id, "127.0.0.1:9", timeout=1.0)
+        assert a.status()["reachable"] == "unknown"
+        assert a.transport.addresses == a.transport.direct_addresses
+
+
+def test_a_peer_behind_relays_lets_reachable_peers_invite_first() -> None:
+    import random
+
+    from gossip.matchmaking import Invitations, MatchConfig
+
+    cfg = MatchConfig(backoff_s=0.1)
+    waits = {False: [], True: []}  # type: dict[bool, list[float]]
+    for defer in (False, True):
+        for seed in range(50):
+            inv = Invitations(b"x" * 32, cfg, rng=random.Random(seed))
+            inv.defer = defer
+            inv.start(0.0, 1, [b"y" * 32])
+            assert inv.wake_at is not None
+            waits[defer].append(inv.wake_at)
+    assert max(waits[False]) <= 0.1 <= min(waits[True]) and max(waits[True]) <= 0.3
