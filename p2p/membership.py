@@ -255,6 +255,8 @@ class Membership:
         )
         self._record: PeerRecord | None = None
         self._seq = 0
+        self.joins_received = 0
+        """Joins others sent us: each came over a connection the joiner opened to us."""
         transport.register(Join, self._on_join)
         transport.register(Exchange, self._on_exchange)
         transport.register(Ping, self._on_ping)
@@ -300,6 +302,7 @@ class Membership:
         assert isinstance(message, Join)
         if message.record.peer_id != received.sender:
             raise InconsistentMessage("a Join must carry the sender's own record")
+        self.joins_received += 1
         self._take([message.record])
         self.view.seen(received.sender, self._now(), confirm=self._proven(received.sender))
         sample = self.view.sample_records(self.config.exchange_size, exclude=received.sender)

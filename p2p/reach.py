@@ -140,6 +140,11 @@ class Reachability:
             return False
         live = [e.record.peer_id for e in self._membership.view.live()]
         if not live:
+            # Nobody to ask (e.g. a bootstrap peer whose only joiners are outbound-only): a
+            # peer that was joined through was dialled by the joiner, so it is reachable.
+            if self._membership.joins_received:
+                log.info("event=reachability_checked reachable=True by=joins_received")
+                return True
             return None
         asked = self._rng.sample(live, min(CHECK_PEERS, len(live)))
         self.checks += 1

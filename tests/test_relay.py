@@ -193,3 +193,18 @@ def test_a_peer_behind_relays_lets_reachable_peers_invite_first() -> None:
             assert inv.wake_at is not None
             waits[defer].append(inv.wake_at)
     assert max(waits[False]) <= 0.1 <= min(waits[True]) and max(waits[True]) <= 0.3
+
+
+async def test_a_bootstrap_peer_relays_for_its_only_joiner_which_does_not_listen(
+    tmp_path: Path,
+) -> None:
+    """Two peers: nobody can dial the joiner back for the bootstrap, yet the joiner's join came
+    over a connection it opened to the bootstrap, which is then reachable and relays for it."""
+    async with Daemon(config(tmp_path, "a")) as a:
+        boot = (a.transport.addresses[0],)
+        async with Daemon(config(tmp_path, "c", bootstrap=boot, no_listen=True)) as c:
+            await until(lambda: len(c.transport.relays) == 1, 10, "a to relay for c")
+            assert a.transport.reachable is True
+            await until(lambda: live_at(a, c), 10, "c to be live at a")
+            reply = await a.transport.request(c.identity.peer_id, Ping(seq=5))
+            assert reply.message == Pong(seq=5)
