@@ -28,7 +28,7 @@ import random
 from collections.abc import Callable
 
 from floor.envelope import Auth, Received
-from floor.errors import NetworkError, ProtocolError
+from floor.errors import NetworkError, Overloaded, ProtocolError
 from floor.identity import PeerId
 from p2p.config import HttpTransportConfig
 from p2p.membership import Membership
@@ -98,13 +98,15 @@ class Reachability:
             self._bucket = TokenBucket(*DIAL_BACK_RATE, now)
         last = self._dialled.get(peer)
         if last is not None and now - last < DIAL_BACK_EVERY_S:
-            return DialBackReply(reached=False)
+            # BUSY, not "not reached": the asker must not conclude it is unreachable (a peer
+            # restarted within seconds asks again).
+            raise Overloaded(f"one dial-back per {DIAL_BACK_EVERY_S:g} s")
         if is_relay_address(message.address) or not self._transport.accepts_address(
             message.address
         ):
             return DialBackReply(reached=False)
         if not self._bucket.take(1, now):
-            return DialBackReply(reached=False)
+            raise Overloaded("too many dial-backs at once")
         if len(self._dialled) > 4096:
             self._dialled = {p: t for p, t in self._dialled.items() if now - t < DIAL_BACK_EVERY_S}
         self._dialled[peer] = now
