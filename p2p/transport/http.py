@@ -925,11 +925,7 @@ class HttpTransport(Transport):
             except TimeoutError:
                 raise Overloaded("the relayed peer did not answer in time") from None
         except ProtocolError as exc:
-            return web.Response(
-                status=_STATUS.get(exc.code, 400),
-                headers={REFUSAL_HEADER: str(int(exc.code))},
-                text=f"{exc.code.name}: {exc}",
-            )
+            return _refusal_response(exc.code, str(exc))
         except (PeerUnreachable, OSError, aiohttp.ClientError):
             return web.Response(status=400, headers={REFUSAL_HEADER: "2"})
         finally:
@@ -975,11 +971,7 @@ class HttpTransport(Transport):
             reply = await self._serve_envelope(body)
         except ProtocolError as exc:
             log.debug("event=refused code=%d reason=%s", int(exc.code), exc)
-            return web.Response(
-                status=_STATUS.get(exc.code, 400),
-                headers={REFUSAL_HEADER: str(int(exc.code))},
-                text=f"{exc.code.name}: {exc}",
-            )
+            return _refusal_response(exc.code, str(exc))
         except (PeerUnreachable, OSError, aiohttp.ClientError):
             # The sender went away mid-body: nobody will read this answer.
             return web.Response(status=400, headers={REFUSAL_HEADER: "2"})
@@ -1138,6 +1130,15 @@ class HttpTransport(Transport):
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+
+def _refusal_response(code: RefusalCode, reason: str) -> web.Response:
+    """The HTTP answer to a refused envelope: the code's status, the header, the reason."""
+    return web.Response(
+        status=_STATUS.get(code, 400),
+        headers={REFUSAL_HEADER: str(int(code))},
+        text=f"{code.name}: {reason}",
+    )
 
 
 def _noop() -> None:
