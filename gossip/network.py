@@ -185,10 +185,11 @@ class TransportNetwork:
         async def adapter(received: Received) -> Any:
             reply = handler(received.sender, received.message)
             if inspect.isawaitable(reply):
-                reply = await reply
+                # Its own task: it may wait, time out or send (the adapter is inline).
+                reply = await asyncio.ensure_future(reply)
             return reply
 
-        self._transport.register(message_type, adapter)
+        self._transport.register(message_type, adapter, inline=True)
 
     def unregister(self, message_type: type) -> None:
         """Remove the handler of ``message_type``."""

@@ -174,7 +174,13 @@ class Reachability:
                 self._nonces.pop(nonce, None)
         reached = any(e.is_set() for e in events.values())
         if not reached and not answered:
-            return None  # nobody answered: no verdict
+            # Nobody answered: no verdict (asked again in a moment).
+            log.info(
+                "event=reachability_unknown asked=%d errors=%s",
+                len(asked),
+                ",".join(type(r).__name__ for r in results),
+            )
+            return None
         log.info(
             "event=reachability_checked reachable=%s asked=%d answered=%d address=%s",
             reached,

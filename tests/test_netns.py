@@ -284,6 +284,7 @@ def run_network(
     return statuses, open_hosts, closed_hosts
 
 
+@pytest.mark.timeout(420)  # its own waits end first (~30 s when all is well)
 def test_firewalled_peers_train_in_secure_groups_through_relays(lan: Lan) -> None:
     """Three reachable peers and two that accept no connection train digits in secure groups;
     the two are in groups (through relays that forwarded only sealed envelopes)."""

@@ -228,6 +228,63 @@ async def test_a_timed_out_request_leaves_the_stream_usable(make: MAKE) -> None:
     assert streams(a) == 1
 
 
+async def test_a_handler_on_a_stream_owns_its_timeouts(make: MAKE) -> None:
+    """A stream runs a frame's first step in its reading task; a handler that sets a timeout
+    must still get its own TimeoutError (the first CI failure of the relays: a dial-back's
+    timeout cancelled the stream's task instead, and the handler waited forever)."""
+    a, b = await make(1), await make(2)
+    introduce(a, b)
+    outcomes: list[str] = []
+    reader: list[asyncio.Task[object] | None] = []
+
+    async def slow(received: Received) -> Pong:
+        assert isinstance(received.message, Ping)
+        reader.append(asyncio.current_task())
+        try:
+            async with asyncio.timeout(0.1):
+                await asyncio.Event().wait()
+        except TimeoutError:
+            outcomes.append("timed out")
+        return Pong(seq=received.message.seq)
+
+    b.register(Ping, slow)
+    for seq in range(3):
+        reply = await a.request(b.local_id, Ping(seq=seq), timeout=5.0)
+        assert reply.message == Pong(seq=seq)
+    assert outcomes == ["timed out"] * 3
+    assert streams(a) == 1 and inbound(b) == 1  # the stream's reading task was not cancelled
+    assert len({id(t) for t in reader}) == 3  # each handler ran in a task of its own
+
+
+async def test_an_inline_handler_runs_without_a_task_and_may_request_in_a_task(
+    make: MAKE,
+) -> None:
+    """``inline=True`` handlers run in the stream's reading task; a handler that makes a
+    request of its own (bound to its task) works on a stream when it is not inline."""
+    a, b = await make(1), await make(2)
+    introduce(a, b)
+    a.register(Ping, pong)
+    tasks: list[asyncio.Task[object] | None] = []
+
+    async def relay_ping(received: Received) -> None:
+        assert isinstance(received.message, Blob)
+        tasks.append(asyncio.current_task())
+        reply = await b.request(a.local_id, Ping(seq=received.message.tag), timeout=5.0)
+        assert reply.message == Pong(seq=received.message.tag)
+
+    async def count(received: Received) -> None:
+        tasks.append(asyncio.current_task())
+
+    b.register(Blob, relay_ping)
+    b.register(Pong, count, inline=True)
+    await a.send(b.local_id, Blob(tag=7, data=torch.zeros(1)))
+    await a.send(b.local_id, Pong(seq=1))
+    await a.send(b.local_id, Pong(seq=2))
+    # Both Pongs ran in the same (reading) task; the Blob handler in another.
+    assert tasks[1] is tasks[2] and tasks[0] is not tasks[1]
+    assert b.refused == 0
+
+
 async def test_many_requests_in_flight_on_one_stream_match_their_replies(make: MAKE) -> None:
     a, b = await make(1), await make(2, stream_max_inflight=16)
     introduce(a, b)

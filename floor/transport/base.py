@@ -103,6 +103,7 @@ class Transport(abc.ABC):
         self._admit = admit
         self._handlers: dict[type, Handler] = {}
         self._origin_handlers: dict[type, OriginHandler] = {}
+        self._inline: set[type] = {Probe}
         self._addresses: dict[PeerId, tuple[str, ...]] = {}
         self._listeners: list[ContactListener] = []
         self._waiters: set[asyncio.Task[object]] = set()
@@ -196,11 +197,19 @@ class Transport(abc.ABC):
         return self._addresses.get(peer, ())
 
     # -- handlers --------------------------------------------------------------------------
-    def register(self, message_type: type, handler: Handler) -> None:
-        """Handle incoming messages of ``message_type`` with ``handler`` (one per type)."""
+    def register(self, message_type: type, handler: Handler, *, inline: bool = False) -> None:
+        """Handle incoming messages of ``message_type`` with ``handler`` (one per type).
+
+        ``inline=True`` promises that the handler returns without suspending and without
+        anything bound to the current task (``asyncio.timeout``, a ``TaskGroup``, a request):
+        a stream then runs it in its reading task, with no task of its own. Any other handler
+        starts in a task of its own, so its timeouts and cancellations are its own.
+        """
         if message_type in self._handlers or message_type in self._origin_handlers:
             raise ConfigError(f"a handler for {message_type.__name__} is already registered")
         self._handlers[message_type] = handler
+        if inline:
+            self._inline.add(message_type)
 
     def register_with_origin(self, message_type: type, handler: OriginHandler) -> None:
         """Like ``register``, for a handler that is also told the connection (``origin``)."""
@@ -211,6 +220,7 @@ class Transport(abc.ABC):
     def unregister(self, message_type: type) -> None:
         """Stop handling ``message_type`` (later messages of that type are refused)."""
         self._handlers.pop(message_type, None)
+        self._inline.discard(message_type)
 
     def add_contact_listener(self, listener: ContactListener) -> None:
         """Call ``listener(peer)`` whenever an authenticated envelope arrives from ``peer``."""
@@ -493,12 +503,17 @@ class Transport(abc.ABC):
         *,
         reply_wanted: bool = True,
         origin: object = None,
+        eager: bool = False,
     ) -> bytes:
         """Check and handle one inbound envelope; return the encoded reply (b"" for none).
 
         Raises ``ProtocolError`` (with its refusal code) when the envelope is refused. With
         ``reply_wanted=False`` (a one-way post) a handler's reply is dropped unencoded.
-        ``origin`` is passed to handlers registered with ``register_with_origin``.
+        ``origin`` is passed to handlers registered with ``register_with_origin``. ``eager``:
+        the caller runs this coroutine's first step in its own task (``start_eagerly``); a
+        handler not registered ``inline`` is then started only after one suspension, when
+        the coroutine runs in a task of its own (else an ``asyncio.timeout`` in the handler
+        would cancel the caller's task, and the handler's wait would never end).
         """
         self.bytes_received += len(data)
         try:
@@ -511,6 +526,8 @@ class Transport(abc.ABC):
             if handler is None and with_origin is None:
                 raise UnknownMessageType(f"no handler for {kind.__name__}")
             self._notify(received.sender)
+            if eager and kind not in self._inline:
+                await asyncio.sleep(0)
             try:
                 if with_origin is not None:
                     reply = await with_origin(received, origin)

@@ -759,7 +759,7 @@ class HttpTransport(Transport):
     ) -> None:
         try:
             try:
-                reply = await self._serve_envelope(envelope)
+                reply = await self._serve_envelope(envelope, eager=True)
                 frame = FRAME.pack(request_id, KIND_REPLY) + reply
             except ProtocolError as exc:
                 log.debug("event=refused code=%d reason=%s", int(exc.code), exc)
@@ -1082,7 +1082,9 @@ class HttpTransport(Transport):
         """Handle one frame; answer an ENVELOPE always, a POST only with a refusal."""
         try:
             try:
-                reply = await self._serve_envelope(envelope, reply_wanted=not one_way, origin=ws)
+                reply = await self._serve_envelope(
+                    envelope, reply_wanted=not one_way, origin=ws, eager=True
+                )
                 if one_way:
                     return
                 frame = FRAME.pack(request_id, KIND_REPLY) + reply

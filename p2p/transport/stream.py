@@ -119,6 +119,9 @@ def start_eagerly(coro: Coroutine[Any, Any, None]) -> Coroutine[Any, Any, None] 
 
     Returns None when it finished there (the common case: nothing to schedule), else a coroutine
     that drives it to its end, to run as a task. Exceptions of the first step propagate.
+    The first step runs in the *caller's* task: whatever it binds to the current task (an
+    ``asyncio.timeout``, a ``TaskGroup``) binds to the caller, so it must suspend before any
+    such thing (``Transport._serve_envelope(eager=True)`` does for handlers not inline).
     """
     try:
         yielded = coro.send(None)
@@ -128,7 +131,9 @@ def start_eagerly(coro: Coroutine[Any, Any, None]) -> Coroutine[Any, Any, None] 
 
 
 async def _resume(coro: Coroutine[Any, Any, None], yielded: Any) -> None:
-    """Drive a coroutine that suspended on ``yielded`` (a future, or None) to its end."""
+    """Drive a coroutine that suspended on ``yielded`` (a future, or None) to its end, as
+    its task: a cancellation of this task (a timeout the coroutine set after its first step,
+    a close) cancels the future it waits on and is thrown into it, as ``Task`` does."""
     while True:
         try:
             if yielded is None:
@@ -136,9 +141,15 @@ async def _resume(coro: Coroutine[Any, Any, None], yielded: Any) -> None:
             else:
                 await asyncio.wait((yielded,))
                 yielded._asyncio_future_blocking = False
-        except asyncio.CancelledError:
-            coro.close()  # runs its finally blocks
-            raise
+        except asyncio.CancelledError as exc:
+            if yielded is not None:
+                yielded._asyncio_future_blocking = False
+                yielded.cancel()
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration:
+                return
+            continue
         try:
             yielded = coro.send(None)
         except StopIteration:
