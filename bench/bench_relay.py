@@ -9,9 +9,9 @@ writes) and seals what the direct path would MAC.
 
 ``--round-d D`` (default 1e6; 0 skips it) also times a secure group round of 8 peers at
 d = D (the daemon's ``GroupAveraging`` machine under the asyncio ``Driver``, on the hash
-group of the 8: no matchmaking) with one member reached only through a relay (another member of the group)
-beside the same round with all 8 direct, interleaved, all 16 transports in this one event loop
-(so a round's time is the sum of all peers' CPU, the relay's included).
+group of the 8: no matchmaking) with one member reached only through a relay (another member
+of the group) beside the same round with all 8 direct, interleaved, all 16 transports in this
+one event loop (so a round's time is the sum of all peers' CPU, the relay's included).
 
     python -m bench.bench_relay              # markdown tables on stdout
 """
