@@ -1,12 +1,12 @@
 """One group round of 8 peers over real aiohttp on loopback: secure vs plaintext vs gloo.
 
-In one run, on the same data (8 float32 vectors of d elements, weights 1..8):
+In one run, on the same data (8 float32 vectors of d elements, weights 1..8), every peer
+running the daemon's machine (``gossip.allreduce.GroupAveraging``) under the asyncio ``Driver``:
 
-* ``secure + matchmaking``: a whole round as the learner runs it (``GroupAverager``):
-  matchmaking by invitation, then ``GroupAllReduce.secure`` (mpc SecAgg in Z_2^64, butterfly);
-* ``secure all-reduce``: the same on an already formed group;
-* ``plain + matchmaking`` and ``plain all-reduce``: our plaintext butterfly on the same encoding;
-* ``matchmaking only``;
+* ``secure + matchmaking``: a whole round as the learner runs it: matchmaking by invitation
+  (``Invitations``), then the secure group (``SecureGroup``: mpc SecAgg, butterfly);
+* ``secure all-reduce``: the same on the hash group of the 8 (``HashGrouping``: no messages);
+* ``plain + matchmaking`` and ``plain all-reduce``: our plaintext group on the same encoding;
 * ``gloo all-reduce``: ``torch.distributed.all_reduce`` (gloo, 8 processes via
   ``torch.multiprocessing.spawn``, TCP on loopback) of the same float32 vectors, and of int64
   vectors of the same length (the bytes our ring moves).
@@ -44,9 +44,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from floor.envelope import EnvelopeCodec
-from floor.identity import Identity, PeerId
-from gossip.allreduce import AllReduceConfig, GroupAllReduce, GroupAverager
-from gossip.matchmaking import Group, MatchConfig, Matchmaker
+from floor.identity import Identity
+from gossip.allreduce import AllReduceConfig, GroupAveraging
+from gossip.driver import Driver
+from gossip.machine import AverageResult, Out
+from gossip.matchmaking import Group, HashGrouping, Invitations, MatchConfig
 from gossip.network import StaticView, TransportNetwork
 from p2p.daemon import tune_malloc
 from p2p.messages import MESSAGE_TYPES
@@ -69,17 +71,86 @@ public bound 64 (every |w x| here is < 45), for which a group of 8 picks Z_2^32 
 _RING = "64"  # set by main() and by every peer process
 
 
-class _Peer:
-    """One peer of ours: network adapter, matchmaker, all-reduce, and the two averagers."""
+class _Former:
+    """A group former chosen per round: invitations (matchmaking) or the hash group of the 8
+    (an already formed group, no messages)."""
 
-    def __init__(self, rank: int, identity: Identity, transport: HttpTransport, view: StaticView):
-        self.net = TransportNetwork(transport, view)
+    def __init__(self, me: bytes, rank: int) -> None:
         match = MatchConfig(target_size=N)  # defaults: min 3, back-off <= 50 ms
-        self.former = Matchmaker(self.net, match, rng=random.Random(rank))
+        self.invite = Invitations(me, match, rng=random.Random(rank))
+        self.hashed = HashGrouping(me, size=N)
+        self.match = True
+        self.message_types = self.invite.message_types
+
+    @property
+    def _use(self) -> Invitations | HashGrouping:
+        return self.invite if self.match else self.hashed
+
+    @property
+    def formed(self) -> Group | None:
+        return self._use.formed
+
+    @formed.setter
+    def formed(self, value: Group | None) -> None:
+        self._use.formed = value
+
+    @property
+    def failure(self) -> str | None:
+        return self._use.failure
+
+    @failure.setter
+    def failure(self, value: str | None) -> None:
+        self._use.failure = value
+
+    @property
+    def proposed(self) -> tuple[float, ...]:
+        return self.invite.proposed
+
+    @proposed.setter
+    def proposed(self, value: tuple[float, ...]) -> None:
+        self.invite.proposed = self.hashed.proposed = value
+
+    @property
+    def wake_at(self) -> float | None:
+        return self._use.wake_at
+
+    def start(self, now: float, round: int, view: Any) -> Out:
+        return self._use.start(now, round, view)
+
+    def receive(self, now: float, sender: bytes, message: Any) -> Out:
+        return self.invite.receive(now, sender, message)  # only invitations send messages
+
+    def wake(self, now: float) -> Out:
+        return self._use.wake(now)
+
+    def stop(self) -> Out:
+        return self._use.stop()
+
+
+class _Peer:
+    """One peer of ours in one mode (secure or plain): its network, former and driver."""
+
+    def __init__(
+        self, rank: int, identity: Identity, transport: HttpTransport, view: StaticView, mode: str
+    ) -> None:
+        self.net = TransportNetwork(transport, view)
+        me = identity.peer_id.raw
+        self.former = _Former(me, rank)
         config = AllReduceConfig(stage_timeout_s=10.0, **RINGS[_RING])  # type: ignore[arg-type]
-        self.reducer = GroupAllReduce(self.net, identity, config)
-        self.secure = GroupAverager(self.former, self.reducer)
-        self.plain = GroupAverager(self.former, self.reducer, secure=False)
+        machine = GroupAveraging(
+            identity.seed(), me, self.former, secure=mode == "secure", config=config
+        )
+        self.driver = Driver(self.net, machine)
+
+    async def run(self, x: torch.Tensor, w: float, r: int, *, match: bool) -> AverageResult:
+        """One round: with matchmaking, or on the hash group of the 8."""
+        self.former.match = match
+        return await self.driver.average(x, w, r)
+
+
+MODES = ("secure", "plain")
+"""Each mode has its own 8 peers (and identities) per path: the two machines' matchmaking
+messages are of one type, so one transport serves one of them."""
 
 
 def _settle(freeze: bool) -> None:
@@ -93,8 +164,8 @@ def _settle(freeze: bool) -> None:
 
 
 def _identity(rank: int, k: int = 0) -> Identity:
-    """Peer ``rank`` of the ``k``-th path: each path has its own 8 identities, so that nothing
-    cached per identity or group in one process (mpc, matchmaking) is shared between paths."""
+    """Peer ``rank`` of the ``k``-th set (path and mode): each has its own 8 identities, so
+    that nothing cached per identity or group in one process is shared between them."""
     return Identity.from_seed(bytes([k * N + rank + 1]) * 32)
 
 
@@ -105,39 +176,30 @@ def _transport(identity: Identity, path: str) -> HttpTransport:
     )
 
 
-def _warm_group(k: int) -> Group:
-    members = tuple(sorted((_identity(r, k).peer_id for r in range(N)), key=lambda p: p.raw))
-    return Group(0, b"w" * 16, members)
-
-
-def _on_group(
-    peer: _Peer, mode: str, members: tuple[PeerId, ...], r: int, *, x: Any, w: float
-) -> Any:
-    group = Group(r, r.to_bytes(16, "big"), members)  # a fresh id for every attempt
-    return getattr(peer.reducer, mode)(group, x, w)
-
-
 async def _ours(
     d: int, reps: int, paths: list[str], freeze: bool
 ) -> dict[str, dict[str, list[float]]]:
-    """All 8 peers in this process and event loop; one set of 8 transports per path.
+    """All peers in this process and event loop; one set of 8 transports per path and mode.
 
     The paths run interleaved (every repetition runs all variants on each path in turn), so
     that a change in the machine's load hits them alike.
     """
     everything: list[HttpTransport] = []
-    peers: dict[str, list[_Peer]] = {}
+    peers: dict[str, dict[str, list[_Peer]]] = {path: {} for path in paths}
     for k, path in enumerate(paths):
-        idents = [_identity(r, k) for r in range(N)]
-        view = StaticView([i.peer_id for i in idents])
-        transports = [_transport(i, path) for i in idents]
-        everything += transports
-        for t in transports:
-            await t.start()
-        for t in transports:
-            for u in transports:
-                t.set_addresses(u.local_id, u.addresses, verified=True)
-        peers[path] = [_Peer(r, idents[r], t, view) for r, t in enumerate(transports)]
+        for m, mode in enumerate(MODES):
+            idents = [_identity(r, 2 * k + m) for r in range(N)]
+            view = StaticView([i.peer_id for i in idents])
+            transports = [_transport(i, path) for i in idents]
+            everything += transports
+            for t in transports:
+                await t.start()
+            for t in transports:
+                for u in transports:
+                    t.set_addresses(u.local_id, u.addresses, verified=True)
+            peers[path][mode] = [
+                _Peer(r, idents[r], t, view, mode) for r, t in enumerate(transports)
+            ]
     xs, ws = _data(d)
     times: dict[str, dict[str, list[float]]] = {path: {} for path in paths}
     cpus: dict[str, dict[str, list[float]]] = {path: {} for path in paths}
@@ -162,43 +224,23 @@ async def _ours(
             await asyncio.sleep(0.5)  # let the failed attempt's stragglers time out
         raise RuntimeError(f"{name}: no complete group in 5 attempts")
 
-    def on_group(
-        group: list[_Peer], mode: str, members: tuple[PeerId, ...], r: int
-    ) -> list[Awaitable[Any]]:
-        return [_on_group(p, mode, members, r, x=xs[i], w=ws[i]) for i, p in enumerate(group)]
+    def round_of(group: list[_Peer], match: bool) -> Callable[[int], list[Awaitable[Any]]]:
+        return lambda r: [p.run(xs[i], ws[i], r, match=match) for i, p in enumerate(group)]
 
     try:
-        for k, group in enumerate(peers.values()):  # open the connections between all pairs
-            await asyncio.gather(
-                *(p.reducer.plain(_warm_group(k), torch.zeros(8), 1.0) for p in group)
-            )
+        for sets in peers.values():  # open the connections between all pairs
+            for group in sets.values():
+                rnd += 1
+                await asyncio.gather(*(p.run(torch.zeros(8), 1.0, rnd, match=False) for p in group))
         _settle(freeze)
         for rep in range(reps + 1):  # the first repetition warms up connections and caches
-            for path, group in peers.items():
-                forms: list[Group] = await timed(
-                    path,
-                    "matchmaking only",
-                    lambda r, g=group: [p.former.form_group(r) for p in g],  # type: ignore[misc]
-                )
-                members = forms[0].members
-                for mode in ("secure", "plain"):
-                    one = functools.partial(on_group, group, mode, members)
-                    await timed(path, f"{mode} all-reduce", one)
-                s = await timed(
-                    path,
-                    "secure + matchmaking",
-                    lambda r, g=group: [  # type: ignore[misc]
-                        p.secure.average(xs[i], ws[i], r) for i, p in enumerate(g)
-                    ],
-                )
-                q = await timed(
-                    path,
-                    "plain + matchmaking",
-                    lambda r, g=group: [  # type: ignore[misc]
-                        p.plain.average(xs[i], ws[i], r) for i, p in enumerate(g)
-                    ],
-                )
-                if not all(torch.equal(a.vector, s[0].vector) for a in s + q):
+            for path, sets in peers.items():
+                results: list[Any] = []
+                for match in (False, True):
+                    for mode, group in sets.items():
+                        name = f"{mode} + matchmaking" if match else f"{mode} all-reduce"
+                        results += await timed(path, name, round_of(group, match))
+                if not all(torch.equal(a.vector, results[0].vector) for a in results):
                     raise RuntimeError("the peers' results differ")
             if rep == 0:
                 times = {path: {} for path in paths}
@@ -246,19 +288,20 @@ async def _peer_process(
     freeze: bool,
     profile: str = "",
 ) -> None:
-    identities = [_identity(rank, k) for k in range(len(paths))]
-    transports = [_transport(identities[k], path) for k, path in enumerate(paths)]
+    sets = [(path, mode) for path in paths for mode in MODES]  # set k: _identity(r, k)
+    identities = [_identity(rank, k) for k in range(len(sets))]
+    transports = [_transport(identities[k], path) for k, (path, _) in enumerate(sets)]
     for k, transport in enumerate(transports):
         await transport.start()
         sync.ports[k * N + rank] = int(transport.addresses[0].rsplit(":", 1)[1])
     await sync.wait()
-    peers: dict[str, _Peer] = {}
-    for k, (path, transport) in enumerate(zip(paths, transports, strict=True)):
+    peers: dict[str, dict[str, _Peer]] = {path: {} for path in paths}
+    for k, ((path, mode), transport) in enumerate(zip(sets, transports, strict=True)):
         for r in range(N):
             address = f"127.0.0.1:{sync.ports[k * N + r]}"
             transport.set_addresses(_identity(r, k).peer_id, [address], verified=True)
         view = StaticView([_identity(r, k).peer_id for r in range(N)])
-        peers[path] = _Peer(rank, identities[k], transport, view)
+        peers[path][mode] = _Peer(rank, identities[k], transport, view, mode)
     xs, ws = _data(d)
     x, w = xs[rank], ws[rank]
     ends: dict[str, dict[str, list[float]]] = {path: {} for path in paths}
@@ -307,22 +350,22 @@ async def _peer_process(
 
     try:
         await sync.wait()
-        for k, peer in enumerate(peers.values()):
-            await peer.reducer.plain(_warm_group(k), torch.zeros(8), 1.0)
+        for mine in peers.values():
+            for peer in mine.values():
+                rnd += 1
+                await sync.wait()
+                await peer.run(torch.zeros(8), 1.0, rnd, match=False)
         _settle(freeze)
         for rep in range(reps + 1):
-            for path, peer in peers.items():
-                group = await timed(path, "matchmaking only", peer.former.form_group)
-                for mode in ("secure", "plain"):
-                    one = functools.partial(_on_group, peer, mode, group.members, x=x, w=w)
-                    await timed(path, f"{mode} all-reduce", one)
-                s = await timed(
-                    path, "secure + matchmaking", functools.partial(peer.secure.average, x, w)
-                )
-                q = await timed(
-                    path, "plain + matchmaking", functools.partial(peer.plain.average, x, w)
-                )
-                if not torch.equal(s.vector, q.vector):
+            for path, mine in peers.items():
+                got: dict[str, AverageResult] = {}
+                for match in (False, True):
+                    for mode, peer in mine.items():
+                        name = f"{mode} + matchmaking" if match else f"{mode} all-reduce"
+                        run = functools.partial(peer.run, x, w, match=match)
+                        got[name] = await timed(path, name, run)
+                s = got["secure + matchmaking"]
+                if not all(torch.equal(s.vector, o.vector) for o in got.values()):
                     raise RuntimeError(f"peer {rank}: secure and plain results differ")
                 digests.append(hashlib.sha256(s.vector.numpy().tobytes()).hexdigest())
             if rep == 0:
@@ -360,7 +403,7 @@ def _ours_processes(
 ) -> dict[str, dict[str, list[float]]]:
     """One spawned process per peer; a round lasts from the common start to the last finish."""
     ctx = mp.get_context("spawn")
-    sync = _Sync(ctx, len(paths))
+    sync = _Sync(ctx, len(paths) * len(MODES))
     out = ctx.SimpleQueue()
     procs = [
         ctx.Process(target=_peer_main, args=(r, d, reps, paths, sync, out, env), daemon=True)
@@ -428,7 +471,6 @@ def _gloo(d: int, reps: int) -> dict[str, list[float]]:
 
 
 VARIANTS = (
-    "matchmaking only",
     "secure all-reduce",
     "plain all-reduce",
     "secure + matchmaking",
