@@ -81,6 +81,7 @@ class Reachability:
         """Called with the new reachability once it is known (and when it changes)."""
         self.checks = 0
         """Dial-back checks made."""
+        self._unknown = 0
         self.dial_backs = 0
         """Dial-backs made for others."""
         transport.register(DialBack, self._on_dial_back)
@@ -174,8 +175,10 @@ class Reachability:
                 self._nonces.pop(nonce, None)
         reached = any(e.is_set() for e in events.values())
         if not reached and not answered:
-            # Nobody answered: no verdict (asked again in a moment).
-            log.info(
+            # Nobody answered: no verdict (asked again in a moment; logged once at info).
+            self._unknown += 1
+            log.log(
+                logging.INFO if self._unknown == 1 else logging.DEBUG,
                 "event=reachability_unknown asked=%d errors=%s",
                 len(asked),
                 ",".join(type(r).__name__ for r in results),
