@@ -111,6 +111,11 @@ class HttpTransportConfig:
     dial_back: bool = True
     """After joining, ask the peers joined through to dial this peer back on a new connection
     (``p2p.reach``); one that is not reached says so by naming relays instead of its address."""
+    reachability_recheck_s: float = 600.0
+    """How often a peer asks again to be dialled back (a NAT, port forward or firewall that
+    changed): reached now, it drops its relays and names its own address; no longer reached,
+    it takes relays (0: check once, at start). A peer dials the same asker back at most every
+    10 s, so shorter intervals only get BUSY answers in between."""
     relays: int = 2
     """Relays an unreachable peer keeps (streams to reachable peers that forward to it)."""
     relay_for: int = 16
@@ -145,6 +150,8 @@ class HttpTransportConfig:
                 raise ConfigError(f"transport.{name} must be > 0")
         if self.max_connection_inflight < 1 or self.max_inflight_bytes < 1:
             raise ConfigError("transport in-flight byte budgets must be >= 1")
+        if not 0 <= self.reachability_recheck_s < float("inf"):
+            raise ConfigError("transport.reachability_recheck_s must be >= 0 (0: never)")
         for name in ("relays", "relay_for"):
             if not 0 <= getattr(self, name) <= 64:
                 raise ConfigError(f"transport.{name} must be in [0, 64]")

@@ -8,7 +8,9 @@ others (``transport.relay_for``). A peer that was not reached, or that does not 
 (``murmur start --no-listen``), keeps ``transport.relays`` relays: streams to reachable peers
 that agreed to forward to it (``p2p.transport.relay``). Its record then names those relays
 instead of its own address; when a relay's stream ends, another is asked and the record changes
-with it (``Membership.announce`` spreads it at once).
+with it (``Membership.announce`` spreads it at once). Every ``transport.reachability_recheck_s``
+the check runs again: a peer reached now lets its relays go and names its own address again;
+one no longer reached takes relays.
 
 What a peer answering ``DialBack`` does is bounded: one dial per asking peer per
 ``DIAL_BACK_EVERY_S``, at most ``DIAL_BACK_RATE`` per second in all, only to an address the
@@ -219,12 +221,35 @@ class Reachability:
                 await asyncio.sleep(1.0)
         elif self.on_change is not None:
             self.on_change(transport.reachable)
+        recheck = self._config.reachability_recheck_s
+        loop = asyncio.get_running_loop()
+        next_check = loop.time() + recheck
         while True:
+            if recheck and self._config.dial_back and loop.time() >= next_check:
+                await self._recheck()
+                next_check = loop.time() + recheck
             if transport.reachable is False:
                 await self._keep_relays()
             self._lost.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._lost.wait(), MAINTAIN_S)
+
+    async def _recheck(self) -> None:
+        """Check again; on a change, switch between relays and this peer's own address."""
+        transport = self._transport
+        if not transport.direct_addresses:
+            return  # --no-listen: never reachable, nothing to check
+        verdict = await self.check()
+        if verdict is None or verdict is transport.reachable:
+            return
+        log.info("event=reachability_changed reachable=%s", verdict)
+        self._set(verdict)
+        if verdict:
+            # Reached now: its own address goes back in its record, the relays are let go.
+            for relay in list(transport.relays):
+                await transport.close_relay(relay)
+            await self._membership.announce()
+        # Not reached any more: run() takes relays next (and announces them).
 
     async def _keep_relays(self) -> None:
         transport = self._transport

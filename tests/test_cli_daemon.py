@@ -183,6 +183,8 @@ def test_the_ring_and_value_bound_come_from_file_env_or_flags(tmp_path: Path) ->
         ("membership = 3\n", {}),
         ("", {"MURMUR_TUNE_MALLOC": "maybe"}),
         ("", {"MURMUR_TRANSPORT_REQUEST_TIMEOUT_S": "-1"}),
+        ("[transport]\nreachability_recheck_s = -5.0\n", {}),
+        ('[transport]\nreachability_recheck_s = "nan"\n', {}),
         ('log_format = "xml"\n', {}),
         ('bootstrap = ["no port"]\n', {}),
     ],

@@ -221,3 +221,58 @@ async def test_a_bootstrap_peer_relays_for_its_only_joiner_which_does_not_listen
             await until(lambda: live_at(a, c), 10, "c to be live at a")
             reply = await a.transport.request(c.identity.peer_id, Ping(seq=5))
             assert reply.message == Pong(seq=5)
+
+
+async def test_a_peer_that_becomes_reachable_drops_its_relays_and_one_that_stops_takes_them(
+    tmp_path: Path,
+) -> None:
+    """The dial-back check runs again every ``reachability_recheck_s``: a peer that nobody
+    could dial (here the only peer it can ask fails every dial to it, as behind a firewall)
+    takes a relay and names only relay addresses; once dials reach it, it lets the relay go and
+    its own address is back in its record at the other peer; blocked again, it relays again."""
+    from floor.errors import PeerUnreachable as Unreachable
+
+    async with Daemon(config(tmp_path, "a")) as a:
+        blocked = True
+        real_dial = a.transport.dial_once
+
+        async def firewall(address: str, *args: object, **kw: object) -> None:
+            if blocked:
+                raise Unreachable(f"cannot reach {address}: firewalled")
+            await real_dial(address, *args, **kw)  # type: ignore[arg-type]
+
+        a.transport.dial_once = firewall  # type: ignore[method-assign]
+        recheck = HttpTransportConfig(reachability_recheck_s=1.0)
+        boot = (a.transport.addresses[0],)
+        async with Daemon(config(tmp_path, "b", bootstrap=boot, transport=recheck)) as b:
+            me = b.identity.peer_id
+            direct = b.transport.direct_addresses
+
+            def relayed() -> bool:
+                at_a = a.transport.addresses_of(me)
+                return (
+                    b.transport.reachable is False
+                    and list(b.transport.relays) == [a.identity.peer_id]
+                    and bool(at_a)
+                    and all(is_relay_address(x) for x in at_a)
+                )
+
+            await until(relayed, 20.0, "b unreachable, relayed by a, a knowing only that")
+            assert a.transport.relaying_for == [me]
+            blocked = False
+            # The next re-check may fall within a's 10 s dial-back limit (BUSY: no verdict).
+            await until(
+                lambda: (
+                    b.transport.reachable is True
+                    and not b.transport.relays
+                    and a.transport.addresses_of(me) == direct
+                ),
+                30.0,
+                "b reachable again, without relays, its own address at a",
+            )
+            await until(lambda: not a.transport.relaying_for, 5.0, "a to let b's stream go")
+            assert (await b.transport.request(a.identity.peer_id, Ping(seq=1))).message == Pong(
+                seq=1
+            )
+            blocked = True
+            await until(relayed, 30.0, "b relayed again once dials fail again")
